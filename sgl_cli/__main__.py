@@ -1,0 +1,3 @@
+from sgl_cli.cli import main
+
+main()

@@ -1,0 +1,210 @@
+"""`sgl run`: stream image-question JSONL through the engine, one output record per input line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import domain_errors, err, set_threads, stderr_is_tty
+
+EXAMPLE = """
+Input: one JSON object per line with `image` (path, relative to the JSONL file), `question`, and optionally
+`id`, `answer` (a reference, copied to the output as `reference`) and `max_new_tokens`.
+
+Output (--out, default <input>.sgl.jsonl): one record per input line, in order, with `answer`, `exit`
+("small": the small model's answer was confident and consistent; "large": the large model answered from
+`retained_tokens` of `visual_tokens`), the scores, timings in ms and `error` (null or the reason).
+The resolved settings are written beside it (<out>.preset.yaml).
+
+Exit codes: 0 all items answered, 1 some items failed (see their `error`), 2 usage, preset or model error.
+
+Examples:
+  sgl run examples/batch.jsonl --retain 0.09
+  sgl run data.jsonl --preset qwen2.5-vl-3b-72b --threshold 0.95 --out answers.jsonl
+  sgl run data.jsonl --resume            # continue after Ctrl-C or a crash
+"""
+
+
+def run(
+    input: Path = typer.Argument(..., help="JSONL file of image-question items.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL [default: <input>.sgl.jsonl]. '-' writes to stdout."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `sgl presets`) or YAML file [default: the built-in pair]."),
+    retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps (at least 1)."),
+    threshold: Optional[float] = typer.Option(None, help="Exit early when the small model's exit_score >= this."),
+    no_exit: bool = typer.Option(False, "--no-exit", help="Never exit early: the large model answers every item."),
+    consistency_retain: Optional[float] = typer.Option(None, help="Visual tokens kept for the small model's consistency re-read."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens (an item's own `max_new_tokens` wins)."),
+    prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens (0: before the LM)."),
+    prompt_suffix: Optional[str] = typer.Option(None, help="Text appended to every question (\"\" for none)."),
+    batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip items already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Answer every item of a JSONL file with small-model guidance and early exit."""
+    with domain_errors():
+        code = _run(input, out, preset, dict(
+            retain=retain, threshold=threshold, no_exit=no_exit, consistency_retain=consistency_retain,
+            max_new_tokens=max_new_tokens, prune_layer=prune_layer, prompt_suffix=prompt_suffix,
+            batch_size=batch_size,
+        ), resume, overwrite, threads, quiet)
+    raise typer.Exit(code)
+
+
+run.__doc__ = (run.__doc__ or "") + "\n" + EXAMPLE
+
+
+def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides: dict, resume: bool,
+         overwrite: bool, threads: Optional[int], quiet: bool) -> int:
+    from ..engine.errors import SglError
+    from ..engine.output import completed_lines, default_output, settings_path
+    from ..engine.preset import load_preset
+
+    if not input.is_file():
+        raise SglError(f"input file {input} not found")
+    if resume and overwrite:
+        raise SglError("--resume and --overwrite contradict each other")
+    preset = load_preset(preset_name).with_settings(**overrides)
+    to_stdout = out is not None and str(out) == "-"
+    out = None if to_stdout else (out or default_output(input))
+    if to_stdout and resume:
+        raise SglError("--resume needs an output file, not stdout")
+
+    done: set[int] = set()
+    saved = None
+    if out is not None:
+        saved = settings_path(out)
+        if out.exists() and not (resume or overwrite):
+            raise SglError(f"{out} exists; pass --resume to continue that run or --overwrite to replace it")
+        if resume and out.exists():
+            _check_same_settings(saved, preset.to_dict())
+            done = completed_lines(out)
+
+    from ..engine.engine import Engine
+    from ..engine.items import read_items
+    from ..engine.output import RecordWriter
+
+    set_threads(threads)
+    engine = Engine.from_preset(preset)
+    if engine.random_weights:
+        err("sgl: warning: the built-in pair has random weights (no trained pair ships yet): its answers are noise; "
+            "use --preset with real checkpoints for real answers.")
+    if saved is not None:
+        import yaml
+
+        saved.write_text(yaml.safe_dump(preset.to_dict(), sort_keys=False))
+
+    writer = RecordWriter(out, append=bool(done)) if out is not None else None
+    stats = _Stats()
+    items = read_items(input, skip_lines=done)
+    progress = _progress(quiet, _count_lines(input) - len(done))
+    try:
+        for record in engine.run(items):
+            if writer is not None:
+                writer.write(record)
+            else:
+                sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+            stats.add(record)
+            progress.advance(stats)
+    except KeyboardInterrupt:
+        progress.stop()
+        err(f"sgl: interrupted after {stats.items} items; `sgl run {input} --resume` continues where it stopped.")
+        return 130
+    finally:
+        progress.stop()
+        if writer is not None:
+            writer.close()
+    if not quiet:
+        err(stats.summary(len(done), out))
+    return 1 if stats.errors else 0
+
+
+def _check_same_settings(saved: Path, current: dict) -> None:
+    import yaml
+
+    from ..engine.errors import SglError
+
+    if not saved.exists():
+        return
+    previous = yaml.safe_load(saved.read_text()) or {}
+    # Batch size changes speed, not results; anything else would mix two runs' answers in one file.
+    changed = sorted(k for k in set(previous) | set(current)
+                     if k != "batch_size" and previous.get(k) != current.get(k))
+    if changed:
+        raise SglError(
+            f"cannot resume: settings differ from the interrupted run ({', '.join(changed)}; see {saved}); "
+            "rerun with the same settings, or write to a new --out"
+        )
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.items = self.small_exits = self.large_calls = self.errors = 0
+        self.retained: list[int] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, rec: dict) -> None:
+        self.items += 1
+        if rec["error"]:
+            self.errors += 1
+        elif rec["exit"] == "small":
+            self.small_exits += 1
+        else:
+            self.large_calls += 1
+            self.retained.append(rec["retained_tokens"])
+
+    @property
+    def rate(self) -> float:
+        return self.items / max(time.perf_counter() - self.t0, 1e-9)
+
+    def summary(self, skipped: int, out: Optional[Path]) -> str:
+        mean = sum(self.retained) / len(self.retained) if self.retained else 0.0
+        parts = [
+            f"{self.items} items" + (f" (+{skipped} already done)" if skipped else ""),
+            f"{self.small_exits} exited to small",
+            f"{self.large_calls} large calls",
+            f"{self.errors} errors",
+            f"mean retained tokens {mean:.1f}",
+            f"{self.rate:.2f} items/s",
+        ]
+        return "sgl: " + ", ".join(parts) + (f" -> {out}" if out else "")
+
+
+class _progress:
+    """A rich progress bar on stderr, only when stderr is a terminal and not --quiet."""
+
+    def __init__(self, quiet: bool, total: int):
+        self.bar = None
+        if quiet or not stderr_is_tty():
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]sgl run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+        )
+        self.task = self.bar.add_task("run", total=total, info="")
+        self.bar.start()
+
+    def advance(self, stats: _Stats) -> None:
+        if self.bar is not None:
+            info = f"{stats.rate:.2f} it/s  exits {stats.small_exits}  errors {stats.errors}"
+            self.bar.update(self.task, advance=1, info=info)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

@@ -1,0 +1,217 @@
+"""The built-in model pair, built offline.
+
+No model hub is reachable on the machines sgl is developed and tested on, so the default pair is built here
+from code: a byte-level tokenizer with the Qwen special tokens and chat template, a Qwen2-VL image processor,
+a config per size and seeded random weights, saved with `save_pretrained` so that it is loaded by exactly the
+same `from_pretrained` code as a real checkpoint. Built once and cached; tests build the same pair at tiny size.
+
+Both sizes share one processor config, which is what makes them a pair (identical `input_ids` per image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Bump when the builder's output changes, so stale caches are rebuilt.
+BUILDER_VERSION = 1
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen-style template; an image content part becomes the vision span the processor expands.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class LMSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Everything that determines the built pair's files."""
+
+    small: LMSize
+    large: LMSize
+    vision_embed: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448  # at most 256 visual tokens per image
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# The embedded default: 128/4 small vs 256/6 large language models (about 6x the LM compute).
+DEFAULT_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(256, 6, 8, 2, 1024))
+# For tests: hidden 64, 2 layers; still a real pair of different sizes.
+TINY_SPEC = PairSpec(small=LMSize(64, 2, 4, 2, 128), large=LMSize(128, 2, 4, 2, 256), vision_embed=32)
+
+SPECS = {"default": DEFAULT_SPEC, "tiny": TINY_SPEC}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sgl"
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte alphabet, no merges: encodes any text losslessly, needs no trained vocabulary.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(spec: PairSpec):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    from .processors import _image_only
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        patch_size=spec.patch_size,
+        merge_size=spec.merge_size,
+        temporal_patch_size=2,
+    )
+    tokenizer = build_tokenizer()
+    return _image_only(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_config(spec: PairSpec, lm: LMSize, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    head_dim = lm.hidden // lm.heads
+    # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w); the sections must add up to it.
+    half = head_dim // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    vocab = -(-len(tokenizer) // 64) * 64
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": lm.hidden,
+            "intermediate_size": lm.mlp,
+            "num_hidden_layers": lm.layers,
+            "num_attention_heads": lm.heads,
+            "num_key_value_heads": lm.kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_embed,
+            "hidden_size": lm.hidden,
+            "num_heads": spec.vision_heads,
+            "patch_size": spec.patch_size,
+            "spatial_merge_size": spec.merge_size,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def build_pair(spec: PairSpec, out: Path) -> dict[str, Path]:
+    """Write `small/` and `large/` checkpoint folders (config, safetensors, processor) into `out`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    processor = build_processor(spec)
+    paths = {}
+    for i, (role, lm) in enumerate((("small", spec.small), ("large", spec.large))):
+        config = build_config(spec, lm, processor.tokenizer)
+        torch.manual_seed(spec.seed + i)
+        model = Qwen2VLForConditionalGeneration(config).eval()
+        model.generation_config = GenerationConfig(
+            eos_token_id=config.text_config.eos_token_id,
+            pad_token_id=config.text_config.pad_token_id,
+            do_sample=False,
+        )
+        folder = out / role
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        (folder / "SGL_BUILTIN.json").write_text(
+            json.dumps({"role": role, "random_weights": True, "spec": asdict(spec)}, indent=1)
+        )
+        paths[role] = folder
+    return paths
+
+
+def ensure_pair(name: str = "default", root: Path | None = None) -> dict[str, Path]:
+    """Build the named built-in pair once and return its `{"small": path, "large": path}`."""
+    spec = SPECS[name]
+    root = (root or cache_root()) / "builtin" / f"{name}-{spec.key()}"
+    paths = {role: root / role for role in ("small", "large")}
+    if all((p / "config.json").exists() for p in paths.values()):
+        return paths
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so an interrupted build never leaves a half-written pair.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        build_pair(spec, tmp)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first
+            if not all((p / "config.json").exists() for p in paths.values()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def is_random(path: Path) -> bool:
+    marker = Path(path) / "SGL_BUILTIN.json"
+    return marker.exists() and json.loads(marker.read_text()).get("random_weights", False)

@@ -1,0 +1,129 @@
+"""SGP importance capture without eager attention maps.
+
+`with ImportanceCapture(model) as cap:` switches this one model's language model to a registered attention
+function that, before delegating to the model's own backend (sdpa, eager, flash, ...), computes the attention
+probabilities of the rows SGP needs (the query rows the engine marks: prompt rows after the image during
+prefill, the new row of every decode step) from the layer's own post-RoPE queries and keys, sums them over
+heads and rows, and adds them into an fp32 accumulator over key positions. Peak extra memory is one layer's
+(batch x heads x rows x keys); nothing of size seq x seq is kept. On exit the model's backend is restored.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+_PREFIX = "sgl_capture_"
+# attention module -> the capture it reports to (only modules of models inside a `with` block).
+_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, ImportanceCapture]" = weakref.WeakKeyDictionary()
+
+
+def _eager_for(module: torch.nn.Module):
+    """The model family's own eager attention function (eager is not in the AttentionInterface registry)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to delegate to")
+    return fn
+
+
+def _register(base: str) -> str:
+    """Register `sgl_capture_<base>`: the capture wrapper around backend `base`, with `base`'s mask format."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _PREFIX + base
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        capture = _ACTIVE.get(module)
+        if capture is not None:
+            capture._observe(query, key, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"))
+        fn = _eager_for(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    if base in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+@dataclass
+class ImportanceCapture:
+    """Accumulates, per batch row and key position, attention received from the marked query rows.
+
+    The engine calls `set_rows(rows, key_valid)` before each forward: `rows` (B, q_len) marks the query rows
+    that count, `key_valid` (B, kv_len) the keys that are not padding. `scores` (B, n_keys) is the running
+    sum over layers, heads and marked rows; only the first `n_keys` key positions (the prompt) are kept.
+    """
+
+    model: torch.nn.Module
+    n_keys: int
+    scores: torch.Tensor | None = None
+    _rows: torch.Tensor | None = field(default=None, repr=False)
+    _key_valid: torch.Tensor | None = field(default=None, repr=False)
+    _saved: str | None = field(default=None, repr=False)
+
+    def __enter__(self) -> "ImportanceCapture":
+        text_config = self.model.config.get_text_config()
+        self._saved = text_config._attn_implementation
+        base = self._saved or "eager"
+        self.model.set_attn_implementation({"text_config": _register(base)})
+        for module in _attention_modules(self.model):
+            _ACTIVE[module] = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in _attention_modules(self.model):
+            _ACTIVE.pop(module, None)
+        self.model.set_attn_implementation({"text_config": self._saved})
+        self._rows = self._key_valid = None
+
+    def set_rows(self, rows: torch.Tensor | None, key_valid: torch.Tensor) -> None:
+        self._rows = rows
+        self._key_valid = key_valid
+
+    @torch.no_grad()
+    def _observe(self, query, key, scaling, sliding_window, softcap) -> None:
+        rows = self._rows
+        if rows is None or not bool(rows.any()):
+            return
+        b, h, q_len, d = query.shape
+        kv_len = key.shape[-2]
+        # Only the span of marked rows is multiplied: O(heads x rows x keys) for this layer.
+        marked = rows.any(0).nonzero()
+        first, last = int(marked[0]), int(marked[-1]) + 1
+        q = query[:, :, first:last].float()
+        k = key.float()
+        if k.shape[1] != h:  # GQA: each key head serves h / kv_heads query heads
+            k = k.repeat_interleave(h // k.shape[1], dim=1)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        # Query row i sits at cache position kv_len - q_len + i; it sees keys up to there (and within the window).
+        qpos = torch.arange(first, last, device=q.device) + (kv_len - q_len)
+        kpos = torch.arange(kv_len, device=q.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if sliding_window:
+            allowed &= kpos[None, :] > qpos[:, None] - sliding_window
+        allowed = allowed[None] & self._key_valid[:, None, :kv_len].to(q.device)
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.nan_to_num(probs)  # rows with every key masked (padding rows) give 0, not NaN
+        weight = rows[:, first:last].to(probs.device, probs.dtype)
+        received = torch.einsum("bhqk,bq->bk", probs, weight)[:, : self.n_keys]
+        if self.scores is None:
+            self.scores = torch.zeros(b, self.n_keys, dtype=torch.float32, device=received.device)
+        self.scores[:, : received.shape[1]] += received.to(self.scores.device)
+
+
+def _attention_modules(model: torch.nn.Module):
+    """The language model's attention modules: those that dispatch on the text config."""
+    text_config = model.config.get_text_config()
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and getattr(module, "config", None) is text_config:
+            yield module

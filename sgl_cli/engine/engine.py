@@ -1,0 +1,271 @@
+"""The engine: items in, records out, as each batch completes.
+
+Per item (method.md): the small VLM answers greedily while SGP importance is captured; SEE scores its answer
+(confidence, and consistency from one teacher-forced re-read with the top `consistency_retain` visual tokens);
+if `exit_score >= threshold` the small answer is returned, otherwise the large VLM answers from the top
+`retain` fraction of visual tokens, in original order with their original position ids.
+
+    engine = Engine.from_preset(load_preset("default").with_settings(retain=0.09))
+    for record in engine.run(read_items(Path("batch.jsonl"))):
+        print(record["answer"])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .capture import ImportanceCapture
+from .errors import ItemError, ModelLoadError
+from .generate import Row, answer_probs, collate, greedy, rows_device
+from .items import Item, load_image
+from .models import LoadedModel, load_model
+from .preset import Preset, Settings
+
+
+def n_keep(n_visual: int, ratio: float) -> int:
+    return max(1, math.floor(n_visual * ratio + 1e-9))
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in sequence order. Ties go to the earlier token (stable sort)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+@dataclass
+class Work:
+    """One item in flight through the stages."""
+
+    item: Item
+    enc_small: dict | None = None
+    enc_large: dict | None = None
+    visual: torch.Tensor | None = None  # (S,) bool: visual placeholder columns
+    small_row: Row | None = None
+    small_tokens: list[int] = field(default_factory=list)
+    small_probs: list[float] = field(default_factory=list)
+    importance: torch.Tensor | None = None  # (N,) fp32
+    consistency: float | None = None
+    large_tokens: list[int] | None = None
+    kept: torch.Tensor | None = None
+    ms: dict[str, float] = field(default_factory=lambda: {"small": 0.0, "large": 0.0})
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, settings: Settings, small: LoadedModel, large: LoadedModel, preset: Preset | None = None):
+        self.settings = settings
+        self.small = small
+        self.large = large
+        self.preset = preset
+        if small.family.name != large.family.name:
+            raise ModelLoadError(
+                f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
+            )
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> "Engine":
+        small = load_model(preset.small, "small")
+        large = load_model(preset.large, "large")
+        return cls(preset.settings, small, large, preset)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.small.random_weights or self.large.random_weights
+
+    # -- streaming -------------------------------------------------------------------------------------------
+    def run(self, items: Iterable[Item]) -> Iterator[dict]:
+        """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes."""
+        pending: list[Item] = []
+        runnable = 0
+        for item in items:
+            pending.append(item)
+            runnable += item.error is None
+            if runnable >= self.settings.batch_size:
+                yield from self.process(pending)
+                pending, runnable = [], 0
+        if pending:
+            yield from self.process(pending)
+
+    @torch.inference_mode()
+    def analyze(self, items: list[Item]) -> list[Work]:
+        """The small model's part for a batch: its answer, the SGP importance and the SEE scores."""
+        works = [Work(item, error=item.error) for item in items]
+        self._stage(works, self._encode, per_item=True)
+        self._stage(works, self._small_stage)
+        self._stage(works, self._consistency_stage)
+        return works
+
+    @torch.inference_mode()
+    def process(self, items: list[Item]) -> list[dict]:
+        """Run a batch of items through every stage; failures are confined to their own records."""
+        t0 = time.perf_counter()
+        works = self.analyze(items)
+        self._stage(works, self._large_stage)
+        total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
+        return [self._record(w, total_ms) for w in works]
+
+    def _stage(self, works: list[Work], fn, per_item: bool = False) -> None:
+        live = [w for w in works if w.error is None]
+        if not live:
+            return
+        groups = [[w] for w in live] if per_item else [live]
+        for group in groups:
+            try:
+                fn(group)
+            except ItemError as exc:
+                for w in group:
+                    w.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
+                if len(group) > 1:  # retry one by one so one bad item does not fail its batch
+                    for w in group:
+                        self._stage([w], fn, per_item=True)
+                    continue
+                detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                for w in group:
+                    w.error = w.item.fail(f"{fn.__name__.strip('_').replace('_', ' ')} failed: {detail}")
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def _prompt(self, item: Item) -> str:
+        suffix = self.settings.prompt_suffix.strip()
+        return f"{item.question}\n{suffix}" if suffix else item.question
+
+    def _encode(self, group: list[Work]) -> None:
+        (w,) = group
+        image = load_image(w.item)
+        prompt = self._prompt(w.item)
+        w.enc_small = self.small.family.encode(self.small.processor, image, prompt)
+        w.enc_large = (
+            w.enc_small if self.large.processor is self.small.processor
+            else self.large.family.encode(self.large.processor, image, prompt)
+        )
+        ids_s, ids_l = w.enc_small["input_ids"][0], w.enc_large["input_ids"][0]
+        n_s = int((ids_s == self.small.image_token_id).sum())
+        n_l = int((ids_l == self.large.image_token_id).sum())
+        if n_s != n_l or not torch.equal(ids_s, ids_l):
+            raise ItemError(w.item.fail(
+                f"small and large processors disagree on this image ({n_s} vs {n_l} visual tokens"
+                + (")" if n_s != n_l else ", different input_ids)") + "; the models are not a pair"
+            ))
+        if n_s == 0:
+            raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
+        w.visual = ids_s == self.small.image_token_id
+
+    def _rows(self, m: LoadedModel, works: list[Work], encs: list[dict]) -> list[Row]:
+        feats = m.family.image_features(m.model, encs)
+        return [Row(e["input_ids"][0], m.family.position_ids(m.model, e), f)
+                for e, f in zip(encs, feats)]
+
+    def _small_stage(self, works: list[Work]) -> None:
+        m = self.small
+        t0 = time.perf_counter()
+        rows = self._rows(m, works, [w.enc_small for w in works])
+        batch = collate(rows, m.pad_id, rows_device(m.model))
+        width = batch.input_ids.shape[1]
+        # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
+        prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, w in enumerate(works):
+            offset = width - len(w.visual)
+            last_visual = int(w.visual.nonzero().max())
+            prompt_rows[i, offset + last_visual + 1:] = True
+        limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
+        with ImportanceCapture(m.model, n_keys=width) as capture:
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, capture=capture, prompt_rows=prompt_rows)
+        for i, w in enumerate(works):
+            offset = width - len(w.visual)
+            w.small_row = rows[i]
+            w.small_tokens, w.small_probs = gen.tokens[i], gen.probs[i]
+            w.importance = capture.scores[i, offset:][w.visual.to(capture.scores.device)].float().cpu()
+        self._charge(works, "small", t0)
+
+    def _consistency_stage(self, works: list[Work]) -> None:
+        m = self.small
+        t0 = time.perf_counter()
+        rows = [
+            w.small_row.keep(w.visual, top_k_in_order(w.importance, n_keep(len(w.importance),
+                                                                             self.settings.consistency_retain)))
+            for w in works
+        ]
+        probs = answer_probs(m.model, rows, [w.small_tokens for w in works], m.pad_id)
+        for w, p in zip(works, probs):
+            w.consistency = float(math.prod(p))
+        self._charge(works, "small", t0)
+
+    def _large_stage(self, works: list[Work]) -> None:
+        todo = [w for w in works if not self._exits(w)]
+        if not todo:
+            return
+        m = self.large
+        t0 = time.perf_counter()
+        rows = self._rows(m, todo, [w.enc_large for w in todo])
+        kept_rows = []
+        for w, row in zip(todo, rows):
+            w.kept = top_k_in_order(w.importance, n_keep(len(w.importance), self.settings.retain))
+            kept_rows.append(row.keep(w.visual, w.kept))
+        batch = collate(kept_rows, m.pad_id, rows_device(m.model))
+        limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in todo]
+        gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        for w, tokens in zip(todo, gen.tokens):
+            w.large_tokens = tokens
+        self._charge(todo, "large", t0)
+
+    @staticmethod
+    def _charge(works: list[Work], stage: str, t0: float) -> None:
+        # A batch's time is shared equally by its items.
+        share = (time.perf_counter() - t0) * 1000 / len(works)
+        for w in works:
+            w.ms[stage] += share
+
+    # -- decisions and records -------------------------------------------------------------------------------
+    @staticmethod
+    def confidence(w: Work) -> float:
+        """Geometric mean of the generated tokens' probabilities (EOS included)."""
+        return math.exp(sum(math.log(max(p, 1e-45)) for p in w.small_probs) / len(w.small_probs))
+
+    def exit_score(self, w: Work) -> float:
+        return (self.confidence(w) + w.consistency) / 2
+
+    def _exits(self, w: Work) -> bool:
+        t = self.settings.threshold
+        return t is not None and self.exit_score(w) >= t
+
+    def _decode(self, m: LoadedModel, tokens: list[int]) -> str:
+        return m.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _record(self, w: Work, total_ms: float) -> dict:
+        item, s = w.item, self.settings
+        rec: dict[str, Any] = {"id": item.id, "line": item.line}
+        if w.error is None:
+            exited = self._exits(w)
+            n_visual = len(w.importance)
+            kept = 0 if exited else len(w.kept)
+            layers = self.large.num_layers
+            small_answer = self._decode(self.small, w.small_tokens)
+            rec.update(
+                answer=small_answer if exited else self._decode(self.large, w.large_tokens),
+                exit="small" if exited else "large",
+                # Unrounded: the exit decision is `exit_score >= threshold` on exactly this number.
+                exit_score=self.exit_score(w),
+                confidence=self.confidence(w),
+                consistency=w.consistency,
+                small_answer=small_answer,
+                visual_tokens=n_visual,
+                retained_tokens=kept,
+                prune_layer=s.prune_layer,
+                token_ratio=round((s.prune_layer + (layers - s.prune_layer) * kept / n_visual) / layers, 6),
+            )
+        else:
+            rec.update(answer=None, exit=None, exit_score=None, confidence=None, consistency=None,
+                       small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=s.prune_layer,
+                       token_ratio=None)
+        rec["ms"] = {"small": round(w.ms["small"], 1), "large": round(w.ms["large"], 1),
+                     "total": round(total_ms, 1)}
+        if item.has_reference:
+            rec["reference"] = item.reference
+        rec["error"] = w.error
+        return rec

@@ -1,0 +1,147 @@
+"""Greedy generation as a stack of small functions (prefill, decode one token, decode n, teacher-forced scoring).
+
+Every call takes a list of `Row`s (ids, explicit position ids, image features for its placeholders), so the
+same code serves the full input, a pruned input (kept visual columns, original positions) and a batch of
+either: rows are left-padded, new tokens continue each row's own position numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    """One sequence: `ids` (S,), `pos` (P, S) position ids (P = 3 for M-RoPE), `feats` (n_visual, hidden)."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    feats: torch.Tensor
+
+    def keep(self, visual: torch.Tensor, kept: torch.Tensor) -> "Row":
+        """Drop the visual columns not in `kept` (indices into the visual tokens); text columns stay."""
+        columns = torch.ones_like(self.ids, dtype=torch.bool)
+        vis_idx = visual.nonzero().squeeze(-1)
+        columns[vis_idx] = False
+        columns[vis_idx[kept]] = True
+        return Row(self.ids[columns], self.pos[:, columns], self.feats[kept])
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S), left-padded
+    attention_mask: torch.Tensor  # (B, S)
+    position_ids: torch.Tensor  # (P, B, S)
+    feats: torch.Tensor  # (sum n_visual, hidden), in row-major placeholder order
+
+    def model_kwargs(self) -> dict:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pos = self.position_ids if self.position_ids.shape[0] > 1 else self.position_ids[0]
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": pos,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(self.feats,))},
+        }
+
+
+def collate(rows: list[Row], pad_id: int, device) -> Batch:
+    width = max(len(r.ids) for r in rows)
+    b, p = len(rows), rows[0].pos.shape[0]
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.ones((p, b, width), dtype=torch.long)  # pad positions are never attended
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[i, width - n :] = r.ids
+        mask[i, width - n :] = 1
+        pos[:, i, width - n :] = r.pos
+    feats = torch.cat([r.feats for r in rows]).to(device)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), feats)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per row, generated ids including the final EOS when one was produced
+    probs: list[list[float]]  # per row, probability of each generated token under the model
+
+
+def _forward(model, cache=None, logits_to_keep: int = 1, **kwargs):
+    out = model(**kwargs, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits, out.past_key_values
+
+
+def prefill(model, batch: Batch):
+    """Run the prompt; returns the last position's logits (B, V) and the cache."""
+    logits, cache = _forward(model, **batch.model_kwargs())
+    return logits[:, -1], cache
+
+
+def decode_one(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+    """Feed one token per row at the given positions (P, B, 1); returns logits (B, V)."""
+    pos = position_ids if position_ids.shape[0] > 1 else position_ids[0]
+    logits, cache = _forward(model, cache, input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos)
+    return logits[:, -1], cache
+
+
+def greedy(model, batch: Batch, max_new_tokens: list[int], eos_ids: set[int], pad_id: int, capture=None,
+           prompt_rows: torch.Tensor | None = None) -> Generation:
+    """Greedy decoding. With `capture`, the marked `prompt_rows` and every fed-back token's row are scored."""
+    b = batch.input_ids.shape[0]
+    device = batch.input_ids.device
+    if capture is not None:
+        capture.set_rows(prompt_rows, batch.attention_mask.bool())
+    logits, cache = prefill(model, batch)
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    probs: list[list[float]] = [[] for _ in range(b)]
+    active = torch.ones(b, dtype=torch.bool)
+    limits = torch.tensor(max_new_tokens)
+    mask = batch.attention_mask
+    next_pos = batch.position_ids[:, :, -1:] + 1  # left padding: the last column is every row's last token
+    while True:
+        p = torch.softmax(logits.float(), dim=-1)
+        token = logits.argmax(dim=-1)
+        token_p = p.gather(1, token[:, None])[:, 0].cpu()
+        for i in active.nonzero().squeeze(-1).tolist():
+            t = int(token[i])
+            tokens[i].append(t)
+            probs[i].append(float(token_p[i]))
+            if t in eos_ids or len(tokens[i]) >= int(limits[i]):
+                active[i] = False
+        if not active.any():
+            return Generation(tokens, probs)
+        # Finished rows keep feeding padding; their rows are excluded from capture and their tokens ignored.
+        token = torch.where(active.to(device), token, torch.full_like(token, pad_id))
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        if capture is not None:
+            capture.set_rows(active[:, None].to(device), mask.bool())
+        logits, cache = decode_one(model, token, mask, next_pos, cache)
+        next_pos = next_pos + 1
+
+
+@torch.no_grad()
+def answer_probs(model, rows: list[Row], answers: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Teacher forcing: the probability of each answer token given the row and the answer before it, one pass."""
+    fed = []
+    for r, a in zip(rows, answers):
+        extra = torch.tensor(a[:-1], dtype=torch.long)
+        last = r.pos[:, -1:]
+        steps = torch.arange(1, len(extra) + 1, dtype=torch.long)
+        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats))
+    batch = collate(fed, pad_id, rows_device(model))
+    width = max(len(a) for a in answers)
+    logits, _ = _forward(model, logits_to_keep=width, **batch.model_kwargs())
+    p = torch.softmax(logits.float(), dim=-1)
+    out = []
+    for i, a in enumerate(answers):
+        # Row i is right-aligned: the logits predicting its answer are its last len(a) positions.
+        rows_p = p[i, width - len(a) :]
+        out.append(rows_p.gather(1, torch.tensor(a, device=p.device)[:, None])[:, 0].tolist())
+    return out
+
+
+def rows_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device

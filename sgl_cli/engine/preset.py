@@ -1,0 +1,195 @@
+"""Presets: typed, closed YAML files naming a small/large model pair and the run's defaults.
+
+An unknown key is an error naming the key and the file; values are type-checked. Settings given on the command
+line override the preset's; the resolved preset is what a run records beside its output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import PresetError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the pair. `model` is a local folder, a hub id, or `builtin:<pair>/<role>`."""
+
+    model: str
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    device: str = "auto"  # "auto": the first CUDA device when there is one, else CPU
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self, where: str) -> None:
+        if not self.model:
+            raise PresetError(f"{where}.model: must name a folder, a hub id or builtin:<pair>/<role>")
+        if self.dtype not in DTYPES:
+            raise PresetError(f"{where}.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run does with the pair. Every field can be overridden from the command line."""
+
+    retain: float = 0.09
+    prune_layer: int = 0
+    consistency_retain: float = 0.05
+    threshold: float | None = 0.9  # None: never exit early
+    max_new_tokens: int = 16
+    prompt_suffix: str = "Answer the question using a single word or phrase."
+    batch_size: int = 1
+
+    def validate(self, where: str = "settings") -> None:
+        if not 0.0 < self.retain <= 1.0:
+            raise PresetError(f"{where}: retain must be in (0, 1], got {self.retain}")
+        if not 0.0 < self.consistency_retain <= 1.0:
+            raise PresetError(f"{where}: consistency_retain must be in (0, 1], got {self.consistency_retain}")
+        if self.prune_layer < 0:
+            raise PresetError(f"{where}: prune_layer must be >= 0, got {self.prune_layer}")
+        if self.prune_layer > 0:
+            raise PresetError(
+                f"{where}: prune_layer {self.prune_layer} is not supported yet; sgl prunes before the language "
+                "model (prune_layer 0)"
+            )
+        if self.threshold is not None and not 0.0 <= self.threshold:
+            raise PresetError(f"{where}: threshold must be >= 0 (or null to never exit), got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise PresetError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise PresetError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    small: ModelSpec
+    large: ModelSpec
+    settings: Settings = field(default_factory=Settings)
+    description: str = ""
+    source: str = ""  # the file it was read from; not written back
+
+    def with_settings(self, **overrides: Any) -> "Preset":
+        """A copy with the non-None overrides applied (`threshold=None` is spelled `no_exit=True`)."""
+        changes = {k: v for k, v in overrides.items() if v is not None and k != "no_exit"}
+        if overrides.get("no_exit"):
+            changes["threshold"] = None
+        settings = dataclasses.replace(self.settings, **changes)
+        settings.validate("command line")
+        return dataclasses.replace(self, settings=settings)
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "description": self.description}
+        d["small"] = dataclasses.asdict(self.small)
+        d["large"] = dataclasses.asdict(self.large)
+        d.update(dataclasses.asdict(self.settings))
+        return d
+
+
+def _typed(cls, data: Any, where: str, source: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    for key in data:
+        if key not in known:
+            raise PresetError(
+                f"{source}: unknown key {where + '.' if where else ''}{key!r}; known keys: {', '.join(known)}"
+            )
+    values = {}
+    for key, value in data.items():
+        expected = known[key].type
+        if not _type_ok(expected, value):
+            raise PresetError(f"{source}: {where + '.' if where else ''}{key} must be {expected}, got {value!r}")
+        values[key] = float(value) if "float" in str(expected) and isinstance(value, int) and not isinstance(
+            value, bool) else value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        raise PresetError(f"{source}: {where or 'preset'}: {exc}") from None
+
+
+def _type_ok(expected: str, value: Any) -> bool:
+    allowed = {"str": str, "float": (int, float), "int": int, "bool": bool, "None": type(None)}
+    parts = [p.strip() for p in str(expected).split("|")]
+    for p in parts:
+        t = allowed.get(p)
+        if t is None:
+            continue
+        if isinstance(value, bool) and p in ("int", "float"):
+            continue  # YAML `yes` is not a number
+        if isinstance(value, t):
+            return True
+    return False
+
+
+SETTINGS_KEYS = tuple(f.name for f in fields(Settings))
+
+
+def parse_preset(data: Any, source: str) -> Preset:
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: a preset must be a YAML mapping")
+    data = dict(data)
+    for role in ("small", "large"):
+        if role not in data:
+            raise PresetError(f"{source}: missing key {role!r} (the {role} model)")
+    small = _local(_typed(ModelSpec, data.pop("small"), "small", source), source)
+    large = _local(_typed(ModelSpec, data.pop("large"), "large", source), source)
+    settings = _typed(Settings, {k: data.pop(k) for k in SETTINGS_KEYS if k in data}, "", source)
+    rest = _typed(_Header, data, "", source)
+    small.validate(f"{source}: small")
+    large.validate(f"{source}: large")
+    settings.validate(source)
+    return Preset(name=rest.name, description=rest.description, small=small, large=large, settings=settings,
+                  source=source)
+
+
+def _local(spec: ModelSpec, source: str) -> ModelSpec:
+    """A relative folder in a preset file means relative to that file (so a preset travels with its models)."""
+    if spec.model.startswith("builtin:") or Path(spec.model).is_absolute() or not source:
+        return spec
+    candidate = Path(source).parent / spec.model
+    return dataclasses.replace(spec, model=str(candidate.resolve())) if candidate.is_dir() else spec
+
+
+@dataclass(frozen=True)
+class _Header:
+    name: str
+    description: str = ""
+
+
+def presets_dir() -> Path:
+    """The shipped presets: inside the installed package, or the repository's `presets/` in a checkout."""
+    packaged = Path(__file__).resolve().parent.parent / "presets"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "presets"
+
+
+def available_presets() -> dict[str, Path]:
+    folder = presets_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def load_preset(name_or_path: str | None = None) -> Preset:
+    """Load a preset by shipped name (`default` when None) or from a YAML file path."""
+    import yaml
+
+    name_or_path = name_or_path or "default"
+    shipped = available_presets()
+    path = Path(name_or_path)
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    elif not (path.suffix in (".yaml", ".yml") or path.exists()):
+        raise PresetError(f"unknown preset {name_or_path!r}; available: {', '.join(shipped) or 'none'}")
+    if not path.is_file():
+        raise PresetError(f"preset file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path}: not valid YAML: {exc}") from None
+    return parse_preset(data, str(path))

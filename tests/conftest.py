@@ -1,0 +1,89 @@
+"""Shared fixtures: the built-in pair at tiny size (hidden 64, 2 layers), built offline once per session."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # 2-core machines: one thread per process is fastest and stable
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    from sgl_cli.engine.builtin import ensure_pair
+
+    return ensure_pair("tiny", tmp_path_factory.mktemp("cache"))
+
+
+def write_preset(folder: Path, pair: dict[str, Path], **settings) -> Path:
+    import yaml
+
+    data = {
+        "name": "tiny-test",
+        "small": {"model": str(pair["small"]), "dtype": "float32", "attn": "sdpa"},
+        "large": {"model": str(pair["large"]), "dtype": "float32", "attn": "sdpa"},
+        "retain": 0.09,
+        "consistency_retain": 0.05,
+        "threshold": None,
+        "max_new_tokens": 5,
+        "prompt_suffix": "Answer with one word.",
+    }
+    data.update(settings)
+    path = folder / "preset.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def preset_file(tmp_path, tiny_pair) -> Path:
+    return write_preset(tmp_path, tiny_pair)
+
+
+def make_images(folder: Path, sizes=((224, 224), (168, 280), (336, 224))) -> list[Path]:
+    """Noise images of different sizes (so different visual-token counts), deterministic."""
+    from PIL import Image
+
+    paths = []
+    rng = random.Random(0)
+    for i, (w, h) in enumerate(sizes):
+        img = Image.new("RGB", (w, h))
+        img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(w * h)])
+        p = folder / f"img{i}.png"
+        img.save(p)
+        paths.append(p)
+    return paths
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def batch(tmp_path) -> Path:
+    imgs = make_images(tmp_path)
+    questions = ["What color is the square?", "How many circles are there?", "What shape is red?"]
+    rows = [{"image": p.name, "question": q, "answer": "red"} for p, q in zip(imgs, questions)]
+    return write_jsonl(tmp_path / "batch.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def engine_factory(tiny_pair):
+    """Engines over one pair of loaded tiny models, with settings varied per test (models loaded once)."""
+    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.preset import ModelSpec, Settings
+
+    small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")
+    large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32"), "large")
+
+    def make(**settings) -> Engine:
+        base = dict(threshold=None, max_new_tokens=5, prompt_suffix="Answer with one word.")
+        base.update(settings)
+        return Engine(Settings(**base), small, large)
+
+    return make
