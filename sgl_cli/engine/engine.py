@@ -26,6 +26,7 @@ from .generate import Row, answer_probs, collate, greedy, rows_device
 from .items import Item, load_image
 from .models import LoadedModel, load_model
 from .preset import Preset, Settings
+from .prune import PruneAtLayer
 
 
 def n_keep(n_visual: int, ratio: float) -> int:
@@ -66,6 +67,10 @@ class Engine:
         if small.family.name != large.family.name:
             raise ModelLoadError(
                 f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
+            )
+        if settings.prune_layer > large.num_layers:
+            raise ModelLoadError(
+                f"prune_layer {settings.prune_layer} is beyond the large model's {large.num_layers} layers"
             )
 
     @classmethod
@@ -200,16 +205,25 @@ class Engine:
         todo = [w for w in works if not self._exits(w)]
         if not todo:
             return
-        m = self.large
+        m, k = self.large, self.settings.prune_layer
         t0 = time.perf_counter()
         rows = self._rows(m, todo, [w.enc_large for w in todo])
-        kept_rows = []
-        for w, row in zip(todo, rows):
+        for w in todo:
             w.kept = top_k_in_order(w.importance, n_keep(len(w.importance), self.settings.retain))
-            kept_rows.append(row.keep(w.visual, w.kept))
-        batch = collate(kept_rows, m.pad_id, rows_device(m.model))
         limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in todo]
-        gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        device = rows_device(m.model)
+        if k == 0:  # dropped tokens never enter the language model
+            batch = collate([row.keep(w.visual, w.kept) for w, row in zip(todo, rows)], m.pad_id, device)
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        else:  # layers < k see every token; hooks drop the rest at layer k
+            batch = collate(rows, m.pad_id, device)
+            keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+            for i, (w, row) in enumerate(zip(todo, rows)):
+                offset = keep.shape[1] - len(row.ids)
+                keep[i, offset:] = ~w.visual
+                keep[i, offset + w.visual.nonzero()[w.kept, 0]] = True
+            with PruneAtLayer(m.model, k, keep.to(device)):
+                gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
         for w, tokens in zip(todo, gen.tokens):
             w.large_tokens = tokens
         self._charge(todo, "large", t0)

@@ -53,11 +53,6 @@ class Settings:
             raise PresetError(f"{where}: consistency_retain must be in (0, 1], got {self.consistency_retain}")
         if self.prune_layer < 0:
             raise PresetError(f"{where}: prune_layer must be >= 0, got {self.prune_layer}")
-        if self.prune_layer > 0:
-            raise PresetError(
-                f"{where}: prune_layer {self.prune_layer} is not supported yet; sgl prunes before the language "
-                "model (prune_layer 0)"
-            )
         if self.threshold is not None and not 0.0 <= self.threshold:
             raise PresetError(f"{where}: threshold must be >= 0 (or null to never exit), got {self.threshold}")
         if self.max_new_tokens < 1:
