@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from . import __version__
-from .commands import demo, run
+from .commands import bench, calibrate, demo, inspect, run
 
 app = typer.Typer(
     name="sgl",
@@ -24,7 +24,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("run")(run.run)
+app.command("calibrate")(calibrate.calibrate)
 app.command("demo")(demo.demo)
+app.command("inspect")(inspect.inspect)
+app.command("bench")(bench.bench)
 
 
 def _version(value: bool) -> None:

@@ -7,11 +7,16 @@ import yaml
 from sgl_cli.engine.calibration import (
     Outcome,
     choose_threshold,
+    fingerprint,
+    fingerprint_differences,
     load_calibration,
+    model_fingerprint,
     operating_points,
     plot_calibration,
+    save_calibration,
     to_yaml_dict,
 )
+from sgl_cli.engine.preset import ModelSpec, Preset, Settings
 
 # Ten items; the large model is always right (large accuracy 1.0, so relative
 # accuracy equals accuracy).  Scores with the small model's correctness,
@@ -237,3 +242,57 @@ def test_plot_writes_png(tmp_path):
     assert raw[12:16] == b"IHDR"
     width, height = struct.unpack(">II", raw[16:24])
     assert 400 <= width <= 2000 and 300 <= height <= 2000
+
+
+def test_save_calibration_explains_itself_and_round_trips(tmp_path):
+    points = operating_points(OUTCOMES, relative_cost_small=0.25)
+    choice = choose_threshold(OUTCOMES, exit_rate=0.4, relative_cost_small=0.25)
+    data = to_yaml_dict(choice, points, metric="exact", fingerprint={"small": "s"}, n_items=10,
+                        relative_cost_small=0.25)
+    path = tmp_path / "cal.yaml"
+    save_calibration(data, path)
+    assert path.read_text().startswith("# sgl calibration")
+    loaded = load_calibration(path)
+    assert loaded == data
+    assert loaded["relative_cost_small"] == 0.25 and loaded["large_accuracy"] == 1.0
+    assert loaded["relative_compute"] == pytest.approx(0.6 + 0.25)
+
+
+def _folder(path, config='{"hidden": 1}', weights=b"1234"):
+    path.mkdir()
+    (path / "config.json").write_text(config)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "README.md").write_text("not part of the fingerprint")
+    return path
+
+
+def test_model_fingerprint(tmp_path):
+    a = model_fingerprint(ModelSpec(str(_folder(tmp_path / "a"))))
+    assert a.startswith("folder:") and len(a) == len("folder:") + 12
+    # content, not location: a copy elsewhere is the same model
+    assert model_fingerprint(ModelSpec(str(_folder(tmp_path / "b")))) == a
+    assert model_fingerprint(ModelSpec(str(_folder(tmp_path / "c", config='{"hidden": 2}')))) != a
+    assert model_fingerprint(ModelSpec(str(_folder(tmp_path / "d", weights=b"12345")))) != a
+    assert model_fingerprint(ModelSpec("Qwen/Qwen2-VL-2B-Instruct")) == "Qwen/Qwen2-VL-2B-Instruct"
+    assert model_fingerprint(ModelSpec("Qwen/Qwen2-VL-2B-Instruct", revision="abc")) == "Qwen/Qwen2-VL-2B-Instruct@abc"
+    assert model_fingerprint(ModelSpec("builtin:default/small")) == "builtin:default/small"
+
+
+def test_fingerprint_and_differences():
+    preset = Preset("p", ModelSpec("org/small"), ModelSpec("org/large"),
+                    Settings(retain=0.2, threshold=0.5, batch_size=4))
+    fp = fingerprint(preset)
+    assert fp == {"small": "org/small", "large": "org/large", "guide": "sgl", "retain": 0.2, "prune_layer": 0,
+                  "consistency_retain": 0.05, "prompt_suffix": Settings().prompt_suffix, "max_new_tokens": 16}
+    # threshold and batch size are not part of it
+    other = Preset("p", ModelSpec("org/small"), ModelSpec("org/large"), Settings(retain=0.2))
+    assert fingerprint_differences(fp, fingerprint(other)) == []
+    changed = Preset("p", ModelSpec("org/small"), ModelSpec("org/large2"), Settings(retain=0.09))
+    assert fingerprint_differences(fp, fingerprint(changed)) == [
+        "large (calibrated 'org/large', this run 'org/large2')", "retain (calibrated 0.2, this run 0.09)"]
+    assert fingerprint_differences({**fp, "extra": 1}, fp) == ["extra (calibrated 1, this run None)"]
+
+
+def test_exit_rate_message_says_when_it_is_approximate():
+    assert "as closely as" not in choose_threshold(OUTCOMES, exit_rate=0.4).message
+    assert "as closely as 10 items allow" in choose_threshold(OUTCOMES, exit_rate=0.45).message

@@ -37,6 +37,7 @@ def run(
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps (at least 1)."),
     threshold: Optional[float] = typer.Option(None, help="Exit early when the small model's exit_score >= this."),
     no_exit: bool = typer.Option(False, "--no-exit", help="Never exit early: the large model answers every item."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Use the threshold of this `sgl calibrate` file; refused unless it was made for this run's models and settings."),
     consistency_retain: Optional[float] = typer.Option(None, help="Visual tokens kept for the small model's consistency re-read."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens (an item's own `max_new_tokens` wins)."),
     prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens (0: before the LM)."),
@@ -53,15 +54,15 @@ def run(
             retain=retain, threshold=threshold, no_exit=no_exit, consistency_retain=consistency_retain,
             max_new_tokens=max_new_tokens, prune_layer=prune_layer, prompt_suffix=prompt_suffix,
             batch_size=batch_size,
-        ), resume, overwrite, threads, quiet)
+        ), calibration, resume, overwrite, threads, quiet)
     raise typer.Exit(code)
 
 
 run.__doc__ = (run.__doc__ or "") + "\n" + EXAMPLE
 
 
-def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides: dict, resume: bool,
-         overwrite: bool, threads: Optional[int], quiet: bool) -> int:
+def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides: dict, calibration: Optional[Path],
+         resume: bool, overwrite: bool, threads: Optional[int], quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.output import completed_lines, default_output, settings_path
     from ..engine.preset import load_preset
@@ -70,7 +71,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         raise SglError(f"input file {input} not found")
     if resume and overwrite:
         raise SglError("--resume and --overwrite contradict each other")
-    preset = load_preset(preset_name).with_settings(**overrides)
+    preset = _calibrated(load_preset(preset_name).with_settings(**overrides), calibration, overrides, quiet)
     to_stdout = out is not None and str(out) == "-"
     out = None if to_stdout else (out or default_output(input))
     if to_stdout and resume:
@@ -124,6 +125,39 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
     if not quiet:
         err(stats.summary(len(done), out))
     return 1 if stats.errors else 0
+
+
+def _calibrated(preset, cli_file: Optional[Path], overrides: dict, quiet: bool):
+    """The preset with the threshold of --calibration (else of the preset's `calibration:`), once its fingerprint
+    matches this run's settings. An explicit --threshold or --no-exit wins."""
+    from ..engine.calibration import fingerprint, fingerprint_differences, load_calibration
+    from ..engine.errors import SglError
+
+    if cli_file is None and preset.settings.calibration is None:
+        return preset
+    path = cli_file
+    if path is None:  # relative to the preset file, so that a preset travels with its calibration
+        path = Path(preset.settings.calibration).expanduser()
+        if not path.is_absolute() and preset.source:
+            path = Path(preset.source).parent / path
+    if not path.is_file():
+        raise SglError(f"calibration file {path} not found")
+    try:
+        cal = load_calibration(path)
+    except ValueError as exc:
+        raise SglError(str(exc)) from None
+    if overrides["threshold"] is not None or overrides["no_exit"]:
+        flag = "--no-exit" if overrides["no_exit"] else f"--threshold {overrides['threshold']:g}"
+        err(f"sgl: {flag} overrides the threshold {cal['threshold']:.6g} of the calibration {path}")
+        return preset.with_settings(calibration=str(path))
+    differences = fingerprint_differences(cal["fingerprint"], fingerprint(preset))
+    if differences:
+        raise SglError(f"calibration {path} was made for other settings: {'; '.join(differences)}; run "
+                       "`sgl calibrate` with this run's settings, or run with the calibrated ones")
+    if not quiet:
+        target = ", ".join(f"{k} {v}" for k, v in cal["target"].items())
+        err(f"sgl: threshold {cal['threshold']:.6g} from the calibration {path} ({target}, {cal['n_items']} items)")
+    return preset.with_settings(threshold=cal["threshold"], calibration=str(path))
 
 
 def _check_same_settings(saved: Path, current: dict) -> None:

@@ -4,7 +4,8 @@ A small VLM answers every item and reports an ``exit_score``; when
 ``exit_score >= threshold`` its answer is kept ("exit"), otherwise the large model
 answers.  From per-item correctness of both models we tabulate every distinct
 threshold (one operating point each), pick one for an accuracy or exit-rate target,
-and save the choice as a YAML-friendly dict.
+and save the choice as a YAML file with a fingerprint of the models and settings it
+is valid for (:func:`fingerprint`), which a run checks before it uses the threshold.
 
 Thresholds are always exit-score values seen in the data, plus one just above the
 largest score (``nextafter(max, inf)``, which exits nothing and keeps the output
@@ -14,6 +15,7 @@ decimals could move it across a score and change which items exit.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import numpy as np
 import yaml
 
 from .metrics import METRICS
+from .preset import ModelSpec, Preset
 
 # Relative accuracy reported when the large model gets nothing right but the mixed
 # system does: the ratio is unbounded, so use the largest accepted target, which
@@ -144,6 +147,19 @@ def _describe(p: Point) -> str:
     )
 
 
+def validate_target(target_accuracy: float | None, exit_rate: float | None) -> None:
+    """ValueError unless exactly one valid target is given (checked before any model runs)."""
+    if (target_accuracy is None) == (exit_rate is None):
+        raise ValueError("give exactly one of target_accuracy or exit_rate")
+    if target_accuracy is not None and not 0 < target_accuracy <= MAX_TARGET_ACCURACY:
+        raise ValueError(
+            f"target_accuracy is a fraction of the large model's accuracy and must be "
+            f"in (0, {MAX_TARGET_ACCURACY:g}], got {target_accuracy!r}"
+        )
+    if exit_rate is not None and not 0 <= exit_rate <= 1:
+        raise ValueError(f"exit_rate must be in [0, 1], got {exit_rate!r}")
+
+
 def choose_threshold(
     outcomes: Sequence[Outcome],
     *,
@@ -159,16 +175,7 @@ def choose_threshold(
     at least A x the large model's.  ``exit_rate=E``: the highest exit rate not above
     E; ``met`` is False when tied scores make it lower than the 1/n granularity allows.
     """
-    if (target_accuracy is None) == (exit_rate is None):
-        raise ValueError("give exactly one of target_accuracy or exit_rate")
-    if target_accuracy is not None and not 0 < target_accuracy <= MAX_TARGET_ACCURACY:
-        raise ValueError(
-            f"target_accuracy is a fraction of the large model's accuracy and must be "
-            f"in (0, {MAX_TARGET_ACCURACY:g}], got {target_accuracy!r}"
-        )
-    if exit_rate is not None and not 0 <= exit_rate <= 1:
-        raise ValueError(f"exit_rate must be in [0, 1], got {exit_rate!r}")
-
+    validate_target(target_accuracy, exit_rate)
     points = operating_points(outcomes, relative_cost_small)
     n = len(outcomes)
     if target_accuracy is not None:
@@ -190,7 +197,8 @@ def choose_threshold(
         point = next(p for p in points if p.exit_rate <= exit_rate + _EPS)
         met = point.n_exit == math.floor(exit_rate * n + 1e-9)
         if met:
-            message = f"exit rate {exit_rate:.1%} reached at {_describe(point)}"
+            closest = "" if abs(point.exit_rate - exit_rate) < _EPS else f", as closely as {n} items allow,"
+            message = f"exit rate {exit_rate:.1%} reached{closest} at {_describe(point)}"
         else:
             message = (
                 f"exit rate {exit_rate:.1%} cannot be reached because of tied exit scores; "
@@ -215,8 +223,12 @@ def to_yaml_dict(
     metric: str,
     fingerprint: dict[str, Any],
     n_items: int,
+    relative_cost_small: float = 0.0,
 ) -> dict[str, Any]:
-    """The calibration file's content, as plain Python types for ``yaml.safe_dump``."""
+    """The calibration file's content, as plain Python types for ``yaml.safe_dump``.
+
+    ``relative_cost_small`` is the value the points' ``relative_compute`` was computed with.
+    """
     p = choice.point
     return {
         "version": VERSION,
@@ -230,6 +242,9 @@ def to_yaml_dict(
         "relative_accuracy": _round(p.relative_accuracy),
         "relative_compute": _round(p.relative_compute),
         "accuracy_interval": [_round(choice.interval[0]), _round(choice.interval[1])],
+        # The exit-nothing point (highest threshold) is the large model alone.
+        "large_accuracy": _round(max(points, key=lambda q: q.threshold).accuracy),
+        "relative_cost_small": _round(relative_cost_small),
         "fingerprint": dict(fingerprint),
         "table": [
             {
@@ -276,6 +291,68 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     if not isinstance(data["fingerprint"], dict):
         raise bad("fingerprint", "a mapping")
     return data
+
+
+# Written above the YAML so that the file explains itself to whoever opens it.
+_HEADER = """\
+# sgl calibration, written by `sgl calibrate`; `sgl run --calibration FILE` uses `threshold` when the run's
+# settings match `fingerprint`. accuracy: the mixed system (the small model's answer where exit_score >=
+# threshold, the large model's otherwise) under `metric`; relative_accuracy = accuracy / large_accuracy;
+# accuracy_interval: 95% bootstrap interval of accuracy over the n_items; relative_compute = (1 - exit_rate)
+# + relative_cost_small, as a fraction of running the large model on every item; relative_cost_small: the
+# small model's median time per item (answer and consistency re-read) / the large model's, measured on this set.
+"""
+
+
+def save_calibration(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(_HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+# What a calibration is valid for: the models and every setting that changes answers or exit scores.
+# Not the threshold (the output), batch size (speed only) or dtype/device (the same model, numerically close).
+GUIDE = "sgl"  # small-model attention guides pruning; the only guide so far
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """A hub id (with its revision) as is; a local folder as a hash of its config and weight file sizes.
+
+    Hashing the weights themselves would read gigabytes; names and sizes change when the weights do,
+    and the config catches a different model of the same size.
+    """
+    folder = Path(spec.model)
+    if spec.model.startswith("builtin:") or not folder.is_dir():
+        return spec.model + (f"@{spec.revision}" if spec.revision else "")
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for f in sorted(folder.iterdir()):
+        if f.name.endswith(_WEIGHT_SUFFIXES):
+            digest.update(f"\0{f.name}\0{f.stat().st_size}".encode())
+    return f"folder:{digest.hexdigest()[:12]}"
+
+
+def fingerprint(preset: Preset) -> dict[str, Any]:
+    s = preset.settings
+    return {
+        "small": model_fingerprint(preset.small),
+        "large": model_fingerprint(preset.large),
+        "guide": GUIDE,
+        "retain": s.retain,
+        "prune_layer": s.prune_layer,
+        "consistency_retain": s.consistency_retain,
+        "prompt_suffix": s.prompt_suffix,
+        "max_new_tokens": s.max_new_tokens,
+    }
+
+
+def fingerprint_differences(calibrated: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs, one phrase per key: ``retain (calibrated 0.09, this run 0.2)``; empty when they match."""
+    return [
+        f"{key} (calibrated {calibrated.get(key)!r}, this run {current.get(key)!r})"
+        for key in [*current, *(k for k in calibrated if k not in current)]
+        if calibrated.get(key) != current.get(key)
+    ]
 
 
 def plot_calibration(

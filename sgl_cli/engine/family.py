@@ -41,6 +41,12 @@ class QwenVL:
         )
         return pos[:, 0]
 
+    def token_grid(self, model, enc: dict) -> tuple[int, int]:
+        """(rows, cols) of one encoded item's visual tokens: merged patches, in raster order."""
+        _, h, w = (int(v) for v in enc["image_grid_thw"][0])
+        merge = int(model.config.vision_config.spatial_merge_size)
+        return h // merge, w // merge
+
     def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
         """Per item, its (N_i, hidden) language-model image features, one vision-tower call for all."""
         device = model.model.visual.device

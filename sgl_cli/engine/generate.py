@@ -69,8 +69,8 @@ class Generation:
     probs: list[list[float]]  # per row, probability of each generated token under the model
 
 
-def _forward(model, cache=None, logits_to_keep: int = 1, **kwargs):
-    out = model(**kwargs, past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+def _forward(model, cache=None, logits_to_keep: int = 1, use_cache: bool = True, **kwargs):
+    out = model(**kwargs, past_key_values=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
 
 
@@ -133,7 +133,7 @@ def answer_probs(model, rows: list[Row], answers: list[list[int]], pad_id: int) 
         fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats))
     batch = collate(fed, pad_id, rows_device(model))
     width = max(len(a) for a in answers)
-    logits, _ = _forward(model, logits_to_keep=width, **batch.model_kwargs())
+    logits, _ = _forward(model, logits_to_keep=width, use_cache=False, **batch.model_kwargs())
     p = torch.softmax(logits.float(), dim=-1)
     out = []
     for i, a in enumerate(answers):

@@ -45,6 +45,7 @@ class Settings:
     max_new_tokens: int = 16
     prompt_suffix: str = "Answer the question using a single word or phrase."
     batch_size: int = 1
+    calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
 
     def validate(self, where: str = "settings") -> None:
         if not 0.0 < self.retain <= 1.0:
@@ -59,6 +60,8 @@ class Settings:
             raise PresetError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise PresetError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if self.calibration is not None and not self.calibration.strip():
+            raise PresetError(f"{where}: calibration must name a file (or be null), got {self.calibration!r}")
 
 
 @dataclass(frozen=True)

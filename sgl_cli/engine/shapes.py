@@ -65,13 +65,16 @@ def make_item(rng: random.Random, rows: int = 8, cols: int = 8) -> tuple[list[Ob
     return objs, f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs))
 
 
-def write_items(folder: Path, n: int, seed: int = 0) -> Path:
-    """Write `n` images and a `batch.jsonl` (with answers) into `folder`; returns the JSONL path."""
+def write_items(folder: Path, n: int, seed: int = 0, side: int | None = None) -> Path:
+    """Write `n` images and a `batch.jsonl` (with answers) into `folder`; returns the JSONL path.
+
+    Image sizes vary unless `side` (px, a multiple of 28) fixes them.
+    """
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        rows, cols = rng.choice(((8, 8), (12, 12), (8, 14), (16, 16)))
+        rows, cols = (side // CELL,) * 2 if side else rng.choice(((8, 8), (12, 12), (8, 14), (16, 16)))
         objs, question, answer = make_item(rng, rows, cols)
         name = f"images/shapes_{seed}_{i:04d}.jpg"
         draw(objs, rows, cols, rng).save(folder / name, quality=90)
