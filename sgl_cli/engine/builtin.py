@@ -66,6 +66,7 @@ class PairSpec:
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448  # at most 256 visual tokens per image
     seed: int = 0
+    arch: str = "qwen2_vl"  # or "qwen2_5_vl" (windowed vision attention, different vision config)
 
     def key(self) -> str:
         blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
@@ -106,6 +107,7 @@ def build_tokenizer():
 
 
 def build_processor(spec: PairSpec):
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
@@ -118,13 +120,14 @@ def build_processor(spec: PairSpec):
         temporal_patch_size=2,
     )
     tokenizer = build_tokenizer()
-    return _image_only(Qwen2VLProcessor)(
+    processor_class = Qwen2_5_VLProcessor if spec.arch == "qwen2_5_vl" else Qwen2VLProcessor
+    return _image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
 
 
 def build_config(spec: PairSpec, lm: LMSize, tokenizer):
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     head_dim = lm.hidden // lm.heads
     # M-RoPE splits head_dim/2 rotary frequencies over (t, h, w); the sections must add up to it.
@@ -132,7 +135,22 @@ def build_config(spec: PairSpec, lm: LMSize, tokenizer):
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     vocab = -(-len(tokenizer) // 64) * 64
     ids = tokenizer.convert_tokens_to_ids
-    return Qwen2VLConfig(
+    vision = {
+        "depth": spec.vision_depth,
+        "hidden_size": lm.hidden,
+        "num_heads": spec.vision_heads,
+        "patch_size": spec.patch_size,
+        "spatial_merge_size": spec.merge_size,
+        "temporal_patch_size": 2,
+        "embed_dim": spec.vision_embed,
+    }
+    config_class = Qwen2VLConfig
+    if spec.arch == "qwen2_5_vl":
+        config_class = Qwen2_5_VLConfig
+        vision.pop("embed_dim")
+        vision.update(hidden_size=spec.vision_embed, intermediate_size=2 * spec.vision_embed,
+                      out_hidden_size=lm.hidden, fullatt_block_indexes=[spec.vision_depth - 1])
+    return config_class(
         text_config={
             "vocab_size": vocab,
             "hidden_size": lm.hidden,
@@ -146,15 +164,7 @@ def build_config(spec: PairSpec, lm: LMSize, tokenizer):
             "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<|endoftext|>"),
         },
-        vision_config={
-            "depth": spec.vision_depth,
-            "embed_dim": spec.vision_embed,
-            "hidden_size": lm.hidden,
-            "num_heads": spec.vision_heads,
-            "patch_size": spec.patch_size,
-            "spatial_merge_size": spec.merge_size,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -165,7 +175,7 @@ def build_config(spec: PairSpec, lm: LMSize, tokenizer):
 def build_pair(spec: PairSpec, out: Path) -> dict[str, Path]:
     """Write `small/` and `large/` checkpoint folders (config, safetensors, processor) into `out`."""
     import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -174,7 +184,7 @@ def build_pair(spec: PairSpec, out: Path) -> dict[str, Path]:
     for i, (role, lm) in enumerate((("small", spec.small), ("large", spec.large))):
         config = build_config(spec, lm, processor.tokenizer)
         torch.manual_seed(spec.seed + i)
-        model = Qwen2VLForConditionalGeneration(config).eval()
+        model = AutoModelForImageTextToText.from_config(config).eval()
         model.generation_config = GenerationConfig(
             eos_token_id=config.text_config.eos_token_id,
             pad_token_id=config.text_config.pad_token_id,
