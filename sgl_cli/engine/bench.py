@@ -15,10 +15,8 @@ from typing import Callable
 import torch
 
 from .builtin import LMSize, PairSpec
-from .capture import ImportanceCapture
 from .engine import Engine, n_keep, top_k_in_order
 from .generate import collate, greedy, rows_device
-from .prune import PruneAtLayer
 
 # A pair big enough that CPU timings mean something: 896x896 images give 1,024 visual tokens.
 REALISTIC_SPEC = PairSpec(
@@ -59,18 +57,7 @@ def run_bench(engine: Engine, items: list, *, repeats: int = 3, batch_sizes=(1, 
         return engine._rows(m, works, [w.enc_small if m is small else w.enc_large for w in works])
 
     def small_gen(capture: bool) -> Callable[[], None]:
-        def go():
-            batch = collate(rows(small), small.pad_id, rows_device(small.model))
-            if not capture:
-                greedy(small.model, batch, limits, small.eos_ids, small.pad_id)
-                return
-            prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-            for i, w in enumerate(works):
-                off = batch.input_ids.shape[1] - len(w.visual)
-                prompt_rows[i, off + int(w.visual.nonzero().max()) + 1:] = True
-            with ImportanceCapture(small.model, n_keys=batch.input_ids.shape[1]) as cap:
-                greedy(small.model, batch, limits, small.eos_ids, small.pad_id, capture=cap, prompt_rows=prompt_rows)
-        return go
+        return lambda: engine.small_generate(works, rows(small), capture=capture)
 
     kept = [top_k_in_order(w.importance, n_keep(len(w.importance), s.retain)) for w in works]
 
@@ -79,19 +66,7 @@ def run_bench(engine: Engine, items: list, *, repeats: int = 3, batch_sizes=(1, 
         return greedy(large.model, batch, limits, large.eos_ids, large.pad_id)
 
     def large_pruned():
-        full = rows(large)
-        if s.prune_layer == 0:
-            batch = collate([r.keep(w.visual, k) for r, w, k in zip(full, works, kept)], large.pad_id,
-                            rows_device(large.model))
-            return greedy(large.model, batch, limits, large.eos_ids, large.pad_id)
-        batch = collate(full, large.pad_id, rows_device(large.model))
-        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        for i, (w, r, k) in enumerate(zip(works, full, kept)):
-            off = keep.shape[1] - len(r.ids)
-            keep[i, off:] = ~w.visual
-            keep[i, off + w.visual.nonzero()[k, 0]] = True
-        with PruneAtLayer(large.model, s.prune_layer, keep):
-            return greedy(large.model, batch, limits, large.eos_ids, large.pad_id)
+        return engine.large_generate(works, rows(large), kept)
 
     encs_large = [w.enc_large for w in works]
 

@@ -166,26 +166,51 @@ class Engine:
         return [Row(e["input_ids"][0], m.family.position_ids(m.model, e), f)
                 for e, f in zip(encs, feats)]
 
-    def _small_stage(self, works: list[Work]) -> None:
+    def small_generate(self, works: list[Work], rows: list[Row], capture: bool = True):
+        """The small model's greedy answers; with `capture`, also the SGP importance per item (else None)."""
         m = self.small
-        t0 = time.perf_counter()
-        rows = self._rows(m, works, [w.enc_small for w in works])
         batch = collate(rows, m.pad_id, rows_device(m.model))
         width = batch.input_ids.shape[1]
+        limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
+        if not capture:
+            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id), None
         # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
         prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
         for i, w in enumerate(works):
             offset = width - len(w.visual)
-            last_visual = int(w.visual.nonzero().max())
-            prompt_rows[i, offset + last_visual + 1:] = True
+            prompt_rows[i, offset + int(w.visual.nonzero().max()) + 1:] = True
+        with ImportanceCapture(m.model, n_keys=width) as cap:
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, capture=cap, prompt_rows=prompt_rows)
+        scores = cap.scores.float().cpu()
+        importance = [scores[i, width - len(w.visual):][w.visual] for i, w in enumerate(works)]
+        return gen, importance
+
+    def large_generate(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor]):
+        """The large model's greedy answers from the `kept` visual tokens of each row, at the prune layer."""
+        m, k = self.large, self.settings.prune_layer
         limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
-        with ImportanceCapture(m.model, n_keys=width) as capture:
-            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, capture=capture, prompt_rows=prompt_rows)
+        device = rows_device(m.model)
+        if k == 0:  # dropped tokens never enter the language model
+            batch = collate([row.keep(w.visual, idx) for w, row, idx in zip(works, rows, kept)], m.pad_id, device)
+            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        # Layers < k see every token; hooks drop the rest at layer k.
+        batch = collate(rows, m.pad_id, device)
+        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
+            offset = keep.shape[1] - len(row.ids)
+            keep[i, offset:] = ~w.visual
+            keep[i, offset + w.visual.nonzero()[idx, 0]] = True
+        with PruneAtLayer(m.model, k, keep.to(device)):
+            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+
+    def _small_stage(self, works: list[Work]) -> None:
+        t0 = time.perf_counter()
+        rows = self._rows(self.small, works, [w.enc_small for w in works])
+        gen, importance = self.small_generate(works, rows)
         for i, w in enumerate(works):
-            offset = width - len(w.visual)
             w.small_row = rows[i]
             w.small_tokens, w.small_probs = gen.tokens[i], gen.probs[i]
-            w.importance = capture.scores[i, offset:][w.visual.to(capture.scores.device)].float().cpu()
+            w.importance = importance[i]
         self._charge(works, "small", t0)
 
     def _consistency_stage(self, works: list[Work]) -> None:
@@ -205,25 +230,11 @@ class Engine:
         todo = [w for w in works if not self._exits(w)]
         if not todo:
             return
-        m, k = self.large, self.settings.prune_layer
         t0 = time.perf_counter()
-        rows = self._rows(m, todo, [w.enc_large for w in todo])
+        rows = self._rows(self.large, todo, [w.enc_large for w in todo])
         for w in todo:
             w.kept = top_k_in_order(w.importance, n_keep(len(w.importance), self.settings.retain))
-        limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in todo]
-        device = rows_device(m.model)
-        if k == 0:  # dropped tokens never enter the language model
-            batch = collate([row.keep(w.visual, w.kept) for w, row in zip(todo, rows)], m.pad_id, device)
-            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
-        else:  # layers < k see every token; hooks drop the rest at layer k
-            batch = collate(rows, m.pad_id, device)
-            keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-            for i, (w, row) in enumerate(zip(todo, rows)):
-                offset = keep.shape[1] - len(row.ids)
-                keep[i, offset:] = ~w.visual
-                keep[i, offset + w.visual.nonzero()[w.kept, 0]] = True
-            with PruneAtLayer(m.model, k, keep.to(device)):
-                gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        gen = self.large_generate(todo, rows, [w.kept for w in todo])
         for w, tokens in zip(todo, gen.tokens):
             w.large_tokens = tokens
         self._charge(todo, "large", t0)
