@@ -197,9 +197,7 @@ class Engine:
         batch = collate(rows, m.pad_id, device)
         keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
         for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
-            offset = keep.shape[1] - len(row.ids)
-            keep[i, offset:] = ~w.visual
-            keep[i, offset + w.visual.nonzero()[idx, 0]] = True
+            keep[i, keep.shape[1] - len(row.ids):] = Row.columns(w.visual, idx)
         with PruneAtLayer(m.model, k, keep.to(device)):
             return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
 

@@ -20,12 +20,16 @@ class Row:
     pos: torch.Tensor
     feats: torch.Tensor
 
+    @staticmethod
+    def columns(visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(S,) bool: every text column and the visual columns in `kept` (indices into the visual tokens)."""
+        columns = ~visual
+        columns[visual.nonzero()[kept, 0]] = True
+        return columns
+
     def keep(self, visual: torch.Tensor, kept: torch.Tensor) -> "Row":
-        """Drop the visual columns not in `kept` (indices into the visual tokens); text columns stay."""
-        columns = torch.ones_like(self.ids, dtype=torch.bool)
-        vis_idx = visual.nonzero().squeeze(-1)
-        columns[vis_idx] = False
-        columns[vis_idx[kept]] = True
+        """Drop the visual columns not in `kept`; text columns stay."""
+        columns = self.columns(visual, kept)
         return Row(self.ids[columns], self.pos[:, columns], self.feats[kept])
 
 

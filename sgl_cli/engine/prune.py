@@ -41,6 +41,7 @@ class PruneAtLayer:
                 f"not {backend}"
             )
         self._backend = backend
+        self._called = set()  # a fresh generation: each hooked layer's next call is a prefill
         layers = decoder_layers(self.model)
         if not 0 <= self.k <= len(layers):
             raise ValueError(f"prune_layer {self.k} is outside 0..{len(layers)} for this model")
