@@ -9,6 +9,7 @@ import typer
 
 from . import __version__
 from .commands import bench, calibrate, demo, inspect, run
+from .commands import eval as eval_cmd
 
 app = typer.Typer(
     name="sgl",
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.command("run")(run.run)
 app.command("calibrate")(calibrate.calibrate)
+app.command("eval")(eval_cmd.eval_command)
 app.command("demo")(demo.demo)
 app.command("inspect")(inspect.inspect)
 app.command("bench")(bench.bench)

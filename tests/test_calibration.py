@@ -282,7 +282,8 @@ def test_fingerprint_and_differences():
     preset = Preset("p", ModelSpec("org/small"), ModelSpec("org/large"),
                     Settings(retain=0.2, threshold=0.5, batch_size=4))
     fp = fingerprint(preset)
-    assert fp == {"small": "org/small", "large": "org/large", "guide": "sgl", "retain": 0.2, "prune_layer": 0,
+    assert fp == {"small": "org/small", "large": "org/large", "large_quantize": None, "guide": "sgl", "retain": 0.2,
+                  "prune_layer": 0,
                   "consistency_retain": 0.05, "prompt_suffix": Settings().prompt_suffix, "max_new_tokens": 16}
     # threshold and batch size are not part of it
     other = Preset("p", ModelSpec("org/small"), ModelSpec("org/large"), Settings(retain=0.2))

@@ -209,9 +209,6 @@ def test_stdout_output(batch, preset_file):
 
 def test_demo_writes_a_runnable_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    import sgl_cli.engine.builtin as builtin
-
-    monkeypatch.setitem(builtin.SPECS, "default", builtin.TINY_SPEC)  # the real default is bigger; same code
     res = runner.invoke(app, ["demo", str(tmp_path / "d"), "--n", "3"])
     assert res.exit_code == 0, res.output
     lines = records(tmp_path / "d" / "batch.jsonl")
@@ -221,4 +218,6 @@ def test_demo_writes_a_runnable_folder(tmp_path, monkeypatch):
     res = runner.invoke(app, ["run", str(tmp_path / "d" / "batch.jsonl"), "-p", str(tmp_path / "d" / "preset.yaml"),
                               "-q", "--no-exit"])
     assert res.exit_code == 0, res.output
-    assert "random weights" in res.stderr
+    assert "random weights" not in res.stderr  # the shipped pair is trained
+    assert (tmp_path / "d" / "models" / "large" / "model.safetensors").is_file()
+    assert len(records(tmp_path / "d" / "batch.sgl.jsonl")) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import typer
 
@@ -36,3 +36,18 @@ def set_threads(threads: int | None) -> None:
 
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, quiet: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr, only when stderr is a terminal and not --quiet; yields `advance(n=1)`."""
+    if quiet or not stderr_is_tty():
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -13,7 +13,7 @@ from ._common import domain_errors, err, set_threads
 
 def bench(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset to measure [default: a random pair built offline at --size]."),
-    size: str = typer.Option("realistic", help="Built-in random pair when no --preset: realistic (large LM 1024x8, 1,024 visual tokens), default, tiny."),
+    size: str = typer.Option("realistic", help="Built-in random pair when no --preset: realistic (large LM 1024x8, 1,024 visual tokens), random (the default pair's size), tiny."),
     input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time [default: --items generated shapes images]."),
     items: int = typer.Option(4, "--items", min=1, help="Generated items."),
     image_size: Optional[int] = typer.Option(None, help="Generated image side in px [default: the pair's largest]."),

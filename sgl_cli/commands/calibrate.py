@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ._common import domain_errors, err, set_threads, stderr_is_tty
+from ._common import domain_errors, err, progress_bar, set_threads
 
 EXAMPLE = """
 Input: the `sgl run` JSONL format with `answer` on every line (a string, a number, or a list of the
@@ -85,6 +84,9 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
         raise SglError(f"input file {input} not found")
     # Both models on every item: the calibration needs the large answer where the small one would exit.
     preset = load_preset(preset_name).with_settings(**overrides, no_exit=True)
+    if preset.settings.guide != "sgl" or preset.small is None:
+        raise SglError(f"preset {preset.name!r}: only the sgl guide, with a small model, exits early; there is no "
+                       "threshold to calibrate for the cls, fastv or random guides")
     fingerprint = cal.fingerprint(preset)
     out = out or input.with_name(f"{input.stem}.calibration.yaml")
     plot = plot or out.with_suffix(".png")
@@ -114,7 +116,7 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
                 "calibration; use --preset with real checkpoints.")
         done = 0
         try:
-            with _progress(quiet, len(todo)) as advance:
+            with progress_bar("sgl calibrate", quiet, len(todo)) as advance:
                 for rec in compute(engine, todo, cache, append=resume and cache.exists()):
                     records[rec["line"]] = rec
                     done += 1
@@ -186,18 +188,3 @@ def _table(points, chosen) -> None:
         table.add_row("chosen" if mark else "", threshold, f"{p.exit_rate:.1%}", f"{p.accuracy:.3f}",
                       f"{p.relative_accuracy:.3f}", f"{p.relative_compute:.2f}", style="bold" if mark else None)
     Console(stderr=True).print(table)
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool, total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr, only when stderr is a terminal and not --quiet."""
-    if quiet or not stderr_is_tty():
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]sgl calibrate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task("calibrate", total=total)
-        yield lambda: bar.advance(task)

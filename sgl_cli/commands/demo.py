@@ -14,9 +14,14 @@ def demo(
     n: int = typer.Option(8, "--n", min=1, help="Number of example items."),
     seed: int = typer.Option(0, "--seed", help="Seed for the example images and questions."),
 ) -> None:
-    """Write the built-in model pair, N labelled example items and a preset for them into FOLDER.
+    """Write the built-in model pair, N labelled shapes items and a preset for them into FOLDER.
+
+    The items are fresh draws of the task the built-in pair was trained on (coloured shapes on noise,
+    144-256 visual tokens; colour, shape, counting and two-hop relation questions, a `type` field on each):
+    a different --seed gives items neither model has seen.
 
     Then: sgl run FOLDER/batch.jsonl --preset FOLDER/preset.yaml
+      or: sgl eval FOLDER/batch.jsonl --preset FOLDER/preset.yaml
     """
     with domain_errors():
         import shutil
@@ -38,6 +43,7 @@ def demo(
         preset["description"] = "The built-in pair, copied here by `sgl demo`."
         (folder / "preset.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
         batch = write_items(folder, n, seed)
-        err(f"sgl: wrote {n} items to {batch}, the pair to {folder / 'models'} and {folder / 'preset.yaml'}")
-        err("sgl: note: the built-in pair has random weights; its answers are noise.")
+        err(f"sgl: wrote {n} labelled items to {batch}, the pair to {folder / 'models'} and "
+            f"{folder / 'preset.yaml'}")
         err(f"then: sgl run {batch} --preset {folder / 'preset.yaml'}")
+        err(f"  or: sgl eval {batch} --preset {folder / 'preset.yaml'}")

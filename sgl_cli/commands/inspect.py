@@ -1,9 +1,10 @@
-"""`sgl inspect IMAGE --question Q`: which visual tokens the guide finds important and which the large model keeps."""
+"""`sgl inspect IMAGE --question Q`: which visual tokens each guide finds important and which the large model keeps."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -17,8 +18,28 @@ EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
 at the preset's threshold, and a heatmap of every visual token's importance
 on the image's token grid (rows x columns of merged patches), the tokens the
-large model keeps at --retain marked []. The large model runs only with
---answer-large.
+large model keeps at --retain marked [].
+
+Guides and what they load and run:
+  sgl     the small model's attention while it answers (the default; needs
+          the preset's small model). The large model is not loaded.
+  cls     the large model's vision-encoder attention: loads the large model
+          and runs its vision tower only.
+  fastv   the large model's own attention from the last prompt token at
+          layer K-1: runs the large model's language model on the prompt
+          (its prefill), by nature.
+  random  uniform scores, seeded per image (the preset's seed).
+  all     every guide, side by side when the maps fit 80 columns (else one
+          after another), each with its own kept set, and how many of sgl's
+          kept tokens each guide keeps too. Without a small model in the
+          preset, sgl is skipped and says why.
+
+When the preset has a small model, it answers and is scored whatever the
+guide (only sgl uses its ranking and exits early). The large model answers
+only with --answer-large: from each shown guide's kept tokens, one answer per
+guide. With --guide all, --png writes one PNG with a panel per guide and
+--json one object whose `guides` maps each guide to its importance, kept
+indices and answer.
 
 Exit codes: 0 done; 2 usage, preset or model error, or a missing, corrupt or
 unsupported image.
@@ -27,6 +48,7 @@ Examples:
   sgl inspect examples/images/shapes_7_0000.jpg \\
       --question "What shape is blue?"
   sgl inspect photo.jpg --question "What does the sign say?" --retain 0.2
+  sgl inspect photo.jpg --question "..." --guide all --png guides.png
   sgl inspect photo.jpg --question "..." --png heat.png --json > heat.json
 """
 
@@ -39,23 +61,26 @@ class Guide(str, Enum):
     all = "all"
 
 
-AVAILABLE = (Guide.sgl,)
+GUIDES = ("sgl", "cls", "fastv", "random")  # the order of --guide all
+LARGE_GUIDES = ("cls", "fastv")  # they rank with the large model itself
 
 
 def inspect(
     image: Path = typer.Argument(..., help="Image file.", show_default=False),
     question: str = typer.Option(..., "--question", help="The question to ask about the image.", show_default=False),
-    guide: Guide = typer.Option(Guide.sgl, "--guide", help="What ranks the visual tokens."),
+    guide: Guide = typer.Option(Guide.sgl, "--guide", help="What ranks the visual tokens (see the list above; "
+                                "fastv runs the large model's language model on the prompt by nature)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p",
                                          help="Preset name or YAML file (default: the built-in pair)."),
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps "
                                                       "(default: the preset's)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write the image with the importance overlaid "
-                                                           "to this PNG."),
+                                                           "to this PNG (with --guide all: one panel per guide)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (importance, grid, kept, answers, "
-                                                       "scores) instead of the heatmap."),
+                                                       "scores; with --guide all, per guide under `guides`) "
+                                                       "instead of the heatmap."),
     answer_large: bool = typer.Option(False, "--answer-large", help="Also run the large model on the kept tokens "
-                                                                    "and show its answer."),
+                                                                    "(of each shown guide) and show its answer."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
 ) -> None:
     """Show which visual tokens matter for one image and question, and which the large model would keep."""
@@ -72,60 +97,29 @@ def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optiona
     from ..engine.items import load_image
     from ..engine.preset import load_preset
 
-    if guide not in AVAILABLE:
-        raise SglError(f"--guide {guide.value} is not available yet; available: "
-                       f"{', '.join(g.value for g in AVAILABLE)}")
     if not question.strip():
         raise SglError("--question must not be empty")
     preset = load_preset(preset_name).with_settings(retain=retain)
     if png is not None and not png.parent.is_dir():
         raise SglError(f"--png {png}: folder {png.parent} does not exist")
+    guides = list(GUIDES) if guide is Guide.all else [guide.value]
+    skipped: dict[str, str] = {}
+    if preset.small is None and "sgl" in guides:
+        if guide is Guide.sgl:
+            raise SglError(f"preset {preset.name!r} names no small model, which the sgl guide needs "
+                           "(use --guide cls, fastv, random or all)")
+        guides.remove("sgl")
+        skipped["sgl"] = f"preset {preset.name} names no small model, which it needs"
     item = _CommandLineItem(line=1, id=image_path.name, image=image_path, question=question.strip())
     try:  # before the models load: a bad image fails at once
         image = load_image(item)
     except ItemError as exc:
         raise SglError(str(exc)) from None
 
-    from ..engine.engine import Engine, n_keep, top_k_in_order
-    from ..engine.heatmap import Inspection, render, save_png
-    from ..engine.models import load_model
+    from ..engine.heatmap import render, save_png
 
     set_threads(threads)
-    small = load_model(preset.small, "small")
-    # analyze() never runs the large model, so unless its answer is asked for the small one stands in for it and
-    # a 72B checkpoint is not loaded just to look at a heatmap.
-    large = load_model(preset.large, "large") if answer_large else small
-    engine = Engine(preset.settings, small, large, preset)
-    if engine.random_weights:
-        err("sgl: warning: the built-in pair has random weights: its answers and importance are noise; "
-            "use --preset with real checkpoints.")
-    (work,) = engine.analyze([item])
-    if work.error:
-        raise SglError(work.error)
-    rows, cols = small.family.token_grid(small.model, work.enc_small)
-    n = len(work.importance)
-    if rows * cols != n:
-        raise SglError(f"the token grid {rows} x {cols} does not match the {n} visual tokens")
-    settings = engine.settings
-    large_answer = None
-    if answer_large:
-        # Without a threshold the large model answers even when the small model would exit.
-        always_large = Engine(dataclasses.replace(settings, threshold=None), small, large)
-        (record,) = always_large.process([item])
-        if record["error"]:
-            raise SglError(record["error"])
-        large_answer = record["answer"]
-
-    result = Inspection(
-        image=image_path, image_size=image.size, question=item.question, guide=guide.value,
-        preset=preset.name, small_answer=small.processor.tokenizer.decode(
-            work.small_tokens, skip_special_tokens=True).strip(),
-        confidence=engine.confidence(work), consistency=work.consistency, exit_score=engine.exit_score(work),
-        threshold=settings.threshold, retain=settings.retain, grid=(rows, cols),
-        importance=work.importance.tolist(),
-        kept=top_k_in_order(work.importance, n_keep(n, settings.retain)).tolist(),
-        large_answer=large_answer,
-    )
+    result = _analyze(preset, item, image, guides, skipped, guide.value, answer_large)
     if png is not None:
         try:
             width, height = save_png(result, image, png)
@@ -138,6 +132,99 @@ def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optiona
         from rich.console import Console
 
         render(result, Console(highlight=False))
+
+
+def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, str], asked: str,
+             answer_large: bool):
+    """Load what the guides need, run them on the one item and return the Inspection."""
+    import torch
+
+    from ..engine.engine import Engine, n_keep, top_k_in_order
+    from ..engine.errors import SglError
+    from ..engine.heatmap import WHAT, GuideMap, Inspection
+    from ..engine.models import load_model
+
+    settings = preset.settings
+    small = load_model(preset.small, "small") if preset.small is not None else None
+    # The large model loads only when a guide ranks with it, its answer is asked for, or there is no small model
+    # to read the token grid with: a 72B checkpoint is not loaded just to look at the sgl heatmap.
+    real_large = small is None or answer_large or any(g in LARGE_GUIDES for g in guides)
+    large = load_model(preset.large, "large") if real_large else small
+    # Standing in for the large model, the small one cannot check the preset's prune layer against it.
+    base_settings = settings if real_large else dataclasses.replace(settings, prune_layer=0)
+    engines = {g: Engine(dataclasses.replace(base_settings, guide=g), small, large, preset) for g in guides}
+    base = engines[guides[0]]
+    if base.random_weights:
+        err("sgl: warning: the built-in pair has random weights: its answers and importance are noise; "
+            "use --preset with real checkpoints.")
+
+    with torch.inference_mode():
+        (work,) = base.analyze([item])
+        if work.error:
+            raise SglError(work.error)
+        try:
+            rows, cols = large.family.token_grid(large.model, work.enc_large)
+        except ValueError as exc:  # a family whose image is several crops or tiles
+            raise SglError(f"inspect shows one token grid per image: {exc}") from None
+        n = int(work.visual.sum())
+        if rows * cols != n:
+            raise SglError(f"the token grid {rows} x {cols} does not match the {n} visual tokens")
+        k = n_keep(n, settings.retain)
+        large_rows = None
+        if answer_large or any(g in LARGE_GUIDES for g in guides):
+            large_rows = _guarded("the large model's vision tower", lambda: base.large_rows(
+                [work], cls_scores="cls" in guides))
+        sgl_kept = set(top_k_in_order(work.importance, k).tolist()) if small is not None else None
+        maps = []
+        for g in guides:
+            eng = engines[g]
+            # (A stand-in large model runs only sgl or random, whose prune layer is the preset's.)
+            prune_layer = eng.guide.prune_layer(eng) if real_large else settings.prune_layer
+            gen = None
+            if g == "fastv":
+                # FastV ranks inside the large model's prefill; one new token suffices unless its answer is shown.
+                run = eng if answer_large else Engine(dataclasses.replace(eng.settings, max_new_tokens=1), small,
+                                                      large, preset)
+                gen, (kept,) = _guarded("the fastv guide", lambda: eng.guide.generate(run, [work], large_rows,
+                                                                                       settings.retain))
+                scores = work.scores["fastv"]
+            else:
+                (scores,) = eng.guide.scores(eng, [work])
+                kept = top_k_in_order(scores, k)
+                if answer_large:
+                    gen, _ = _guarded(f"the large model ({g}'s kept tokens)", lambda: eng.guide.generate(
+                        eng, [work], large_rows, settings.retain))
+            kept = kept.tolist()
+            what = WHAT[g].format(k=prune_layer, k_1=prune_layer - 1, seed=settings.seed)
+            maps.append(GuideMap(
+                name=g, importance=scores.tolist(), kept=kept, prune_layer=prune_layer, what=what,
+                large_answer=eng._decode(large, gen.tokens[0]) if answer_large else None,
+                sgl_overlap=None if sgl_kept is None or g == "sgl" else len(sgl_kept.intersection(kept)),
+            ))
+
+    return Inspection(
+        image=item.image, image_size=image.size, question=item.question, guide=asked, preset=preset.name,
+        threshold=settings.threshold, retain=settings.retain, grid=(rows, cols), maps=maps, skipped=skipped,
+        small_answer=base._decode(small, work.small_tokens) if small is not None else None,
+        confidence=base.confidence(work) if small is not None else None,
+        consistency=work.consistency,
+        exit_score=base.exit_score(work) if small is not None else None,
+    )
+
+
+def _guarded(what: str, fn):
+    """`fn()`, its failure one line: a preset setting it cannot run with, or a model error."""
+    from ..engine.errors import SglError
+
+    try:
+        return fn()
+    except SglError:
+        raise
+    except (ValueError, NotImplementedError) as exc:  # a setting or family the guide cannot run with: it says
+        raise SglError(str(exc)) from None
+    except (RuntimeError, IndexError) as exc:
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise SglError(f"{what} failed: {detail}") from None
 
 
 class _CommandLineItem(Item):

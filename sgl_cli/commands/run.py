@@ -27,13 +27,15 @@ Examples:
   sgl run examples/batch.jsonl --retain 0.09
   sgl run data.jsonl --preset qwen2.5-vl-3b-72b --threshold 0.95 --out answers.jsonl
   sgl run data.jsonl --resume            # continue after Ctrl-C or a crash
+  sgl run data.jsonl --preset qwen2.5-vl-3b-72b --quantize 4bit     # the large model in NF4
+  sgl run data.jsonl --backend ray --num-workers 8 --gpus-per-worker 1  # on a Ray cluster
 """
 
 
 def run(
     input: Path = typer.Argument(..., help="JSONL file of image-question items.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL [default: <input>.sgl.jsonl]. '-' writes to stdout."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `sgl presets`) or YAML file [default: the built-in pair]."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `sgl presets`) or YAML file (default: the built-in pair)."),
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps (at least 1)."),
     threshold: Optional[float] = typer.Option(None, help="Exit early when the small model's exit_score >= this."),
     no_exit: bool = typer.Option(False, "--no-exit", help="Never exit early: the large model answers every item."),
@@ -43,35 +45,69 @@ def run(
     prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens (0: before the LM)."),
     prompt_suffix: Optional[str] = typer.Option(None, help="Text appended to every question (\"\" for none)."),
     batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+    guide: Optional[str] = typer.Option(None, "--guide", "-g", help="What ranks the visual tokens: sgl (the small model's attention; the only guide that exits early), cls (the large model's vision-encoder attention, FasterVLM), fastv (the large model's own layer K-1 attention; K = --prune-layer, 2 when 0) or random (default: the preset's, sgl)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random guide."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip items already in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster)."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster); with --backend ray, per worker."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the preset's)."),
+    backend: str = typer.Option("local", "--backend", help="local: models in this process; ray: a pool of Ray actors, on this machine or a cluster (needs the ray extra of sgl-cli)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the pair once (default: one per --gpus-per-worker GPUs of the cluster, else 1)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
 ) -> None:
     """Answer every item of a JSONL file with small-model guidance and early exit."""
     with domain_errors():
         code = _run(input, out, preset, dict(
             retain=retain, threshold=threshold, no_exit=no_exit, consistency_retain=consistency_retain,
             max_new_tokens=max_new_tokens, prune_layer=prune_layer, prompt_suffix=prompt_suffix,
-            batch_size=batch_size,
-        ), calibration, resume, overwrite, threads, quiet)
+            batch_size=batch_size, guide=guide, seed=seed,
+        ), calibration, resume, overwrite, threads, quiet,
+            _Backend(backend, num_workers, gpus_per_worker, quantize))
     raise typer.Exit(code)
 
 
 run.__doc__ = (run.__doc__ or "") + "\n" + EXAMPLE
 
 
+class _Backend:
+    """Where the items run (`--backend`) and what `--quantize` asks of the large model."""
+
+    def __init__(self, name: str = "local", num_workers: Optional[int] = None,
+                 gpus_per_worker: Optional[float] = None, quantize: Optional[str] = None):
+        self.name, self.num_workers, self.gpus_per_worker, self.quantize = name, num_workers, gpus_per_worker, quantize
+
+    def check(self) -> None:
+        from ..engine.errors import SglError
+
+        if self.name not in ("local", "ray"):
+            raise SglError(f"--backend must be local or ray, got {self.name!r}")
+        if self.name == "local":
+            given = [f for f, v in (("--num-workers", self.num_workers), ("--gpus-per-worker", self.gpus_per_worker))
+                     if v is not None]
+            if given:
+                raise SglError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --backend ray")
+            return
+        from ..engine.ray_backend import RayOptions, import_ray
+
+        RayOptions(self.num_workers, self.gpus_per_worker).validate()
+        import_ray()  # not installed: say how, before anything else happens
+
+
 def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides: dict, calibration: Optional[Path],
-         resume: bool, overwrite: bool, threads: Optional[int], quiet: bool) -> int:
+         resume: bool, overwrite: bool, threads: Optional[int], quiet: bool, backend: Optional[_Backend] = None) -> int:
     from ..engine.errors import SglError
     from ..engine.output import completed_lines, default_output, settings_path
     from ..engine.preset import load_preset
 
+    backend = backend or _Backend()
     if not input.is_file():
         raise SglError(f"input file {input} not found")
     if resume and overwrite:
         raise SglError("--resume and --overwrite contradict each other")
-    preset = _calibrated(load_preset(preset_name).with_settings(**overrides), calibration, overrides, quiet)
+    backend.check()
+    preset = load_preset(preset_name).with_settings(**overrides).with_quantize(backend.quantize)
+    preset = _calibrated(preset, calibration, overrides, quiet)
     to_stdout = out is not None and str(out) == "-"
     out = None if to_stdout else (out or default_output(input))
     if to_stdout and resume:
@@ -87,39 +123,62 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
             _check_same_settings(saved, preset.to_dict())
             done = completed_lines(out)
 
-    from ..engine.engine import Engine
-    from ..engine.items import read_items
     from ..engine.output import RecordWriter
 
-    set_threads(threads)
-    engine = Engine.from_preset(preset)
-    if engine.random_weights:
-        err("sgl: warning: the built-in pair has random weights (no trained pair ships yet): its answers are noise; "
-            "use --preset with real checkpoints for real answers.")
-    if saved is not None:
-        import yaml
+    def warn_random() -> None:
+        err("sgl: warning: a model of this preset has random weights: its answers are noise; use a trained pair "
+            "(the default preset, or real checkpoints) for real answers.")
 
-        saved.write_text(yaml.safe_dump(preset.to_dict(), sort_keys=False))
+    if backend.name == "ray":
+        from ..engine.ray_backend import RayOptions, run_records
 
-    writer = RecordWriter(out, append=bool(done)) if out is not None else None
+        # Models load in the workers; the records come back in input order, so everything below is shared.
+        records = run_records(input, preset, done, RayOptions(backend.num_workers, backend.gpus_per_worker, threads),
+                              on_random_weights=warn_random, notify=None if quiet else err)
+    else:
+        from ..engine.engine import Engine
+        from ..engine.items import read_items
+
+        set_threads(threads)
+        engine = Engine.from_preset(preset)
+        if engine.random_weights:
+            warn_random()
+        records = engine.run(read_items(input, skip_lines=done))
+
+    writer: Optional[RecordWriter] = None
+
+    def open_output() -> Optional[RecordWriter]:
+        # At the first record (or at the end, for none): a backend that fails to start leaves no files behind.
+        if out is None:
+            return None
+        if saved is not None:
+            import yaml
+
+            saved.write_text(yaml.safe_dump(preset.to_dict(), sort_keys=False))
+        return RecordWriter(out, append=bool(done))
+
     stats = _Stats()
-    items = read_items(input, skip_lines=done)
     progress = _progress(quiet, _count_lines(input) - len(done))
     try:
-        for record in engine.run(items):
-            if writer is not None:
+        for record in records:
+            if out is not None:
+                writer = writer or open_output()
                 writer.write(record)
             else:
                 sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sys.stdout.flush()
             stats.add(record)
             progress.advance(stats)
+        if writer is None:
+            writer = open_output()
     except KeyboardInterrupt:
         progress.stop()
         err(f"sgl: interrupted after {stats.items} items; `sgl run {input} --resume` continues where it stopped.")
         return 130
     finally:
         progress.stop()
+        if hasattr(records, "close"):
+            records.close()  # a Ray backend it started shuts down
         if writer is not None:
             writer.close()
     if not quiet:
@@ -167,7 +226,8 @@ def _check_same_settings(saved: Path, current: dict) -> None:
 
     if not saved.exists():
         return
-    previous = yaml.safe_load(saved.read_text()) or {}
+    previous = _with_defaults(yaml.safe_load(saved.read_text()) or {})
+    current = _with_defaults(current)
     # Batch size changes speed, not results; anything else would mix two runs' answers in one file.
     changed = sorted(k for k in set(previous) | set(current)
                      if k != "batch_size" and previous.get(k) != current.get(k))
@@ -176,6 +236,23 @@ def _check_same_settings(saved: Path, current: dict) -> None:
             f"cannot resume: settings differ from the interrupted run ({', '.join(changed)}; see {saved}); "
             "rerun with the same settings, or write to a new --out"
         )
+
+
+def _with_defaults(d: dict) -> dict:
+    """A saved preset with the keys it predates filled with their defaults (a run saved before `quantize`
+    existed resumes as an unquantized run)."""
+    import dataclasses
+
+    from ..engine.preset import ModelSpec, Settings
+
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    out = {**defaults(Settings), **d}
+    for role in ("small", "large"):
+        if isinstance(out.get(role), dict):
+            out[role] = {**defaults(ModelSpec), **out[role]}
+    return out
 
 
 def _count_lines(path: Path) -> int:

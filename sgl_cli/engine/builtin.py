@@ -73,12 +73,17 @@ class PairSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# The embedded default: 128/4 small vs 256/6 large language models (about 6x the LM compute).
-DEFAULT_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(256, 6, 8, 2, 1024))
-# For tests: hidden 64, 2 layers; still a real pair of different sizes.
+# The shipped default (trained by scripts/train_pair.py on the shapes task): 1.0M vs 3.3M language-model
+# parameters, one shared vision tower, a word-level tokenizer.
+TRAINED_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128)
+# Random-weight pairs built on demand: `random` at the default's size, `tiny` for tests (hidden 64, 2 layers;
+# still a real pair of different sizes).
+RANDOM_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128)
 TINY_SPEC = PairSpec(small=LMSize(64, 2, 4, 2, 128), large=LMSize(128, 2, 4, 2, 256), vision_embed=32)
 
-SPECS = {"default": DEFAULT_SPEC, "tiny": TINY_SPEC}
+SPECS = {"random": RANDOM_SPEC, "tiny": TINY_SPEC}
+# Pairs that ship inside the package, trained: name -> folder holding small/ and large/.
+SHIPPED = {"default": Path(__file__).resolve().parent.parent / "weights" / "default"}
 
 
 def cache_root() -> Path:
@@ -86,19 +91,28 @@ def cache_root() -> Path:
     return Path(base) / "sgl"
 
 
-def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(words: list[str] | None = None):
+    """Byte-level by default; word-level over `words` (lower-cased, punctuation split off) when given."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # Byte alphabet, no merges: encodes any text losslessly, needs no trained vocabulary.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if words is None:
+        # Byte alphabet, no merges: encodes any text losslessly, needs no trained vocabulary.
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        # A model trained from scratch on a closed task learns far faster from one token per word.
+        vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
+        unk_token="[UNK]" if words is not None else None,
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
@@ -106,7 +120,7 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(spec: PairSpec):
+def build_processor(spec: PairSpec, words: list[str] | None = None):
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
@@ -119,7 +133,7 @@ def build_processor(spec: PairSpec):
         merge_size=spec.merge_size,
         temporal_patch_size=2,
     )
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words)
     processor_class = Qwen2_5_VLProcessor if spec.arch == "qwen2_5_vl" else Qwen2VLProcessor
     return _image_only(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
@@ -200,8 +214,19 @@ def build_pair(spec: PairSpec, out: Path) -> dict[str, Path]:
     return paths
 
 
+def pair_names() -> list[str]:
+    return [*SHIPPED, *SPECS]
+
+
 def ensure_pair(name: str = "default", root: Path | None = None) -> dict[str, Path]:
-    """Build the named built-in pair once and return its `{"small": path, "large": path}`."""
+    """The named built-in pair's `{"small": path, "large": path}`: shipped, or built once and cached."""
+    if name in SHIPPED:
+        paths = {role: SHIPPED[name] / role for role in ("small", "large")}
+        missing = [str(p) for p in paths.values() if not (p / "model.safetensors").is_file()]
+        if missing:
+            raise FileNotFoundError(f"the shipped pair {name!r} is missing its weights ({', '.join(missing)}); "
+                                    "reinstall sgl, or rebuild them with scripts/train_pair.py")
+        return paths
     spec = SPECS[name]
     root = (root or cache_root()) / "builtin" / f"{name}-{spec.key()}"
     paths = {role: root / role for role in ("small", "large")}

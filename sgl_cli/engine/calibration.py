@@ -310,7 +310,6 @@ def save_calibration(data: dict[str, Any], path: str | Path) -> None:
 
 # What a calibration is valid for: the models and every setting that changes answers or exit scores.
 # Not the threshold (the output), batch size (speed only) or dtype/device (the same model, numerically close).
-GUIDE = "sgl"  # small-model attention guides pruning; the only guide so far
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -335,9 +334,10 @@ def model_fingerprint(spec: ModelSpec) -> str:
 def fingerprint(preset: Preset) -> dict[str, Any]:
     s = preset.settings
     return {
-        "small": model_fingerprint(preset.small),
+        "small": model_fingerprint(preset.small) if preset.small is not None else None,
         "large": model_fingerprint(preset.large),
-        "guide": GUIDE,
+        "large_quantize": preset.large.quantize,  # 4-bit weights answer differently
+        "guide": s.guide,
         "retain": s.retain,
         "prune_layer": s.prune_layer,
         "consistency_retain": s.consistency_retain,

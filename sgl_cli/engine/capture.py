@@ -42,7 +42,7 @@ def _register(base: str) -> str:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         capture = _ACTIVE.get(module)
         if capture is not None:
-            capture._observe(query, key, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"))
+            capture.observe(query, key, kwargs)
         fn = _eager_for(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -59,22 +59,29 @@ class ImportanceCapture:
     The engine calls `set_rows(rows, key_valid)` before each forward: `rows` (B, q_len) marks the query rows
     that count, `key_valid` (B, kv_len) the keys that are not padding. `scores` (B, n_keys) is the running
     sum over layers, heads and marked rows; only the first `n_keys` key positions (the prompt) are kept.
+    `layers` limits the capture to those decoder layers; `prefill_only` ignores every forward after the first
+    (FastV: one layer's attention from the last prompt token).
     """
 
     model: torch.nn.Module
     n_keys: int
+    layers: frozenset[int] | None = None
+    prefill_only: bool = False
     scores: torch.Tensor | None = None
     _rows: torch.Tensor | None = field(default=None, repr=False)
     _key_valid: torch.Tensor | None = field(default=None, repr=False)
     _saved: str | None = field(default=None, repr=False)
+    _forwards: int = field(default=0, repr=False)
 
     def __enter__(self) -> "ImportanceCapture":
         text_config = self.model.config.get_text_config()
         self._saved = text_config._attn_implementation
         base = self._saved or "eager"
         self.model.set_attn_implementation({"text_config": _register(base)})
+        self._forwards = 0
         for module in _attention_modules(self.model):
-            _ACTIVE[module] = self
+            if self.layers is None or module.layer_idx in self.layers:
+                _ACTIVE[module] = self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,8 +91,14 @@ class ImportanceCapture:
         self._rows = self._key_valid = None
 
     def set_rows(self, rows: torch.Tensor | None, key_valid: torch.Tensor) -> None:
+        self._forwards += 1
+        if self.prefill_only and self._forwards > 1:
+            rows = None
         self._rows = rows
         self._key_valid = key_valid
+
+    def observe(self, query, key, kwargs) -> None:
+        self._observe(query, key, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"))
 
     @torch.no_grad()
     def _observe(self, query, key, scaling, sliding_window, softcap) -> None:

@@ -23,20 +23,13 @@ import torch
 from .capture import ImportanceCapture
 from .errors import ItemError, ModelLoadError
 from .generate import Row, answer_probs, collate, greedy, rows_device
+from .guides import Guide, VisionAttentionScores, make_guide, n_keep, top_k_in_order
 from .items import Item, load_image
 from .models import LoadedModel, load_model
 from .preset import Preset, Settings
 from .prune import PruneAtLayer
 
-
-def n_keep(n_visual: int, ratio: float) -> int:
-    return max(1, math.floor(n_visual * ratio + 1e-9))
-
-
-def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, in sequence order. Ties go to the earlier token (stable sort)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+__all__ = ["Engine", "Work", "n_keep", "top_k_in_order"]
 
 
 @dataclass
@@ -50,21 +43,27 @@ class Work:
     small_row: Row | None = None
     small_tokens: list[int] = field(default_factory=list)
     small_probs: list[float] = field(default_factory=list)
-    importance: torch.Tensor | None = None  # (N,) fp32
+    importance: torch.Tensor | None = None  # (N,) fp32: the SGP ranking (the small model's attention)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # other guides' rankings, by guide name
     consistency: float | None = None
     large_tokens: list[int] | None = None
     kept: torch.Tensor | None = None
-    ms: dict[str, float] = field(default_factory=lambda: {"small": 0.0, "large": 0.0})
+    ms: dict[str, float] = field(default_factory=lambda: {"small": 0.0, "large": 0.0, "reread": 0.0})
     error: str | None = None
 
 
 class Engine:
-    def __init__(self, settings: Settings, small: LoadedModel, large: LoadedModel, preset: Preset | None = None):
+    def __init__(self, settings: Settings, small: LoadedModel | None, large: LoadedModel,
+                 preset: Preset | None = None):
         self.settings = settings
         self.small = small
         self.large = large
         self.preset = preset
-        if small.family.name != large.family.name:
+        self.guide: Guide = make_guide(settings.guide, settings.seed)
+        if self.guide.needs_small and small is None:
+            raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "
+                                 "(use --guide cls, fastv or random, or add a small model)")
+        if small is not None and small.family.name != large.family.name:
             raise ModelLoadError(
                 f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
             )
@@ -75,13 +74,17 @@ class Engine:
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "Engine":
-        small = load_model(preset.small, "small")
+        needs_small = make_guide(preset.settings.guide).needs_small
+        if needs_small and preset.small is None:
+            raise ModelLoadError(f"preset {preset.name!r} names no small model, which the sgl guide needs "
+                                 "(use --guide cls, fastv or random)")
+        small = load_model(preset.small, "small") if needs_small else None
         large = load_model(preset.large, "large")
         return cls(preset.settings, small, large, preset)
 
     @property
     def random_weights(self) -> bool:
-        return self.small.random_weights or self.large.random_weights
+        return (self.small is not None and self.small.random_weights) or self.large.random_weights
 
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
@@ -102,8 +105,9 @@ class Engine:
         """The small model's part for a batch: its answer, the SGP importance and the SEE scores."""
         works = [Work(item, error=item.error) for item in items]
         self._stage(works, self._encode, per_item=True)
-        self._stage(works, self._small_stage)
-        self._stage(works, self._consistency_stage)
+        if self.small is not None:
+            self._stage(works, self._small_stage)
+            self._stage(works, self._consistency_stage)
         return works
 
     @torch.inference_mode()
@@ -144,10 +148,15 @@ class Engine:
         (w,) = group
         image = load_image(w.item)
         prompt = self._prompt(w.item)
-        w.enc_small = self.small.family.encode(self.small.processor, image, prompt)
-        w.enc_large = (
-            w.enc_small if self.large.processor is self.small.processor
-            else self.large.family.encode(self.large.processor, image, prompt)
+        w.enc_large = self.large.family.encode(self.large.processor, image, prompt)
+        if self.small is None:
+            w.visual = self.large.family.visual_mask(self.large.model, w.enc_large)
+            if not w.visual.any():
+                raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
+            return
+        w.enc_small = (
+            w.enc_large if self.large.processor is self.small.processor
+            else self.small.family.encode(self.small.processor, image, prompt)
         )
         ids_s, ids_l = w.enc_small["input_ids"][0], w.enc_large["input_ids"][0]
         n_s = int((ids_s == self.small.image_token_id).sum())
@@ -159,12 +168,24 @@ class Engine:
             ))
         if n_s == 0:
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        w.visual = ids_s == self.small.image_token_id
+        w.visual = self.small.family.visual_mask(self.small.model, w.enc_small)
 
     def _rows(self, m: LoadedModel, works: list[Work], encs: list[dict]) -> list[Row]:
-        feats = m.family.image_features(m.model, encs)
-        return [Row(e["input_ids"][0], m.family.position_ids(m.model, e), f)
-                for e, f in zip(encs, feats)]
+        return m.family.rows(m.model, encs)
+
+    def large_rows(self, works: list[Work], cls_scores: bool = False) -> list[Row]:
+        """The large model's rows (full sequences and image features); with `cls_scores`, the vision
+        encoder's attention scores of each item's visual tokens are also stored as `scores["cls"]`."""
+        m = self.large
+        encs = [w.enc_large for w in works]
+        if not cls_scores:
+            return self._rows(m, works, encs)
+        module, cls_index = m.family.cls_layer(m.model)
+        with VisionAttentionScores(m.model, module, cls_index) as cap:
+            rows = self._rows(m, works, encs)
+        for w, s in zip(works, m.family.merge_patch_scores(m.model, cap.per_image, encs)):
+            w.scores["cls"] = s
+        return rows
 
     def small_generate(self, works: list[Work], rows: list[Row], capture: bool = True):
         """The small model's greedy answers; with `capture`, also the SGP importance per item (else None)."""
@@ -185,15 +206,18 @@ class Engine:
         importance = [scores[i, width - len(w.visual):][w.visual] for i, w in enumerate(works)]
         return gen, importance
 
-    def large_generate(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor]):
+    def large_generate(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor],
+                       prune_layer: int | None = None):
         """The large model's greedy answers from the `kept` visual tokens of each row, at the prune layer."""
-        m, k = self.large, self.settings.prune_layer
+        m = self.large
+        k = self.settings.prune_layer if prune_layer is None else prune_layer
         limits = [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
         device = rows_device(m.model)
         if k == 0:  # dropped tokens never enter the language model
             batch = collate([row.keep(w.visual, idx) for w, row, idx in zip(works, rows, kept)], m.pad_id, device)
             return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
         # Layers < k see every token; hooks drop the rest at layer k.
+        m.family.check_prune_layer(m.model, k)
         batch = collate(rows, m.pad_id, device)
         keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
         for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
@@ -223,18 +247,17 @@ class Engine:
         for w, p in zip(works, probs):
             w.consistency = float(math.prod(p))
         self._charge(works, "small", t0)
+        self._charge(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
 
     def _large_stage(self, works: list[Work]) -> None:
         todo = [w for w in works if not self._exits(w)]
         if not todo:
             return
         t0 = time.perf_counter()
-        rows = self._rows(self.large, todo, [w.enc_large for w in todo])
-        for w in todo:
-            w.kept = top_k_in_order(w.importance, n_keep(len(w.importance), self.settings.retain))
-        gen = self.large_generate(todo, rows, [w.kept for w in todo])
-        for w, tokens in zip(todo, gen.tokens):
-            w.large_tokens = tokens
+        rows = self.large_rows(todo, cls_scores=self.guide.name == "cls")
+        gen, kept = self.guide.generate(self, todo, rows, self.settings.retain)
+        for w, tokens, idx in zip(todo, gen.tokens, kept):
+            w.large_tokens, w.kept = tokens, idx
         self._charge(todo, "large", t0)
 
     @staticmethod
@@ -255,37 +278,40 @@ class Engine:
 
     def _exits(self, w: Work) -> bool:
         t = self.settings.threshold
-        return t is not None and self.exit_score(w) >= t
+        return self.guide.needs_small and t is not None and self.exit_score(w) >= t
 
     def _decode(self, m: LoadedModel, tokens: list[int]) -> str:
         return m.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def _record(self, w: Work, total_ms: float) -> dict:
-        item, s = w.item, self.settings
-        rec: dict[str, Any] = {"id": item.id, "line": item.line}
+        item = w.item
+        rec: dict[str, Any] = {"id": item.id, "line": item.line, "guide": self.guide.name}
+        k = self.guide.prune_layer(self)
         if w.error is None:
             exited = self._exits(w)
-            n_visual = len(w.importance)
+            n_visual = int(w.visual.sum())
             kept = 0 if exited else len(w.kept)
             layers = self.large.num_layers
-            small_answer = self._decode(self.small, w.small_tokens)
+            small = self.small is not None
+            small_answer = self._decode(self.small, w.small_tokens) if small else None
             rec.update(
                 answer=small_answer if exited else self._decode(self.large, w.large_tokens),
                 exit="small" if exited else "large",
                 # Unrounded: the exit decision is `exit_score >= threshold` on exactly this number.
-                exit_score=self.exit_score(w),
-                confidence=self.confidence(w),
+                exit_score=self.exit_score(w) if small else None,
+                confidence=self.confidence(w) if small else None,
                 consistency=w.consistency,
                 small_answer=small_answer,
                 visual_tokens=n_visual,
                 retained_tokens=kept,
-                prune_layer=s.prune_layer,
-                token_ratio=round((s.prune_layer + (layers - s.prune_layer) * kept / n_visual) / layers, 6),
+                prune_layer=k,
+                token_ratio=round((k + (layers - k) * kept / n_visual) / layers, 6),
             )
         else:
             rec.update(answer=None, exit=None, exit_score=None, confidence=None, consistency=None,
-                       small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=s.prune_layer,
+                       small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=k,
                        token_ratio=None)
+        rec["large_quantize"] = self.large.spec.quantize  # "nf4", "8bit" or None: how the large model's weights ran
         rec["ms"] = {"small": round(w.ms["small"], 1), "large": round(w.ms["large"], 1),
                      "total": round(total_ms, 1)}
         if item.has_reference:

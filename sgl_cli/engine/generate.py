@@ -8,17 +8,27 @@ either: rows are left-padded, new tokens continue each row's own position number
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
 @dataclass
 class Row:
-    """One sequence: `ids` (S,), `pos` (P, S) position ids (P = 3 for M-RoPE), `feats` (n_visual, hidden)."""
+    """One sequence: `ids` (S,), `pos` (P, S) position ids (P = 3 for M-RoPE), `feats` (n_slots, hidden).
+
+    `slots` (S,) marks the columns the feature rows fill, in order (None: the visual columns; families with marker
+    placeholders such as LLaVA-NeXT's newlines have more slots than visual tokens). `deepstack` holds extra
+    per-slot features that travel with them (Qwen3-VL), and `pack(feats, deepstack)` builds the family's encoder
+    output for `mm_encoder_outputs` (None: `pooler_output=(feats,)`).
+    """
 
     ids: torch.Tensor
     pos: torch.Tensor
     feats: torch.Tensor
+    slots: torch.Tensor | None = None
+    deepstack: tuple = ()
+    pack: Callable | None = None
 
     @staticmethod
     def columns(visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -30,7 +40,10 @@ class Row:
     def keep(self, visual: torch.Tensor, kept: torch.Tensor) -> "Row":
         """Drop the visual columns not in `kept`; text columns stay."""
         columns = self.columns(visual, kept)
-        return Row(self.ids[columns], self.pos[:, columns], self.feats[kept])
+        slots = visual if self.slots is None else self.slots
+        rows = columns[slots]  # the feature rows of the slots that stay
+        return Row(self.ids[columns], self.pos[:, columns], self.feats[rows], slots[columns],
+                   tuple(d[rows] for d in self.deepstack), self.pack)
 
 
 @dataclass
@@ -38,17 +51,21 @@ class Batch:
     input_ids: torch.Tensor  # (B, S), left-padded
     attention_mask: torch.Tensor  # (B, S)
     position_ids: torch.Tensor  # (P, B, S)
-    feats: torch.Tensor  # (sum n_visual, hidden), in row-major placeholder order
+    feats: torch.Tensor  # (sum n_slots, hidden), in row-major placeholder order
+    deepstack: tuple = ()  # per level, (sum n_slots, hidden)
+    pack: Callable | None = None
 
     def model_kwargs(self) -> dict:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         pos = self.position_ids if self.position_ids.shape[0] > 1 else self.position_ids[0]
+        encoded = (self.pack(self.feats, self.deepstack) if self.pack is not None
+                   else BaseModelOutputWithPooling(pooler_output=(self.feats,)))
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "position_ids": pos,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(self.feats,))},
+            "mm_encoder_outputs": {"image": encoded},
         }
 
 
@@ -64,7 +81,8 @@ def collate(rows: list[Row], pad_id: int, device) -> Batch:
         mask[i, width - n :] = 1
         pos[:, i, width - n :] = r.pos
     feats = torch.cat([r.feats for r in rows]).to(device)
-    return Batch(ids.to(device), mask.to(device), pos.to(device), feats)
+    deepstack = tuple(torch.cat(level).to(device) for level in zip(*(r.deepstack for r in rows)))
+    return Batch(ids.to(device), mask.to(device), pos.to(device), feats, deepstack, rows[0].pack)
 
 
 @dataclass
@@ -134,7 +152,8 @@ def answer_probs(model, rows: list[Row], answers: list[list[int]], pad_id: int) 
         extra = torch.tensor(a[:-1], dtype=torch.long)
         last = r.pos[:, -1:]
         steps = torch.arange(1, len(extra) + 1, dtype=torch.long)
-        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats))
+        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats,
+                       deepstack=r.deepstack, pack=r.pack))
     batch = collate(fed, pad_id, rows_device(model))
     width = max(len(a) for a in answers)
     logits, _ = _forward(model, logits_to_keep=width, use_cache=False, **batch.model_kwargs())

@@ -17,6 +17,7 @@ class Item:
     reference: Any = None  # the input's `answer`, when given
     has_reference: bool = False
     max_new_tokens: int | None = None
+    type: str | None = None  # the input's `type` (question type), for per-type accuracy in `sgl eval`
     error: str | None = None  # set for a line that cannot be run
 
     def fail(self, message: str) -> str:
@@ -67,6 +68,11 @@ def parse_line(text: str, line: int, base: Path) -> Item:
             item.error = item.fail(f"field 'max_new_tokens' must be a positive integer, got {value!r}")
             return item
         item.max_new_tokens = value
+    if "type" in obj:
+        if not isinstance(obj["type"], str) or not obj["type"].strip():
+            item.error = item.fail(f"field 'type' must be a non-empty string, got {obj['type']!r}")
+            return item
+        item.type = obj["type"].strip()
     return item
 
 

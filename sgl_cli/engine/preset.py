@@ -1,5 +1,7 @@
 """Presets: typed, closed YAML files naming a small/large model pair and the run's defaults.
 
+`small` may be left out (or null): such a preset runs only the single-model guides (cls, fastv, random).
+
 An unknown key is an error naming the key and the file; values are type-checked. Settings given on the command
 line override the preset's; the resolved preset is what a run records beside its output.
 """
@@ -7,6 +9,7 @@ line override the preset's; the resolved preset is what a run records beside its
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,19 @@ from typing import Any
 from .errors import PresetError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Weight quantization (bitsandbytes): None, "nf4" (4-bit NormalFloat; "4bit" is an alias) or "8bit" (LLM.int8).
+QUANTIZE = ("none", "nf4", "4bit", "8bit")
+# accelerate's placement strategies for `device_map`; a mapping (module name -> device) places modules by hand.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
+
+
+def normalize_quantize(value: str | None) -> str | None:
+    """`none`/None -> None, `4bit` -> `nf4`; other values are returned as given (validate() names them)."""
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    return {"none": None, "4bit": "nf4", "int8": "8bit"}.get(v, v)
 
 
 @dataclass(frozen=True)
@@ -26,12 +42,50 @@ class ModelSpec:
     device: str = "auto"  # "auto": the first CUDA device when there is one, else CPU
     revision: str | None = None
     trust_remote_code: bool = False
+    quantize: str | None = None  # None, "nf4" ("4bit" is normalised to it) or "8bit": bitsandbytes weights
+    # None: `device` decides (with several GPUs visible, the large model is spread by "auto"). Else one of
+    # DEVICE_MAP_STRATEGIES, or a mapping of module name -> device ("" is the whole model) placed by accelerate.
+    device_map: str | dict | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantize", normalize_quantize(self.quantize))
 
     def validate(self, where: str) -> None:
         if not self.model:
             raise PresetError(f"{where}.model: must name a folder, a hub id or builtin:<pair>/<role>")
         if self.dtype not in DTYPES:
             raise PresetError(f"{where}.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantize not in (None, "nf4", "8bit"):
+            raise PresetError(f"{where}.quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        self._validate_device_map(where)
+
+    def _validate_device_map(self, where: str) -> None:
+        dm = self.device_map
+        if dm is None:
+            return
+        if self.device != "auto":
+            raise PresetError(f"{where}: give device ({self.device!r}) or device_map, not both")
+        if isinstance(dm, str):
+            if dm not in DEVICE_MAP_STRATEGIES:
+                raise PresetError(
+                    f"{where}.device_map: {dm!r} is not one of {', '.join(DEVICE_MAP_STRATEGIES)} (for one device, "
+                    "use `device: cuda:1`; to place modules by hand, give a mapping of module name -> device)")
+            return
+        if not dm:
+            raise PresetError(f"{where}.device_map: an empty mapping places nothing; name modules (\"\" is the whole "
+                              "model) or use auto")
+        for name, device in dm.items():
+            if not isinstance(name, str):
+                raise PresetError(f"{where}.device_map: module names must be strings, got {name!r}")
+            ok = (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or (
+                isinstance(device, str) and bool(_DEVICE.match(device)))
+            if not ok:
+                raise PresetError(
+                    f"{where}.device_map[{name!r}]: {device!r} is not a device (a GPU index such as 0, cuda:1, cpu, "
+                    "mps, xpu:0)")
+
+
+GUIDES = ("sgl", "cls", "fastv", "random")
 
 
 @dataclass(frozen=True)
@@ -46,6 +100,8 @@ class Settings:
     prompt_suffix: str = "Answer the question using a single word or phrase."
     batch_size: int = 1
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
+    guide: str = "sgl"  # what ranks the visual tokens: sgl, cls, fastv or random
+    seed: int = 0  # the random guide's seed
 
     def validate(self, where: str = "settings") -> None:
         if not 0.0 < self.retain <= 1.0:
@@ -60,6 +116,8 @@ class Settings:
             raise PresetError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise PresetError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if self.guide not in GUIDES:
+            raise PresetError(f"{where}: guide must be one of {', '.join(GUIDES)}, got {self.guide!r}")
         if self.calibration is not None and not self.calibration.strip():
             raise PresetError(f"{where}: calibration must name a file (or be null), got {self.calibration!r}")
 
@@ -67,7 +125,7 @@ class Settings:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    small: ModelSpec
+    small: ModelSpec | None  # None: no small model (only the cls, fastv and random guides can run)
     large: ModelSpec
     settings: Settings = field(default_factory=Settings)
     description: str = ""
@@ -82,9 +140,17 @@ class Preset:
         settings.validate("command line")
         return dataclasses.replace(self, settings=settings)
 
+    def with_quantize(self, quantize: str | None) -> "Preset":
+        """A copy whose large model is quantized as given (`sgl run --quantize`); None leaves the preset's."""
+        if quantize is None:
+            return self
+        if normalize_quantize(quantize) not in (None, "nf4", "8bit"):
+            raise PresetError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
+        return dataclasses.replace(self, large=dataclasses.replace(self.large, quantize=quantize))
+
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}
-        d["small"] = dataclasses.asdict(self.small)
+        d["small"] = dataclasses.asdict(self.small) if self.small is not None else None
         d["large"] = dataclasses.asdict(self.large)
         d.update(dataclasses.asdict(self.settings))
         return d
@@ -114,7 +180,7 @@ def _typed(cls, data: Any, where: str, source: str):
 
 
 def _type_ok(expected: str, value: Any) -> bool:
-    allowed = {"str": str, "float": (int, float), "int": int, "bool": bool, "None": type(None)}
+    allowed = {"str": str, "float": (int, float), "int": int, "bool": bool, "None": type(None), "dict": dict}
     parts = [p.strip() for p in str(expected).split("|")]
     for p in parts:
         t = allowed.get(p)
@@ -134,14 +200,16 @@ def parse_preset(data: Any, source: str) -> Preset:
     if not isinstance(data, dict):
         raise PresetError(f"{source}: a preset must be a YAML mapping")
     data = dict(data)
-    for role in ("small", "large"):
-        if role not in data:
-            raise PresetError(f"{source}: missing key {role!r} (the {role} model)")
-    small = _local(_typed(ModelSpec, data.pop("small"), "small", source), source)
+    if "large" not in data:
+        raise PresetError(f"{source}: missing key 'large' (the large model)")
+    # `small` is optional: without it only the single-model guides run (the sgl guide says so when it loads).
+    small = data.pop("small", None)
+    small = None if small is None else _local(_typed(ModelSpec, small, "small", source), source)
     large = _local(_typed(ModelSpec, data.pop("large"), "large", source), source)
     settings = _typed(Settings, {k: data.pop(k) for k in SETTINGS_KEYS if k in data}, "", source)
     rest = _typed(_Header, data, "", source)
-    small.validate(f"{source}: small")
+    if small is not None:
+        small.validate(f"{source}: small")
     large.validate(f"{source}: large")
     settings.validate(source)
     return Preset(name=rest.name, description=rest.description, small=small, large=large, settings=settings,

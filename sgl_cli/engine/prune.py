@@ -10,6 +10,7 @@ generated tokens continue the original numbering. The hooks are removed on exit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -23,11 +24,16 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 @dataclass
 class PruneAtLayer:
-    """`keep` (B, S) bool over the padded prompt columns: True for the columns layers >= k compute with."""
+    """`keep` (B, S) bool over the padded prompt columns: True for the columns layers >= k compute with.
+
+    Without `keep`, `select()` is called when layer k's prefill starts and returns it (FastV decides from
+    the attention of layer k-1 in the same forward).
+    """
 
     model: torch.nn.Module
     k: int
-    keep: torch.Tensor
+    keep: torch.Tensor | None = None
+    select: Callable[[], torch.Tensor] | None = None
     _handles: list = field(default_factory=list, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)  # (B, S') gather index, left-padded
     _valid: torch.Tensor | None = field(default=None, repr=False)  # (B, S') real (not padding) columns
@@ -45,20 +51,27 @@ class PruneAtLayer:
         layers = decoder_layers(self.model)
         if not 0 <= self.k <= len(layers):
             raise ValueError(f"prune_layer {self.k} is outside 0..{len(layers)} for this model")
-        # Compact each row's kept columns to the right (left padding), keeping their order.
-        counts = self.keep.sum(1)
-        width = int(counts.max())
-        b, s = self.keep.shape
-        self._index = torch.zeros((b, width), dtype=torch.long, device=self.keep.device)
-        self._valid = torch.zeros((b, width), dtype=torch.bool, device=self.keep.device)
-        for i in range(b):
-            cols = self.keep[i].nonzero().squeeze(-1)
-            self._index[i, width - len(cols):] = cols
-            self._valid[i, width - len(cols):] = True
+        if (self.keep is None) == (self.select is None):
+            raise ValueError("PruneAtLayer needs exactly one of keep and select")
+        self._index = self._valid = None
+        if self.keep is not None:
+            self._compact(self.keep)
         for idx, layer in enumerate(layers):
             if idx >= self.k:
                 self._handles.append(layer.register_forward_pre_hook(self._hook(idx == self.k), with_kwargs=True))
         return self
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Compact each row's kept columns to the right (left padding), keeping their order."""
+        counts = keep.sum(1)
+        width = int(counts.max())
+        b, s = keep.shape
+        self._index = torch.zeros((b, width), dtype=torch.long, device=keep.device)
+        self._valid = torch.zeros((b, width), dtype=torch.bool, device=keep.device)
+        for i in range(b):
+            cols = keep[i].nonzero().squeeze(-1)
+            self._index[i, width - len(cols):] = cols
+            self._valid[i, width - len(cols):] = True
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -72,6 +85,8 @@ class PruneAtLayer:
             prefill = layer not in self._called  # each hooked layer's first call is the prompt
             self._called.add(layer)
             if prefill:
+                if self._index is None:
+                    self._compact(self.select())
                 if first:
                     hidden = _gather(hidden, self._index)
                 cos, sin = kwargs["position_embeddings"]

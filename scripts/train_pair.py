@@ -1,0 +1,471 @@
+"""Train the built-in Qwen2-VL pair on the shapes task, from scratch, on CPU.
+
+    python scripts/train_pair.py --out build/pair            # all stages, about 40 min on 2 cores
+    python scripts/train_pair.py --out build/pair --stage lm --role small   # one stage
+
+Stages (the recipe of ../shared/docs/toy-notes.md, scaled to 144-256 visual tokens):
+1. `vision`: pre-train one vision tower on dense per-cell labels (shape, colour; one visual token is one cell)
+   on small grids, with a throwaway head on the merger's hidden layer. Both models share it, frozen.
+2. `pool`: run the frozen tower once over a pool of scenes and cache the merger's hidden features, so the
+   language models train without re-running vision (two processes, one shard each).
+3. `lm`: train each model's merger projection and language model on questions about the pool's scenes,
+   loss on the answer tokens only, with a curriculum over grid size and random dropout of background
+   visual tokens (so that answers survive pruning). Small and large train side by side, one core each.
+4. `save`: write both checkpoints (fp16 safetensors, processor, generation config) with `save_pretrained`.
+
+Everything is seeded; one torch thread per process (two CPU-bound processes with two threads each run
+several times slower on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sgl_cli.engine import shapes  # noqa: E402
+from sgl_cli.engine.builtin import TRAINED_SPEC, build_config, build_processor  # noqa: E402
+
+PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # the default preset's
+WORDS = sorted(set(shapes.vocabulary()) | {"user", "assistant", "answer", "question", "using", "a", "single", "word", "or",
+                                           "phrase", "."})
+N_SHAPE, N_COLOR = len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1  # "none" + each
+BUCKETS = {"small": [(r, c) for r in range(3, 7) for c in range(3, 7)],
+           "medium": [(r, c) for r in range(7, 12) for c in range(7, 12)],
+           "large": list(shapes.EVAL_GRIDS)}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def jpeg(img):
+    # Items ship as quality-90 JPEGs; train on what inference sees.
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def make_model(role: str, processor):
+    from transformers import AutoModelForImageTextToText
+
+    lm = TRAINED_SPEC.small if role == "small" else TRAINED_SPEC.large
+    config = build_config(TRAINED_SPEC, lm, processor.tokenizer)
+    return AutoModelForImageTextToText.from_config(config)
+
+
+# -- stage 1: vision --------------------------------------------------------------------------------------------
+def cell_labels(objs, rows, cols) -> torch.Tensor:
+    shape = torch.zeros(rows * cols, dtype=torch.long)
+    color = torch.zeros(rows * cols, dtype=torch.long)
+    for o in objs:
+        shape[o.row * cols + o.col] = shapes.SHAPES.index(o.shape) + 1
+        color[o.row * cols + o.col] = list(shapes.COLORS).index(o.color) + 1
+    return torch.stack([shape, color], 1)
+
+
+def vision_batch(rng, processor, n, grids):
+    images, labels = [], []
+    for _ in range(n):
+        rows, cols = rng.choice(grids)
+        objs = shapes._random_objs(rng, rows, cols, rng.randint(1, max(1, rows * cols // 3)), set())
+        images.append(jpeg(shapes.draw(objs, rows, cols, rng)))
+        labels.append(cell_labels(objs, rows, cols))
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    return enc["pixel_values"], enc["image_grid_thw"], torch.cat(labels)
+
+
+def merger_hidden(visual, pixel_values, grid):
+    """The vision tower's merged features before the per-model projection (the merger's GELU output)."""
+    store = {}
+    handle = visual.merger.mlp[1].register_forward_hook(lambda m, i, o: store.__setitem__("h", o))
+    try:
+        visual(pixel_values, grid_thw=grid)
+    finally:
+        handle.remove()
+    return store["h"]
+
+
+def stage_vision(out: Path, steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = build_processor(TRAINED_SPEC, WORDS)
+    visual = make_model("small", processor).model.visual.train()
+    width = visual.merger.mlp[0].out_features
+    head = torch.nn.Linear(width, N_SHAPE + N_COLOR)
+    params = [p for n, p in visual.named_parameters() if not n.startswith("merger.mlp.2")] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    grids = [(r, c) for r in range(3, 9) for c in range(3, 9)]
+    t0 = time.time()
+    for step in range(steps):
+        lr = 1e-3 * min(1, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pv, grid, labels = vision_batch(rng, processor, 32, grids)
+        logits = head(merger_hidden(visual, pv, grid))
+        loss = torch.nn.functional.cross_entropy(logits[:, :N_SHAPE], labels[:, 0]) + \
+            torch.nn.functional.cross_entropy(logits[:, N_SHAPE:], labels[:, 1])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            obj = labels[:, 0] > 0
+            acc_s = (logits[obj, :N_SHAPE].argmax(-1) == labels[obj, 0]).float().mean().item()
+            acc_c = (logits[obj, N_SHAPE:].argmax(-1) == labels[obj, 1]).float().mean().item()
+            log(f"vision step {step} loss {loss.item():.3f} object-cell shape acc {acc_s:.3f} "
+                f"colour acc {acc_c:.3f} ({time.time() - t0:.0f}s)")
+    visual.eval()
+    # Held-out check on evaluation-size grids: the labels are local, so small grids carry over.
+    with torch.no_grad():
+        pv, grid, labels = vision_batch(random.Random(seed + 999), processor, 16, list(shapes.EVAL_GRIDS))
+        logits = head(merger_hidden(visual, pv, grid))
+    acc = ((logits[:, :N_SHAPE].argmax(-1) == labels[:, 0]) & (logits[:, N_SHAPE:].argmax(-1) == labels[:, 1]))
+    log(f"vision held-out (12-16 grids) per-cell accuracy {acc.float().mean().item():.4f}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in visual.state_dict().items()}, out / "vision.pt")
+    (out / "vision.json").write_text(json.dumps({"steps": steps, "seed": seed, "minutes": (time.time() - t0) / 60,
+                                                 "heldout_cell_acc": acc.float().mean().item()}))
+
+
+# -- stage 2: feature pool --------------------------------------------------------------------------------------
+def all_questions(ex: "shapes.Example") -> list[tuple[str, str, str]]:
+    """Every valid (question, answer, type) about a scene, so one cached scene teaches several questions."""
+    objs = ex.objs
+    qs = [(ex.question, ex.answer, ex.type)]
+    for o in objs:
+        if sum(p.shape == o.shape for p in objs) == 1:
+            qs.append((f"What color is the {o.shape}?", o.color, "color"))
+        if sum(p.color == o.color for p in objs) == 1:
+            qs.append((f"What shape is {o.color}?", o.shape, "shape"))
+    for s in shapes.SHAPES:
+        qs.append((f"How many {shapes.plural(s)} are there?", str(sum(o.shape == s for o in objs)), "count"))
+    at = {(o.row, o.col): o for o in objs}
+    for o in objs:
+        name = shapes._name(o, objs)
+        if name is None:
+            continue
+        near = [at[(o.row + i, o.col + j)] for i in (-1, 0, 1) for j in (-1, 0, 1)
+                if (i or j) and (o.row + i, o.col + j) in at]
+        for phrase, (dr, dc) in shapes.DIRECTIONS.items():
+            if len(near) == 1 and (near[0].row - o.row, near[0].col - o.col) == (dr, dc):
+                t = near[0]
+                qs.append((f"What color is the shape {phrase} the {name}?", t.color, "relation"))
+                qs.append((f"What shape is {phrase} the {name}?", t.shape, "relation"))
+    return list(dict.fromkeys(qs))
+
+
+def stage_pool(out: Path, shard: int, counts: dict[str, int], seed: int) -> None:
+    torch.manual_seed(seed)
+    rng = random.Random(seed * 1000 + shard)
+    processor = build_processor(TRAINED_SPEC, WORDS)
+    visual = make_model("small", processor).model.visual
+    visual.load_state_dict(torch.load(out / "vision.pt"))
+    visual.eval()
+    scenes, feats = [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for bucket, n in counts.items():
+            for start in range(0, n, 16):
+                exs, images = [], []
+                for _ in range(min(16, n - start)):
+                    rows, cols = rng.choice(BUCKETS[bucket])
+                    kind = "relation" if rng.random() < 0.5 else rng.choice(shapes.TYPES[:3])
+                    ex = shapes.make_example(rng, rows, cols, kind)
+                    exs.append(ex)
+                    images.append(jpeg(shapes.draw(ex.objs, rows, cols, rng)))
+                enc = processor.image_processor(images=images, return_tensors="pt")
+                h = merger_hidden(visual, enc["pixel_values"], enc["image_grid_thw"]).half()
+                sizes = [e.rows * e.cols for e in exs]
+                for ex, f in zip(exs, h.split(sizes)):
+                    scenes.append({"bucket": bucket, "rows": ex.rows, "cols": ex.cols,
+                                   "objects": [(o.row, o.col) for o in ex.objs],
+                                   "questions": all_questions(ex)})
+                    feats.append(f.clone())
+            log(f"pool shard {shard}: {bucket} done, {len(scenes)} scenes ({time.time() - t0:.0f}s)")
+    torch.save({"scenes": scenes, "feats": feats}, out / f"pool{shard}.pt")
+
+
+# -- stage 3: language models -----------------------------------------------------------------------------------
+class Sampler:
+    def __init__(self, pool: list[dict], feats: list[torch.Tensor], rng: random.Random):
+        self.rng, self.feats = rng, feats
+        self.by_bucket = {b: [i for i, s in enumerate(pool) if s["bucket"] == b] for b in BUCKETS}
+        self.pool = pool
+
+    def draw(self, frac: float):
+        # Curriculum: small grids first (question-to-token retrieval appears on few tokens), then mostly
+        # evaluation-size grids.
+        weights = (1, 0, 0) if frac < 0.06 else (0.3, 0.5, 0.2) if frac < 0.25 else (0.1, 0.4, 0.5)
+        bucket = self.rng.choices(list(BUCKETS), weights)[0]
+        i = self.rng.choice(self.by_bucket[bucket])
+        scene = self.pool[i]
+        by_type = {}
+        for q in scene["questions"]:
+            by_type.setdefault(q[2], []).append(q)
+        kind = self.rng.choice(sorted(by_type))
+        return i, self.rng.choice(by_type[kind])
+
+
+def encode_prompt(tokenizer, question: str, n_visual: int) -> list[int]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                  "text": f"{question}\n{PROMPT_SUFFIX}"}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_visual)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def mrope_positions(ids: list[int], image_token: int, rows: int, cols: int) -> torch.Tensor:
+    """(3, S) Qwen2-VL M-RoPE ids: text counts up; the image at start s is (s, s + row, s + col); text after
+    the image resumes at s + max(rows, cols)."""
+    pos, p, k = [], 0, 0
+    for i, t in enumerate(ids):
+        if t == image_token:
+            if k == 0:
+                start = p
+            r, c = divmod(k, cols)
+            pos.append((start, start + r, start + c))
+            k += 1
+            if k == rows * cols:
+                p = start + max(rows, cols)
+        else:
+            pos.append((p, p, p))
+            p += 1
+    return torch.tensor(pos).T
+
+
+def make_batch(samples, feats, pool, tokenizer, image_token, eos, drop: bool, rng: random.Random):
+    seqs = []
+    for i, (question, answer, _) in samples:
+        scene = pool[i]
+        rows, cols = scene["rows"], scene["cols"]
+        prompt = encode_prompt(tokenizer, question, rows * cols)
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        ids = prompt + target
+        pos = mrope_positions(ids, image_token, rows, cols)
+        visual = torch.tensor([t == image_token for t in ids])
+        keep_v = torch.ones(rows * cols, dtype=torch.bool)
+        if drop and rng.random() < 0.5:
+            # Drop a random share of the background cells (never an object): pruning removes background.
+            occupied = {r * cols + c for r, c in scene["objects"]}
+            share = rng.random()
+            for j in range(rows * cols):
+                if j not in occupied and rng.random() < share:
+                    keep_v[j] = False
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        keep[visual] = keep_v
+        labels = torch.full((len(ids),), -100)
+        labels[len(prompt) - 1:len(ids) - 1] = torch.tensor(target)  # position t predicts token t+1
+        seqs.append((torch.tensor(ids)[keep], pos[:, keep], feats[i][keep_v].float(), visual[keep], labels[keep]))
+    width = max(len(s[0]) for s in seqs)
+    B = len(seqs)
+    ids = torch.zeros(B, width, dtype=torch.long)
+    pos = torch.zeros(3, B, width, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.long)
+    vis = torch.zeros(B, width, dtype=torch.bool)
+    labels = torch.full((B, width), -100)
+    for b, (i_, p_, _, v_, l_) in enumerate(seqs):
+        n = len(i_)
+        ids[b, :n], pos[:, b, :n], mask[b, :n], vis[b, :n], labels[b, :n] = i_, p_, 1, v_, l_
+    return ids, pos, mask, vis, torch.cat([s[2] for s in seqs]), labels
+
+
+def forward(model, ids, pos, mask, vis, feats):
+    embeds = model.model.get_input_embeddings()(ids)
+    proj = model.model.visual.merger.mlp[2](feats)
+    embeds = embeds.masked_scatter(vis.unsqueeze(-1), proj.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+    return model.lm_head(out.last_hidden_state)
+
+
+def load_pool(out: Path):
+    pool, feats = [], []
+    for f in sorted(out.glob("pool*.pt")):
+        d = torch.load(f)
+        pool += d["scenes"]
+        feats += d["feats"]
+    return pool, feats
+
+
+def stage_lm(out: Path, role: str, steps: int, lr_max: float, seed: int, more: bool = False) -> None:
+    """Train one model; with `more`, continue from its saved weights for `steps` more (a new warmup-cosine
+    schedule, the training record extended)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = build_processor(TRAINED_SPEC, WORDS)
+    tok = processor.tokenizer
+    model = make_model(role, processor)
+    vision = torch.load(out / "vision.pt")
+    proj = {k: v for k, v in model.model.visual.state_dict().items() if k.startswith("merger.mlp.2")}
+    model.model.visual.load_state_dict({**vision, **proj})  # the shared tower; a fresh projection per model
+    before = None
+    if more:
+        model.load_state_dict(torch.load(out / f"{role}.pt"))
+        before = json.loads((out / f"{role}.json").read_text())
+    for n, p in model.model.visual.named_parameters():
+        p.requires_grad = n.startswith("merger.mlp.2")
+    image_token = model.config.image_token_id
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    pool, feats = load_pool(out)
+    large = [i for i, s in enumerate(pool) if s["bucket"] == "large"]
+    held = large[-min(300, len(large) // 5):]  # never trained on
+    held_set = set(held)
+    train = [{**s, "bucket": "held"} if i in held_set else s for i, s in enumerate(pool)]
+    sampler = Sampler(train, feats, rng)
+    _check_positions(model, tok, pool, image_token)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr_max, betas=(0.9, 0.98))
+    warmup = 40
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        frac = step / steps
+        lr = lr_max * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        samples = [sampler.draw(frac) for _ in range(32)]
+        ids, pos, mask, vis, f, labels = make_batch(samples, feats, pool, tok, image_token, eos, True, rng)
+        logits = forward(model, ids, pos, mask, vis, f)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            log(f"{role} step {step} loss {loss.item():.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
+        if (step + 1) % 500 == 0 or step == steps - 1:
+            acc = evaluate(model, held, feats, pool, tok, image_token, eos)
+            log(f"{role} step {step + 1} held-out answer accuracy {acc}")
+    model.eval()
+    torch.save(model.state_dict(), out / f"{role}.pt")
+    acc = evaluate(model, held, feats, pool, tok, image_token, eos)
+    record = {"steps": steps, "lr": lr_max, "seed": seed, "minutes": (time.time() - t0) / 60, "heldout": acc}
+    if before is not None:
+        record = {**record, "steps": before["steps"] + steps, "minutes": before["minutes"] + record["minutes"],
+                  "phases": [*before.get("phases", [{k: before[k] for k in ("steps", "lr", "seed", "minutes")}]),
+                             {"steps": steps, "lr": lr_max, "seed": seed, "minutes": record["minutes"]}]}
+    (out / f"{role}.json").write_text(json.dumps(record))
+
+
+def _check_positions(model, tok, pool, image_token) -> None:
+    """The hand-built M-RoPE ids must equal the model's own `get_rope_index`."""
+    s = next(s for s in pool if s["rows"] != s["cols"])
+    ids = encode_prompt(tok, s["questions"][0][0], s["rows"] * s["cols"])
+    t = torch.tensor([ids])
+    ref, _ = model.model.get_rope_index(t, mm_token_type_ids=(t == image_token).int(),
+                                        image_grid_thw=torch.tensor([[1, 2 * s["rows"], 2 * s["cols"]]]))
+    assert torch.equal(ref[:, 0], mrope_positions(ids, image_token, s["rows"], s["cols"])), "M-RoPE mismatch"
+
+
+@torch.no_grad()
+def evaluate(model, held, feats, pool, tok, image_token, eos) -> dict:
+    """Teacher-forced first-answer-token accuracy per question type on held-out scenes (one answer token)."""
+    model.eval()
+    rng = random.Random(0)
+    right, total = {}, {}
+    for start in range(0, len(held), 32):
+        samples = []
+        for i in held[start:start + 32]:
+            by_type = {}
+            for q in pool[i]["questions"]:
+                by_type.setdefault(q[2], []).append(q)
+            samples.append((i, rng.choice(by_type[rng.choice(sorted(by_type))])))
+        ids, pos, mask, vis, f, labels = make_batch(samples, feats, pool, tok, image_token, eos, False, rng)
+        logits = forward(model, ids, pos, mask, vis, f)
+        for b, (_, (_, _, kind)) in enumerate(samples):
+            first = int((labels[b] != -100).nonzero()[0])
+            ok = int(logits[b, first].argmax()) == int(labels[b, first])
+            right[kind] = right.get(kind, 0) + ok
+            total[kind] = total.get(kind, 0) + 1
+    model.train()
+    acc = {k: round(right[k] / total[k], 3) for k in sorted(total)}
+    acc["all"] = round(sum(right.values()) / sum(total.values()), 3)
+    return acc
+
+
+# -- stage 4: save ----------------------------------------------------------------------------------------------
+def stage_save(out: Path, dest: Path) -> None:
+    from dataclasses import asdict
+
+    from transformers import GenerationConfig
+
+    processor = build_processor(TRAINED_SPEC, WORDS)
+    record = {"vision": json.loads((out / "vision.json").read_text())}
+    for role in ("small", "large"):
+        model = make_model(role, processor)
+        model.load_state_dict(torch.load(out / f"{role}.pt"))
+        model = model.to(torch.float16).eval()
+        model.generation_config = GenerationConfig(
+            eos_token_id=model.config.text_config.eos_token_id,
+            pad_token_id=model.config.text_config.pad_token_id, do_sample=False)
+        folder = dest / role
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        record[role] = json.loads((out / f"{role}.json").read_text())
+        (folder / "SGL_BUILTIN.json").write_text(json.dumps(
+            {"role": role, "random_weights": False, "task": "shapes", "spec": asdict(TRAINED_SPEC),
+             "training": record}, indent=1))
+    log(f"saved the pair to {dest}: {json.dumps(record)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "pair", help="working folder")
+    ap.add_argument("--dest", type=Path, default=ROOT / "sgl_cli" / "weights" / "default")
+    ap.add_argument("--stage", choices=("all", "vision", "pool", "lm", "save"), default="all")
+    ap.add_argument("--role", choices=("small", "large"))
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision-steps", type=int, default=400)
+    ap.add_argument("--pool", type=int, default=4000, help="scenes per shard (two shards)")
+    ap.add_argument("--small-steps", type=int, default=3000)
+    ap.add_argument("--large-steps", type=int, default=1400)
+    ap.add_argument("--more", type=int, default=0, help="with --stage lm: continue --role for this many steps")
+    ap.add_argument("--lr", type=float, help="with --more: peak learning rate of the continuation")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    if a.stage == "vision":
+        stage_vision(a.out, a.vision_steps, a.seed)
+    elif a.stage == "pool":
+        n = a.pool
+        stage_pool(a.out, a.shard, {"small": n // 10, "medium": n // 5, "large": n - n // 10 - n // 5}, a.seed)
+    elif a.stage == "lm" and a.more:
+        stage_lm(a.out, a.role, a.more, a.lr or 3e-4, a.seed + 2, more=True)
+    elif a.stage == "lm":
+        if a.role == "small":
+            stage_lm(a.out, "small", a.small_steps, 7e-4, a.seed)
+        else:
+            stage_lm(a.out, "large", a.large_steps, 5e-4, a.seed + 1)
+    elif a.stage == "save":
+        stage_save(a.out, a.dest)
+    else:
+        me = [sys.executable, __file__, "--out", str(a.out), "--seed", str(a.seed)]
+        t0 = time.time()
+        subprocess.run([*me, "--stage", "vision", "--vision-steps", str(a.vision_steps)], check=True)
+        both = [subprocess.Popen([*me, "--stage", "pool", "--shard", str(s), "--pool", str(a.pool)]) for s in (0, 1)]
+        assert all(p.wait() == 0 for p in both)
+        both = [subprocess.Popen([*me, "--stage", "lm", "--role", r, "--small-steps", str(a.small_steps),
+                                  "--large-steps", str(a.large_steps)]) for r in ("small", "large")]
+        assert all(p.wait() == 0 for p in both)
+        subprocess.run([*me, "--stage", "save", "--dest", str(a.dest)], check=True)
+        log(f"all stages: {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

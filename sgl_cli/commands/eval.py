@@ -1,0 +1,223 @@
+"""`sgl eval`: accuracy against retain, per guide, beside the small and large models alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.preset import GUIDES  # light: no torch
+from ._common import domain_errors, err, progress_bar, set_threads
+
+DEFAULT_RETAINS = "1.0,0.5,0.25,0.09"
+
+EXAMPLE = """
+Input: the `sgl run` JSONL format with `answer` on every line; an optional `type` field (a question type)
+gives per-type accuracy. Lines without `answer` are reported and skipped.
+
+For each guide and retain ratio the large model answers from the kept visual tokens; the small and the
+large model alone are the references. Without --threshold or --calibration nothing exits early, so the
+table measures pruning alone; with one, the sgl rows are the mixed system (confident small answers exit,
+the others go to the pruned large model). cls, fastv and random never exit. The small model's pass, the
+large model's image features and its unpruned answer are computed once per item and shared by every
+setting; a setting's items/s counts every stage it needs.
+
+Output: a table on stdout (or with --json, one JSON object: `results` with guide, retain, accuracy,
+relative_accuracy, per_type, exit_rate, large_calls, retained_tokens, items_per_s per setting, and
+`small_alone`, `large_alone`). --plot draws accuracy against retain; --details writes every item's
+answers and correctness per setting as JSONL.
+
+Examples:
+  sgl demo shapes --n 500 --seed 1 && sgl eval shapes/batch.jsonl
+  sgl eval labelled.jsonl --guide sgl,fastv --retain 0.5,0.09 --json > eval.json
+  sgl eval labelled.jsonl --calibration labelled.calibration.yaml --plot eval.png
+"""
+
+
+def _split(values: list[str]) -> list[str]:
+    """Repeated options and comma lists both work: `--guide sgl --guide cls` or `--guide sgl,cls`."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def eval_command(
+    input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.", show_default=False),
+    guide: Optional[List[str]] = typer.Option(None, "--guide", "-g", help=f"Guides to compare, comma-separated or repeated: {', '.join(GUIDES)} (default: all; without a small model, all but sgl)."),
+    retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help=f"Retain ratios, comma-separated or repeated (default: {DEFAULT_RETAINS})."),
+    metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML file (default: the built-in pair)."),
+    threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the sgl guide (the mixed system)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Take the threshold from this `sgl calibrate` file."),
+    prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens (fastv: 2 when 0)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens."),
+    prompt_suffix: Optional[str] = typer.Option(None, help="Text appended to every question (\"\" for none)."),
+    batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random guide."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N labelled items."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against retain, a line per guide."),
+    details: Optional[Path] = typer.Option(None, "--details", help="JSONL of every item's answers and correctness per setting."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Measure accuracy against retain for each guide, beside the small and large models alone."""
+    with domain_errors():
+        code = _eval(input, guide, retain, metric, preset, threshold, calibration, dict(
+            prune_layer=prune_layer, max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
+            batch_size=batch_size, seed=seed,
+        ), limit, json_out, plot, details, threads, quiet)
+    raise typer.Exit(code)
+
+
+eval_command.__doc__ = (eval_command.__doc__ or "") + "\n" + EXAMPLE
+
+
+def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
+          limit, json_out: bool, plot: Optional[Path], details: Optional[Path], threads, quiet: bool) -> int:
+    from ..engine.calibrate_run import read_labelled
+    from ..engine.errors import SglError
+    from ..engine.metrics import get_metric
+    from ..engine.preset import load_preset
+
+    # Every usage error before the first model call.
+    try:
+        get_metric(metric)
+    except ValueError as exc:
+        raise SglError(str(exc)) from None
+    retains = []
+    for value in _split(retains_opt or [DEFAULT_RETAINS]):
+        try:
+            r = float(value)
+        except ValueError:
+            raise SglError(f"--retain: {value!r} is not a number") from None
+        if not 0 < r <= 1:
+            raise SglError(f"--retain: {value} is not in (0, 1]")
+        retains.append(r)
+    retains = sorted(set(retains), reverse=True)
+    if threshold is not None and calibration is not None:
+        raise SglError("give --threshold or --calibration, not both")
+    if not input.is_file():
+        raise SglError(f"input file {input} not found")
+    for path in (plot, details):
+        if path is not None and not path.parent.is_dir():
+            raise SglError(f"folder {path.parent} (for {path.name}) does not exist")
+    preset = load_preset(preset_name).with_settings(**overrides, no_exit=True)
+    guides = _split(guides_opt) if guides_opt else [g for g in GUIDES if g != "sgl" or preset.small is not None]
+    unknown = [g for g in guides if g not in GUIDES]
+    if unknown:
+        raise SglError(f"--guide: unknown {', '.join(unknown)}; choose from {', '.join(GUIDES)}")
+    guides = list(dict.fromkeys(guides))
+    if "sgl" in guides and preset.small is None:
+        raise SglError(f"preset {preset.name!r} names no small model: the sgl guide needs one")
+    if calibration is not None:
+        threshold = _calibrated_threshold(preset, calibration, quiet)
+    if threshold is not None and preset.small is None:
+        raise SglError("early exit (--threshold/--calibration) needs a small model")
+
+    data = read_labelled(input)
+    for message in data.invalid[:10]:
+        err(f"sgl: skipped {message}")
+    if data.unlabelled:
+        err(f"sgl: skipped {len(data.unlabelled)} line(s) without 'answer'")
+    items = data.items[:limit] if limit else data.items
+    if not items:
+        raise SglError(f"{input}: no line has an 'answer'; eval needs reference answers")
+
+    from ..engine.engine import Engine
+    from ..engine.evaluate import evaluate, plot_eval
+    from ..engine.models import load_model
+
+    set_threads(threads)
+    small = load_model(preset.small, "small") if preset.small is not None else None
+    large = load_model(preset.large, "large")
+    preset = preset.with_settings(guide=guides[0])
+    engine = Engine(preset.settings, small, large, preset)
+    if engine.random_weights:
+        err("sgl: warning: a model of this preset has random weights: its accuracy means nothing")
+    sink = details.open("w", encoding="utf-8") if details else None
+    try:
+        with progress_bar("sgl eval", quiet, len(items)) as advance:
+            def on_batch(rows: list[dict], n: int) -> None:
+                if sink:
+                    sink.write("".join(json.dumps(r) + "\n" for r in rows))
+                advance(n)
+
+            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch)
+    except ValueError as exc:
+        raise SglError(str(exc)) from None
+    finally:
+        if sink:
+            sink.close()
+    result["preset"] = preset.name
+    for message in result["errors"][:10]:
+        err(f"sgl: left out {message}")
+    if plot:
+        plot_eval(result, plot, title=f"{input.name}: {result['items']} items, preset {preset.name}")
+    if json_out:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        _table(result)
+    if not quiet:
+        written = [str(p) for p in (plot, details) if p]
+        if written:
+            err(f"sgl: wrote {', '.join(written)}")
+    return 1 if result["errors"] else 0
+
+
+def _calibrated_threshold(preset, path: Path, quiet: bool) -> float:
+    """The threshold of a calibration file made for this pair; retain, prune layer and guide may differ
+    (the exit decision depends only on the small model's pass)."""
+    from ..engine.calibration import fingerprint, fingerprint_differences, load_calibration
+    from ..engine.errors import SglError
+
+    if not path.is_file():
+        raise SglError(f"calibration file {path} not found")
+    try:
+        cal = load_calibration(path)
+    except ValueError as exc:
+        raise SglError(str(exc)) from None
+    differences = [d for d in fingerprint_differences(cal["fingerprint"], fingerprint(preset))
+                   if not d.startswith(("retain ", "prune_layer ", "guide "))]
+    if differences:
+        raise SglError(f"calibration {path} was made for other models or settings: {'; '.join(differences)}")
+    if not quiet:
+        err(f"sgl: threshold {cal['threshold']:.6g} from the calibration {path}")
+    return float(cal["threshold"])
+
+
+def _table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    types = sorted({t for r in [result["large_alone"], *result["results"]] for t in r["per_type"]})
+    large_acc = result["large_alone"]["accuracy"]
+    exit_note = f", threshold {result['threshold']:.4g}" if result["threshold"] is not None else ", no early exit"
+    table = Table(title=f"{result['items']} items, metric {result['metric']}{exit_note}", title_justify="left",
+                  caption="rel: accuracy / large alone's; kept: mean visual tokens the large model kept",
+                  caption_justify="left")
+    for name in ("setting", "retain", "K", "accuracy", "rel", *types, "exit", "large calls", "kept",
+                 "items/s"):
+        table.add_column(name, justify="left" if name == "setting" else "right")
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    def row(name, r, retain="1", k="", rel=None, exit_rate=None, kept=None, style=None):
+        table.add_row(name, retain, k, fmt(r["accuracy"]), fmt(rel), *(fmt(r["per_type"].get(t)) for t in types),
+                      fmt(exit_rate, ".1%"), str(r["large_calls"]), fmt(kept, ".1f"), fmt(r["items_per_s"], ".2f"),
+                      style=style)
+
+    if result["small_alone"]:
+        s = result["small_alone"]
+        row("small alone", s, rel=s["accuracy"] / large_acc if large_acc else None, style="dim")
+    la = result["large_alone"]
+    row("large alone", la, rel=1.0 if large_acc else None, kept=la["visual_tokens"], style="bold")
+    for r in result["results"]:
+        row(r["guide"], r, retain=f"{r['retain']:g}", k=str(r["prune_layer"]), rel=r["relative_accuracy"],
+            exit_rate=r["exit_rate"], kept=r["retained_tokens"])
+    import sys
+
+    # Piped or redirected, rich would wrap at 80 columns; a table in a file should stay one row per line.
+    Console(width=None if sys.stdout.isatty() else 110 + 8 * len(types)).print(table)

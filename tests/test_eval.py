@@ -1,0 +1,120 @@
+"""`sgl eval`: its shared-computation numbers equal separate engine runs per setting, counted by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sgl_cli.cli import app
+from sgl_cli.engine.items import read_items
+from sgl_cli.engine.metrics import vqa
+
+from .conftest import write_jsonl, write_preset
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def labelled(tmp_path, engine_factory):
+    """Six shapes items whose references are the large model's own answers on items 1, 2 and 4 (random tiny
+    models answer noise, so true labels would give 0 everywhere and prove nothing)."""
+    from sgl_cli.engine.shapes import write_items
+
+    src = write_items(tmp_path, 6, seed=5)
+    eng = engine_factory(retain=1.0, threshold=None)
+    rows = [json.loads(x) for x in src.read_text().splitlines()]
+    records = eng.process(list(read_items(src)))
+    for i, (row, rec) in enumerate(zip(rows, records)):
+        row["answer"] = rec["answer"] if i in (0, 1, 3) else "not this"
+    return write_jsonl(tmp_path / "labelled.jsonl", rows)
+
+
+def _hand_accuracy(engine, items, by_type=False):
+    records = engine.process(items)
+    scores = [vqa(r["answer"], str(i.reference)) for r, i in zip(records, items)]
+    if not by_type:
+        return sum(scores) / len(scores), records
+    out = {}
+    for s, i in zip(scores, items):
+        out.setdefault(i.type, []).append(s)
+    return {k: sum(v) / len(v) for k, v in out.items()}, records
+
+
+def test_eval_json_matches_separate_runs(tmp_path, tiny_pair, engine_factory, labelled):
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5)
+    res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "1,0.25", "--guide",
+                              "sgl,cls", "--guide", "fastv", "--guide", "random", "--json", "-q", "--details",
+                              str(tmp_path / "d.jsonl")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    items = list(read_items(labelled))
+    assert out["items"] == 6 and out["threshold"] is None and out["errors"] == []
+    assert out["large_alone"]["accuracy"] == pytest.approx(0.5)
+    assert out["large_alone"]["large_calls"] == 6
+    by_setting = {(r["guide"], r["retain"]): r for r in out["results"]}
+    assert set(by_setting) == {(g, r) for g in ("sgl", "cls", "fastv", "random") for r in (1.0, 0.25)}
+    for (guide, retain), r in by_setting.items():
+        eng = engine_factory(retain=retain, threshold=None, guide=guide)
+        acc, records = _hand_accuracy(eng, items)
+        per_type, _ = _hand_accuracy(eng, items, by_type=True)
+        assert r["accuracy"] == pytest.approx(acc, abs=1e-4), (guide, retain)
+        assert r["per_type"] == pytest.approx(per_type, abs=1e-4)
+        assert r["exit_rate"] == 0 and r["large_calls"] == 6
+        assert r["retained_tokens"] == pytest.approx(sum(x["retained_tokens"] for x in records) / 6, abs=0.1)
+        if retain == 1.0:
+            assert r["accuracy"] == pytest.approx(0.5)
+    # Small alone: the small model's own answers, scored by hand.
+    small = engine_factory(retain=1.0, threshold=None).process(items)
+    assert out["small_alone"]["accuracy"] == pytest.approx(
+        sum(vqa(r["small_answer"], str(i.reference)) for r, i in zip(small, items)) / 6, abs=1e-4)
+    details = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [d["line"] for d in details] == [1, 2, 3, 4, 5, 6]
+    assert sum(d["large"]["correct"] for d in details) == 3
+
+
+def test_eval_with_threshold_is_the_mixed_system(tmp_path, tiny_pair, engine_factory, labelled):
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5)
+    items = list(read_items(labelled))
+    scores = sorted(r["exit_score"] for r in engine_factory(threshold=None).process(items))
+    threshold = (scores[2] + scores[3]) / 2  # three of six items exit
+    res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "0.5", "--guide", "sgl,random",
+                              "--threshold", str(threshold), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    sgl, rnd = out["results"]
+    assert sgl["exit_rate"] == pytest.approx(0.5) and sgl["large_calls"] == 3
+    assert rnd["exit_rate"] == 0 and rnd["large_calls"] == 6  # only the sgl guide exits
+    acc, _ = _hand_accuracy(engine_factory(retain=0.5, threshold=threshold), items)
+    assert sgl["accuracy"] == pytest.approx(acc, abs=1e-4)
+
+
+def test_eval_table_plot_and_errors(tmp_path, tiny_pair, labelled):
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5)
+    res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "0.5", "--guide", "cls",
+                              "--plot", str(tmp_path / "e.png"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "large alone" in res.stdout and "small alone" in res.stdout and "cls" in res.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "e.png").size[0] > 0
+    bad = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--guide", "fast"])
+    assert bad.exit_code == 2 and "unknown fast" in bad.stderr
+    bad = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "0"])
+    assert bad.exit_code == 2 and "not in (0, 1]" in bad.stderr
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"image": "x.png", "question": "q"}])
+    bad = runner.invoke(app, ["eval", str(unlabelled), "-p", str(preset)])
+    assert bad.exit_code == 2 and "no line has an 'answer'" in bad.stderr
+
+
+def test_settings_reuse_does_not_leak_between_guides(engine_factory, labelled):
+    """The evaluation's engines share models; each guide's engine must leave them as it found them."""
+    from sgl_cli.engine.evaluate import evaluate
+
+    eng = engine_factory(threshold=None)
+    items = list(read_items(labelled))
+    a = evaluate(eng, items, ["fastv", "cls", "sgl"], [0.25], "vqa")
+    b = evaluate(eng, items, ["sgl"], [0.25], "vqa")
+    assert a["results"][2]["accuracy"] == b["results"][0]["accuracy"]
+    assert a["large_alone"] == {**b["large_alone"], "items_per_s": a["large_alone"]["items_per_s"]}
