@@ -51,3 +51,16 @@ def progress_bar(label: str, quiet: bool, total: int) -> Iterator[Callable[[int]
                   console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def read_calibration(path) -> dict:
+    """An `sgl calibrate` file, or a one-line error naming it."""
+    from ..engine.calibration import load_calibration
+    from ..engine.errors import SglError
+
+    if not path.is_file():
+        raise SglError(f"calibration file {path} not found")
+    try:
+        return load_calibration(path)
+    except ValueError as exc:
+        raise SglError(str(exc)) from None

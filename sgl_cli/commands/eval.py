@@ -10,7 +10,7 @@ import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.preset import GUIDES  # light: no torch
-from ._common import domain_errors, err, progress_bar, set_threads
+from ._common import domain_errors, err, progress_bar, read_calibration, set_threads
 
 DEFAULT_RETAINS = "1.0,0.5,0.25,0.09"
 
@@ -169,17 +169,16 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
 def _calibrated_threshold(preset, path: Path, quiet: bool) -> float:
     """The threshold of a calibration file made for this pair; retain, prune layer and guide may differ
     (the exit decision depends only on the small model's pass)."""
-    from ..engine.calibration import fingerprint, fingerprint_differences, load_calibration
+    from ..engine.calibration import fingerprint, fingerprint_differences
     from ..engine.errors import SglError
 
-    if not path.is_file():
-        raise SglError(f"calibration file {path} not found")
-    try:
-        cal = load_calibration(path)
-    except ValueError as exc:
-        raise SglError(str(exc)) from None
-    differences = [d for d in fingerprint_differences(cal["fingerprint"], fingerprint(preset))
-                   if not d.startswith(("retain ", "prune_layer ", "guide "))]
+    cal = read_calibration(path)
+    free = ("retain", "prune_layer", "guide")  # the settings eval varies
+
+    def fixed(fp: dict) -> dict:
+        return {k: v for k, v in fp.items() if k not in free}
+
+    differences = fingerprint_differences(fixed(cal["fingerprint"]), fixed(fingerprint(preset)))
     if differences:
         raise SglError(f"calibration {path} was made for other models or settings: {'; '.join(differences)}")
     if not quiet:

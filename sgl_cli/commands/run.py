@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, set_threads, stderr_is_tty
+from ._common import domain_errors, err, read_calibration, set_threads, stderr_is_tty
 
 EXAMPLE = """
 Input: one JSON object per line with `image` (path, relative to the JSONL file), `question`, and optionally
@@ -189,7 +189,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
 def _calibrated(preset, cli_file: Optional[Path], overrides: dict, quiet: bool):
     """The preset with the threshold of --calibration (else of the preset's `calibration:`), once its fingerprint
     matches this run's settings. An explicit --threshold or --no-exit wins."""
-    from ..engine.calibration import fingerprint, fingerprint_differences, load_calibration
+    from ..engine.calibration import fingerprint, fingerprint_differences
     from ..engine.errors import SglError
 
     if cli_file is None and preset.settings.calibration is None:
@@ -199,12 +199,7 @@ def _calibrated(preset, cli_file: Optional[Path], overrides: dict, quiet: bool):
         path = Path(preset.settings.calibration).expanduser()
         if not path.is_absolute() and preset.source:
             path = Path(preset.source).parent / path
-    if not path.is_file():
-        raise SglError(f"calibration file {path} not found")
-    try:
-        cal = load_calibration(path)
-    except ValueError as exc:
-        raise SglError(str(exc)) from None
+    cal = read_calibration(path)
     if overrides["threshold"] is not None or overrides["no_exit"]:
         flag = "--no-exit" if overrides["no_exit"] else f"--threshold {overrides['threshold']:g}"
         err(f"sgl: {flag} overrides the threshold {cal['threshold']:.6g} of the calibration {path}")

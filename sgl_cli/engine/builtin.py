@@ -78,7 +78,7 @@ class PairSpec:
 TRAINED_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128)
 # Random-weight pairs built on demand: `random` at the default's size, `tiny` for tests (hidden 64, 2 layers;
 # still a real pair of different sizes).
-RANDOM_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128)
+RANDOM_SPEC = TRAINED_SPEC
 TINY_SPEC = PairSpec(small=LMSize(64, 2, 4, 2, 128), large=LMSize(128, 2, 4, 2, 256), vision_embed=32)
 
 SPECS = {"random": RANDOM_SPEC, "tiny": TINY_SPEC}
