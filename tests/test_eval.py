@@ -90,6 +90,32 @@ def test_eval_with_threshold_is_the_mixed_system(tmp_path, tiny_pair, engine_fac
     assert sgl["accuracy"] == pytest.approx(acc, abs=1e-4)
 
 
+def test_eval_takes_the_threshold_of_a_matching_calibration(tmp_path, tiny_pair, labelled):
+    """--calibration is --threshold with the file's value, for a calibration made at another retain and guide;
+    one made with other exit settings (max_new_tokens) is refused before any model call."""
+    import yaml
+
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5, retain=0.25)
+    cal_path = tmp_path / "cal.yaml"
+    res = runner.invoke(app, ["calibrate", str(labelled), "-p", str(preset), "--exit-rate", "0.5", "--out",
+                              str(cal_path), "-q"])
+    assert res.exit_code == 0, res.output
+    threshold = yaml.safe_load(cal_path.read_text())["threshold"]
+    common = ["eval", str(labelled), "-p", str(preset), "--retain", "0.5", "--guide", "sgl,random", "--json", "-q"]
+    by_file = runner.invoke(app, [*common, "--calibration", str(cal_path)])
+    by_value = runner.invoke(app, [*common, "--threshold", repr(threshold)])
+    assert by_file.exit_code == 0 and by_value.exit_code == 0, by_file.output + by_value.output
+    a, b = json.loads(by_file.stdout), json.loads(by_value.stdout)
+    assert a["threshold"] == pytest.approx(threshold) and a["results"][0]["exit_rate"] == pytest.approx(0.5)
+    assert [(r["accuracy"], r["exit_rate"], r["large_calls"]) for r in a["results"]] == \
+        [(r["accuracy"], r["exit_rate"], r["large_calls"]) for r in b["results"]]
+    (tmp_path / "other").mkdir()
+    other = write_preset(tmp_path / "other", tiny_pair, max_new_tokens=3)
+    bad = runner.invoke(app, [*common[:3], str(other), *common[4:], "--calibration", str(cal_path)])
+    assert bad.exit_code == 2 and "made for other models or settings" in bad.output
+    assert "max_new_tokens" in bad.output
+
+
 def test_eval_table_plot_and_errors(tmp_path, tiny_pair, labelled):
     preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5)
     res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "0.5", "--guide", "cls",

@@ -114,7 +114,7 @@ def test_prune_layer_zero_via_hooks_equals_pre_lm_pruning(deep_engine_factory, i
     pre_lm, _ = _large_tokens(eng, items, monkeypatch)
     works = eng.analyze(items)
     m = eng.large
-    rows = eng._rows(m, works, [w.enc_large for w in works])
+    rows = eng._rows(m, [w.enc_large for w in works])
     batch = generate.collate(rows, m.pad_id, "cpu")
     keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for i, (w, row) in enumerate(zip(works, rows)):

@@ -64,3 +64,37 @@ def read_calibration(path) -> dict:
         return load_calibration(path)
     except ValueError as exc:
         raise SglError(str(exc)) from None
+
+
+def preset_calibration(preset):
+    """The path of the preset's `calibration:` file, relative to the preset file so that a preset travels with
+    its calibration; None without one."""
+    from pathlib import Path
+
+    if preset.settings.calibration is None:
+        return None
+    path = Path(preset.settings.calibration).expanduser()
+    if not path.is_absolute() and preset.source:
+        path = Path(preset.source).parent / path
+    return path
+
+
+def calibrated_threshold(preset, path, quiet: bool) -> float:
+    """The threshold of a calibration file made for this pair and exit settings. Retain, prune layer and guide
+    may differ: the exit decision depends only on the small model's pass (for `sgl eval` and `sgl inspect`,
+    which vary them)."""
+    from ..engine.calibration import fingerprint, fingerprint_differences
+    from ..engine.errors import SglError
+
+    cal = read_calibration(path)
+    free = ("retain", "prune_layer", "guide")
+
+    def fixed(fp: dict) -> dict:
+        return {k: v for k, v in fp.items() if k not in free}
+
+    differences = fingerprint_differences(fixed(cal["fingerprint"]), fixed(fingerprint(preset)))
+    if differences:
+        raise SglError(f"calibration {path} was made for other models or settings: {'; '.join(differences)}")
+    if not quiet:
+        err(f"sgl: threshold {cal['threshold']:.6g} from the calibration {path}")
+    return float(cal["threshold"])

@@ -10,7 +10,7 @@ import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.preset import GUIDES  # light: no torch
-from ._common import domain_errors, err, progress_bar, read_calibration, set_threads
+from ._common import calibrated_threshold, domain_errors, err, progress_bar, set_threads
 
 DEFAULT_RETAINS = "1.0,0.5,0.25,0.09"
 
@@ -112,7 +112,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     if "sgl" in guides and preset.small is None:
         raise SglError(f"preset {preset.name!r} names no small model: the sgl guide needs one")
     if calibration is not None:
-        threshold = _calibrated_threshold(preset, calibration, quiet)
+        threshold = calibrated_threshold(preset, calibration, quiet)
     if threshold is not None and preset.small is None:
         raise SglError("early exit (--threshold/--calibration) needs a small model")
 
@@ -164,26 +164,6 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         if written:
             err(f"sgl: wrote {', '.join(written)}")
     return 1 if result["errors"] else 0
-
-
-def _calibrated_threshold(preset, path: Path, quiet: bool) -> float:
-    """The threshold of a calibration file made for this pair; retain, prune layer and guide may differ
-    (the exit decision depends only on the small model's pass)."""
-    from ..engine.calibration import fingerprint, fingerprint_differences
-    from ..engine.errors import SglError
-
-    cal = read_calibration(path)
-    free = ("retain", "prune_layer", "guide")  # the settings eval varies
-
-    def fixed(fp: dict) -> dict:
-        return {k: v for k, v in fp.items() if k not in free}
-
-    differences = fingerprint_differences(fixed(cal["fingerprint"]), fixed(fingerprint(preset)))
-    if differences:
-        raise SglError(f"calibration {path} was made for other models or settings: {'; '.join(differences)}")
-    if not quiet:
-        err(f"sgl: threshold {cal['threshold']:.6g} from the calibration {path}")
-    return float(cal["threshold"])
 
 
 def _table(result: dict) -> None:

@@ -16,9 +16,13 @@ from ._common import domain_errors, err, set_threads
 
 EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
-at the preset's threshold, and a heatmap of every visual token's importance
-on the image's token grid (rows x columns of merged patches), the tokens the
-large model keeps at --retain marked [].
+at the preset's threshold (or its `calibration:` file's, as `sgl run` uses
+it), and a heatmap of every visual token's importance on the image's token
+grid (rows x columns of merged patches), the tokens the large model keeps at
+--retain marked []. Multi-crop images are drawn as the model lays them out:
+LLaVA-NeXT/OneVision's base crop beside its high-res grid (the crops in
+their places, unpadded), InternVL's tiles in their places beside the
+thumbnail; crop and tile boundaries are frame lines.
 
 Guides and what they load and run:
   sgl     the small model's attention while it answers (the default; needs
@@ -76,9 +80,10 @@ def inspect(
                                                       "(default: the preset's)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write the image with the importance overlaid "
                                                            "to this PNG (with --guide all: one panel per guide)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (importance, grid, kept, answers, "
-                                                       "scores; with --guide all, per guide under `guides`) "
-                                                       "instead of the heatmap."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (importance, grids and the "
+                                                       "layout of every token, kept, answers, scores; with "
+                                                       "--guide all, per guide under `guides`) instead of the "
+                                                       "heatmap."),
     answer_large: bool = typer.Option(False, "--answer-large", help="Also run the large model on the kept tokens "
                                                                     "(of each shown guide) and show its answer."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
@@ -100,6 +105,7 @@ def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optiona
     if not question.strip():
         raise SglError("--question must not be empty")
     preset = load_preset(preset_name).with_settings(retain=retain)
+    preset, calibration = _calibrated(preset)
     if png is not None and not png.parent.is_dir():
         raise SglError(f"--png {png}: folder {png.parent} does not exist")
     guides = list(GUIDES) if guide is Guide.all else [guide.value]
@@ -120,6 +126,7 @@ def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optiona
 
     set_threads(threads)
     result = _analyze(preset, item, image, guides, skipped, guide.value, answer_large)
+    result.calibration = calibration
     if png is not None:
         try:
             width, height = save_png(result, image, png)
@@ -162,13 +169,12 @@ def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, st
         (work,) = base.analyze([item])
         if work.error:
             raise SglError(work.error)
-        try:
-            rows, cols = large.family.token_grid(large.model, work.enc_large)
-        except ValueError as exc:  # a family whose image is several crops or tiles
-            raise SglError(f"inspect shows one token grid per image: {exc}") from None
+        grids = _grids(large, work.enc_large, image.size)
         n = int(work.visual.sum())
-        if rows * cols != n:
-            raise SglError(f"the token grid {rows} x {cols} does not match the {n} visual tokens")
+        cells = sorted(int(t) for g in grids for t in g.tokens.flat)
+        if cells != list(range(n)):
+            shapes = " + ".join(g.label for g in grids)
+            raise SglError(f"the token grids {shapes} do not match the {n} visual tokens")
         k = n_keep(n, settings.retain)
         large_rows = None
         if answer_large or any(g in LARGE_GUIDES for g in guides):
@@ -190,7 +196,7 @@ def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, st
                 scores = work.scores["fastv"]
             else:
                 (scores,) = eng.guide.scores(eng, [work])
-                kept = top_k_in_order(scores, k)
+                kept = eng.guide.kept(eng, work, scores, settings.retain)
                 if answer_large:
                     gen, _ = _guarded(f"the large model ({g}'s kept tokens)", lambda: eng.guide.generate(
                         eng, [work], large_rows, settings.retain))
@@ -204,12 +210,35 @@ def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, st
 
     return Inspection(
         image=item.image, image_size=image.size, question=item.question, guide=asked, preset=preset.name,
-        threshold=settings.threshold, retain=settings.retain, grid=(rows, cols), maps=maps, skipped=skipped,
+        threshold=settings.threshold, retain=settings.retain, grids=grids, maps=maps, skipped=skipped,
         small_answer=base._decode(small, work.small_tokens) if small is not None else None,
         confidence=base.confidence(work) if small is not None else None,
         consistency=work.consistency,
         exit_score=base.exit_score(work) if small is not None else None,
     )
+
+
+def _grids(model, enc: dict, image_size: tuple[int, int]):
+    """The image's token grids as the family lays them out, for drawing."""
+    from ..engine.errors import SglError
+    from ..engine.heatmap import Grid
+
+    try:
+        grids = model.family.token_grids(model.model, enc, image_size, model.processor)
+    except ValueError as exc:
+        raise SglError(f"cannot lay out the image's visual tokens: {exc}") from None
+    return [Grid(g.name, g.tokens.numpy(), g.crops.numpy(), g.about, g.crop_grid) for g in grids]
+
+
+def _calibrated(preset):
+    """The preset with the threshold of its `calibration:` file, as `sgl run` takes it, and that file's path (None
+    without one). Retain, prune layer and guide may differ from the file's: inspect varies them."""
+    from ._common import calibrated_threshold, preset_calibration
+
+    path = preset_calibration(preset)
+    if path is None:
+        return preset, None
+    return preset.with_settings(threshold=calibrated_threshold(preset, path, quiet=False)), str(path)
 
 
 def _guarded(what: str, fn):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, read_calibration, set_threads, stderr_is_tty
+from ._common import domain_errors, err, preset_calibration, read_calibration, set_threads, stderr_is_tty
 
 EXAMPLE = """
 Input: one JSON object per line with `image` (path, relative to the JSONL file), `question`, and optionally
@@ -194,11 +194,7 @@ def _calibrated(preset, cli_file: Optional[Path], overrides: dict, quiet: bool):
 
     if cli_file is None and preset.settings.calibration is None:
         return preset
-    path = cli_file
-    if path is None:  # relative to the preset file, so that a preset travels with its calibration
-        path = Path(preset.settings.calibration).expanduser()
-        if not path.is_absolute() and preset.source:
-            path = Path(preset.source).parent / path
+    path = cli_file or preset_calibration(preset)
     cal = read_calibration(path)
     if overrides["threshold"] is not None or overrides["no_exit"]:
         flag = "--no-exit" if overrides["no_exit"] else f"--threshold {overrides['threshold']:g}"

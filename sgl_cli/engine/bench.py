@@ -54,7 +54,7 @@ def run_bench(engine: Engine, items: list, *, repeats: int = 3, batch_sizes=(1, 
     limits = [s.max_new_tokens] * len(works)
 
     def rows(m):
-        return engine._rows(m, works, [w.enc_small if m is small else w.enc_large for w in works])
+        return engine._rows(m, [w.enc_small if m is small else w.enc_large for w in works])
 
     def small_gen(capture: bool) -> Callable[[], None]:
         return lambda: engine.small_generate(works, rows(small), capture=capture)

@@ -170,7 +170,8 @@ class Engine:
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
         w.visual = self.small.family.visual_mask(self.small.model, w.enc_small)
 
-    def _rows(self, m: LoadedModel, works: list[Work], encs: list[dict]) -> list[Row]:
+    @staticmethod
+    def _rows(m: LoadedModel, encs: list[dict]) -> list[Row]:
         return m.family.rows(m.model, encs)
 
     def large_rows(self, works: list[Work], cls_scores: bool = False) -> list[Row]:
@@ -179,10 +180,10 @@ class Engine:
         m = self.large
         encs = [w.enc_large for w in works]
         if not cls_scores:
-            return self._rows(m, works, encs)
+            return self._rows(m, encs)
         module, cls_index = m.family.cls_layer(m.model)
         with VisionAttentionScores(m.model, module, cls_index) as cap:
-            rows = self._rows(m, works, encs)
+            rows = self._rows(m, encs)
         for w, s in zip(works, m.family.merge_patch_scores(m.model, cap.per_image, encs)):
             w.scores["cls"] = s
         return rows
@@ -227,7 +228,7 @@ class Engine:
 
     def _small_stage(self, works: list[Work]) -> None:
         t0 = time.perf_counter()
-        rows = self._rows(self.small, works, [w.enc_small for w in works])
+        rows = self._rows(self.small, [w.enc_small for w in works])
         gen, importance = self.small_generate(works, rows)
         for i, w in enumerate(works):
             w.small_row = rows[i]

@@ -11,7 +11,9 @@ An adapter answers a few questions for the family-agnostic engine:
 - `cls_layer` / `merge_patch_scores`: the vision attention module whose output feeds the projector, its [CLS]
   query, and how per-patch scores of each crop become per-visual-token scores;
 - `token_grid`: (rows, cols) of an image whose visual tokens form one raster grid (Qwen, LLaVA-1.5, a one-tile
-  InternVL image); multi-crop layouts raise ValueError (`LlavaNext.layout` describes them instead).
+  InternVL image); multi-crop layouts raise ValueError (`LlavaNext.layout` and `InternVL.layout` describe them);
+- `token_grids`: every image as the grids `sgl inspect` draws, each covering the whole image: one grid, or
+  LLaVA-NeXT/OneVision's base crop and its packed high-res crops, or InternVL's tiles in place and thumbnail.
 
 Feeding a pruned sequence is the same for every family: keep rows of the features and columns of the ids, pass
 the features as `mm_encoder_outputs` and the gathered position ids explicitly.
@@ -20,6 +22,7 @@ the features as `mm_encoder_outputs` and the gathered position ids explicitly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +32,22 @@ from .errors import ModelLoadError
 def _cat_pixels(encs: list[dict], device) -> torch.Tensor:
     """Every item's crops (tiles) as one (crops, C, H, W) batch; one image per item."""
     return torch.cat([e["pixel_values"].flatten(0, e["pixel_values"].dim() - 4) for e in encs]).to(device)
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """One grid of an image's visual tokens, as the model lays them out; every grid covers the whole image."""
+
+    name: str  # "image" (the one grid), "base" / "high-res" (LLaVA-NeXT/OneVision), "tiles" / "thumbnail" (InternVL)
+    tokens: torch.Tensor  # (rows, cols) long: the visual-token index (0..N-1, sequence order) at each cell
+    crops: torch.Tensor  # (rows, cols) long: the crop or tile each cell's token comes from (pixel_values order)
+    about: str = ""  # what the grid is, a few words
+    crop_grid: tuple[int, int] | None = None  # (rows, cols) of the crops or tiles tiled into it, when several
+
+
+def _one_grid(name: str, rows: int, cols: int, about: str, first: int = 0, crop: int = 0) -> TokenGrid:
+    return TokenGrid(name, torch.arange(first, first + rows * cols).view(rows, cols),
+                     torch.full((rows, cols), crop, dtype=torch.long), about)
 
 
 class Family:
@@ -75,6 +94,13 @@ class Family:
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         raise ValueError(f"{self.name} images are not one token grid")
+
+    def token_grids(self, model, enc: dict, image_size: tuple[int, int] | None = None,
+                    processor=None) -> list[TokenGrid]:
+        """The grids of one encoded item's visual tokens (`image_size`: (width, height) of the image the processor
+        was given; `processor`: the model's; only InternVL's tiling needs them). One grid by default."""
+        rows, cols = self.token_grid(model, enc)
+        return [_one_grid("image", rows, cols, "the image's merged patches in raster order")]
 
     def check_prune_layer(self, model, k: int) -> None:
         """Raise ValueError when pruning inside the language model at layer k > 0 cannot work for this model."""
@@ -301,6 +327,51 @@ class LlavaNext(Llava):
         lay = self.layout(model, enc)
         return lay[~lay[:, 0].isnan(), 0].round().long()
 
+    def crop_grid(self, model, enc: dict) -> tuple[int, int]:
+        """(rows, cols) of the high-res crops, as the model reshapes them before unpadding."""
+        cfg = model.config
+        size = enc["image_sizes"][0]
+        return tuple(int(v) for v in self._module().get_anyres_image_grid_shape(
+            size.tolist() if hasattr(size, "tolist") else list(size), cfg.image_grid_pinpoints,
+            cfg.vision_config.image_size))
+
+    def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
+        """One crop: the one grid. Several: the base image (crop 0, side x side) and the high-res grid, the crops
+        tiled in their places, unpadded (and for OneVision possibly resized) exactly as the model packs them: one
+        row of the high-res grid per `image_newline` placeholder, which is not a visual token and is not drawn."""
+        if self._n_crops(model, enc["image_sizes"][0]) == 1:
+            return super().token_grids(model, enc, image_size, processor)
+        side = self._side(model)
+        lay = self.layout(model, enc)
+        newline = lay[:, 0].isnan()
+        index = torch.cumsum(~newline, 0) - 1  # each placeholder's visual-token index (newlines: the one before)
+        n_base = side * side
+        base = lay[:n_base]
+        if bool(newline[:n_base].any()) or not torch.equal(base[:, 0], torch.zeros(n_base, dtype=base.dtype)):
+            raise ValueError(f"{self.name}: the packed features do not start with the {side} x {side} base crop")
+        grid = _one_grid("base", side, side, "the whole image resized to one crop")
+        grid.tokens[base[:, 1].long(), base[:, 2].long()] = torch.arange(n_base)  # the model's order, checked
+        grids = [grid]
+        rest, rest_nl = lay[n_base:], newline[n_base:]
+        ends = rest_nl.nonzero().flatten().tolist()
+        if not ends or ends[-1] != len(rest) - 1:
+            raise ValueError(f"{self.name}: the high-res features do not end rows with image_newline")
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        widths = {e - s for s, e in zip(starts, ends)}
+        if len(widths) != 1:
+            raise ValueError(f"{self.name}: the high-res rows have different lengths {sorted(widths)}")
+        rows, cols = len(ends), widths.pop()
+        keep = ~rest_nl
+        crop_rows, crop_cols = self.crop_grid(model, enc)
+        coords = rest[keep, 1:]
+        resized = bool((coords != coords.round()).any())
+        about = (f"the {crop_rows} x {crop_cols} crops in their places, unpadded"
+                 + (" and resized (anyres_max_9)" if resized else "")
+                 + f" as the model packs them ({rows} image-newline tokens: not visual, not drawn)")
+        grids.append(TokenGrid("high-res", index[n_base:][keep].view(rows, cols),
+                               rest[keep, 0].round().long().view(rows, cols), about, (crop_rows, crop_cols)))
+        return grids
+
     def merge_patch_scores(self, model, per_image: list[torch.Tensor], encs: list[dict]) -> list[torch.Tensor]:
         """Per item, (N,) scores in placeholder order: each crop's patch scores, packed (unpadded, and for
         OneVision resized when the crop grid is too large) exactly as the model packs its features."""
@@ -370,6 +441,72 @@ class InternVL(Family):
             raise ValueError(f"this image has {enc['pixel_values'].shape[0]} InternVL tiles, not one token grid")
         side = int(round(self._side(model) * model.config.downsample_ratio))
         return side, side
+
+    def layout(self, model, enc: dict) -> torch.Tensor:
+        """(n_placeholders, 3) float: (tile, row, col) of each placeholder: its tile (pixel_values order: the tiles
+        in raster order of the tile grid, then the thumbnail when there are several) and the token's row and
+        column in that tile's token grid. Read by running the model's own pixel shuffle on patch coordinates, so
+        the order within a tile is exactly the model's."""
+        side = self._side(model)
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        groups = self._shuffle(model, torch.stack([r, c], dim=-1).double()).view(-1, self._groups(model), 2)
+        cells = (groups.mean(1) * model.config.downsample_ratio).floor()  # (tokens per tile, 2)
+        tiles = enc["pixel_values"].shape[0]
+        n = int(self.placeholders(model, enc).sum())
+        if n != tiles * len(cells):
+            raise ValueError(f"{n} image placeholders but {tiles} tiles of {len(cells)} tokens")
+        tile = torch.arange(tiles, dtype=torch.double).repeat_interleave(len(cells))
+        return torch.cat([tile[:, None], cells.repeat(tiles, 1)], dim=1)
+
+    def _groups(self, model) -> int:
+        return int(round(1 / model.config.downsample_ratio ** 2))
+
+    def tile_grid(self, processor, image_size: tuple[int, int], tiles: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid of an image of `image_size` (width, height) encoded as `tiles` tiles
+        (with the thumbnail): the image processor's own choice of canvas (GOT-OCR2 dynamic tiling)."""
+        if tiles == 1:
+            return 1, 1
+        try:
+            from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+        except ImportError:  # older transformers: the function lives beside the torch processor
+            from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+        ip = getattr(processor, "image_processor", processor)
+        size = ip.size
+        height = size["height"] if isinstance(size, dict) else size.height
+        width = size["width"] if isinstance(size, dict) else size.width
+        w, h = image_size
+        cols, rows = get_optimal_tiled_canvas((h, w), (height, width), int(ip.min_patches), int(ip.max_patches))
+        if rows * cols + 1 != tiles:
+            raise ValueError(f"{self.name}: the processor tiles a {w} x {h} image {rows} x {cols} (+ thumbnail), "
+                             f"but the image has {tiles} tiles")
+        return rows, cols
+
+    def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
+        """One tile: the one grid. Several: the tiles in their places in the tile grid (one grid of
+        rows * side x cols * side tokens) and the thumbnail (the whole image as one more tile)."""
+        tiles = enc["pixel_values"].shape[0]
+        if tiles == 1:
+            return super().token_grids(model, enc, image_size, processor)
+        if image_size is None or processor is None:
+            raise ValueError(f"{self.name}: laying out {tiles} tiles needs the image size and the processor")
+        rows, cols = self.tile_grid(processor, image_size, tiles)
+        lay = self.layout(model, enc).long()
+        side = int(lay[:, 1].max()) + 1
+        tokens = torch.full((rows * side, cols * side), -1, dtype=torch.long)
+        crops = torch.full_like(tokens, -1)
+        index = torch.arange(len(lay))
+        main = lay[:, 0] < tiles - 1
+        t, r, c = lay[main].unbind(1)
+        y, x = (t // cols) * side + r, (t % cols) * side + c
+        tokens[y, x], crops[y, x] = index[main], t
+        if bool((tokens < 0).any()):
+            raise ValueError(f"{self.name}: the {rows} x {cols} tiles do not fill their grid")
+        thumb = _one_grid("thumbnail", side, side, "the whole image as one more tile", first=int(index[~main][0]),
+                          crop=tiles - 1)
+        _, r, c = lay[~main].unbind(1)
+        thumb.tokens[r, c] = index[~main]
+        about = f"the {rows} x {cols} tiles of {side} x {side} tokens in their places"
+        return [TokenGrid("tiles", tokens, crops, about, (rows, cols)), thumb]
 
     def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
         n = model.config.vision_config.num_hidden_layers

@@ -109,8 +109,12 @@ class Guide:
     def prune_layer(self, engine) -> int:
         return engine.settings.prune_layer
 
+    def kept(self, engine, work, scores: torch.Tensor, retain: float) -> torch.Tensor:
+        """The visual tokens the large model keeps for one item: the top `retain` of the image, in order."""
+        return top_k_in_order(scores, n_keep(len(scores), retain))
+
     def generate(self, engine, works, rows: list[Row], retain: float) -> tuple[Generation, list[torch.Tensor]]:
-        kept = [top_k_in_order(s, n_keep(len(s), retain)) for s in self.scores(engine, works)]
+        kept = [self.kept(engine, w, s, retain) for w, s in zip(works, self.scores(engine, works))]
         return engine.large_generate(works, rows, kept, prune_layer=self.prune_layer(engine)), kept
 
 
@@ -133,18 +137,15 @@ class ClsGuide(Guide):
     def prune_layer(self, engine) -> int:
         return 0  # FasterVLM prunes before the language model
 
-    def generate(self, engine, works, rows, retain):
+    def kept(self, engine, work, scores, retain):
         m = engine.large
         if not hasattr(m.family, "token_crops"):
-            return super().generate(engine, works, rows, retain)
+            return super().kept(engine, work, scores, retain)
         # Multi-crop images (LLaVA-NeXT anyres): FasterVLM keeps the top `retain` of each crop.
-        kept = []
-        for w, s in zip(works, self.scores(engine, works)):
-            crops = m.family.token_crops(m.model, w.enc_large)
-            idx = [c_idx[top_k_in_order(s[c_idx], n_keep(len(c_idx), retain))]
-                   for c_idx in (torch.nonzero(crops == c).squeeze(-1) for c in torch.unique(crops))]
-            kept.append(torch.sort(torch.cat(idx)).values)
-        return engine.large_generate(works, rows, kept, prune_layer=0), kept
+        crops = m.family.token_crops(m.model, work.enc_large)
+        idx = [c_idx[top_k_in_order(scores[c_idx], n_keep(len(c_idx), retain))]
+               for c_idx in (torch.nonzero(crops == c).squeeze(-1) for c in torch.unique(crops))]
+        return torch.sort(torch.cat(idx)).values
 
 
 @dataclass

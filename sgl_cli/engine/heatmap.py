@@ -4,6 +4,12 @@ Every view colours a token by its share of its guide's scores over the whole ima
 scale from that guide's smallest to its largest share, with matplotlib's `inferno` colormap; the tokens the large
 model would keep are marked `[]` in the terminal and outlined in the PNG. With several guides (`--guide all`)
 each map has its own scale (its range is printed with it), and each guide's kept set is compared with sgl's.
+
+An image is one token grid (Qwen, LLaVA-1.5, single-crop LLaVA-NeXT/OneVision, one-tile InternVL) or several, as
+the model lays them out (`Family.token_grids`), each covering the whole image: LLaVA-NeXT/OneVision's base crop
+and its high-res grid (the crops tiled in their places, unpadded as the model packs them), InternVL's tiles in
+their places and its thumbnail. Crop and tile boundaries are drawn inside a grid (terminal: frame lines where
+they are straight; PNG: thin white lines); one colour scale spans all grids of a guide.
 """
 
 from __future__ import annotations
@@ -34,11 +40,52 @@ WHAT = {
 
 
 @dataclass
+class Grid:
+    """One grid of an image's visual tokens as the model lays them out; it covers the whole image."""
+
+    name: str  # "image" (the one grid), "base", "high-res", "tiles", "thumbnail"
+    tokens: np.ndarray  # (rows, cols) int: the visual-token index at each cell
+    crops: np.ndarray  # (rows, cols) int: the crop or tile (the model's pixel_values order) of each cell
+    about: str = ""  # what the grid is, a few words
+    crop_grid: tuple[int, int] | None = None  # (rows, cols) of crops or tiles tiled into it, when several
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.tokens.shape
+        return int(rows), int(cols)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.shape[0]} x {self.shape[1]}"
+
+    def cuts(self) -> tuple[list[int], list[int]]:
+        """The rows and columns where a new crop starts along a straight line through the whole grid, when they
+        cut it into blocks of one crop each (crops tiled in a grid); else no cuts."""
+        crops = self.crops
+        rows = [r for r in range(1, crops.shape[0]) if (crops[r] != crops[r - 1]).all()]
+        cols = [c for c in range(1, crops.shape[1]) if (crops[:, c] != crops[:, c - 1]).all()]
+        for r0, r1 in _spans(rows, crops.shape[0]):
+            for c0, c1 in _spans(cols, crops.shape[1]):
+                if len(np.unique(crops[r0:r1, c0:c1])) != 1:
+                    return [], []
+        return rows, cols
+
+
+def _spans(cuts: list[int], n: int) -> list[tuple[int, int]]:
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@dataclass
 class GuideMap:
     """One guide's ranking of the image's visual tokens."""
 
     name: str  # sgl, cls, fastv or random
-    importance: list[float]  # one per visual token, in sequence (= raster) order
+    importance: list[float]  # one per visual token, in sequence order (placeholders without newlines)
     kept: list[int]  # indices the large model keeps at `retain`, in order
     prune_layer: int = 0  # where the large model drops the other tokens (0: before the language model)
     what: str = ""  # what the scores are, one line
@@ -62,17 +109,30 @@ class Inspection:
     preset: str
     threshold: float | None
     retain: float
-    grid: tuple[int, int]  # (rows, cols) of merged patches
+    grids: list[Grid]  # the image's token grids (one for most families), in the order of their tokens
     maps: list[GuideMap]
     small_answer: str | None = None  # None: the preset names no small model
     confidence: float | None = None
     consistency: float | None = None
     exit_score: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # guide -> why it is not shown
+    calibration: str | None = None  # the calibration file the threshold comes from, if any
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the image's one token grid; None when it has several."""
+        return self.grids[0].shape if len(self.grids) == 1 else None
 
     @property
     def n(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return sum(g.size for g in self.grids)
+
+    @property
+    def about(self) -> str:
+        """What the grids are, one line ("" for one grid)."""
+        if len(self.grids) == 1:
+            return ""
+        return "; ".join(f"{g.name}: {g.about}" for g in self.grids)
 
     @property
     def has_small(self) -> bool:
@@ -91,21 +151,56 @@ class Inspection:
         return len(self.maps[0].kept)
 
     @property
-    def chance_overlap(self) -> float:
-        """Tokens two kept sets of this size share on average when one is drawn at random: k * k / n."""
-        return self.n_kept ** 2 / self.n
+    def same_kept(self) -> bool:
+        """Whether every guide keeps as many tokens (not so for cls on a multi-crop image: top `retain` per crop)."""
+        return len({len(m.kept) for m in self.maps}) == 1
+
+    def kept_count(self) -> str:
+        """`12 of 60`, `12 per guide`, or each guide's count when they differ: `sgl 80, cls 82 of 400`."""
+        if len(self.maps) == 1:
+            return f"{self.n_kept} of {self.n}"
+        if self.same_kept:
+            return f"{self.n_kept} per guide"
+        return ", ".join(f"{m.name} {len(m.kept)}" for m in self.maps) + f" of {self.n}"
+
+    @property
+    def sgl_kept(self) -> int:
+        """How many tokens sgl keeps (its budget is global: max(1, floor(retain * N)))."""
+        return max(1, math.floor(self.n * self.retain + 1e-9))
+
+    def chance(self, m: GuideMap) -> float:
+        """Tokens m's kept set shares with sgl's on average when one is drawn at random: k_sgl * k / n."""
+        return self.sgl_kept * len(m.kept) / self.n
 
     def shares(self, m: GuideMap) -> np.ndarray:
-        """(rows, cols) share of the guide's total score per token."""
+        """(N,) share of the guide's total score per visual token (index it with a grid's `tokens`)."""
         values = np.asarray(m.importance, dtype=np.float64)
         total = values.sum()
-        shares = values / total if total > 0 else np.full_like(values, 1 / len(values))
-        return shares.reshape(self.grid)
+        return values / total if total > 0 else np.full_like(values, 1 / len(values))
 
     def kept_mask(self, m: GuideMap) -> np.ndarray:
+        """(N,) whether the large model keeps each visual token."""
         mask = np.zeros(self.n, dtype=bool)
         mask[m.kept] = True
-        return mask.reshape(self.grid)
+        return mask
+
+    def layout_json(self) -> dict[str, Any]:
+        """`grids` (name, shape, crops in it), `crops` (per crop or tile: its grid, origin and shape there, token
+        count) and `layout` ([crop, row, col] per visual token: row and column within its crop's box)."""
+        grids, crops = [], []
+        layout: list[list[int]] = [[]] * self.n
+        for gi, g in enumerate(self.grids):
+            ids = sorted(int(c) for c in np.unique(g.crops))
+            grids.append({"name": g.name, "shape": list(g.shape), "crops": ids,
+                          "crop_grid": list(g.crop_grid) if g.crop_grid else None, "about": g.about})
+            for c in ids:
+                rows, cols = np.nonzero(g.crops == c)
+                r0, c0 = int(rows.min()), int(cols.min())
+                crops.append({"crop": c, "grid": gi, "origin": [r0, c0],
+                              "shape": [int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1], "tokens": len(rows)})
+                for r, col in zip(rows.tolist(), cols.tolist()):
+                    layout[int(g.tokens[r, col])] = [c, r - r0, col - c0]
+        return {"grids": grids, "crops": sorted(crops, key=lambda c: c["crop"]), "layout": layout}
 
     def to_json(self) -> dict[str, Any]:
         """One guide: its fields beside the common ones (flat). Several: the common fields and `guides`, a map
@@ -122,8 +217,10 @@ class Inspection:
             "consistency": self.consistency,
             "threshold": self.threshold,
             "retain": self.retain,
+            "calibration": self.calibration,
             "visual_tokens": self.n,
-            "grid": list(self.grid),
+            "grid": list(self.grid) if self.grid else None,  # None: several grids (see `grids`)
+            **self.layout_json(),
         }
         if self.guide != "all":
             return {**common, **self._guide_json(self.maps[0])}
@@ -182,8 +279,11 @@ def overlap_summary(insp: Inspection) -> str | None:
     others = [m for m in insp.maps if m.sgl_overlap is not None]
     if not others:
         return None
-    counts = ", ".join(f"{m.name} {m.sgl_overlap}" for m in others)
-    return f"kept by sgl too (of {insp.n_kept}; {insp.chance_overlap:.2g} by chance): {counts}"
+    if insp.same_kept:
+        counts = ", ".join(f"{m.name} {m.sgl_overlap}" for m in others)
+        return f"kept by sgl too (of {insp.n_kept}; {insp.chance(others[0]):.2g} by chance): {counts}"
+    counts = ", ".join(f"{m.name} {m.sgl_overlap} of {len(m.kept)} ({insp.chance(m):.2g} by chance)" for m in others)
+    return f"kept by sgl too (sgl keeps {insp.sgl_kept}): {counts}"
 
 
 # -- terminal -------------------------------------------------------------------------------------------------
@@ -241,21 +341,30 @@ def _exit_line(insp: Inspection) -> str:
     if insp.threshold is None:
         return f"never (no threshold): {runs}"
     if insp.sgl_exits:
-        return (f"yes: exit_score {insp.exit_score:.3f} >= threshold {insp.threshold:g}; the small model's answer "
+        return (f"yes: exit_score {insp.exit_score:.3f} >= {_threshold(insp)}; the small model's answer "
                 "is returned and the large model does not run" + (" (sgl guide)" if insp.guide == "all" else ""))
-    return f"no: exit_score {insp.exit_score:.3f} < threshold {insp.threshold:g}; {runs}"
+    return f"no: exit_score {insp.exit_score:.3f} < {_threshold(insp)}; {runs}"
+
+
+def _threshold(insp: Inspection) -> str:
+    """`threshold 0.9`, and the calibration file it comes from (`threshold 0.9 of cal.yaml`)."""
+    where = f" of {Path(insp.calibration).name}" if insp.calibration else ""
+    return f"threshold {insp.threshold:g}{where}"
 
 
 def _sgl_verdict(insp: Inspection) -> str:
     if insp.threshold is None:
         return "no threshold, no exit"
     sign, would = (">=", "would exit") if insp.sgl_exits else ("<", "would not exit")
-    return f"exit_score {insp.exit_score:.3f} {sign} threshold {insp.threshold:g}, it {would}"
+    return f"exit_score {insp.exit_score:.3f} {sign} {_threshold(insp)}, it {would}"
 
 
 def _grid_line(insp: Inspection) -> str:
+    count = insp.kept_count()
+    if insp.grid is None:
+        grids = " + ".join(g.label for g in insp.grids)
+        return f"token grids {grids} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
     rows, cols = insp.grid
-    count = f"{insp.n_kept} per guide" if len(insp.maps) > 1 else f"{insp.n_kept} of {insp.n}"
     return f"token grid {rows} x {cols} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
 
 
@@ -263,35 +372,68 @@ def _pool_factor(cols: int, budget: int) -> int:
     return math.ceil(cols / max(1, (budget - 2) // CELL))  # 2: the frame's sides
 
 
-def _framed(insp: Inspection, m: GuideMap, factor: int, colour: bool):
-    """The framed map as lines of Text, and its (lo, hi) shares."""
+def _grid_width(grid: Grid, factor: int) -> int:
+    """Terminal columns of a grid framed at pool `factor`: cells, the frame's sides and the crop separators."""
+    spans = _spans(grid.cuts()[1], grid.shape[1])
+    return sum(CELL * -(-(c1 - c0) // factor) for c0, c1 in spans) + len(spans) + 1
+
+
+def _grid_factor(grid: Grid, budget: int) -> int:
+    """The smallest pool factor that fits the grid into `budget` columns (pooling within each crop)."""
+    factor = 1
+    while _grid_width(grid, factor) > budget and factor < max(grid.shape):
+        factor += 1
+    return factor
+
+
+def _framed(insp: Inspection, m: GuideMap, factor: int, colour: bool, grid: Grid | None = None):
+    """The framed map of `grid` (default: the one grid) as lines of Text, and the guide's (lo, hi) shares over
+    the whole image. Crops tiled in a grid are separated by frame lines, and pooled each on its own."""
     from rich.text import Text
 
+    grid = grid or insp.grids[0]
     norm, lo, hi = normalise(insp.shares(m))
-    cells, marks = pool(norm, insp.kept_mask(m), factor)
-    edge = "─" * (CELL * cells.shape[1])
-    lines = [Text("┌" + edge + "┐")]
-    for r in range(cells.shape[0]):
-        line = Text("│")
-        for value, kept in zip(cells[r], marks[r]):
-            line.append_text(_cell(float(value), bool(kept), colour))
-        line.append("│")
-        lines.append(line)
-    lines.append(Text("└" + edge + "┘"))
+    values, marks = norm[grid.tokens], insp.kept_mask(m)[grid.tokens]
+    row_cuts, col_cuts = grid.cuts()
+    blocks = [[pool(values[r0:r1, c0:c1], marks[r0:r1, c0:c1], factor)
+               for c0, c1 in _spans(col_cuts, grid.shape[1])] for r0, r1 in _spans(row_cuts, grid.shape[0])]
+    widths = [CELL * cells.shape[1] for cells, _ in blocks[0]]
+
+    def rule(left: str, middle: str, right: str):
+        return Text(left + middle.join("─" * w for w in widths) + right)
+
+    lines = [rule("┌", "┬", "┐")]
+    for i, band in enumerate(blocks):
+        if i:
+            lines.append(rule("├", "┼", "┤"))
+        for r in range(band[0][0].shape[0]):
+            line = Text("│")
+            for cells, kept in band:
+                for value, k in zip(cells[r], kept[r]):
+                    line.append_text(_cell(float(value), bool(k), colour))
+                line.append("│")
+            lines.append(line)
+    lines.append(rule("└", "┴", "┘"))
     return lines, lo, hi
 
 
-def _pool_note(insp: Inspection, factor: int, budget: int, cells: tuple[int, int]):
+def _pool_note(insp: Inspection, factor: int, budget: int, cells: tuple[int, int], grid: Grid | None = None):
     from rich.text import Text
 
-    return Text(f"note: {insp.grid[1]} token columns are too wide for {budget} terminal columns: each cell is the "
-                f"max over a {factor} x {factor} block of tokens ({cells[0]} x {cells[1]} cells); {KEPT} marks a "
-                "block with a kept token.", style="yellow")
+    grid = grid or insp.grids[0]
+    name = f"{grid.name}: " if len(insp.grids) > 1 else ""
+    within = " within one crop" if grid.cuts() != ([], []) else ""
+    return Text(f"note: {name}{grid.shape[1]} token columns are too wide for {budget} terminal columns: each cell is "
+                f"the max over a {factor} x {factor} block of tokens{within} ({cells[0]} x {cells[1]} cells); "
+                f"{KEPT} marks a block with a kept token.", style="yellow")
 
 
 def _render_one(insp: Inspection, m: GuideMap, console, budget: int, colour: bool, title: bool = False) -> None:
     from rich.text import Text
 
+    if len(insp.grids) > 1:
+        _render_grids(insp, m, console, budget, colour, title)
+        return
     factor = _pool_factor(insp.grid[1], budget)
     lines, lo, hi = _framed(insp, m, factor, colour)
     if title:
@@ -299,12 +441,59 @@ def _render_one(insp: Inspection, m: GuideMap, console, budget: int, colour: boo
     else:
         console.print(Text(_grid_line(insp)))
         if m.sgl_overlap is not None:
-            console.print(Text(f"{_sgl_part(insp, m)} ({insp.chance_overlap:.2g} by chance)"))
+            console.print(Text(f"{_sgl_part(insp, m)} ({insp.chance(m):.2g} by chance)"))
     for line in lines:
         console.print(line)
     console.print(_legend(lo, hi, colour, f"share of the image's {m.noun} (linear)"))
     if factor > 1 and not title:
         console.print(_pool_note(insp, factor, budget, (len(lines) - 2, (len(lines[0]) - 2) // CELL)))
+
+
+def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: bool, title: bool) -> None:
+    """Several grids of one guide: each framed under its name, shape and kept count; side by side when they fit
+    the width unpooled, else one under another, each pooled to fit on its own. One colour scale for all."""
+    from rich.text import Text
+
+    if title:
+        console.print(Text.assemble((m.name, "bold"), f"  {_sgl_part(insp, m)}"))
+    else:
+        console.print(Text(_grid_line(insp)))
+        console.print(Text(insp.about))
+        if m.sgl_overlap is not None:
+            console.print(Text(f"{_sgl_part(insp, m)} ({insp.chance(m):.2g} by chance)"))
+        console.print()
+    kept = insp.kept_mask(m)
+    side_by_side = sum(_grid_width(g, 1) for g in insp.grids) + PANEL_GAP * (len(insp.grids) - 1) <= budget
+    panels, notes, lo, hi = [], [], 0.0, 0.0
+    for g in insp.grids:
+        factor = 1 if side_by_side else _grid_factor(g, budget)
+        lines, lo, hi = _framed(insp, m, factor, colour, g)
+        head = [Text(g.label, style="bold"), Text(f"{int(kept[g.tokens].sum())} of {g.size} kept")]
+        panels.append(head + lines)
+        if factor > 1:
+            cells = (sum(1 for line in lines if line.plain.startswith("│")),
+                     sum(1 for c in lines[1].plain if c != "│") // CELL)
+            notes.append(_pool_note(insp, factor, budget, cells, g))
+    if side_by_side:
+        widths = [max(len(line.plain) for line in p) for p in panels]
+        for i in range(max(len(p) for p in panels)):
+            line = Text()
+            for j, (p, w) in enumerate(zip(panels, widths)):
+                cell = p[i].copy() if i < len(p) else Text("")
+                cell.truncate(w, pad=j < len(panels) - 1)
+                if j:
+                    line.append(" " * PANEL_GAP)
+                line.append_text(cell)
+            console.print(line)
+    else:
+        for j, p in enumerate(panels):
+            if j:
+                console.print()
+            for line in p:
+                console.print(line)
+    console.print(_legend(lo, hi, colour, f"share of the image's {m.noun} (linear, all grids)"))
+    for note in notes:
+        console.print(note)
 
 
 def _sgl_part(insp: Inspection, m: GuideMap) -> str:
@@ -314,13 +503,23 @@ def _sgl_part(insp: Inspection, m: GuideMap) -> str:
 
 
 def _render_many(insp: Inspection, console, budget: int, colour: bool) -> None:
-    """Side by side when at least two maps fit the width unpooled (in balanced rows), else one after another."""
+    """Side by side when at least two maps fit the width unpooled (in balanced rows), else one after another.
+    Several grids per image: one guide after another, each with its grids."""
     from rich.text import Text
 
+    console.print(Text(_grid_line(insp)))
+    if len(insp.grids) > 1:
+        console.print(Text(insp.about))
+        for m in insp.maps:
+            console.print()
+            _render_grids(insp, m, console, budget, colour, title=True)
+        summary = overlap_summary(insp)
+        if summary:
+            console.print(Text(summary))
+        return
     rows, cols = insp.grid
     width = max(CELL * cols + 2, PANEL_WIDTH)
     per_row = (budget + PANEL_GAP) // (width + PANEL_GAP)
-    console.print(Text(_grid_line(insp)))
     if per_row >= 2:
         n_rows = math.ceil(len(insp.maps) / per_row)
         per_row = math.ceil(len(insp.maps) / n_rows)
@@ -400,6 +599,7 @@ MIN_CAPTION_WIDTH = 480  # tall, narrow images get a wider canvas rather than an
 GAP = 16  # white space between panels
 ALPHA = 0.55  # weight of the colour map over the image
 OUTLINE = (0, 255, 255)  # cyan: stands out from every colour of inferno
+CROP_LINE = (255, 255, 255)  # crop and tile boundaries inside a grid
 INK = (30, 30, 30)
 
 
@@ -430,9 +630,9 @@ class PngLayout:
         return self.margin + self.rows * (self.title_height + self.panel[1]) + (self.rows - 1) * GAP
 
 
-def png_layout(image_size: tuple[int, int], panels: int) -> PngLayout:
-    """One panel: the image at least MIN_SIDE px on its long side. Several: each at least PANEL_MIN_SIDE, in the
-    grid of columns x rows whose shape is nearest 4:3."""
+def png_layout(image_size: tuple[int, int], panels: int, columns: int | None = None) -> PngLayout:
+    """One panel: the image at least MIN_SIDE px on its long side. Several: each at least PANEL_MIN_SIDE, in
+    `columns` columns, or else in the grid of columns x rows whose shape is nearest 4:3."""
     w0, h0 = image_size
     scale = max(1, math.ceil((MIN_SIDE if panels == 1 else PANEL_MIN_SIDE) / max(w0, h0)))
     w, h = w0 * scale, h0 * scale
@@ -448,30 +648,36 @@ def png_layout(image_size: tuple[int, int], panels: int) -> PngLayout:
         columns, rows = shape
         return abs(math.log((columns * w) / (rows * (h + title)) / (4 / 3)))
 
-    columns, rows = min({balanced(c) for c in range(1, panels + 1)}, key=off_shape)
+    if columns is not None:
+        columns, rows = columns, math.ceil(panels / columns)
+    else:
+        columns, rows = min({balanced(c) for c in range(1, panels + 1)}, key=off_shape)
     grid_w = columns * w + (columns - 1) * GAP
     return PngLayout(scale, (w, h), columns, rows, title, max(grid_w + 2 * GAP, MIN_CAPTION_WIDTH), margin=GAP)
 
 
 def save_png(insp: Inspection, image, path: Path) -> tuple[int, int]:
-    """Write the image with each guide's importance overlaid (one panel per guide), the kept tokens outlined and
-    a caption band below. The colour map is the token grid upsampled by nearest neighbour. Returns the PNG's
-    (width, height)."""
+    """Write the image with each guide's importance overlaid (one panel per guide and token grid: every grid
+    covers the whole image; several guides of a several-grid image are one row each), the kept tokens outlined,
+    crop and tile boundaries in thin white lines, and a caption band below. The colour map is the token grid
+    upsampled by nearest neighbour. Returns the PNG's (width, height)."""
     from PIL import Image, ImageDraw
 
-    layout = png_layout(image.size, len(insp.maps))
+    shown = [(m, g) for m in insp.maps for g in insp.grids]
+    columns = len(insp.grids) if len(insp.grids) > 1 and len(insp.maps) > 1 else None
+    layout = png_layout(image.size, len(shown), columns)
     w, h = layout.panel
     base = image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
     panels = Image.new("RGB", (layout.width, layout.height), "white")
     scales = []
-    for i, m in enumerate(insp.maps):
-        overlay, lo, hi = _overlay(insp, m, base)
+    for i, (m, g) in enumerate(shown):
+        overlay, lo, hi = _overlay(insp, m, base, g)
         scales.append((lo, hi))
         left, top, _, _ = layout.box(i)
         panels.paste(overlay, (left, top))
         if layout.title_height:
-            _panel_title(ImageDraw.Draw(panels), insp, m, (lo, hi), left, top - layout.title_height, w)
-    caption = _caption(insp, layout.width, scales[0] if len(scales) == 1 else None)
+            _panel_title(ImageDraw.Draw(panels), insp, m, (lo, hi), left, top - layout.title_height, w, g)
+    caption = _caption(insp, layout.width, scales[0] if len(insp.maps) == 1 else None)
     canvas = Image.new("RGB", (layout.width, layout.height + caption.height), "white")
     canvas.paste(panels, (0, 0))
     canvas.paste(caption, (0, layout.height))
@@ -479,14 +685,15 @@ def save_png(insp: Inspection, image, path: Path) -> tuple[int, int]:
     return canvas.size
 
 
-def _overlay(insp: Inspection, m: GuideMap, base):
+def _overlay(insp: Inspection, m: GuideMap, base, grid: Grid | None = None):
     import matplotlib
     from PIL import Image, ImageDraw
 
-    rows, cols = insp.grid
+    grid = grid or insp.grids[0]
+    rows, cols = grid.shape
     w, h = base.size
     norm, lo, hi = normalise(insp.shares(m))
-    colours = matplotlib.colormaps[COLORMAP](norm, bytes=True)[..., :3]
+    colours = matplotlib.colormaps[COLORMAP](norm[grid.tokens], bytes=True)[..., :3]
     row_of_y = np.arange(h) * rows // h
     col_of_x = np.arange(w) * cols // w
     heat = Image.fromarray(np.ascontiguousarray(colours[row_of_y][:, col_of_x]), "RGB")
@@ -494,8 +701,21 @@ def _overlay(insp: Inspection, m: GuideMap, base):
     # Cell c spans the pixels whose nearest cell is c: x from ceil(c * w / cols) to ceil((c + 1) * w / cols).
     xs = [-(-c * w // cols) for c in range(cols + 1)]
     ys = [-(-r * h // rows) for r in range(rows + 1)]
-    _outline(ImageDraw.Draw(overlay), insp.kept_mask(m), xs, ys)
+    draw = ImageDraw.Draw(overlay)
+    _crop_lines(draw, grid.crops, xs, ys)
+    _outline(draw, insp.kept_mask(m)[grid.tokens], xs, ys)
     return overlay, lo, hi
+
+
+def _crop_lines(draw, crops: np.ndarray, xs: list[int], ys: list[int]) -> None:
+    """A thin line between neighbouring cells of different crops or tiles (none in a one-crop grid)."""
+    lw = 2 if min(xs[1] - xs[0], ys[1] - ys[0]) >= 24 else 1
+    for r, c in zip(*np.nonzero(crops[:, 1:] != crops[:, :-1])):  # between columns c and c + 1
+        x = xs[c + 1] - lw // 2
+        draw.rectangle((x, ys[r], x + lw - 1, ys[r + 1] - 1), fill=CROP_LINE)
+    for r, c in zip(*np.nonzero(crops[1:] != crops[:-1])):  # between rows r and r + 1
+        y = ys[r + 1] - lw // 2
+        draw.rectangle((xs[c], y, xs[c + 1] - 1, y + lw - 1), fill=CROP_LINE)
 
 
 def _outline(draw, kept: np.ndarray, xs: list[int], ys: list[int]) -> None:
@@ -542,16 +762,24 @@ def _fit(draw, text: str, font, width: float) -> str:
 
 
 def _panel_title(draw, insp: Inspection, m: GuideMap, scale: tuple[float, float], left: int, top: int,
-                 width: int) -> None:
-    """Two lines above a panel: the guide and its colour range; what sgl thinks of its kept set."""
+                 width: int, grid: Grid | None = None) -> None:
+    """Two lines above a panel: the guide (and the grid) and its colour range; its kept tokens (in this grid, and
+    what sgl thinks of the guide's kept set)."""
     size = _title_size(width)
     font, bold = _font(size), _font(size, bold=True)
-    x = left + draw.textlength(m.name + "  ", font=bold)
-    draw.text((left, top), m.name, font=bold, fill=INK)
+    several = len(insp.grids) > 1 and grid is not None
+    name = m.name if not several else grid.label if len(insp.maps) == 1 else f"{m.name} · {grid.label}"
+    x = left + draw.textlength(name + "  ", font=bold)
+    draw.text((left, top), name, font=bold, fill=INK)
     draw.text((x, top), _fit(draw, f"colour {'–'.join(span(*scale))}", font, width - (x - left)),
               font=font, fill=INK)
-    second = (f"kept {len(m.kept)} / {insp.n}" if m.sgl_overlap is None
-              else f"kept {len(m.kept)} / {insp.n}, {m.sgl_overlap} of them also by sgl")
+    if several:
+        here = int(insp.kept_mask(m)[grid.tokens].sum())
+        second = f"kept {here} of its {grid.size} ({len(m.kept)} of {insp.n} in all)"
+    elif m.sgl_overlap is None:
+        second = f"kept {len(m.kept)} / {insp.n}"
+    else:
+        second = f"kept {len(m.kept)} / {insp.n}, {m.sgl_overlap} of them also by sgl"
     draw.text((left, top + size + size // 3), _fit(draw, second, font, width), font=font, fill=INK)
 
 
@@ -583,10 +811,10 @@ def _caption(insp: Inspection, width: int, scale: tuple[float, float] | None):
             verdict = "no exit threshold"
         elif insp.guide == "sgl":
             verdict = ("would exit: the large model does not run" if insp.sgl_exits
-                       else f"below threshold {insp.threshold:g}: the large model runs")
+                       else f"below {_threshold(insp)}: the large model runs")
         else:
-            verdict = (f"with the sgl guide it would {'' if insp.sgl_exits else 'not '}exit at threshold "
-                       f"{insp.threshold:g}" + ("" if insp.guide == "all" else f"; the {insp.guide} guide never "
+            verdict = (f"with the sgl guide it would {'' if insp.sgl_exits else 'not '}exit at "
+                       f"{_threshold(insp)}" + ("" if insp.guide == "all" else f"; the {insp.guide} guide never "
                                                                                 "exits: the large model runs"))
         paragraphs += [
             (bold, f"A: {printable(insp.small_answer)}"),
@@ -599,18 +827,24 @@ def _caption(insp: Inspection, width: int, scale: tuple[float, float] | None):
         if m.large_answer is not None:
             paragraphs.append((bold, f"Large model, from {m.name}'s kept tokens: {printable(m.large_answer)}"))
     guides = f"guide {insp.maps[0].name}" if not many else f"guides {', '.join(m.name for m in insp.maps)}"
-    paragraphs.append((font, f"kept {insp.n_kept} / {insp.n} visual tokens at retain {insp.retain:g} (outlined)"
-                             f"{' per guide' if many else ''} · grid {insp.grid[0]} x {insp.grid[1]} · {guides}"))
+    grids = (f"grid {insp.grid[0]} x {insp.grid[1]}" if insp.grid
+             else f"grids {' + '.join(g.label for g in insp.grids)}")
+    kept = (f"kept {insp.n_kept} / {insp.n} visual tokens at retain {insp.retain:g} (outlined)"
+            f"{' per guide' if many else ''}") if insp.same_kept else \
+        f"kept at retain {insp.retain:g} (outlined): {insp.kept_count()} visual tokens"
+    paragraphs.append((font, f"{kept} · {grids} · {guides}"))
+    if insp.grid is None:
+        paragraphs.append((font, f"{insp.about[0].upper()}{insp.about[1:]}; crop and tile boundaries in white"))
     summary = overlap_summary(insp)
     if summary and many:
         paragraphs.append((font, summary[0].upper() + summary[1:]))
     elif summary:
-        paragraphs.append((font, f"{_sgl_part(insp, insp.maps[0])} ({insp.chance_overlap:.2g} by chance)"))
+        paragraphs.append((font, f"{_sgl_part(insp, insp.maps[0])} ({insp.chance(insp.maps[0]):.2g} by chance)"))
     for name, why in insp.skipped.items():
         paragraphs.append((font, f"{name} skipped: {why}"))
     if many:
         paragraphs.append((font, "colour: each token's share of its guide's scores over the image, linear from the "
-                                 "panel's smallest to its largest share (the range above each panel):"))
+                                 "guide's smallest to its largest share (the range above each panel):"))
     else:
         paragraphs.append((font, f"colour: each token's share of the image's {insp.maps[0].noun}, linear scale:"))
 
