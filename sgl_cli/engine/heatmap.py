@@ -475,16 +475,7 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
                      sum(1 for c in lines[1].plain if c != "│") // CELL)
             notes.append(_pool_note(insp, factor, budget, cells, g))
     if side_by_side:
-        widths = [max(len(line.plain) for line in p) for p in panels]
-        for i in range(max(len(p) for p in panels)):
-            line = Text()
-            for j, (p, w) in enumerate(zip(panels, widths)):
-                cell = p[i].copy() if i < len(p) else Text("")
-                cell.truncate(w, pad=j < len(panels) - 1)
-                if j:
-                    line.append(" " * PANEL_GAP)
-                line.append_text(cell)
-            console.print(line)
+        _print_side_by_side(console, panels, [max(len(line.plain) for line in p) for p in panels])
     else:
         for j, p in enumerate(panels):
             if j:
@@ -494,6 +485,21 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
     console.print(_legend(lo, hi, colour, f"share of the image's {m.noun} (linear, all grids)"))
     for note in notes:
         console.print(note)
+
+
+def _print_side_by_side(console, panels: list[list], widths: list[int]) -> None:
+    """Panels (lists of Text lines) next to each other, each padded to its width, PANEL_GAP apart."""
+    from rich.text import Text
+
+    for i in range(max(len(p) for p in panels)):
+        line = Text()
+        for j, (p, w) in enumerate(zip(panels, widths)):
+            cell = p[i].copy() if i < len(p) else Text("")
+            cell.truncate(w, pad=j < len(panels) - 1)
+            if j:
+                line.append(" " * PANEL_GAP)
+            line.append_text(cell)
+        console.print(line)
 
 
 def _sgl_part(insp: Inspection, m: GuideMap) -> str:
@@ -526,15 +532,7 @@ def _render_many(insp: Inspection, console, budget: int, colour: bool) -> None:
         for start in range(0, len(insp.maps), per_row):
             panels = [_panel(insp, m, width, colour) for m in insp.maps[start:start + per_row]]
             console.print()
-            for i in range(max(len(p) for p in panels)):
-                line = Text()
-                for j, p in enumerate(panels):
-                    cell = p[i].copy() if i < len(p) else Text("")
-                    cell.truncate(width, pad=j < len(panels) - 1)
-                    if j:
-                        line.append(" " * PANEL_GAP)
-                    line.append_text(cell)
-                console.print(line)
+            _print_side_by_side(console, panels, [width] * len(panels))
         console.print(_legend(None, None, colour, "each map's own share scale (range below it)"))
     else:
         factor = _pool_factor(cols, budget)
