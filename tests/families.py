@@ -83,21 +83,33 @@ def _text_config(size: dict, tok, family: str, **extra) -> dict:
 
 
 # -- per family: (processor, config(size)) -----------------------------------------------------------------------
+def _llama_tokenizer(template: str):
+    """The LLaVA-1.5 / LLaVA-NeXT tokenizer: Llama specials and one <image> placeholder."""
+    return _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, template, "</s>", "<pad>")
+
+
+def _clip_vision():
+    """The tiny CLIP tower both LLaVA-1.5 and LLaVA-NeXT use: 64 px, 8 px patches, an 8 x 8 grid plus [CLS]."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=64, patch_size=8, projection_dim=32)
+
+
 def _llava(size_name: str):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlamaConfig
+    from transformers import LlavaConfig, LlamaConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.processing_llava import LlavaProcessor
 
     template = _template("USER: ", "<image>\n", "ASSISTANT:", end=" ")
-    tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, template, "</s>", "<pad>")
+    tok = _llama_tokenizer(template)
     ip = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=template)
 
     def config(size):
         return LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=64, patch_size=8, projection_dim=32),
+            vision_config=_clip_vision(),
             text_config=LlamaConfig(**_text_config(size, tok, "llava")),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -107,12 +119,12 @@ def _llava(size_name: str):
 
 
 def _llava_next(size_name: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+    from transformers import LlamaConfig, LlavaNextConfig
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
     template = _template("[INST] ", "<image>\n", " [/INST]")
-    tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, template, "</s>", "<pad>")
+    tok = _llama_tokenizer(template)
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
                                     image_grid_pinpoints=PINPOINTS)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
@@ -120,8 +132,7 @@ def _llava_next(size_name: str):
 
     def config(size):
         return LlavaNextConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=64, patch_size=8, projection_dim=32),
+            vision_config=_clip_vision(),
             text_config=LlamaConfig(**_text_config(size, tok, "llava_next")),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
