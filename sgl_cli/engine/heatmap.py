@@ -165,8 +165,10 @@ class Inspection:
 
     @property
     def sgl_kept(self) -> int:
-        """How many tokens sgl keeps (its budget is global: max(1, floor(retain * N)))."""
-        return max(1, math.floor(self.n * self.retain + 1e-9))
+        """How many tokens sgl keeps (its budget is global over the image)."""
+        from .guides import n_keep
+
+        return n_keep(self.n, self.retain)
 
     def chance(self, m: GuideMap) -> float:
         """Tokens m's kept set shares with sgl's on average when one is drawn at random: k_sgl * k / n."""
