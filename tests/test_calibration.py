@@ -275,7 +275,30 @@ def test_model_fingerprint(tmp_path):
     assert model_fingerprint(ModelSpec(str(_folder(tmp_path / "d", weights=b"12345")))) != a
     assert model_fingerprint(ModelSpec("Qwen/Qwen2-VL-2B-Instruct")) == "Qwen/Qwen2-VL-2B-Instruct"
     assert model_fingerprint(ModelSpec("Qwen/Qwen2-VL-2B-Instruct", revision="abc")) == "Qwen/Qwen2-VL-2B-Instruct@abc"
-    assert model_fingerprint(ModelSpec("builtin:default/small")) == "builtin:default/small"
+
+
+
+def test_builtin_fingerprint_follows_the_weights(tmp_path, monkeypatch):
+    """A retrained shipped pair has the same file sizes, so its fingerprint hashes the files themselves: a
+    calibration (or its cache) made with the old weights must not match the new ones."""
+    import shutil
+
+    from sgl_cli.engine import builtin
+
+    shipped = tmp_path / "default"
+    shutil.copytree(builtin.SHIPPED["default"], shipped)
+    monkeypatch.setitem(builtin.SHIPPED, "default", shipped)
+    before = model_fingerprint(ModelSpec("builtin:default/small"))
+    assert before.startswith("builtin:default/small#")
+    assert model_fingerprint(ModelSpec("builtin:default/small")) == before
+    assert model_fingerprint(ModelSpec("builtin:default/large")) != before.replace("small", "large")
+    weights = shipped / "small" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, different weights
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(ModelSpec("builtin:default/small")) != before
+    # Pairs built on demand are fixed by their spec.
+    assert model_fingerprint(ModelSpec("builtin:tiny/small")) == f"builtin:tiny/small#{builtin.TINY_SPEC.key()}"
 
 
 def test_fingerprint_and_differences():

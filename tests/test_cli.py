@@ -31,6 +31,19 @@ def test_help_is_fast_and_lists_commands():
     assert res.exit_code == 0 and "run" in res.output and "demo" in res.output
 
 
+def test_help_prose_wraps_to_the_terminal_and_examples_keep_their_lines():
+    """Typer keeps every line break of a docstring: prose must reach it unwrapped, examples as written."""
+    from sgl_cli.commands import run
+
+    doc = run.run.__doc__
+    input_paragraph = next(p for p in doc.split("\n\n") if p.startswith("Input:"))
+    assert "\n" not in input_paragraph
+    examples = next(p for p in doc.split("\n\n") if p.startswith("Examples:")).splitlines()
+    assert len(examples) >= 3 and all(x.startswith("  sgl ") for x in examples[1:])
+    wide = CliRunner().invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert input_paragraph[:150] in " ".join(wide.output.split())
+
+
 def test_run_writes_one_record_per_item_and_settings(batch, preset_file):
     res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--retain", "0.09", "-q"])
     assert res.exit_code == 0, res.output

@@ -11,6 +11,16 @@ import typer
 USAGE_ERROR = 2
 
 
+def with_help(command: Callable, text: str) -> None:
+    """Append `text` to the command's --help. Prose paragraphs are unwrapped so the terminal wraps them to
+    its width (Typer keeps every line break); a paragraph with indented lines (examples) is kept as written."""
+    paragraphs = []
+    for para in text.strip("\n").split("\n\n"):
+        lines = para.splitlines()
+        paragraphs.append(para if any(x.startswith(" ") for x in lines) else " ".join(x.strip() for x in lines))
+    command.__doc__ = (command.__doc__ or "") + "\n\n" + "\n\n".join(paragraphs)
+
+
 def err(message: str) -> None:
     typer.echo(message, err=True)
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ._common import domain_errors, err, progress_bar, set_threads
+from ._common import domain_errors, err, progress_bar, set_threads, with_help
 
 EXAMPLE = """
 Input: the `sgl run` JSONL format with `answer` on every line (a string, a number, or a list of the
@@ -62,7 +62,7 @@ def calibrate(
     raise typer.Exit(code)
 
 
-calibrate.__doc__ = (calibrate.__doc__ or "") + "\n" + EXAMPLE
+with_help(calibrate, EXAMPLE)
 
 
 def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optional[float], metric: str,

@@ -10,7 +10,7 @@ import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.preset import GUIDES  # light: no torch
-from ._common import calibrated_threshold, domain_errors, err, progress_bar, set_threads
+from ._common import calibrated_threshold, domain_errors, err, progress_bar, set_threads, with_help
 
 DEFAULT_RETAINS = "1.0,0.5,0.25,0.09"
 
@@ -71,7 +71,7 @@ def eval_command(
     raise typer.Exit(code)
 
 
-eval_command.__doc__ = (eval_command.__doc__ or "") + "\n" + EXAMPLE
+with_help(eval_command, EXAMPLE)
 
 
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,

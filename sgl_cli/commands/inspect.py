@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..engine.items import Item  # light: no torch
-from ._common import domain_errors, err, set_threads
+from ._common import domain_errors, err, set_threads, with_help
 
 EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
@@ -93,7 +93,7 @@ def inspect(
         _inspect(image, question, guide, preset, retain, png, as_json, answer_large, threads)
 
 
-inspect.__doc__ = (inspect.__doc__ or "") + "\n" + EXAMPLE
+with_help(inspect, EXAMPLE)
 
 
 def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optional[str], retain: Optional[float],

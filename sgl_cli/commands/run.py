@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, preset_calibration, read_calibration, set_threads, stderr_is_tty
+from ._common import (domain_errors, err, preset_calibration, read_calibration, set_threads, stderr_is_tty,
+                      with_help)
 
 EXAMPLE = """
 Input: one JSON object per line with `image` (path, relative to the JSONL file), `question`, and optionally
@@ -67,7 +68,7 @@ def run(
     raise typer.Exit(code)
 
 
-run.__doc__ = (run.__doc__ or "") + "\n" + EXAMPLE
+with_help(run, EXAMPLE)
 
 
 class _Backend:

@@ -67,6 +67,10 @@ class PairSpec:
     max_pixels: int = 448 * 448  # at most 256 visual tokens per image
     seed: int = 0
     arch: str = "qwen2_vl"  # or "qwen2_5_vl" (windowed vision attention, different vision config)
+    # Rotary frequencies (radians per row / per column) for the first pairs of M-RoPE's h and w sections; the
+    # rest keep rope theta's. Theta 1e4 at head_dim 32 turns by at most 0.1 rad per row and 0.003 per column,
+    # too little for a head to single out a neighbouring cell. Empty for the shipped pair (trained without).
+    spatial_freqs: tuple[float, ...] = ()
 
     def key(self) -> str:
         blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
@@ -79,7 +83,10 @@ TRAINED_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6,
 # Random-weight pairs built on demand: `random` at the default's size, `tiny` for tests (hidden 64, 2 layers;
 # still a real pair of different sizes).
 RANDOM_SPEC = TRAINED_SPEC
-TINY_SPEC = PairSpec(small=LMSize(64, 2, 4, 2, 128), large=LMSize(128, 2, 4, 2, 256), vision_embed=32)
+# The tiny pair turns by 1.6 rad per row and column (a longrope spectrum), so a wrong row or column position id
+# changes its logits clearly; at theta's own frequencies (head_dim 16) it would barely move them.
+TINY_SPEC = PairSpec(small=LMSize(64, 2, 4, 2, 128), large=LMSize(128, 2, 4, 2, 256), vision_embed=32,
+                     spatial_freqs=(1.6, 0.8, 0.4))  # head_dim 16: three pairs per spatial section
 
 SPECS = {"random": RANDOM_SPEC, "tiny": TINY_SPEC}
 # Pairs that ship inside the package, trained: name -> folder holding small/ and large/.
@@ -173,7 +180,7 @@ def build_config(spec: PairSpec, lm: LMSize, tokenizer):
             "num_attention_heads": lm.heads,
             "num_key_value_heads": lm.kv_heads,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            "rope_parameters": rope_parameters(spec, head_dim, section),
             "bos_token_id": ids("<|endoftext|>"),
             "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<|endoftext|>"),
@@ -184,6 +191,26 @@ def build_config(spec: PairSpec, lm: LMSize, tokenizer):
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
+
+
+def rope_parameters(spec: PairSpec, head_dim: int, section: list[int]) -> dict:
+    """Default RoPE (theta 1e4), or with `spec.spatial_freqs` the same spectrum with the first pairs of the h
+    and w sections set to those frequencies: a per-pair rescaling, which transformers' `longrope` type
+    expresses exactly (factor 1, so no attention rescaling and the same frequencies at every length)."""
+    theta = 10000.0
+    if not spec.spatial_freqs:
+        return {"rope_type": "default", "rope_theta": theta, "mrope_section": section}
+    if len(spec.spatial_freqs) > min(section[1:]):
+        raise ValueError(f"spatial_freqs has {len(spec.spatial_freqs)} entries, more than the {min(section[1:])} "
+                         f"rotary pairs of an M-RoPE spatial section at head_dim {head_dim}")
+    base = [theta ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    wanted = list(base)
+    for start in (section[0], section[0] + section[1]):  # the h and w sections
+        for j, f in enumerate(spec.spatial_freqs):
+            wanted[start + j] = f
+    factors = [b / w for b, w in zip(base, wanted)]  # longrope: inv_freq = base_freq / factor
+    return {"rope_type": "longrope", "rope_theta": theta, "mrope_section": section, "short_factor": factors,
+            "long_factor": factors, "factor": 1.0, "attention_factor": 1.0, "original_max_position_embeddings": 4096}
 
 
 def build_pair(spec: PairSpec, out: Path) -> dict[str, Path]:

@@ -314,13 +314,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
-    """A hub id (with its revision) as is; a local folder as a hash of its config and weight file sizes.
+    """A hub id (with its revision) as is; a local folder as a hash of its config and weight file sizes; a
+    built-in model as its name and what fixes its weights.
 
     Hashing the weights themselves would read gigabytes; names and sizes change when the weights do,
-    and the config catches a different model of the same size.
+    and the config catches a different model of the same size. A retrained built-in pair has the same
+    sizes, but it is a few MB, so its files are hashed whole.
     """
+    if spec.model.startswith("builtin:"):
+        return spec.model + "#" + _builtin_digest(spec.model)
     folder = Path(spec.model)
-    if spec.model.startswith("builtin:") or not folder.is_dir():
+    if not folder.is_dir():
         return spec.model + (f"@{spec.revision}" if spec.revision else "")
     digest = hashlib.sha256()
     config = folder / "config.json"
@@ -329,6 +333,20 @@ def model_fingerprint(spec: ModelSpec) -> str:
         if f.name.endswith(_WEIGHT_SUFFIXES):
             digest.update(f"\0{f.name}\0{f.stat().st_size}".encode())
     return f"folder:{digest.hexdigest()[:12]}"
+
+
+def _builtin_digest(model: str) -> str:
+    from .builtin import SHIPPED, SPECS
+
+    pair, _, role = model.removeprefix("builtin:").partition("/")
+    if pair in SPECS:  # built on demand from a seeded spec: the spec's key fixes the weights
+        return SPECS[pair].key()
+    folder = SHIPPED.get(pair, Path()) / role
+    digest = hashlib.sha256()
+    for name in ("config.json", "SGL_BUILTIN.json", "model.safetensors"):
+        f = folder / name
+        digest.update(f.read_bytes() if f.is_file() else b"")
+    return digest.hexdigest()[:12]
 
 
 def fingerprint(preset: Preset) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""The built-in pair's rotary spectrum: `spatial_freqs` sets M-RoPE's row and column frequencies exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from sgl_cli.engine.builtin import TINY_SPEC, TRAINED_SPEC, build_config, build_processor
+
+
+def _rotary(spec, lm):
+    config = build_config(spec, lm, build_processor(spec).tokenizer)
+    return AutoModelForImageTextToText.from_config(config).model.language_model.rotary_emb, config
+
+
+def _angles(rotary, t, h, w):
+    """The rotation angle of every rotary pair at M-RoPE position (t, h, w), as transformers' rotary embedding
+    composes it from the three sections."""
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.tensor([t, h, w]).view(3, 1, 1))
+    half = cos.shape[-1] // 2
+    return torch.atan2(sin[0, 0, :half], cos[0, 0, :half]).double()
+
+
+def _step(rotary, a, b):
+    """Per-pair rotation from position a to b, wrapped to (-pi, pi]."""
+    d = _angles(rotary, *b) - _angles(rotary, *a)
+    return torch.remainder(d + math.pi, 2 * math.pi) - math.pi
+
+
+@pytest.mark.parametrize("spec", [dataclasses.replace(TRAINED_SPEC, spatial_freqs=(1.6, 0.8, 0.4, 0.2)), TINY_SPEC],
+                         ids=["head_dim_32", "tiny"])
+def test_spatial_freqs_set_the_row_and_column_rotation(spec):
+    rotary, config = _rotary(spec, spec.small)
+    section = config.text_config.rope_parameters["mrope_section"]
+    head_dim = spec.small.hidden // spec.small.heads
+    k = len(spec.spatial_freqs)
+    assert k > 0
+    theta = [10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    # One column to the right moves only the w section: its first k pairs by exactly spatial_freqs, the rest
+    # by theta's frequencies; t and h do not move.
+    step = _step(rotary, (5, 5, 5), (5, 5, 6))
+    w0 = section[0] + section[1]
+    want = [0.0] * (head_dim // 2)
+    for i in range(w0, w0 + section[2]):
+        want[i] = spec.spatial_freqs[i - w0] if i - w0 < k else theta[i]
+    assert torch.allclose(step, torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    # One row down moves only the h section, likewise.
+    step = _step(rotary, (5, 5, 5), (5, 6, 5))
+    h0 = section[0]
+    want = [0.0] * (head_dim // 2)
+    for i in range(h0, h0 + section[1]):
+        want[i] = spec.spatial_freqs[i - h0] if i - h0 < k else theta[i]
+    assert torch.allclose(step, torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    assert rotary.attention_scaling == 1.0  # no length rescaling
+
+
+def test_default_spectrum_without_spatial_freqs():
+    spec = TRAINED_SPEC  # the shipped pair was trained at theta 1e4
+    rotary, config = _rotary(spec, spec.small)
+    assert config.text_config.rope_parameters["rope_type"] == "default"
+    head_dim = spec.small.hidden // spec.small.heads
+    want = torch.tensor([10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)])
+    assert torch.allclose(rotary.inv_freq, want)
+
+
+def test_too_many_spatial_freqs_is_refused():
+    spec = dataclasses.replace(TINY_SPEC, spatial_freqs=(1.0, 0.5, 0.25, 0.125))  # head_dim 16: 3 pairs
+    with pytest.raises(ValueError, match="spatial_freqs has 4 entries"):
+        build_config(spec, spec.small, build_processor(spec).tokenizer)
+
+
+def test_saved_config_keeps_the_spectrum(tmp_path):
+    rotary, config = _rotary(TINY_SPEC, TINY_SPEC.large)
+    config.save_pretrained(tmp_path)
+    from transformers import AutoConfig
+
+    again = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert torch.equal(again.model.language_model.rotary_emb.inv_freq, rotary.inv_freq)
+    assert not math.isclose(float(rotary.inv_freq.max()), 1.0)  # the raised 1.6 rad pair is there
