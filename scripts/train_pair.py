@@ -213,6 +213,43 @@ def stage_pool(out: Path, shard: int, counts: dict[str, int], seed: int) -> None
 
 
 # -- stage 3: language models -----------------------------------------------------------------------------------
+def by_type(questions, skip: str | None = None) -> dict[str, list]:
+    """A scene's questions grouped by type (without `skip`)."""
+    groups = {}
+    for q in questions:
+        if q[2] != skip:
+            groups.setdefault(q[2], []).append(q)
+    return groups
+
+
+def held_out(pool: list[dict]) -> list[int]:
+    """The evaluation-size scenes no stage trains on."""
+    large = [i for i, s in enumerate(pool) if s["bucket"] == "large"]
+    return large[-min(300, len(large) // 5):]
+
+
+def train_projection_and_lm(model) -> None:
+    """Freeze the shared tower; only each model's projection from it (and its language model) trains."""
+    for name, param in model.model.visual.named_parameters():
+        param.requires_grad = name.startswith("merger.mlp.2")
+
+
+def optimizer(model, lr_max: float, extra=()):
+    """AdamW over the trainable parameters (no weight decay on vectors or on `extra`, a throwaway head); returns
+    it and every parameter it updates, for clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    extra = list(extra)
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr_max, betas=(0.9, 0.98)), params + extra
+
+
+def warmup_cosine(lr_max: float, step: int, steps: int, warmup: int = 40) -> float:
+    return lr_max * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 class Sampler:
     def __init__(self, pool: list[dict], feats: list[torch.Tensor], rng: random.Random):
         self.rng, self.feats = rng, feats
@@ -226,11 +263,9 @@ class Sampler:
         bucket = self.rng.choices(list(BUCKETS), weights)[0]
         i = self.rng.choice(self.by_bucket[bucket])
         scene = self.pool[i]
-        by_type = {}
-        for q in scene["questions"]:
-            by_type.setdefault(q[2], []).append(q)
-        kind = self.rng.choice(sorted(by_type))
-        return i, self.rng.choice(by_type[kind])
+        groups = by_type(scene["questions"])
+        kind = self.rng.choice(sorted(groups))
+        return i, self.rng.choice(groups[kind])
 
 
 def encode_prompt(tokenizer, question: str, n_visual: int) -> list[int]:
@@ -334,28 +369,21 @@ def stage_lm(out: Path, role: str, steps: int, lr_max: float, seed: int, more: b
     if more:
         model.load_state_dict(torch.load(out / f"{role}.pt"))
         before = json.loads((out / f"{role}.json").read_text())
-    for n, p in model.model.visual.named_parameters():
-        p.requires_grad = n.startswith("merger.mlp.2")
+    train_projection_and_lm(model)
     image_token = model.config.image_token_id
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pool, feats = load_pool(out)
-    large = [i for i, s in enumerate(pool) if s["bucket"] == "large"]
-    held = large[-min(300, len(large) // 5):]  # never trained on
+    held = held_out(pool)
     held_set = set(held)
     train = [{**s, "bucket": "held"} if i in held_set else s for i, s in enumerate(pool)]
     sampler = Sampler(train, feats, rng)
     _check_positions(model, tok, pool, image_token)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr_max, betas=(0.9, 0.98))
-    warmup = 40
+    opt, params = optimizer(model, lr_max)
     t0 = time.time()
     model.train()
     for step in range(steps):
         frac = step / steps
-        lr = lr_max * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+        lr = warmup_cosine(lr_max, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr
         samples = [sampler.draw(frac) for _ in range(32)]
@@ -404,10 +432,8 @@ def evaluate(model, held, feats, pool, tok, image_token, eos, only: str | None =
     for start in range(0, len(held), 32):
         samples = []
         for i in held[start:start + 32]:
-            by_type = {}
-            for q in pool[i]["questions"]:
-                by_type.setdefault(q[2], []).append(q)
-            samples.append((i, rng.choice(by_type[only or rng.choice(sorted(by_type))])))
+            groups = by_type(pool[i]["questions"])
+            samples.append((i, rng.choice(groups[only or rng.choice(sorted(groups))])))
         ids, pos, mask, vis, f, labels, _ = make_batch(samples, feats, pool, tok, image_token, eos, False, rng)
         logits = forward(model, ids, pos, mask, vis, f)
         for b, (_, (_, _, kind)) in enumerate(samples):
@@ -471,11 +497,8 @@ class RelationSampler:
             i = self.rng.choice(self.related[bucket])
             return i, self.rng.choice([q for q in self.pool[i]["questions"] if q[2] == "relation"])
         i = self.rng.choice(self.scenes[bucket])
-        by_type = {}
-        for q in self.pool[i]["questions"]:
-            if q[2] != "relation":
-                by_type.setdefault(q[2], []).append(q)
-        return i, self.rng.choice(by_type[self.rng.choice(sorted(by_type))])
+        groups = by_type(self.pool[i]["questions"], skip="relation")
+        return i, self.rng.choice(groups[self.rng.choice(sorted(groups))])
 
 
 def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, share: float, probe_weight: float,
@@ -496,22 +519,15 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
     if more:
         shutil.copyfile(out / f"{role}.rel.pt", out / f"{role}.rel.{done}.pt")
         shutil.copyfile(out / f"{role}.rel.json", out / f"{role}.rel.{done}.json")
-    for n, p in model.model.visual.named_parameters():
-        p.requires_grad = n.startswith("merger.mlp.2")
+    train_projection_and_lm(model)
     image_token = model.config.image_token_id
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pool, feats = load_pool(out)
     assert all("objs" in s for s in pool), "pool made before objects were stored: re-run --stage pool"
-    large = [i for i, s in enumerate(pool) if s["bucket"] == "large"]
-    held = large[-min(300, len(large) // 5):]  # the same held-out scenes as stage 3
+    held = held_out(pool)
     sampler = RelationSampler(pool, set(held), rng, share)
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(NEIGHBOURS) * (N_SHAPE + N_COLOR))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0},
-                             {"params": list(head.parameters()), "weight_decay": 0.0}], lr=lr_max, betas=(0.9, 0.98))
-    warmup = 40
+    opt, params = optimizer(model, lr_max, head.parameters())
     t0 = time.time()
     record = {}
 
@@ -530,7 +546,7 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
     checkpoint(0)
     model.train()
     for step in range(steps):
-        lr = lr_max * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = warmup_cosine(lr_max, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr
         samples = [sampler.draw(step < warmup_frac * steps) for _ in range(32)]
@@ -542,7 +558,7 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
         loss = answer + probe_weight * probe
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0:
             log(f"{role} step {step} answer loss {answer.item():.4f} probe loss {probe.item():.4f} lr {lr:.2e} "

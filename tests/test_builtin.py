@@ -40,21 +40,14 @@ def test_spatial_freqs_set_the_row_and_column_rotation(spec):
     k = len(spec.spatial_freqs)
     assert k > 0
     theta = [10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
-    # One column to the right moves only the w section: its first k pairs by exactly spatial_freqs, the rest
-    # by theta's frequencies; t and h do not move.
-    step = _step(rotary, (5, 5, 5), (5, 5, 6))
-    w0 = section[0] + section[1]
-    want = [0.0] * (head_dim // 2)
-    for i in range(w0, w0 + section[2]):
-        want[i] = spec.spatial_freqs[i - w0] if i - w0 < k else theta[i]
-    assert torch.allclose(step, torch.tensor(want, dtype=torch.float64), atol=1e-5)
-    # One row down moves only the h section, likewise.
-    step = _step(rotary, (5, 5, 5), (5, 6, 5))
-    h0 = section[0]
-    want = [0.0] * (head_dim // 2)
-    for i in range(h0, h0 + section[1]):
-        want[i] = spec.spatial_freqs[i - h0] if i - h0 < k else theta[i]
-    assert torch.allclose(step, torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    # One column to the right moves only the w section (one row down only the h section): its first k pairs by
+    # exactly spatial_freqs, the rest by theta's frequencies; the other sections do not move.
+    for moved, first, size in (((5, 5, 6), section[0] + section[1], section[2]), ((5, 6, 5), section[0], section[1])):
+        want = [0.0] * (head_dim // 2)
+        for i in range(first, first + size):
+            want[i] = spec.spatial_freqs[i - first] if i - first < k else theta[i]
+        step = _step(rotary, (5, 5, 5), moved)
+        assert torch.allclose(step, torch.tensor(want, dtype=torch.float64), atol=1e-5), moved
     assert rotary.attention_scaling == 1.0  # no length rescaling
 
 
