@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from . import __version__
-from .commands import bench, calibrate, demo, inspect, run
+from .commands import bench, calibrate, demo, inspect, presets, run
 from .commands import eval as eval_cmd
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("eval")(eval_cmd.eval_command)
 app.command("demo")(demo.demo)
 app.command("inspect")(inspect.inspect)
 app.command("bench")(bench.bench)
+app.command("presets")(presets.presets)
 
 
 def _version(value: bool) -> None:

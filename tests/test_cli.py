@@ -1,4 +1,4 @@
-"""`sgl run` and `sgl demo` through typer's CliRunner, and a real kill -9 / --resume in a subprocess."""
+"""`sgl run`, `sgl demo` and `sgl presets` through typer's CliRunner, and a real kill -9 / --resume in a subprocess."""
 
 from __future__ import annotations
 
@@ -42,6 +42,36 @@ def test_help_prose_wraps_to_the_terminal_and_examples_keep_their_lines():
     assert len(examples) >= 3 and all(x.startswith("  sgl ") for x in examples[1:])
     wide = CliRunner().invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
     assert input_paragraph[:150] in " ".join(wide.output.split())
+
+
+def test_every_command_help_is_unwrapped_prose():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for para in command.help.split("\n\n"):
+            lines = para.splitlines()
+            assert len(lines) == 1 or any(x.startswith(" ") for x in lines), (name, para)
+    assert {"run", "eval", "calibrate", "demo", "inspect", "bench", "presets"} <= set(group.commands)
+
+
+def test_presets_lists_the_shipped_files_and_prints_one():
+    from sgl_cli.engine.preset import available_presets
+
+    res = runner.invoke(app, ["presets"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split() == ["name", "small", "large", "guide", "retain"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(available_presets())
+    for name, path in available_presets().items():
+        data = yaml.safe_load(path.read_text())
+        small = (data.get("small") or {}).get("model", "-")
+        assert rows[name][1:3] == [small, data["large"]["model"]], name
+    one = runner.invoke(app, ["presets", "qwen2.5-vl-3b-72b"])
+    assert one.exit_code == 0 and one.output == available_presets()["qwen2.5-vl-3b-72b"].read_text()
+    bad = runner.invoke(app, ["presets", "qwen-nope"])
+    assert bad.exit_code == 2 and "unknown preset 'qwen-nope'" in bad.output and bad.output.count("\n") == 1
 
 
 def test_run_writes_one_record_per_item_and_settings(batch, preset_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Callable, Iterator
 
@@ -11,14 +12,16 @@ import typer
 USAGE_ERROR = 2
 
 
-def with_help(command: Callable, text: str) -> None:
-    """Append `text` to the command's --help. Prose paragraphs are unwrapped so the terminal wraps them to
-    its width (Typer keeps every line break); a paragraph with indented lines (examples) is kept as written."""
+def with_help(command: Callable, text: str = "") -> None:
+    """Set the command's --help to its docstring plus `text`. Prose paragraphs are unwrapped so the terminal
+    wraps them to its width (Typer keeps every line break); a paragraph with indented lines (examples) is kept
+    as written."""
+    full = inspect.cleandoc(command.__doc__ or "") + ("\n\n" + text.strip("\n") if text.strip() else "")
     paragraphs = []
-    for para in text.strip("\n").split("\n\n"):
+    for para in full.split("\n\n"):
         lines = para.splitlines()
         paragraphs.append(para if any(x.startswith(" ") for x in lines) else " ".join(x.strip() for x in lines))
-    command.__doc__ = (command.__doc__ or "") + "\n\n" + "\n\n".join(paragraphs)
+    command.__doc__ = "\n\n".join(paragraphs)
 
 
 def err(message: str) -> None:

@@ -8,15 +8,15 @@ from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, set_threads
+from ._common import domain_errors, err, set_threads, with_help
 
 
 def bench(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset to measure [default: a random pair built offline at --size]."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset to measure (default: a random pair built offline at --size)."),
     size: str = typer.Option("realistic", help="Built-in random pair when no --preset: realistic (large LM 1024x8, 1,024 visual tokens), random (the default pair's size), tiny."),
-    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time [default: --items generated shapes images]."),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time (default: --items generated shapes images)."),
     items: int = typer.Option(4, "--items", min=1, help="Generated items."),
-    image_size: Optional[int] = typer.Option(None, help="Generated image side in px [default: the pair's largest]."),
+    image_size: Optional[int] = typer.Option(None, help="Generated image side in px (default: the pair's largest)."),
     retain: float = typer.Option(0.09, help="Retain ratio of the pruned large stage."),
     prune_layer: int = typer.Option(0, help="Prune layer of the pruned large stage."),
     threshold: Optional[float] = typer.Option(0.9, help="Early-exit threshold of the full pipeline."),
@@ -75,6 +75,9 @@ def bench(
             typer.echo(json.dumps(result, indent=1))
         else:
             _table(result)
+
+
+with_help(bench)
 
 
 def _table(r: dict) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import domain_errors, err
+from ._common import domain_errors, err, with_help
 
 
 def demo(
@@ -47,3 +47,7 @@ def demo(
             f"{folder / 'preset.yaml'}")
         err(f"then: sgl run {batch} --preset {folder / 'preset.yaml'}")
         err(f"  or: sgl eval {batch} --preset {folder / 'preset.yaml'}")
+
+
+with_help(demo)
+

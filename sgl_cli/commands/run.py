@@ -35,7 +35,7 @@ Examples:
 
 def run(
     input: Path = typer.Argument(..., help="JSONL file of image-question items.", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL [default: <input>.sgl.jsonl]. '-' writes to stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: <input>.sgl.jsonl). '-' writes to stdout."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `sgl presets`) or YAML file (default: the built-in pair)."),
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps (at least 1)."),
     threshold: Optional[float] = typer.Option(None, help="Exit early when the small model's exit_score >= this."),
