@@ -1,6 +1,6 @@
 """Train the built-in Qwen2-VL pair on the shapes task, from scratch, on CPU.
 
-    python scripts/train_pair.py --out build/pair            # all stages, about 2 h on 2 cores
+    python scripts/train_pair.py --out build/pair            # stages 1-3 and save, about 2 h on 2 cores
     python scripts/train_pair.py --out build/pair --stage lm --role small   # one stage
 
 Stages (the recipe of ../shared/docs/toy-notes.md, scaled to 144-256 visual tokens):
@@ -10,14 +10,15 @@ Stages (the recipe of ../shared/docs/toy-notes.md, scaled to 144-256 visual toke
    language models train without re-running vision (two processes, one shard each).
 3. `lm`: train each model's merger projection and language model on questions about the pool's scenes,
    loss on the answer tokens only, with a curriculum over grid size and random dropout of background
-   visual tokens (so that answers survive pruning). Small and large train side by side, one core each.
-4. `save`: write both checkpoints (fp16 safetensors, processor, generation config) with `save_pretrained`.
+   visual tokens (so that answers survive pruning), at rope theta's own spectrum (`LM_SPEC`). Small and large
+   train side by side, one core each.
+4. `relation`: continue a stage-3 model with `TRAINED_SPEC`'s spectrum (M-RoPE's row and column sections
+   turn by 1.6-0.2 rad per cell), a share of two-hop questions, and a throwaway probe that reads every visual
+   token's left and upper neighbour from an early layer; `--more` continues it.
+5. `save`: write both checkpoints (fp16 safetensors, processor, generation config) with `save_pretrained`:
+   stage 4's models with `--weights relation` (the shipped pair), stage 3's with `--weights lm`.
 
-Experimental, not part of `all` or of the shipped pair (see the README: it did not teach the two-hop
-questions in the time tried):
-- `relation`: continue a stage-3 model with `RELATION_SPEC` (M-RoPE's row and column sections turn by
-  1.6-0.2 rad per cell), a share of two-hop questions, and a throwaway probe that reads every visual token's
-  left and upper neighbour from an early layer. `--stage save --weights relation` saves those models.
+`all` runs stages 1-3 and saves stage 3's models; the README lists every command behind the shipped pair.
 
 Everything is seeded; one torch thread per process (two CPU-bound processes with two threads each run
 several times slower on two cores).
@@ -49,10 +50,10 @@ PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # the defa
 WORDS = sorted(set(shapes.vocabulary()) | {"user", "assistant", "answer", "question", "using", "a", "single", "word", "or",
                                            "phrase", "."})
 N_SHAPE, N_COLOR = len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1  # "none" + each
-# Stage 4 (experimental, not in the shipped pair) raises M-RoPE's row and column frequencies: at theta 1e4
-# and head_dim 32 they turn by at most 0.1 rad per row and 0.003 per column, too little for a head to single
-# out a neighbouring cell.
-RELATION_SPEC = replace(TRAINED_SPEC, spatial_freqs=(1.6, 0.8, 0.4, 0.2))
+# Stages 1-3 train at rope theta's own spectrum; stage 4 raises M-RoPE's row and column frequencies to the
+# shipped spec's (at theta 1e4 and head_dim 32 they turn by at most 0.1 rad per row and 0.003 per column, too
+# little for a head to single out a neighbouring cell).
+LM_SPEC = replace(TRAINED_SPEC, spatial_freqs=())
 BUCKETS = {"small": [(r, c) for r in range(3, 7) for c in range(3, 7)],
            "medium": [(r, c) for r in range(7, 12) for c in range(7, 12)],
            "large": list(shapes.EVAL_GRIDS)}
@@ -71,7 +72,7 @@ def jpeg(img):
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def make_model(role: str, processor, spec=TRAINED_SPEC):
+def make_model(role: str, processor, spec=LM_SPEC):
     from transformers import AutoModelForImageTextToText
 
     lm = spec.small if role == "small" else spec.large
@@ -481,11 +482,13 @@ def neighbour_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 class RelationSampler:
-    """A `share` of two-hop questions (from scenes that have one), the rest the other types, over all grid
-    sizes: the small grids make the neighbour heads appear fast, the large ones are what evaluation sees."""
+    """A `share` of two-hop questions (from scenes that have one), `count_share` of counting questions (or, if
+    None, counting as often as colour and shape), the rest colour and shape, over all grid sizes: the small
+    grids make the neighbour heads appear fast, the large ones are what evaluation sees."""
 
-    def __init__(self, pool: list[dict], held: set, rng: random.Random, share: float):
-        self.rng, self.pool, self.share = rng, pool, share
+    def __init__(self, pool: list[dict], held: set, rng: random.Random, share: float,
+                 count_share: float | None = None):
+        self.rng, self.pool, self.share, self.count_share = rng, pool, share, count_share
         self.scenes = {b: [i for i, s in enumerate(pool) if s["bucket"] == b and i not in held] for b in BUCKETS}
         self.related = {b: [i for i in ids if any(q[2] == "relation" for q in pool[i]["questions"])]
                         for b, ids in self.scenes.items()}
@@ -498,20 +501,27 @@ class RelationSampler:
             return i, self.rng.choice([q for q in self.pool[i]["questions"] if q[2] == "relation"])
         i = self.rng.choice(self.scenes[bucket])
         groups = by_type(self.pool[i]["questions"], skip="relation")
+        if self.count_share is not None:
+            # Every scene has counting questions (a count of 0 included): draw them at their own share.
+            counting = self.rng.random() < self.count_share / (1 - self.share)
+            others = {k: v for k, v in groups.items() if k != "count"}
+            groups = others if others and not counting else {"count": groups["count"]}
         return i, self.rng.choice(groups[self.rng.choice(sorted(groups))])
 
 
 def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, share: float, probe_weight: float,
-                   probe_layer: int, warmup_frac: float, more: bool = False) -> None:
-    """Continue stage 3's model with `RELATION_SPEC`'s rotary spectrum, two-hop questions at `share`, and the
+                   probe_layer: int, warmup_frac: float, more: bool = False, count_share: float | None = None,
+                   stop_after: int | None = None) -> None:
+    """Continue stage 3's model with `TRAINED_SPEC`'s rotary spectrum, two-hop questions at `share`, and the
     neighbour probe; like fine-tuning a language model after changing its RoPE scaling. Writes `{role}.rel.pt`
     at every evaluation, so it can be stopped. With `more`, continue `{role}.rel.pt` for `steps` more (a new
-    warmup-cosine schedule and a fresh probe head; the previous checkpoint is kept as `{role}.rel.<steps>.pt`)."""
+    warmup-cosine schedule and a fresh probe head; the previous checkpoint is kept as `{role}.rel.<steps>.pt`).
+    `stop_after` ends the run after that many of the `steps` (the schedule still spans `steps`)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     processor = build_processor(TRAINED_SPEC, WORDS)
     tok = processor.tokenizer
-    model = make_model(role, processor, RELATION_SPEC)
+    model = make_model(role, processor, TRAINED_SPEC)
     source = f"{role}.rel" if more else role
     model.load_state_dict(torch.load(out / f"{source}.pt"))
     before = json.loads((out / f"{source}.json").read_text())
@@ -525,7 +535,7 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
     pool, feats = load_pool(out)
     assert all("objs" in s for s in pool), "pool made before objects were stored: re-run --stage pool"
     held = held_out(pool)
-    sampler = RelationSampler(pool, set(held), rng, share)
+    sampler = RelationSampler(pool, set(held), rng, share, count_share)
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(NEIGHBOURS) * (N_SHAPE + N_COLOR))
     opt, params = optimizer(model, lr_max, head.parameters())
     t0 = time.time()
@@ -538,14 +548,16 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
         log(f"{role} step {step} held-out answer accuracy {acc}, two-hop only {rel}")
         torch.save(model.state_dict(), out / f"{role}.rel.pt")
         record = {"steps": done + step, "of": done + steps, "lr": lr_max, "seed": seed, "relation_share": share,
-                  "probe_weight": probe_weight, "probe_layer": probe_layer, "small_grids_until": warmup_frac,
+                  "count_share": count_share, "probe_weight": probe_weight, "probe_layer": probe_layer,
+                  "small_grids_until": warmup_frac,
                   "minutes": (time.time() - t0) / 60,
                   "heldout": acc, "heldout_relation": rel, "previous" if more else "stage3": before}
         (out / f"{role}.rel.json").write_text(json.dumps(record))
 
     checkpoint(0)
     model.train()
-    for step in range(steps):
+    last = min(steps, stop_after or steps)
+    for step in range(last):
         lr = warmup_cosine(lr_max, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -563,19 +575,19 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
         if step % 50 == 0:
             log(f"{role} step {step} answer loss {answer.item():.4f} probe loss {probe.item():.4f} lr {lr:.2e} "
                 f"({time.time() - t0:.0f}s)")
-        if (step + 1) % 250 == 0 or step == steps - 1:
+        if (step + 1) % 250 == 0 or step == last - 1:
             checkpoint(step + 1)
             model.train()
 
 
 # -- stage 5: save ----------------------------------------------------------------------------------------------
-def stage_save(out: Path, dest: Path, weights: str = "lm") -> None:
+def stage_save(out: Path, dest: Path, weights: str = "relation") -> None:
     """Save stage 3's models (`weights="lm"`) or stage 4's (`"relation"`, with their rotary spectrum)."""
     from dataclasses import asdict
 
     from transformers import GenerationConfig
 
-    spec, suffix = (TRAINED_SPEC, "") if weights == "lm" else (RELATION_SPEC, ".rel")
+    spec, suffix = (LM_SPEC, "") if weights == "lm" else (TRAINED_SPEC, ".rel")
     processor = build_processor(spec, WORDS)
     record = {"vision": json.loads((out / "vision.json").read_text())}
     for role in ("small", "large"):
@@ -607,11 +619,13 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=4000, help="scenes per shard (two shards)")
     ap.add_argument("--small-steps", type=int, default=3000)
     ap.add_argument("--large-steps", type=int, default=1400)
-    ap.add_argument("--weights", choices=("lm", "relation"), default="lm",
-                    help="with --stage save: stage 3's models (shipped) or the experimental stage 4's")
+    ap.add_argument("--weights", choices=("lm", "relation"), default="relation",
+                    help="with --stage save: stage 4's models (`relation`, shipped) or stage 3's (`lm`)")
     ap.add_argument("--small-rel-steps", type=int, default=1500, help="stage 4 steps of the small model")
     ap.add_argument("--large-rel-steps", type=int, default=1800, help="stage 4 steps of the large model")
     ap.add_argument("--relation-share", type=float, default=0.6, help="stage 4: share of two-hop questions")
+    ap.add_argument("--count-share", type=float,
+                    help="stage 4: share of counting questions (default: as often as colour and shape)")
     ap.add_argument("--probe-weight", type=float, default=0.5, help="stage 4: weight of the neighbour probe")
     ap.add_argument("--probe-layer", type=int, default=1, help="stage 4: the probe reads the output of this layer")
     ap.add_argument("--small-grids-until", type=float, default=0.3,
@@ -619,7 +633,14 @@ def main() -> None:
     ap.add_argument("--more", type=int, default=0,
                     help="with --stage lm or relation: continue --role's saved model for this many steps")
     ap.add_argument("--lr", type=float, help="with --more: peak learning rate of the continuation (default 3e-4)")
+    ap.add_argument("--stop-after", type=int,
+                    help="with --stage relation: stop after this many steps (the learning-rate schedule still "
+                         "spans all of them), as a run stopped by hand")
     a = ap.parse_args()
+    if a.stop_after is not None and a.stop_after < 1:
+        ap.error("--stop-after must be at least 1")
+    if a.count_share is not None and not 0 <= a.count_share <= 1 - a.relation_share:
+        ap.error(f"--count-share must be between 0 and 1 - --relation-share ({1 - a.relation_share:g})")
     torch.set_num_threads(1)
     if a.stage == "vision":
         stage_vision(a.out, a.vision_steps, a.seed)
@@ -638,7 +659,8 @@ def main() -> None:
         if a.more:
             steps, lr = a.more, a.lr or 3e-4
         stage_relation(a.out, a.role, steps, lr, a.seed + 3 + (a.more > 0), a.relation_share, a.probe_weight,
-                       a.probe_layer, a.small_grids_until, more=a.more > 0)
+                       a.probe_layer, a.small_grids_until, more=a.more > 0, count_share=a.count_share,
+                       stop_after=a.stop_after)
     elif a.stage == "save":
         stage_save(a.out, a.dest, a.weights)
     else:
@@ -650,7 +672,7 @@ def main() -> None:
         both = [subprocess.Popen([*me, "--stage", "lm", "--role", r, "--small-steps", str(a.small_steps),
                                   "--large-steps", str(a.large_steps)]) for r in ("small", "large")]
         assert all(p.wait() == 0 for p in both)
-        subprocess.run([*me, "--stage", "save", "--dest", str(a.dest)], check=True)
+        subprocess.run([*me, "--stage", "save", "--weights", "lm", "--dest", str(a.dest)], check=True)
         log(f"all stages: {(time.time() - t0) / 60:.1f} min")
 
 

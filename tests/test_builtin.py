@@ -31,8 +31,7 @@ def _step(rotary, a, b):
     return torch.remainder(d + math.pi, 2 * math.pi) - math.pi
 
 
-@pytest.mark.parametrize("spec", [dataclasses.replace(TRAINED_SPEC, spatial_freqs=(1.6, 0.8, 0.4, 0.2)), TINY_SPEC],
-                         ids=["head_dim_32", "tiny"])
+@pytest.mark.parametrize("spec", [TRAINED_SPEC, TINY_SPEC], ids=["trained", "tiny"])
 def test_spatial_freqs_set_the_row_and_column_rotation(spec):
     rotary, config = _rotary(spec, spec.small)
     section = config.text_config.rope_parameters["mrope_section"]
@@ -52,7 +51,7 @@ def test_spatial_freqs_set_the_row_and_column_rotation(spec):
 
 
 def test_default_spectrum_without_spatial_freqs():
-    spec = TRAINED_SPEC  # the shipped pair was trained at theta 1e4
+    spec = dataclasses.replace(TRAINED_SPEC, spatial_freqs=())  # train_pair's stages 1-3
     rotary, config = _rotary(spec, spec.small)
     assert config.text_config.rope_parameters["rope_type"] == "default"
     head_dim = spec.small.hidden // spec.small.heads
@@ -74,3 +73,18 @@ def test_saved_config_keeps_the_spectrum(tmp_path):
     again = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tmp_path))
     assert torch.equal(again.model.language_model.rotary_emb.inv_freq, rotary.inv_freq)
     assert not math.isclose(float(rotary.inv_freq.max()), 1.0)  # the raised 1.6 rad pair is there
+
+
+@pytest.mark.parametrize("role", ["small", "large"])
+def test_shipped_pair_carries_the_trained_spectrum(role):
+    """The shipped weights were trained with TRAINED_SPEC's rotary spectrum: their config must say so, or a
+    checkpoint and the spec that documents it have drifted apart."""
+    from transformers import AutoConfig
+
+    from sgl_cli.engine.builtin import SHIPPED
+
+    shipped = AutoConfig.from_pretrained(SHIPPED["default"] / role).text_config
+    lm = getattr(TRAINED_SPEC, role)
+    built = build_config(TRAINED_SPEC, lm, build_processor(TRAINED_SPEC).tokenizer).text_config
+    assert shipped.rope_parameters == built.rope_parameters
+    assert (shipped.hidden_size, shipped.num_hidden_layers) == (lm.hidden, lm.layers)

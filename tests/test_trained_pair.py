@@ -46,16 +46,21 @@ def test_shipped_pair_is_trained_safetensors_offline(engine):
 def test_shipped_pair_answers_fresh_items(engine, items):
     records = engine.process(items)
     assert all(r["error"] is None for r in records)
-    # Measured on 500 fresh items (README): colour and shape about 1.0, counting about 0.9, two-hop relation
-    # questions near chance for both models. The bars leave a margin for 24 items.
+    # Measured on 500 fresh items (README): colour and shape 1.0 for both models, counting 0.94 (small) and
+    # 0.77 (large), the two-hop relation questions 0.44 (small) and 0.82 (large). The bars leave a margin for
+    # 24 items; only the large model learned the two-hop questions.
+    right = {}
     for field in ("answer", "small_answer"):
-        right = {}
         for r, i in zip(records, items):
-            right.setdefault(i.type, []).append(vqa(r[field], i.reference))
-        attribute = right["color"] + right["shape"]
-        assert sum(attribute) >= len(attribute) - 1, (field, right)
-        assert sum(right["count"]) >= 0.6 * len(right["count"]), (field, right)
-        assert sum(map(sum, right.values())) >= 0.7 * len(items), (field, right)
+            right.setdefault(field, {}).setdefault(i.type, []).append(vqa(r[field], i.reference))
+        mine = right[field]
+        attribute = mine["color"] + mine["shape"]
+        assert sum(attribute) >= len(attribute) - 1, (field, mine)
+        assert sum(mine["count"]) >= 0.6 * len(mine["count"]), (field, mine)
+        assert sum(map(sum, mine.values())) >= 0.7 * len(items), (field, mine)
+    relation = {field: sum(right[field]["relation"]) for field in right}
+    assert relation["answer"] >= 0.6 * len(right["answer"]["relation"]), right
+    assert relation["answer"] > relation["small_answer"], right
 
 
 def test_sgl_keeps_the_object_cells(engine, items):

@@ -69,7 +69,7 @@ class PairSpec:
     arch: str = "qwen2_vl"  # or "qwen2_5_vl" (windowed vision attention, different vision config)
     # Rotary frequencies (radians per row / per column) for the first pairs of M-RoPE's h and w sections; the
     # rest keep rope theta's. Theta 1e4 at head_dim 32 turns by at most 0.1 rad per row and 0.003 per column,
-    # too little for a head to single out a neighbouring cell. Empty for the shipped pair (trained without).
+    # too little for a head to single out a neighbouring cell. Empty: theta's spectrum throughout.
     spatial_freqs: tuple[float, ...] = ()
 
     def key(self) -> str:
@@ -78,8 +78,10 @@ class PairSpec:
 
 
 # The shipped default (trained by scripts/train_pair.py on the shapes task): 1.0M vs 3.3M language-model
-# parameters, one shared vision tower, a word-level tokenizer.
-TRAINED_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128)
+# parameters, one shared vision tower, a word-level tokenizer. Rows and columns turn by 1.6-0.2 rad per cell in
+# the first four pairs of their sections, so attention can single out a neighbouring cell (two-hop questions).
+TRAINED_SPEC = PairSpec(small=LMSize(128, 4, 4, 2, 512), large=LMSize(192, 6, 6, 2, 768), vision_embed=128,
+                        spatial_freqs=(1.6, 0.8, 0.4, 0.2))
 # Random-weight pairs built on demand: `random` at the default's size, `tiny` for tests (hidden 64, 2 layers;
 # still a real pair of different sizes).
 RANDOM_SPEC = TRAINED_SPEC
