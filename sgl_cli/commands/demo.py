@@ -50,4 +50,3 @@ def demo(
 
 
 with_help(demo)
-
