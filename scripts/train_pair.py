@@ -498,7 +498,7 @@ class RelationSampler:
         bucket = self.rng.choices(list(BUCKETS), (0.3, 0.4, 0.3) if early else (0.1, 0.3, 0.6))[0]
         if self.rng.random() < self.share:
             i = self.rng.choice(self.related[bucket])
-            return i, self.rng.choice([q for q in self.pool[i]["questions"] if q[2] == "relation"])
+            return i, self.rng.choice(by_type(self.pool[i]["questions"])["relation"])
         i = self.rng.choice(self.scenes[bucket])
         groups = by_type(self.pool[i]["questions"], skip="relation")
         if self.count_share is not None:
@@ -539,10 +539,8 @@ def stage_relation(out: Path, role: str, steps: int, lr_max: float, seed: int, s
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(NEIGHBOURS) * (N_SHAPE + N_COLOR))
     opt, params = optimizer(model, lr_max, head.parameters())
     t0 = time.time()
-    record = {}
 
     def checkpoint(step):
-        nonlocal record
         acc = evaluate(model, held, feats, pool, tok, image_token, eos)
         rel = evaluate(model, held, feats, pool, tok, image_token, eos, only="relation")["relation"]
         log(f"{role} step {step} held-out answer accuracy {acc}, two-hop only {rel}")

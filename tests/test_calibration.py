@@ -277,7 +277,6 @@ def test_model_fingerprint(tmp_path):
     assert model_fingerprint(ModelSpec("Qwen/Qwen2-VL-2B-Instruct", revision="abc")) == "Qwen/Qwen2-VL-2B-Instruct@abc"
 
 
-
 def test_builtin_fingerprint_follows_the_weights(tmp_path, monkeypatch):
     """A retrained shipped pair has the same file sizes, so its fingerprint hashes the files themselves: a
     calibration (or its cache) made with the old weights must not match the new ones."""
