@@ -229,7 +229,8 @@ def test_mixed_exit_decisions_follow_the_threshold(engine_factory, batch):
 def test_batch_equals_batch_one(engine_factory, batch):
     items = list(read_items(batch))
     scores = [r["exit_score"] for r in engine_factory(threshold=None).process(items)]
-    t = sorted(scores)[1]  # mixed exit decisions within the batch
+    low, mid, _ = sorted(scores)
+    t = (low + mid) / 2  # mixed exit decisions within the batch, clear of float rounding between batch sizes
     one = [r for it in items for r in engine_factory(threshold=t, batch_size=1).process([it])]
     many = engine_factory(threshold=t, batch_size=3).process(items)
     assert len({r["visual_tokens"] for r in one}) == 3  # three image sizes share the batch

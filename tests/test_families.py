@@ -446,7 +446,7 @@ def reference_qwen3_at_layer(model, enc, kept, k: int, max_new: int, eos) -> lis
             if idx == k:
                 h, cos, sin = h[:, col], cos[:, col], sin[:, col]
             h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=None,
-                      past_key_values=None, use_cache=False)
+                      use_cache=False)
             if idx < len(deep):
                 h = lm._deepstack_process(h, masks, deep[idx])
         token = int(model.lm_head(lm.norm(h[:, -1])).argmax(-1))

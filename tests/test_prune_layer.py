@@ -62,7 +62,7 @@ def reference_generate(loaded, work, k: int, max_new: int) -> list[int]:
             if idx == k:
                 x, cos, sin = x[:, keep], cos[:, keep], sin[:, keep]
             x = layer(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=None,
-                      past_key_values=None, use_cache=False)
+                      use_cache=False)
         token = int(model.lm_head(lm.norm(x[:, -1])).argmax(-1))
         out.append(token)
         if token in loaded.eos_ids:

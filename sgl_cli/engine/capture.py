@@ -10,45 +10,33 @@ heads and rows, and adds them into an fp32 accumulator over key positions. Peak 
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+
+from . import hf
 
 _PREFIX = "sgl_capture_"
 # attention module -> the capture it reports to (only modules of models inside a `with` block).
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, ImportanceCapture]" = weakref.WeakKeyDictionary()
 
 
-def _eager_for(module: torch.nn.Module):
-    """The model family's own eager attention function (eager is not in the AttentionInterface registry)."""
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to delegate to")
-    return fn
-
-
 def _register(base: str) -> str:
     """Register `sgl_capture_<base>`: the capture wrapper around backend `base`, with `base`'s mask format."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
+    functions = hf.attention_functions()
     name = _PREFIX + base
-    if name in ALL_ATTENTION_FUNCTIONS:
+    if name in functions:
         return name
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         capture = _ACTIVE.get(module)
         if capture is not None:
             capture.observe(query, key, kwargs)
-        fn = _eager_for(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        fn = hf.eager_attention_for(module) if base == "eager" else functions[base]
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
-    AttentionInterface.register(name, attention)
-    if base in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    hf.register_attention(name, attention, mask_like=base)
     return name
 
 
@@ -75,7 +63,7 @@ class ImportanceCapture:
 
     def __enter__(self) -> "ImportanceCapture":
         text_config = self.model.config.get_text_config()
-        self._saved = text_config._attn_implementation
+        self._saved = hf.attn_implementation(text_config)
         base = self._saved or "eager"
         self.model.set_attn_implementation({"text_config": _register(base)})
         self._forwards = 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hf
 from .errors import ModelLoadError
 
 
@@ -102,6 +103,15 @@ class Family:
         rows, cols = self.token_grid(model, enc)
         return [_one_grid("image", rows, cols, "the image's merged patches in raster order")]
 
+    # The methods of `model.model` this family calls (probed at load time by `check`).
+    model_methods: tuple[str, ...] = ("get_image_features",)
+
+    def check(self, model) -> None:
+        """Raise IncompatibleTransformers when this transformers' model lacks a method or helper the family uses."""
+        for method in self.model_methods:
+            if not callable(getattr(model.model, method, None)):
+                raise hf.incompatible(f"{type(model.model).__name__}.{method} is gone")
+
     def check_prune_layer(self, model, k: int) -> None:
         """Raise ValueError when pruning inside the language model at layer k > 0 cannot work for this model."""
 
@@ -118,7 +128,13 @@ class QwenVL(Family):
 
     name = "qwen-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_methods = ("get_image_features", "get_rope_index")
     position_dims = 3
+
+    def check(self, model) -> None:
+        super().check(model)
+        if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # windowed tower
+            hf.window_index_function(model.model.visual)
 
     def position_ids(self, model, enc: dict) -> torch.Tensor:
         """(3, S) M-RoPE ids of one encoded item; text after the image resumes at start + max(h, w)."""
@@ -163,7 +179,7 @@ class QwenVL(Family):
         grid = torch.cat([e["image_grid_thw"] for e in encs])
         groups = torch.cat(per_image).view(-1, merge).sum(1)
         if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # a windowed tower
-            groups = groups[torch.argsort(_window_index(model.model.visual, grid).cpu())]
+            groups = groups[torch.argsort(hf.vision_window_index(model.model.visual, grid).cpu())]
         return list(groups.split([int(g.prod()) // merge for g in grid]))
 
 
@@ -173,6 +189,10 @@ class Qwen3VL(QwenVL):
 
     name = "qwen3-vl"
     model_types = ("qwen3_vl",)
+
+    def check(self, model) -> None:
+        super().check(model)
+        hf.deepstack_output(torch.zeros(1, 1), ())
 
     def features(self, model, encs: list[dict]) -> list[tuple[torch.Tensor, tuple]]:
         out = self._vision_output(model, encs)
@@ -189,21 +209,7 @@ class Qwen3VL(QwenVL):
 
     @staticmethod
     def pack(feats: torch.Tensor, deepstack: tuple):
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-
-        return BaseModelOutputWithDeepstackFeatures(pooler_output=(feats,),
-                                                    deepstack_features=[(d,) for d in deepstack])
-
-
-def _window_index(visual, grid: torch.Tensor) -> torch.Tensor:
-    """The merged-token order a windowed (Qwen2.5-VL) tower runs in: position j holds raster token index[j]."""
-    try:  # transformers >= 5: a module-level function
-        from transformers.vision_utils import get_vision_window_index
-    except ImportError:  # older: a method of the tower
-        return visual.get_window_index(grid.to(visual.device))[0]
-    index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
-                                       window_size=visual.window_size, patch_size=visual.patch_size)
-    return index
+        return hf.deepstack_output(feats, deepstack)
 
 
 # -- LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision ----------------------------------------------------------------------
@@ -272,16 +278,17 @@ class LlavaNext(Llava):
 
     name = "llava-next"
     model_types = ("llava_next",)
+    model_methods = ("get_image_features", "pack_image_features")
 
-    def _module(self):
-        from transformers.models.llava_next import modeling_llava_next
-
-        return modeling_llava_next
+    def check(self, model) -> None:
+        super().check(model)
+        hf.anyres_helpers(model.config.model_type)
 
     def _n_crops(self, model, image_size) -> int:
         cfg = model.config
-        return self._module().image_size_to_num_patches(image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints,
-                                                         patch_size=cfg.vision_config.image_size)
+        num_patches, _ = hf.anyres_helpers(cfg.model_type)
+        return num_patches(image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints,
+                           patch_size=cfg.vision_config.image_size)
 
     def _pack(self, model, crops: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         feats, _ = model.model.pack_image_features(crops, image_sizes, model.config.vision_feature_select_strategy,
@@ -331,9 +338,9 @@ class LlavaNext(Llava):
         """(rows, cols) of the high-res crops, as the model reshapes them before unpadding."""
         cfg = model.config
         size = enc["image_sizes"][0]
-        return tuple(int(v) for v in self._module().get_anyres_image_grid_shape(
-            size.tolist() if hasattr(size, "tolist") else list(size), cfg.image_grid_pinpoints,
-            cfg.vision_config.image_size))
+        _, grid_shape = hf.anyres_helpers(cfg.model_type)
+        return tuple(int(v) for v in grid_shape(size.tolist() if hasattr(size, "tolist") else list(size),
+                                                cfg.image_grid_pinpoints, cfg.vision_config.image_size))
 
     def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
         """One crop: the one grid. Several: the base image (crop 0, side x side) and the high-res grid, the crops
@@ -394,11 +401,6 @@ class LlavaOnevision(LlavaNext):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
 
-    def _module(self):
-        from transformers.models.llava_onevision import modeling_llava_onevision
-
-        return modeling_llava_onevision
-
     def _pack(self, model, crops, image_sizes, newline):
         feats, _ = model.model.pack_image_features(crops, image_sizes, image_newline=newline,
                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
@@ -413,6 +415,11 @@ class InternVL(Family):
 
     name = "internvl"
     model_types = ("internvl",)
+    model_methods = ("get_image_features", "pixel_shuffle")
+
+    def check(self, model) -> None:
+        super().check(model)
+        hf.optimal_tiled_canvas()
 
     def _device(self, model):
         return next(model.model.vision_tower.parameters()).device
@@ -432,9 +439,7 @@ class InternVL(Family):
 
     @staticmethod
     def pack(feats: torch.Tensor, deepstack: tuple):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return BaseModelOutputWithPooling(pooler_output=feats)  # InternVL takes one tensor, not a tuple per image
+        return hf.pooled_output(feats)  # InternVL takes one tensor, not a tuple per image
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         if enc["pixel_values"].shape[0] != 1:
@@ -466,10 +471,7 @@ class InternVL(Family):
         (with the thumbnail): the image processor's own choice of canvas (GOT-OCR2 dynamic tiling)."""
         if tiles == 1:
             return 1, 1
-        try:
-            from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-        except ImportError:  # older transformers: the function lives beside the torch processor
-            from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+        get_optimal_tiled_canvas = hf.optimal_tiled_canvas()
         ip = getattr(processor, "image_processor", processor)
         size = ip.size
         height = size["height"] if isinstance(size, dict) else size.height

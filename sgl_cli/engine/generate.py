@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from . import hf
+
 
 @dataclass
 class Row:
@@ -56,11 +58,9 @@ class Batch:
     pack: Callable | None = None
 
     def model_kwargs(self) -> dict:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         pos = self.position_ids if self.position_ids.shape[0] > 1 else self.position_ids[0]
         encoded = (self.pack(self.feats, self.deepstack) if self.pack is not None
-                   else BaseModelOutputWithPooling(pooler_output=(self.feats,)))
+                   else hf.pooled_output((self.feats,)))
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
@@ -92,8 +92,8 @@ class Generation:
 
 
 def _forward(model, cache=None, logits_to_keep: int = 1, use_cache: bool = True, **kwargs):
-    out = model(**kwargs, past_key_values=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
-    return out.logits, out.past_key_values
+    out, cache = hf.forward(model, cache, **kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep)
+    return out.logits, cache
 
 
 def prefill(model, batch: Batch):

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from . import hf
 from .capture import _ACTIVE, ImportanceCapture, _register
 from .generate import Generation, Row, collate, greedy, rows_device
 from .prune import PruneAtLayer
@@ -58,7 +59,7 @@ class VisionAttentionScores:
 
     def __enter__(self) -> "VisionAttentionScores":
         vision_config = self.model.config.vision_config
-        self._saved = vision_config._attn_implementation
+        self._saved = hf.attn_implementation(vision_config)
         self.model.set_attn_implementation({"vision_config": _register(self._saved or "eager")})
         _ACTIVE[self.module] = self
         self.per_image = []

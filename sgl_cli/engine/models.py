@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import hf
 from .errors import ModelLoadError
 from .family import family_for
 from .preset import ModelSpec
@@ -151,6 +152,10 @@ def load_model(spec: ModelSpec, role: str) -> LoadedModel:
     model = model.eval()
     _check_quantized_on_cpu(model, spec, role)
     family = family_for(model)
+    # Every transformers internal sgl uses on this model, probed now: a release that moved one fails here in one
+    # line, not per item mid-run.
+    hf.check_model(model)
+    family.check(model)
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.get_text_config().eos_token_id
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))

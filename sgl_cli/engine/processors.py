@@ -13,6 +13,7 @@ import inspect
 import types
 from pathlib import Path
 
+from . import hf
 from .errors import ModelLoadError
 
 
@@ -58,27 +59,26 @@ def _image_only(cls: type) -> type:
 def load_processor(path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
     """Load a checkpoint's processor, falling back to an image-only variant when torchvision is absent."""
     from transformers import AutoProcessor
-    from transformers.processing_utils import ProcessorMixin
 
     check_torchvision()
+    hf.check_transformers()
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     first_error: Exception | None = None
     try:
         proc = AutoProcessor.from_pretrained(str(path), **kwargs)
-        if isinstance(proc, ProcessorMixin):
+        if isinstance(proc, hf.processor_mixin()):
             return proc
         # AutoProcessor silently returns a bare tokenizer when it does not know the processor class.
     except Exception as exc:  # noqa: BLE001 - retried below with the image-only variant
         first_error = exc
 
-    from transformers.models.auto.processing_auto import processor_class_from_name
-
     cls_name = _processor_class_name(path, revision)
-    cls = processor_class_from_name(cls_name) if cls_name else None
+    cls = hf.processor_class(cls_name) if cls_name else None
     if cls is None:
         raise ModelLoadError(
             f"cannot load a processor from {path}: "
-            + (f"{type(first_error).__name__}: {first_error}" if first_error else "no processor_class in its config")
+            + (f"{type(first_error).__name__}: {first_error}" if first_error
+               else "its configs name no processor_class and its model_type maps to none")
         )
     if "video_processor" not in inspect.signature(cls.__init__).parameters:
         raise ModelLoadError(f"cannot load processor {cls_name} from {path}: {first_error}")
@@ -89,18 +89,28 @@ def load_processor(path: str | Path, *, revision: str | None = None, trust_remot
 
 
 def _processor_class_name(path: str | Path, revision: str | None) -> str | None:
-    """The processor class a checkpoint names, from its processor or tokenizer config."""
+    """The processor class a checkpoint names in its processor or tokenizer config; else the one AutoProcessor
+    maps its `config.json` model_type to."""
+    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        data = _read_json(path, fname, revision)
+        if data.get("processor_class"):
+            return data["processor_class"]
+    model_type = _read_json(path, "config.json", revision).get("model_type")
+    return hf.processor_class_for_model_type(model_type) if isinstance(model_type, str) else None
+
+
+def _read_json(path: str | Path, fname: str, revision: str | None) -> dict:
+    """A checkpoint's JSON file as a dict; {} when it has none (or it is not a JSON object)."""
     import json
 
-    from transformers.utils import cached_file
-
-    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        try:
-            resolved = cached_file(str(path), fname, revision=revision, _raise_exceptions_for_missing_entries=False)
-        except Exception:  # noqa: BLE001 - a missing file is the common case
-            resolved = None
-        if resolved:
-            data = json.loads(Path(resolved).read_text())
-            if data.get("processor_class"):
-                return data["processor_class"]
-    return None
+    try:
+        resolved = hf.cached_file(str(path), fname, revision)
+    except Exception:  # noqa: BLE001 - a missing file is the common case
+        resolved = None
+    if not resolved:
+        return {}
+    try:
+        data = json.loads(Path(resolved).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

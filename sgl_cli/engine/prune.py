@@ -14,12 +14,10 @@ from typing import Callable
 
 import torch
 
+from . import hf
+from .hf import decoder_layers
+
 SUPPORTED_BACKENDS = ("sdpa", "eager")
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The language model's decoder layers."""
-    return model.get_decoder().layers
 
 
 @dataclass
@@ -40,7 +38,7 @@ class PruneAtLayer:
     _called: set = field(default_factory=set, repr=False)
 
     def __enter__(self) -> "PruneAtLayer":
-        backend = self.model.config.get_text_config()._attn_implementation
+        backend = hf.attn_implementation(self.model.config.get_text_config())
         if backend not in SUPPORTED_BACKENDS:
             raise ValueError(
                 f"prune_layer > 0 needs the large model's attention to be one of {', '.join(SUPPORTED_BACKENDS)}, "
@@ -95,7 +93,7 @@ class PruneAtLayer:
                     kwargs["position_ids"] = torch.gather(kwargs["position_ids"], 1, self._index)
                 past = 0
             else:
-                past = kwargs["past_key_values"].get_seq_length(layer)
+                past = hf.layer_cache(kwargs).get_seq_length(layer)
             kwargs["attention_mask"] = self._mask(hidden.shape[1], past, hidden)
             if args:
                 args = (hidden, *args[1:])
