@@ -43,8 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sgl_cli.engine import shapes  # noqa: E402
-from sgl_cli.engine.builtin import TRAINED_SPEC, build_config, build_processor  # noqa: E402
+from sgl_cli.engine.builtin import shapes  # noqa: E402
+from sgl_cli.engine.builtin.pair import TRAINED_SPEC, build_config, build_processor  # noqa: E402
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # the default preset's
 WORDS = sorted(set(shapes.vocabulary()) | {"user", "assistant", "answer", "question", "using", "a", "single", "word", "or",

@@ -14,7 +14,7 @@ torch.set_num_threads(1)  # 2-core machines: one thread per process is fastest a
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> dict[str, Path]:
-    from sgl_cli.engine.builtin import ensure_pair
+    from sgl_cli.engine.builtin.pair import ensure_pair
 
     return ensure_pair("tiny", tmp_path_factory.mktemp("cache"))
 
@@ -74,8 +74,8 @@ def batch(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def engine_factory(tiny_pair):
     """Engines over one pair of loaded tiny models, with settings varied per test (models loaded once)."""
-    from sgl_cli.engine.engine import Engine
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")

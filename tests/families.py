@@ -6,7 +6,7 @@ Both sizes share one processor, so they are a pair. Each family uses its own tra
 model, PIL image processor, processor) at tiny sizes: text hidden 64 or 96, 2 layers; vision hidden 32.
 
 The families and their image geometry here:
-- qwen2_vl, qwen2_5_vl: the built-in builder (`sgl_cli.engine.builtin`), patch 14, merge 2.
+- qwen2_vl, qwen2_5_vl: the built-in builder (`sgl_cli.engine.builtin.pair`), patch 14, merge 2.
 - qwen3_vl: patch 16, merge 2, deepstack features from both vision blocks.
 - llava (1.5): CLIP tower (with [CLS]) 64x64, patch 8: 64 tokens; features from layer -2 without [CLS].
 - llava_next: the same tower, anyres crops over tiny pinpoints, unpadding and `image_newline` placeholders.
@@ -97,7 +97,7 @@ def _clip_vision():
 
 
 def _llava(size_name: str):
-    from transformers import LlavaConfig, LlamaConfig
+    from transformers import LlamaConfig, LlavaConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.processing_llava import LlavaProcessor
 
@@ -148,13 +148,13 @@ def _llava_onevision(size_name: str, pinpoints=PINPOINTS):
     )
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-    from sgl_cli.engine.processors import _image_only
+    from sgl_cli.engine.core.processors import image_only
 
     template = _template(CHATML["user"], "<image>\n", CHATML["assistant"], CHATML["end"])
     tok = _tokenizer(QWEN_SPECIALS[:3] + ["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"},
                      template, "<|im_end|>", "<|endoftext|>")
     ip = LlavaOnevisionImageProcessorPil(size={"height": 64, "width": 64}, image_grid_pinpoints=pinpoints)
-    proc = _image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=64,
+    proc = image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=64,
                                                vision_feature_select_strategy="full", chat_template=template,
                                                vision_aspect_ratio="anyres_max_9")
 
@@ -177,7 +177,7 @@ def _internvl(size_name: str):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.processing_internvl import InternVLProcessor
 
-    from sgl_cli.engine.processors import _image_only
+    from sgl_cli.engine.core.processors import image_only
 
     template = _template(CHATML["user"], "<IMG_CONTEXT>\n", CHATML["assistant"], CHATML["end"])
     named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -185,7 +185,7 @@ def _internvl(size_name: str):
     tok = _tokenizer(QWEN_SPECIALS[:3] + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"], named, template,
                      "<|im_end|>", "<|endoftext|>")
     ip = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=4)
-    proc = _image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=16,
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=16,
                                          chat_template=template)
 
     def config(size):
@@ -206,7 +206,7 @@ def _qwen3_vl(size_name: str, deepstack=(0, 1), layers: int | None = None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-    from sgl_cli.engine.processors import _image_only
+    from sgl_cli.engine.core.processors import image_only
 
     template = _template(CHATML["user"], "<|vision_start|><|image_pad|><|vision_end|>", CHATML["assistant"],
                          CHATML["end"])
@@ -214,7 +214,7 @@ def _qwen3_vl(size_name: str, deepstack=(0, 1), layers: int | None = None):
                      "<|im_end|>", "<|endoftext|>")
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 64 * 64, "longest_edge": 384 * 384}, patch_size=16,
                                   merge_size=2, temporal_patch_size=2)
-    proc = _image_only(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=template)
+    proc = image_only(Qwen3VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=template)
 
     def config(size):
         ids = tok.convert_tokens_to_ids
@@ -249,7 +249,7 @@ def build_family(name: str, out: Path, seed: int = 0, **options) -> dict[str, Pa
 
     out = Path(out)
     if name in ("qwen2_vl", "qwen2_5_vl"):
-        from sgl_cli.engine.builtin import TINY_SPEC, build_pair
+        from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
 
         return build_pair(dataclasses.replace(TINY_SPEC, arch=name), out)
     hf_logging.disable_progress_bar()

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.bench import lm_macs
+from sgl_cli.engine.evaluation.bench import lm_macs
 
 
 def test_lm_macs_by_hand():

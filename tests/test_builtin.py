@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.builtin import TINY_SPEC, TRAINED_SPEC, build_config, build_processor
+from sgl_cli.engine.builtin.pair import TINY_SPEC, TRAINED_SPEC, build_config, build_processor
 
 
 def _rotary(spec, lm):
@@ -81,7 +81,7 @@ def test_shipped_pair_carries_the_trained_spectrum(role):
     checkpoint and the spec that documents it have drifted apart."""
     from transformers import AutoConfig
 
-    from sgl_cli.engine.builtin import SHIPPED
+    from sgl_cli.engine.builtin.pair import SHIPPED
 
     shipped = AutoConfig.from_pretrained(SHIPPED["default"] / role).text_config
     lm = getattr(TRAINED_SPEC, role)

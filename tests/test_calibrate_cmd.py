@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.calibrate_run import relative_cost
-from sgl_cli.engine.metrics import exact
+from sgl_cli.engine.evaluation.calibrate import relative_cost
+from sgl_cli.engine.evaluation.metrics import exact
 from tests.conftest import make_images, write_jsonl, write_preset
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ def records(path: Path) -> list[dict]:
 
 def no_models(monkeypatch) -> None:
     """Make any model load fail the test."""
-    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.core.engine import Engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -41,7 +41,7 @@ def no_models(monkeypatch) -> None:
 
 def count_items(monkeypatch) -> list[int]:
     """Record the input lines the engine processes."""
-    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.core.engine import Engine
 
     seen: list[int] = []
     real = Engine.process

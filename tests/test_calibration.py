@@ -4,19 +4,17 @@ import struct
 import pytest
 import yaml
 
-from sgl_cli.engine.calibration import (
+from sgl_cli.engine.evaluation.calibration import (
     Outcome,
     choose_threshold,
-    fingerprint,
-    fingerprint_differences,
     load_calibration,
-    model_fingerprint,
     operating_points,
-    plot_calibration,
     save_calibration,
     to_yaml_dict,
 )
+from sgl_cli.engine.evaluation.fingerprint import fingerprint, fingerprint_differences, model_fingerprint
 from sgl_cli.engine.preset import ModelSpec, Preset, Settings
+from sgl_cli.engine.views.plots import plot_calibration
 
 # Ten items; the large model is always right (large accuracy 1.0, so relative
 # accuracy equals accuracy).  Scores with the small model's correctness,
@@ -282,7 +280,7 @@ def test_builtin_fingerprint_follows_the_weights(tmp_path, monkeypatch):
     calibration (or its cache) made with the old weights must not match the new ones."""
     import shutil
 
-    from sgl_cli.engine import builtin
+    from sgl_cli.engine.builtin import pair as builtin
 
     shipped = tmp_path / "default"
     shutil.copytree(builtin.SHIPPED["default"], shipped)

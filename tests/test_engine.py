@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.engine import n_keep
-from sgl_cli.engine.items import load_image, read_items
+from sgl_cli.engine.guides.base import n_keep
+from sgl_cli.engine.io.images import load_image
+from sgl_cli.engine.io.items import read_items
 
 
 def _encode(loaded, item, suffix="Answer with one word."):
@@ -59,7 +60,7 @@ def test_retain_one_equals_plain_generate_on_large(engine_factory, batch):
 
 def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
     """Token for token (not only decoded text) for the large model's generation at retain 1.0."""
-    import sgl_cli.engine.engine as engine_mod
+    import sgl_cli.engine.core.engine as engine_mod
 
     seen = []
     real = engine_mod.greedy
@@ -88,17 +89,17 @@ def test_importance_equals_eager_reference(engine_factory, eager_small, batch):
     works = eng.analyze(items)
     for item, w in zip(items, works):
         ref, _ = reference_importance(eager_small, _encode(eng.small, item))
-        assert w.importance.dtype == torch.float32
-        assert w.importance.shape == ref.shape
-        rel = (w.importance.double() - ref).abs().max() / ref.abs().max()
+        assert w.small.importance.dtype == torch.float32
+        assert w.small.importance.shape == ref.shape
+        rel = (w.small.importance.double() - ref).abs().max() / ref.abs().max()
         assert rel < 1e-5
         k = n_keep(len(ref), 0.09)
-        assert set(torch.topk(w.importance, k).indices.tolist()) == set(torch.topk(ref, k).indices.tolist())
+        assert set(torch.topk(w.small.importance, k).indices.tolist()) == set(torch.topk(ref, k).indices.tolist())
 
 
 def test_importance_does_not_depend_on_attention_backend(engine_factory, eager_small, batch):
     """The capture wrapper delegates to the model's own backend: with eager, sdpa's numbers are reproduced."""
-    from sgl_cli.engine.capture import ImportanceCapture
+    from sgl_cli.engine.core.capture import ImportanceCapture
 
     assert eager_small.config.text_config._attn_implementation == "eager"
     with ImportanceCapture(eager_small, n_keys=4):
@@ -107,12 +108,12 @@ def test_importance_does_not_depend_on_attention_backend(engine_factory, eager_s
 
 
 def test_capture_leaves_nothing_behind(engine_factory, batch):
-    from sgl_cli.engine import capture
+    from sgl_cli.engine.core import capture
 
     eng = engine_factory()
     eng.process(list(read_items(batch)))
     assert eng.small.model.config.text_config._attn_implementation == "sdpa"
-    assert not any(m in capture._ACTIVE for m in eng.small.model.modules())
+    assert not any(m in capture.watched_modules() for m in eng.small.model.modules())
 
 
 def test_large_sees_top_k_in_order_with_original_positions(engine_factory, eager_small, batch):
@@ -159,7 +160,7 @@ def test_scores_equal_hand_computation(engine_factory, eager_small, batch):
     enc = _encode(eng.small, item)
     ref, out = reference_importance(eager_small, enc)
     answer = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
-    assert w.small_tokens == answer
+    assert w.small.tokens == answer
     probs = [torch.softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, answer)]
     confidence = math.exp(sum(math.log(p) for p in probs) / len(probs))
 
@@ -244,8 +245,8 @@ def test_batch_equals_batch_one(engine_factory, batch):
 def test_batched_importance_equals_single(engine_factory, batch):
     items = list(read_items(batch))
     eng = engine_factory()
-    single = [eng.analyze([it])[0].importance for it in items]
-    batched = [w.importance for w in eng.analyze(items)]
+    single = [eng.analyze([it])[0].small.importance for it in items]
+    batched = [w.small.importance for w in eng.analyze(items)]
     for a, b in zip(single, batched):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
         k = n_keep(len(a), 0.09)

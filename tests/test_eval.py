@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.items import read_items
-from sgl_cli.engine.metrics import vqa
+from sgl_cli.engine.evaluation.metrics import vqa
+from sgl_cli.engine.io.items import read_items
 
 from .conftest import write_jsonl, write_preset
 
@@ -20,7 +20,7 @@ runner = CliRunner()
 def labelled(tmp_path, engine_factory):
     """Six shapes items whose references are the large model's own answers on items 1, 2 and 4 (random tiny
     models answer noise, so true labels would give 0 everywhere and prove nothing)."""
-    from sgl_cli.engine.shapes import write_items
+    from sgl_cli.engine.builtin.shapes import write_items
 
     src = write_items(tmp_path, 6, seed=5)
     eng = engine_factory(retain=1.0, threshold=None)
@@ -136,7 +136,7 @@ def test_eval_table_plot_and_errors(tmp_path, tiny_pair, labelled):
 
 def test_settings_reuse_does_not_leak_between_guides(engine_factory, labelled):
     """The evaluation's engines share models; each guide's engine must leave them as it found them."""
-    from sgl_cli.engine.evaluate import evaluate
+    from sgl_cli.engine.evaluation.evaluate import evaluate
 
     eng = engine_factory(threshold=None)
     items = list(read_items(labelled))

@@ -22,7 +22,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.items import load_image, read_items
+from sgl_cli.engine.io.images import load_image
+from sgl_cli.engine.io.items import read_items
 from tests.conftest import make_images, write_jsonl
 from tests.families import FAMILIES, PINPOINTS_MAX9, build_family
 
@@ -38,7 +39,7 @@ VARIANTS["llava_onevision_max9"] = ("llava_onevision", {"pinpoints": PINPOINTS_M
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     name, options = VARIANTS[request.param]
@@ -68,7 +69,7 @@ def items(fam, tmp_path_factory):
 
 
 def engine(fam, guide="sgl", **settings):
-    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.core.engine import Engine
     from sgl_cli.engine.preset import Settings
 
     base = dict(threshold=None, max_new_tokens=MAX_NEW, prompt_suffix=SUFFIX, guide=guide)
@@ -80,7 +81,7 @@ def run_works(eng, items):
     with torch.inference_mode():
         works = eng.analyze(items)
         assert all(w.error is None for w in works), [w.error for w in works]
-        eng._large_stage(works)
+        eng.large_pass(works, eng.large_inputs(works))
         assert all(w.error is None for w in works), [w.error for w in works]
     return works
 
@@ -192,35 +193,35 @@ def test_retain_one_equals_generate_and_importance_equals_eager(fam, items):
     for item, w in zip(items, works):
         enc = encode(fam.small.processor, item)
         tokens, ref, visual = reference_generate(fam.eager_small, enc, MAX_NEW)
-        assert torch.equal(w.visual, visual)
-        assert w.small_tokens == tokens
-        err = rel_err(w.importance, ref)
+        assert torch.equal(w.encoded.visual, visual)
+        assert w.small.tokens == tokens
+        err = rel_err(w.small.importance, ref)
         print(f"{fam.name} {item.id}: {int(visual.sum())} visual tokens, importance max rel err {err:.1e}")
         assert err < 1e-5
         k = max(1, math.floor(0.25 * len(ref)))
-        assert set(torch.topk(w.importance, k).indices.tolist()) == set(torch.topk(ref, k).indices.tolist())
+        assert set(torch.topk(w.small.importance, k).indices.tolist()) == set(torch.topk(ref, k).indices.tolist())
         # The large model at retain 1.0: exactly its plain generate.
         enc_l = encode(fam.large.processor, item)
         assert torch.equal(enc_l["input_ids"], enc["input_ids"])  # a pair: byte-identical input_ids
         with torch.no_grad():
             out = fam.large.model.generate(**enc_l, max_new_tokens=MAX_NEW, do_sample=False)
-        assert w.large_tokens == out[0, enc_l["input_ids"].shape[1]:].tolist()
-        assert len(w.kept) == int(visual.sum())
+        assert w.large.tokens == out[0, enc_l["input_ids"].shape[1]:].tolist()
+        assert len(w.large.kept) == int(visual.sum())
 
 
 def test_pruned_equals_reference_and_batch_equals_batch_one(fam, items):
     one = [run_works(engine(fam, retain=0.25), [it])[0] for it in items]
     many = run_works(engine(fam, retain=0.25, batch_size=2), items)
     for item, a, b in zip(items, one, many):
-        assert torch.allclose(a.importance, b.importance, rtol=1e-4, atol=1e-6)
-        assert torch.equal(a.kept, b.kept)
-        assert a.small_tokens == b.small_tokens and a.large_tokens == b.large_tokens
-        assert len(b.kept) == max(1, math.floor(0.25 * int(b.visual.sum())))
-        ref = reference_pruned(fam.large.model, encode(fam.large.processor, item), b.kept, MAX_NEW, fam.large.eos_ids)
-        assert b.large_tokens == ref
+        assert torch.allclose(a.small.importance, b.small.importance, rtol=1e-4, atol=1e-6)
+        assert torch.equal(a.large.kept, b.large.kept)
+        assert a.small.tokens == b.small.tokens and a.large.tokens == b.large.tokens
+        assert len(b.large.kept) == max(1, math.floor(0.25 * int(b.encoded.visual.sum())))
+        ref = reference_pruned(fam.large.model, encode(fam.large.processor, item), b.large.kept, MAX_NEW, fam.large.eos_ids)
+        assert b.large.tokens == ref
     recs = engine(fam, retain=0.25, batch_size=2).process(items)
     assert [r["error"] for r in recs] == [None, None]
-    assert [r["retained_tokens"] for r in recs] == [len(w.kept) for w in many]
+    assert [r["retained_tokens"] for r in recs] == [len(w.large.kept) for w in many]
 
 
 # -- the cls guide ------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def cls_kept(fam, w, scores: torch.Tensor, retain: float) -> torch.Tensor:
     family = fam.large.family
     if not hasattr(family, "token_crops"):
         return top_k(scores, retain)
-    crops = family.token_crops(fam.large.model, w.enc_large)
+    crops = family.token_crops(fam.large.model, w.encoded.large)
     picked = [m[top_k(scores[m], retain)] for m in (torch.nonzero(crops == c).squeeze(-1) for c in crops.unique())]
     return torch.sort(torch.cat(picked)).values
 
@@ -278,7 +279,7 @@ def hooks(model) -> dict:
 
 
 def test_cls_scores_equal_eager_vision_attention(fam, items):
-    from sgl_cli.engine import capture
+    from sgl_cli.engine.core import capture
 
     run_works(engine(fam, "cls", retain=0.25), items[:1])  # transformers installs its own capture hooks once
     before = hooks(fam.large.model)
@@ -286,21 +287,21 @@ def test_cls_scores_equal_eager_vision_attention(fam, items):
     for item, w in zip(items, many):
         enc = encode(fam.large.processor, item)
         ref = cls_reference(fam, enc)
-        s = w.scores["cls"]
-        assert s.dtype == torch.float32 and s.shape == (int(w.visual.sum()),)
+        s = w.large.scores
+        assert s.dtype == torch.float32 and s.shape == (int(w.encoded.visual.sum()),)
         err = rel_err(s, ref)
         print(f"cls {fam.name} {item.id}: max rel err {err:.1e}")
         assert err < 1e-4
-        assert torch.equal(w.kept, cls_kept(fam, w, ref, 0.25))
-        ref_tokens = reference_pruned(fam.large.model, enc, w.kept, MAX_NEW, fam.large.eos_ids)
-        assert w.large_tokens == ref_tokens
+        assert torch.equal(w.large.kept, cls_kept(fam, w, ref, 0.25))
+        ref_tokens = reference_pruned(fam.large.model, enc, w.large.kept, MAX_NEW, fam.large.eos_ids)
+        assert w.large.tokens == ref_tokens
     one = [run_works(engine(fam, "cls", retain=0.25), [it])[0] for it in items]
     for a, b in zip(one, many):
-        assert torch.allclose(a.scores["cls"], b.scores["cls"], rtol=1e-5, atol=1e-7)
-        assert torch.equal(a.kept, b.kept) and a.large_tokens == b.large_tokens
+        assert torch.allclose(a.large.scores, b.large.scores, rtol=1e-5, atol=1e-7)
+        assert torch.equal(a.large.kept, b.large.kept) and a.large.tokens == b.large.tokens
     # Nothing of sgl's is left behind: no hooks, no capture backend.
     assert hooks(fam.large.model) == before
-    assert not any(m in capture._ACTIVE for m in fam.large.model.modules())
+    assert not any(m in capture.watched_modules() for m in fam.large.model.modules())
     assert fam.large.model.config.vision_config._attn_implementation == "sdpa"
     assert fam.large.model.config.get_text_config()._attn_implementation == "sdpa"
 
@@ -322,15 +323,15 @@ def test_cls_budget_is_per_crop_for_multi_crop_families(fam, items):
     works = run_works(engine(fam, "cls", retain=retain), items)
     family = fam.large.family
     for w in works:
-        s = w.scores["cls"]
+        s = w.large.scores
         if not hasattr(family, "token_crops"):
-            assert torch.equal(w.kept, top_k(s, retain))
+            assert torch.equal(w.large.kept, top_k(s, retain))
             continue
-        crops = family.token_crops(fam.large.model, w.enc_large)
+        crops = family.token_crops(fam.large.model, w.encoded.large)
         assert len(torch.unique(crops)) > 1
         for c in torch.unique(crops):
             members = torch.nonzero(crops == c).squeeze(-1)
-            in_crop = w.kept[torch.isin(w.kept, members)]
+            in_crop = w.large.kept[torch.isin(w.large.kept, members)]
             assert torch.equal(in_crop, members[top_k(s[members], retain)]), f"crop {int(c)}"
 
 
@@ -415,7 +416,7 @@ def _perturb_patch(fam, model, pixels, crop, key, n_keys):
 @pytest.fixture(scope="module")
 def qwen3_deep(tmp_path_factory):
     """Qwen3-VL with 3 decoder layers and one deepstack level (added after layer 0): K = 1, 2 are valid."""
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("qwen3_vl", tmp_path_factory.mktemp("qwen3-deep"), deepstack=(0,), layers=3)
@@ -469,8 +470,8 @@ def test_qwen3_deepstack_then_prune_inside_the_lm(qwen3_deep, tmp_path, k):
     works = run_works(engine(fam, retain=0.25, prune_layer=k, batch_size=2), items)
     for item, w in zip(items, works):
         enc = encode(fam.large.processor, item)
-        ref = reference_qwen3_at_layer(fam.large.model, enc, w.kept, k, MAX_NEW, fam.large.eos_ids)
-        assert w.large_tokens == ref
+        ref = reference_qwen3_at_layer(fam.large.model, enc, w.large.kept, k, MAX_NEW, fam.large.eos_ids)
+        assert w.large.tokens == ref
 
 
 def test_qwen3_prune_layer_inside_the_deepstack_layers_fails_clearly(fam, items):
@@ -484,7 +485,7 @@ def test_qwen3_prune_layer_inside_the_deepstack_layers_fails_clearly(fam, items)
 # -- unsupported ---------------------------------------------------------------------------------------------------
 def test_unsupported_family_lists_the_supported_ones():
     from sgl_cli.engine.errors import ModelLoadError
-    from sgl_cli.engine.family import family_for
+    from sgl_cli.engine.families import family_for
 
     model = SimpleNamespace(config=SimpleNamespace(model_type="gemma3"))
     with pytest.raises(ModelLoadError) as exc:

@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.items import read_items
+from sgl_cli.engine.io.items import read_items
 from tests.conftest import make_images, write_jsonl
 from tests.test_engine import _encode
 from tests.test_prune_layer import reference_generate
@@ -33,7 +33,7 @@ SINGLE_MODEL_GUIDES = ("cls", "fastv", "random")
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
 def _load(path):
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     return load_model(ModelSpec(str(path), dtype="float32"), "small" if path.name == "small" else "large")
@@ -51,7 +51,7 @@ class Pair:
     eager_large: object
 
     def engine(self, with_small: bool = False, **settings):
-        from sgl_cli.engine.engine import Engine
+        from sgl_cli.engine.core.engine import Engine
         from sgl_cli.engine.preset import Settings
 
         base = dict(threshold=None, max_new_tokens=MAX_NEW, prompt_suffix=SUFFIX)
@@ -68,7 +68,7 @@ def qwen2(tiny_pair):
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """A Qwen2-VL pair whose large model has 4 layers, so K = 1, 2, 3 have layers on both sides."""
-    from sgl_cli.engine.builtin import TINY_SPEC, LMSize, PairSpec, build_pair
+    from sgl_cli.engine.builtin.pair import TINY_SPEC, LMSize, PairSpec, build_pair
 
     spec = PairSpec(small=TINY_SPEC.small, large=LMSize(128, 4, 4, 2, 256), vision_embed=32)
     paths = build_pair(spec, tmp_path_factory.mktemp("deep-guides"))
@@ -78,7 +78,7 @@ def deep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
     """The tiny pair as Qwen2.5-VL: windowed vision attention, the tower runs in window-permuted order."""
-    from sgl_cli.engine.builtin import TINY_SPEC, build_pair
+    from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
 
     paths = build_pair(dataclasses.replace(TINY_SPEC, arch="qwen2_5_vl"), tmp_path_factory.mktemp("q25-guides"))
     pair = Pair(paths, _load(paths["small"]), _load(paths["large"]), _eager(paths["large"]))
@@ -100,7 +100,7 @@ def run_works(eng, items):
     with torch.inference_mode():
         works = eng.analyze(items)
         assert all(w.error is None for w in works), [w.error for w in works]
-        eng._large_stage(works)
+        eng.large_pass(works, eng.large_inputs(works))
     return works
 
 
@@ -187,27 +187,27 @@ def test_cls_scores_equal_hand_computed_vision_attention(arch, request, items):
     for item, w in zip(two, works):
         ref, was_permuted = cls_reference(pair.eager_large, _encode(pair.large, item, SUFFIX))
         permuted.append(was_permuted)
-        s = w.scores["cls"]
-        assert s.dtype == torch.float32 and s.shape == (int(w.visual.sum()),)
+        s = w.large.scores
+        assert s.dtype == torch.float32 and s.shape == (int(w.encoded.visual.sum()),)
         err = rel_err(s, ref)
         print(f"cls {arch} {item.id}: max rel err {err:.2e}")
         assert err < 1e-4
         # The kept tokens are the reference's top 25%, in order.
-        assert torch.equal(w.kept, ref_top_k(ref, 0.25))
+        assert torch.equal(w.large.kept, ref_top_k(ref, 0.25))
     if arch == "qwen25":
         assert all(permuted)  # the window permutation is not the identity for these images
     # The answer is the large model's from those tokens, pruned before the LM (K = 0).
     for item, w in zip(two, works):
-        ref_tokens = reference_generate(pair.large, SimpleNamespace(item=item, kept=w.kept), 0, MAX_NEW)
-        assert w.large_tokens == ref_tokens
+        ref_tokens = reference_generate(pair.large, SimpleNamespace(item=item, kept=w.large.kept), 0, MAX_NEW)
+        assert w.large.tokens == ref_tokens
 
 
 def test_cls_batch_equals_batch_one(qwen25, items):
     single = [run_works(qwen25.engine(guide="cls", retain=0.25), [it])[0] for it in items]
     many = run_works(qwen25.engine(guide="cls", retain=0.25, batch_size=3), items)
     for a, b in zip(single, many):
-        assert torch.allclose(a.scores["cls"], b.scores["cls"], rtol=1e-5, atol=1e-7)
-        assert torch.equal(a.kept, b.kept) and a.large_tokens == b.large_tokens
+        assert torch.allclose(a.large.scores, b.large.scores, rtol=1e-5, atol=1e-7)
+        assert torch.equal(a.large.kept, b.large.kept) and a.large.tokens == b.large.tokens
 
 
 # -- 2. fastv ---------------------------------------------------------------------------------------------------
@@ -223,24 +223,24 @@ def fastv_reference(eager_model, enc, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("prune_layer,k", [(0, 2), (1, 1), (3, 3)])
 def test_fastv_scores_and_answer_equal_eager_reference(deep, items, prune_layer, k):
     eng = deep.engine(guide="fastv", retain=0.25, prune_layer=prune_layer, batch_size=3, max_new_tokens=6)
-    assert eng.guide.prune_layer(eng) == k
+    assert eng.prune_layer() == k
     works = run_works(eng, items)
     for item, w in zip(items, works):
         ref = fastv_reference(deep.eager_large, _encode(deep.large, item, SUFFIX), k)
-        err = rel_err(w.scores["fastv"], ref)
+        err = rel_err(w.large.scores, ref)
         print(f"fastv K={k} {item.id}: max rel err {err:.2e}")
         assert err < 1e-4
         kept = ref_top_k(ref, 0.25)
-        assert torch.equal(w.kept, kept)
+        assert torch.equal(w.large.kept, kept)
         # Hand-run, cache-free decoder that drops the unkept tokens before layer k.
-        assert w.large_tokens == reference_generate(deep.large, SimpleNamespace(item=item, kept=kept), k, 6)
+        assert w.large.tokens == reference_generate(deep.large, SimpleNamespace(item=item, kept=kept), k, 6)
     # And the engine's own PruneAtLayer with the fixed keep mask from the reference scores.
-    rows = eng.large_rows(works)
+    rows = eng.large_inputs(works).rows
     refs = [ref_top_k(fastv_reference(deep.eager_large, _encode(deep.large, it, SUFFIX), k), 0.25) for it in items]
     with torch.inference_mode():
-        gen = eng.large_generate(works, rows, refs, prune_layer=k)
-    assert gen.tokens == [w.large_tokens for w in works]
-    recs = [eng._record(w, 0.0) for w in works]
+        gen = eng.generate_kept(works, rows, refs, k, [6] * len(works))
+    assert gen.tokens == [w.large.tokens for w in works]
+    recs = [eng.record(w, 0.0) for w in works]
     for r in recs:
         assert r["guide"] == "fastv" and r["prune_layer"] == k and r["error"] is None
         assert r["retained_tokens"] == max(1, math.floor(0.25 * r["visual_tokens"]))
@@ -249,11 +249,11 @@ def test_fastv_scores_and_answer_equal_eager_reference(deep, items, prune_layer,
 def test_fastv_batch_of_three_equals_batch_of_one(deep, items):
     one = [run_works(deep.engine(guide="fastv", retain=0.25), [it])[0] for it in items]
     many = run_works(deep.engine(guide="fastv", retain=0.25, batch_size=3), items)
-    assert len({int(w.visual.sum()) for w in one}) == 3
+    assert len({int(w.encoded.visual.sum()) for w in one}) == 3
     for a, b in zip(one, many):
-        assert torch.allclose(a.scores["fastv"], b.scores["fastv"], rtol=1e-4, atol=1e-7)
-        assert torch.equal(a.kept, b.kept)
-        assert a.large_tokens == b.large_tokens
+        assert torch.allclose(a.large.scores, b.large.scores, rtol=1e-4, atol=1e-7)
+        assert torch.equal(a.large.kept, b.large.kept)
+        assert a.large.tokens == b.large.tokens
     recs_one = [r for it in items for r in deep.engine(guide="fastv", retain=0.25).process([it])]
     recs_many = deep.engine(guide="fastv", retain=0.25, batch_size=3).process(items)
     assert [r["answer"] for r in recs_one] == [r["answer"] for r in recs_many]
@@ -275,8 +275,8 @@ def test_fastv_prunes_at_layer_k(deep, items):
     finally:
         for h in handles:
             h.remove()
-    full = len(w.visual)
-    pruned = full - int(w.visual.sum()) + len(w.kept)
+    full = len(w.encoded.visual)
+    pruned = full - int(w.encoded.visual.sum()) + len(w.large.kept)
     assert lengths == {0: full, 1: full, 2: pruned, 3: pruned}
 
 
@@ -292,24 +292,24 @@ def test_random_guide_is_seeded_and_batch_independent(qwen2, items):
     many = run_works(qwen2.engine(guide="random", retain=0.3, batch_size=3), items)
     other = run_works(qwen2.engine(guide="random", retain=0.3, batch_size=3, seed=1), items)
     for a, b, c in zip(one, many, other):
-        n = int(a.visual.sum())
+        n = int(a.encoded.visual.sum())
         k = max(1, math.floor(n * 0.3))
-        assert len(a.kept) == k and len(c.kept) == k
-        assert torch.equal(a.kept, b.kept)
-        assert torch.equal(a.kept, torch.sort(a.kept).values) and len(set(a.kept.tolist())) == k
-        assert 0 <= int(a.kept.min()) and int(a.kept.max()) < n
-        assert a.large_tokens == b.large_tokens
-    assert any(not torch.equal(a.kept, c.kept) for a, c in zip(one, other))
+        assert len(a.large.kept) == k and len(c.large.kept) == k
+        assert torch.equal(a.large.kept, b.large.kept)
+        assert torch.equal(a.large.kept, torch.sort(a.large.kept).values) and len(set(a.large.kept.tolist())) == k
+        assert 0 <= int(a.large.kept.min()) and int(a.large.kept.max()) < n
+        assert a.large.tokens == b.large.tokens
+    assert any(not torch.equal(a.large.kept, c.large.kept) for a, c in zip(one, other))
     # Not a fixed pattern: the choice differs between items of the same size too (seeded by item).
-    assert not torch.equal(one[0].kept[:5], torch.arange(5))
+    assert not torch.equal(one[0].large.kept[:5], torch.arange(5))
     # The answer is the large model's from the chosen tokens (pre-LM pruning at prune_layer 0).
     for item, w in zip(items, many):
-        assert w.large_tokens == reference_generate(qwen2.large, SimpleNamespace(item=item, kept=w.kept), 0, MAX_NEW)
+        assert w.large.tokens == reference_generate(qwen2.large, SimpleNamespace(item=item, kept=w.large.kept), 0, MAX_NEW)
 
 
 def test_random_guide_respects_prune_layer(deep, items):
     (w,) = run_works(deep.engine(guide="random", retain=0.2, prune_layer=2), items[:1])
-    assert w.large_tokens == reference_generate(deep.large, SimpleNamespace(item=items[0], kept=w.kept), 2, MAX_NEW)
+    assert w.large.tokens == reference_generate(deep.large, SimpleNamespace(item=items[0], kept=w.large.kept), 2, MAX_NEW)
 
 
 @pytest.mark.parametrize("retain", [0.001, 0.5])
@@ -366,7 +366,7 @@ def test_preset_without_small_parses_and_keeps_a_closed_schema(tmp_path, tiny_pa
 
 @pytest.mark.parametrize("guide", SINGLE_MODEL_GUIDES)
 def test_large_only_preset_runs_single_model_guides(tmp_path, tiny_pair, items, guide):
-    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.core.engine import Engine
     from sgl_cli.engine.preset import load_preset
 
     preset = load_preset(str(_large_only_preset(tmp_path, tiny_pair))).with_settings(guide=guide, threshold=0.0,
@@ -384,7 +384,7 @@ def test_large_only_preset_runs_single_model_guides(tmp_path, tiny_pair, items, 
 
 
 def test_large_only_preset_refuses_the_sgl_guide(tmp_path, tiny_pair):
-    from sgl_cli.engine.engine import Engine
+    from sgl_cli.engine.core.engine import Engine
     from sgl_cli.engine.errors import ModelLoadError
     from sgl_cli.engine.preset import load_preset
 
@@ -430,12 +430,12 @@ def test_sgl_run_with_a_large_only_preset_and_the_sgl_guide_fails_clearly(tmp_pa
 
 # -- 6. nothing left behind -------------------------------------------------------------------------------------
 def _assert_clean(model, text_attn="sdpa", vision_attn="sdpa"):
-    from sgl_cli.engine import capture
+    from sgl_cli.engine.core import capture
 
     for name, module in model.named_modules():
         assert not module._forward_pre_hooks, name
         assert not module._forward_hooks, name
-        assert module not in capture._ACTIVE, name
+        assert module not in capture.watched_modules(), name
         cfg = getattr(module, "config", None)
         assert not str(getattr(cfg, "_attn_implementation", "")).startswith("sgl_capture"), name
     assert model.config.get_text_config()._attn_implementation == text_attn
@@ -452,9 +452,8 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         _assert_clean(pair.small.model)
 
     # Also when a stage fails half-way, with the hooks in place: the items fail, the model is restored.
-    import sgl_cli.engine.engine as engine_mod
-    import sgl_cli.engine.guides as guides_mod
-    from sgl_cli.engine.family import QwenVL
+    import sgl_cli.engine.core.engine as engine_mod
+    from sgl_cli.engine.families import QwenVL
 
     def boom(*a, **k):
         raise RuntimeError("boom")
@@ -465,7 +464,7 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         real_features(self, model, encs)  # the vision tower ran (with the cls capture active), then it fails
         raise RuntimeError("boom")
 
-    phases = {"greedy": [(guides_mod, "greedy", boom), (engine_mod, "greedy", boom)],
+    phases = {"greedy": [(engine_mod, "greedy", boom)],
               "vision": [(QwenVL, "image_features", features_then_boom)]}
     for phase, patches in phases.items():
         with monkeypatch.context() as mp:

@@ -24,7 +24,7 @@ def inspect(image: Path, preset: Path, *args: str):
 
 def processor_grid(pair: dict[str, Path], image: Path) -> tuple[int, int]:
     """The token grid straight from the processor: image_grid_thw // spatial_merge_size."""
-    from sgl_cli.engine.processors import load_processor
+    from sgl_cli.engine.core.processors import load_processor
 
     processor = load_processor(pair["small"])
     _, h, w = processor.image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")[
@@ -59,8 +59,8 @@ def test_terminal_grid_matches_the_processor_and_marks_kept(tmp_path, tiny_pair)
 
 
 def test_json_equals_the_engine(tmp_path, preset_file, engine_factory):
-    from sgl_cli.engine.engine import n_keep, top_k_in_order
-    from sgl_cli.engine.items import Item
+    from sgl_cli.engine.guides.base import n_keep, top_k_in_order
+    from sgl_cli.engine.io.items import Item
 
     image = make_images(tmp_path, sizes=((336, 224),))[0]
     res = inspect(image, preset_file, "--json", "--retain", "0.3", "--answer-large")
@@ -69,11 +69,11 @@ def test_json_equals_the_engine(tmp_path, preset_file, engine_factory):
     eng = engine_factory(retain=0.3)
     item = Item(line=1, id=1, image=image, question="What is it?")
     (work,) = eng.analyze([item])
-    assert torch.equal(torch.tensor(got["importance"], dtype=torch.float32), work.importance)
+    assert torch.equal(torch.tensor(got["importance"], dtype=torch.float32), work.small.importance)
     assert got["grid"] == [8, 12] and got["visual_tokens"] == 96
-    assert got["kept"] == top_k_in_order(work.importance, n_keep(96, 0.3)).tolist()
+    assert got["kept"] == top_k_in_order(work.small.importance, n_keep(96, 0.3)).tolist()
     assert got["retained_tokens"] == len(got["kept"]) == 28
-    assert got["exit_score"] == eng.exit_score(work) and got["consistency"] == work.consistency
+    assert got["exit_score"] == work.small.exit_score and got["consistency"] == work.small.consistency
     assert got["exit"] == "large" and got["threshold"] is None and got["guide"] == "sgl"
     assert got["large_answer"] == eng.process([item])[0]["answer"]
 
@@ -150,7 +150,7 @@ def large_only(folder: Path, pair: dict[str, Path], **settings) -> Path:
 @pytest.fixture
 def loaded_roles(monkeypatch) -> list[str]:
     """The roles of the models the command loads, in order."""
-    from sgl_cli.engine import models
+    from sgl_cli.engine.core import models
 
     roles: list[str] = []
     real = models.load_model
@@ -165,17 +165,18 @@ def loaded_roles(monkeypatch) -> list[str]:
 
 def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list[int]]]:
     """Each guide's (importance, kept) straight from the engine and the guides, for one item."""
-    from sgl_cli.engine.engine import n_keep, top_k_in_order
-    from sgl_cli.engine.guides import FastVGuide, RandomGuide
+    from sgl_cli.engine.guides.base import n_keep, top_k_in_order
 
+    scores, kept = {}, {}
     with torch.inference_mode():
         (work,) = eng.analyze([item])
-        rows = eng.large_rows([work], cls_scores=True)
-        _, (fastv_kept,) = FastVGuide().generate(eng, [work], rows, retain)
-    scores = {"cls": work.scores["cls"], "fastv": work.scores["fastv"],
-              "random": RandomGuide(eng.settings.seed).scores(eng, [work])[0]}
+        for g in ("cls", "fastv", "random"):
+            e = eng.with_settings(guide=g, retain=retain)
+            (answer,) = e.large_pass([work], e.large_inputs([work]))
+            scores[g], kept[g] = answer.scores, answer.kept
+    fastv_kept = kept["fastv"]
     if eng.small is not None:
-        scores["sgl"] = work.importance
+        scores["sgl"] = work.small.importance
     out = {g: (s.tolist(), top_k_in_order(s, n_keep(len(s), retain)).tolist()) for g, s in scores.items()}
     assert out["fastv"][1] == fastv_kept.tolist()
     return out
@@ -183,8 +184,8 @@ def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list
 
 @pytest.mark.parametrize("guide", ["cls", "fastv", "random"])
 def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_factory, loaded_roles, guide):
-    from sgl_cli.engine.engine import Engine
-    from sgl_cli.engine.items import Item
+    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.io.items import Item
 
     image = make_images(tmp_path, sizes=((168, 280),))[0]
     preset = large_only(tmp_path, tiny_pair, threshold=0.0)
@@ -227,7 +228,7 @@ def test_sgl_loads_only_the_small_model_and_cls_the_large_one_too(tmp_path, pres
 
 
 def test_all_json_equals_each_guide_of_the_engine(tmp_path, preset_file, engine_factory):
-    from sgl_cli.engine.items import Item
+    from sgl_cli.engine.io.items import Item
 
     image = make_images(tmp_path, sizes=((336, 224),))[0]
     res = inspect(image, preset_file, "--guide", "all", "--json", "--retain", "0.3", "--answer-large")
@@ -246,7 +247,7 @@ def test_all_json_equals_each_guide_of_the_engine(tmp_path, preset_file, engine_
         # Each guide's large answer is the one `sgl run` gives with that guide (no exit threshold here).
         assert g["large_answer"] == engine_factory(retain=0.3, guide=guide).process([item])[0]["answer"]
     (work,) = eng.analyze([item])
-    assert got["exit_score"] == eng.exit_score(work) and got["consistency"] == work.consistency
+    assert got["exit_score"] == work.small.exit_score and got["consistency"] == work.small.consistency
 
 
 def test_all_side_by_side_with_overlaps(tmp_path, preset_file):
@@ -285,7 +286,7 @@ def test_all_without_a_small_model_one_after_another_pooled(tmp_path, tiny_pair,
 
 
 def test_all_png_has_a_panel_per_guide_with_the_image_aspect(tmp_path, preset_file):
-    from sgl_cli.engine.heatmap import png_layout
+    from sgl_cli.engine.views.png import png_layout
 
     image = make_images(tmp_path, sizes=((168, 280),))[0]
     out = tmp_path / "all.png"

@@ -43,7 +43,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     name, options, size = VARIANTS[request.param]
@@ -93,7 +93,7 @@ def frames(output: str) -> list[dict]:
 
 def expected(fam) -> dict:
     """The image's visual tokens and grids, from the model and the processor."""
-    from sgl_cli.engine.items import Item
+    from sgl_cli.engine.io.items import Item
 
     model, cfg = fam.large.model, fam.large.model.config
     item = Item(line=1, id=fam.image.name, image=fam.image, question=QUESTION)
@@ -119,8 +119,8 @@ def expected(fam) -> dict:
 
 
 def test_terminal_and_png_draw_every_crop_in_its_place(fam):
-    from sgl_cli.engine.engine import n_keep
-    from sgl_cli.engine.heatmap import png_layout
+    from sgl_cli.engine.guides.base import n_keep
+    from sgl_cli.engine.views.png import png_layout
 
     png = fam.folder / "heat.png"
     res = inspect(fam.image, fam.preset, "--retain", "0.2", "--png", str(png))
@@ -193,9 +193,8 @@ def test_terminal_and_png_draw_every_crop_in_its_place(fam):
 def engine_guides(fam, retain: float) -> dict[str, tuple[list[float], list[int]]]:
     """Each guide's (importance, kept) as `sgl run` computes them: the large model's stage of the engine, whose
     `kept` is what the large model really keeps (cls: the top `retain` of each crop)."""
-    from sgl_cli.engine.engine import Engine
-    from sgl_cli.engine.guides import RandomGuide
-    from sgl_cli.engine.items import Item
+    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.io.items import Item
     from sgl_cli.engine.preset import Settings
 
     item = Item(line=1, id=fam.image.name, image=fam.image, question=QUESTION)
@@ -206,11 +205,10 @@ def engine_guides(fam, retain: float) -> dict[str, tuple[list[float], list[int]]
         eng = Engine(settings, fam.small, fam.large)
         with torch.inference_mode():
             (w,) = eng.analyze([item])
-            eng._large_stage([w])
+            eng.large_pass([w], eng.large_inputs([w]))
         assert w.error is None, w.error
-        scores = {"sgl": w.importance, "cls": w.scores.get("cls"), "fastv": w.scores.get("fastv"),
-                  "random": RandomGuide(settings.seed).scores(eng, [w])[0]}[guide]
-        out[guide] = (scores.tolist(), w.kept.tolist())
+        scores = w.small.importance if guide == "sgl" else w.large.scores
+        out[guide] = (scores.tolist(), w.large.kept.tolist())
     return out
 
 
@@ -286,7 +284,7 @@ def test_each_crop_is_drawn_where_its_pixels_are(tmp_path, variant, size, grid):
     tiled = next(i for i, g in enumerate(got["grids"]) if g["crop_grid"])
     assert got["grids"][tiled]["crop_grid"] == list(grid)
 
-    from sgl_cli.engine.processors import load_processor
+    from sgl_cli.engine.core.processors import load_processor
 
     processor = load_processor(paths["large"])
     pixels = processor.image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")["pixel_values"]
@@ -308,7 +306,9 @@ def test_several_grids_pool_each_within_its_crops_to_fit_80_columns():
     side by side, so one under another; the high-res grid is pooled 2 x 2 within each crop, and says so."""
     from rich.console import Console
 
-    from sgl_cli.engine.heatmap import Grid, GuideMap, Inspection, render
+    from sgl_cli.engine.families.base import TokenGrid as Grid
+    from sgl_cli.engine.views.inspection import GuideMap, Inspection
+    from sgl_cli.engine.views.terminal import render
 
     base = Grid("base", np.arange(576).reshape(24, 24), np.zeros((24, 24), dtype=int), "the whole image")
     crops = 1 + (np.arange(48)[:, None] // 24) * 2 + np.arange(48)[None] // 24
@@ -335,7 +335,8 @@ def test_several_grids_pool_each_within_its_crops_to_fit_80_columns():
 
 # -- the exit line honours the preset's calibration, as `sgl run` does ---------------------------------------------
 def write_calibration(path: Path, preset: Path, threshold: float, **changed) -> Path:
-    from sgl_cli.engine.calibration import VERSION, fingerprint
+    from sgl_cli.engine.evaluation.calibration import VERSION
+    from sgl_cli.engine.evaluation.fingerprint import fingerprint
     from sgl_cli.engine.preset import load_preset
 
     fp = {**fingerprint(load_preset(str(preset))), **changed}

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sgl_cli.engine.items import load_image, read_items
+from sgl_cli.engine.io.images import load_image
+from sgl_cli.engine.io.items import read_items
 from tests.conftest import make_images, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def deep_engine_factory(tmp_path_factory):
     """A pair whose large model has 4 layers, so that K = 2 has layers on both sides."""
-    from sgl_cli.engine.builtin import TINY_SPEC, LMSize, PairSpec, build_pair
-    from sgl_cli.engine.engine import Engine
-    from sgl_cli.engine.models import load_model
+    from sgl_cli.engine.builtin.pair import TINY_SPEC, LMSize, PairSpec, build_pair
+    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     spec = PairSpec(small=TINY_SPEC.small, large=LMSize(128, 4, 4, 2, 256), vision_embed=32)
@@ -74,7 +76,7 @@ def reference_generate(loaded, work, k: int, max_new: int) -> list[int]:
 
 
 def _large_tokens(engine, items, monkeypatch):
-    import sgl_cli.engine.engine as engine_mod
+    import sgl_cli.engine.core.engine as engine_mod
 
     seen = []
     real = engine_mod.greedy
@@ -96,9 +98,9 @@ def test_prune_at_layer_k_equals_reference(deep_engine_factory, items, monkeypat
     eng = deep_engine_factory(prune_layer=k, retain=0.25)
     tokens, records = _large_tokens(eng, items[:1], monkeypatch)
     (work,) = eng.analyze(items[:1])
-    work.kept = torch.sort(torch.sort(work.importance, descending=True, stable=True).indices[
-        : max(1, math.floor(0.25 * len(work.importance)))]).values
-    assert tokens[0] == reference_generate(eng.large, work, k, 6)
+    kept = torch.sort(torch.sort(work.small.importance, descending=True, stable=True).indices[
+        : max(1, math.floor(0.25 * len(work.small.importance)))]).values
+    assert tokens[0] == reference_generate(eng.large, SimpleNamespace(item=work.item, kept=kept), k, 6)
     rec = records[0]
     assert rec["prune_layer"] == k
     assert rec["token_ratio"] == pytest.approx((k + (4 - k) * rec["retained_tokens"] / rec["visual_tokens"]) / 4,
@@ -107,22 +109,22 @@ def test_prune_at_layer_k_equals_reference(deep_engine_factory, items, monkeypat
 
 def test_prune_layer_zero_via_hooks_equals_pre_lm_pruning(deep_engine_factory, items, monkeypatch):
     """The hook path at K = 0 and the pre-LM path (features gathered before the LM) give the same tokens."""
-    from sgl_cli.engine import generate
-    from sgl_cli.engine.prune import PruneAtLayer
+    from sgl_cli.engine.core import generate
+    from sgl_cli.engine.core.prune import PruneAtLayer
 
     eng = deep_engine_factory(prune_layer=0, retain=0.25)
     pre_lm, _ = _large_tokens(eng, items, monkeypatch)
     works = eng.analyze(items)
     m = eng.large
-    rows = eng._rows(m, [w.enc_large for w in works])
+    rows = m.family.rows(m.model, [w.encoded.large for w in works])
     batch = generate.collate(rows, m.pad_id, "cpu")
     keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for i, (w, row) in enumerate(zip(works, rows)):
-        kept = torch.sort(torch.sort(w.importance, descending=True, stable=True).indices[
-            : max(1, math.floor(0.25 * len(w.importance)))]).values
+        kept = torch.sort(torch.sort(w.small.importance, descending=True, stable=True).indices[
+            : max(1, math.floor(0.25 * len(w.small.importance)))]).values
         off = keep.shape[1] - len(row.ids)
-        keep[i, off:] = ~w.visual
-        keep[i, off + w.visual.nonzero()[kept, 0]] = True
+        keep[i, off:] = ~w.encoded.visual
+        keep[i, off + w.encoded.visual.nonzero()[kept, 0]] = True
     with torch.no_grad(), PruneAtLayer(m.model, 0, keep):
         hooked = generate.greedy(m.model, batch, [6] * len(works), m.eos_ids, m.pad_id)
     assert hooked.tokens == pre_lm

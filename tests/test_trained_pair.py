@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgl_cli.engine.builtin import SHIPPED, is_random
-from sgl_cli.engine.engine import Engine
-from sgl_cli.engine.items import read_items
-from sgl_cli.engine.metrics import vqa
+from sgl_cli.engine.builtin.pair import SHIPPED, is_random
+from sgl_cli.engine.builtin.shapes import CELL, write_items
+from sgl_cli.engine.core.engine import Engine
+from sgl_cli.engine.evaluation.metrics import vqa
+from sgl_cli.engine.io.items import read_items
 from sgl_cli.engine.preset import load_preset
-from sgl_cli.engine.shapes import CELL, write_items
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_sgl_keeps_the_object_cells(engine, items):
     """On a colour question the small model's top tokens include the named object's cell."""
     import random
 
-    from sgl_cli.engine.shapes import draw, make_example
-    from sgl_cli.engine.guides import n_keep, top_k_in_order
+    from sgl_cli.engine.builtin.shapes import draw, make_example
+    from sgl_cli.engine.guides.base import n_keep, top_k_in_order
 
     folder = Path(items[0].image).parent
     rng = random.Random(99)
@@ -81,10 +81,10 @@ def test_sgl_keeps_the_object_cells(engine, items):
                                                      "answer": ex.answer}) + "\n")
         (work,) = engine.analyze(list(read_items(folder / "c.jsonl")))
         target = next(o for o in ex.objs if f"the {o.shape}?" in ex.question)
-        kept = top_k_in_order(work.importance, n_keep(len(work.importance), 0.05)).tolist()
+        kept = top_k_in_order(work.small.importance, n_keep(len(work.small.importance), 0.05)).tolist()
         hits += target.row * 12 + target.col in kept
     assert hits >= 7, f"the named object's cell was among the top 5% tokens in only {hits} of 8 items"
-    assert CELL == 28 and torch.is_tensor(work.importance)
+    assert CELL == 28 and torch.is_tensor(work.small.importance)
 
 
 def test_shipped_pair_runs_in_4bit(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine import hf
+from sgl_cli.engine.core import hf
 from tests.conftest import make_images, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_processor_without_processor_class_loads_by_model_type(tiny_pair, tmp_pa
 
     from PIL import Image
 
-    from sgl_cli.engine.processors import load_processor
+    from sgl_cli.engine.core.processors import load_processor
 
     folder = tmp_path / "no-class"
     shutil.copytree(tiny_pair["small"], folder)

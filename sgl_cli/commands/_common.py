@@ -1,4 +1,5 @@
-"""What every command shares: turning domain errors into one-line messages, stderr output, threads."""
+"""What every command shares: turning domain errors into one-line messages, stderr output, threads, one progress
+bar, one random-weights warning."""
 
 from __future__ import annotations
 
@@ -52,62 +53,27 @@ def stderr_is_tty() -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, quiet: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr, only when stderr is a terminal and not --quiet; yields `advance(n=1)`."""
+def progress_bar(label: str, quiet: bool, total: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr, only when stderr is a terminal and not --quiet; yields
+    `advance(n=1, info="")` (`info`: a short status shown beside the bar)."""
     if quiet or not stderr_is_tty():
-        yield lambda n=1: None
+        yield lambda n=1, info="": None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task, n)
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total, info="")
+        yield lambda n=1, info="": bar.update(task, advance=n, info=info)
 
 
-def read_calibration(path) -> dict:
-    """An `sgl calibrate` file, or a one-line error naming it."""
-    from ..engine.calibration import load_calibration
-    from ..engine.errors import SglError
-
-    if not path.is_file():
-        raise SglError(f"calibration file {path} not found")
-    try:
-        return load_calibration(path)
-    except ValueError as exc:
-        raise SglError(str(exc)) from None
+def warn_random_weights(what: str = "answers") -> None:
+    """The one warning for a preset whose models have random weights (the built-in random pairs)."""
+    err(f"sgl: warning: a model of this preset has random weights: its {what} are noise; use a trained pair (the "
+        "default preset, or real checkpoints).")
 
 
-def preset_calibration(preset):
-    """The path of the preset's `calibration:` file, relative to the preset file so that a preset travels with
-    its calibration; None without one."""
-    from pathlib import Path
-
-    if preset.settings.calibration is None:
-        return None
-    path = Path(preset.settings.calibration).expanduser()
-    if not path.is_absolute() and preset.source:
-        path = Path(preset.source).parent / path
-    return path
-
-
-def calibrated_threshold(preset, path, quiet: bool) -> float:
-    """The threshold of a calibration file made for this pair and exit settings. Retain, prune layer and guide
-    may differ: the exit decision depends only on the small model's pass (for `sgl eval` and `sgl inspect`,
-    which vary them)."""
-    from ..engine.calibration import fingerprint, fingerprint_differences
-    from ..engine.errors import SglError
-
-    cal = read_calibration(path)
-    free = ("retain", "prune_layer", "guide")
-
-    def fixed(fp: dict) -> dict:
-        return {k: v for k, v in fp.items() if k not in free}
-
-    differences = fingerprint_differences(fixed(cal["fingerprint"]), fixed(fingerprint(preset)))
-    if differences:
-        raise SglError(f"calibration {path} was made for other models or settings: {'; '.join(differences)}")
-    if not quiet:
-        err(f"sgl: threshold {cal['threshold']:.6g} from the calibration {path}")
-    return float(cal["threshold"])
+def note(message: str) -> None:
+    """A library note or warning on stderr, as sgl prints them."""
+    err(f"sgl: {message}")

@@ -35,25 +35,25 @@ def bench(
     with domain_errors():
         import tempfile
 
+        from ..engine.builtin.shapes import write_items
         from ..engine.errors import SglError
-        from ..engine.items import read_items
+        from ..engine.io.items import read_items
         from ..engine.preset import ModelSpec, Settings, load_preset
-        from ..engine.shapes import write_items
 
         set_threads(threads)
         settings = Settings(retain=retain, prune_layer=prune_layer, threshold=threshold,
                             max_new_tokens=max_new_tokens, prompt_suffix="Answer with one word.")
         settings.validate("command line")
-        from ..engine.engine import Engine
-        from ..engine.models import load_model
+        from ..engine.core.engine import Engine
+        from ..engine.core.models import load_model
 
         if preset:
             p = load_preset(preset)
             small, large = load_model(p.small, "small"), load_model(p.large, "large")
             px = image_size or 896
         else:
-            from ..engine import bench as bench_mod
-            from ..engine.builtin import SPECS, build_pair
+            from ..engine.builtin.pair import SPECS, build_pair
+            from ..engine.evaluation import bench as bench_mod
 
             specs = {"realistic": bench_mod.REALISTIC_SPEC, **SPECS}
             if size not in specs:
@@ -68,7 +68,7 @@ def bench(
             folder = Path(tempfile.mkdtemp(prefix="sgl-bench-items-"))
             input = write_items(folder, items, seed=0, side=px)
         engine = Engine(settings, small, large)
-        from ..engine.bench import run_bench
+        from ..engine.evaluation.bench import run_bench
 
         result = run_bench(engine, list(read_items(input)), repeats=repeats, batch_sizes=(1, batch_size))
         if as_json:

@@ -7,8 +7,17 @@ from typing import Optional
 
 import typer
 
-from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ._common import domain_errors, err, progress_bar, set_threads, with_help
+from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ._common import domain_errors, err, progress_bar, set_threads, warn_random_weights, with_help
+from .options import (
+    BatchSizeOption,
+    ConsistencyRetainOption,
+    MaxNewTokensOption,
+    PresetOption,
+    PromptSuffixOption,
+    PruneLayerOption,
+    ThreadsOption,
+)
 
 EXAMPLE = """
 Input: the `sgl run` JSONL format with `answer` on every line (a string, a number, or a list of the
@@ -40,17 +49,17 @@ def calibrate(
     target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Most exits whose mixed accuracy is at least this fraction of the large model's (e.g. 0.99).", show_default=False),
     exit_rate: Optional[float] = typer.Option(None, "--exit-rate", help="Exit this fraction of items (or the closest below that tied scores allow).", show_default=False),
     metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}. vqa is the VQAv2 soft accuracy over a list of references and exact match (normalised) for one."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML file (default: the built-in pair)."),
+    preset: PresetOption = None,
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps."),
-    prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens."),
-    consistency_retain: Optional[float] = typer.Option(None, help="Visual tokens kept for the small model's consistency re-read."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens."),
-    prompt_suffix: Optional[str] = typer.Option(None, help="Text appended to every question (\"\" for none)."),
-    batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+    prune_layer: PruneLayerOption = None,
+    consistency_retain: ConsistencyRetainOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    prompt_suffix: PromptSuffixOption = None,
+    batch_size: BatchSizeOption = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Calibration file (default: <input>.calibration.yaml beside the input)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG plot of accuracy and compute against exit rate (default: <out>.png)."),
     resume: bool = typer.Option(True, "--resume/--rerun", help="Reuse the cached answers, or recompute every item."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster)."),
+    threads: ThreadsOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (warnings still go to stderr)."),
 ) -> None:
     """Choose the early-exit threshold from labelled items, for a target accuracy or exit rate."""
@@ -68,11 +77,13 @@ with_help(calibrate, EXAMPLE)
 def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optional[float], metric: str,
                preset_name: Optional[str], overrides: dict, out: Optional[Path], plot: Optional[Path],
                resume: bool, threads: Optional[int], quiet: bool) -> int:
-    from ..engine import calibration as cal
-    from ..engine.calibrate_run import cache_path, compute, read_cache, read_labelled, score
     from ..engine.errors import SglError
-    from ..engine.metrics import get_metric
+    from ..engine.evaluation import calibration as cal
+    from ..engine.evaluation.calibrate import cache_path, compute, read_cache, read_labelled, score
+    from ..engine.evaluation.fingerprint import fingerprint as run_fingerprint
+    from ..engine.evaluation.metrics import get_metric
     from ..engine.preset import load_preset
+    from ..engine.views.plots import plot_calibration
 
     # Every usage error before the first model call.
     try:
@@ -87,7 +98,7 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
     if preset.settings.guide != "sgl" or preset.small is None:
         raise SglError(f"preset {preset.name!r}: only the sgl guide, with a small model, exits early; there is no "
                        "threshold to calibrate for the cls, fastv or random guides")
-    fingerprint = cal.fingerprint(preset)
+    fingerprint = run_fingerprint(preset)
     out = out or input.with_name(f"{input.stem}.calibration.yaml")
     plot = plot or out.with_suffix(".png")
     for path in (out, plot):
@@ -107,13 +118,12 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
     if todo:
         if records and not quiet:
             err(f"sgl: {len(records)} item(s) cached in {cache}; answering the other {len(todo)}")
-        from ..engine.engine import Engine
+        from ..engine.core.engine import Engine
 
         set_threads(threads)
         engine = Engine.from_preset(preset)
         if engine.random_weights:
-            err("sgl: warning: the built-in pair has random weights: its answers are noise, and so is this "
-                "calibration; use --preset with real checkpoints.")
+            warn_random_weights("answers, and so this calibration,")
         done = 0
         try:
             with progress_bar("sgl calibrate", quiet, len(todo)) as advance:
@@ -138,7 +148,7 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
     n = len(scored.outcomes)
     cal.save_calibration(cal.to_yaml_dict(choice, points, metric=metric, fingerprint=fingerprint, n_items=n,
                                           relative_cost_small=cost), out)
-    cal.plot_calibration(points, choice.point, plot, title=f"{input.name}: {n} items, metric {metric}")
+    plot_calibration(points, choice.point, plot, title=f"{input.name}: {n} items, metric {metric}")
 
     if not quiet:
         large = max(points, key=lambda p: p.threshold).accuracy

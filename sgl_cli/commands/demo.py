@@ -28,9 +28,9 @@ def demo(
 
         import yaml
 
-        from ..engine.builtin import ensure_pair
+        from ..engine.builtin.pair import ensure_pair
+        from ..engine.builtin.shapes import write_items
         from ..engine.preset import load_preset
-        from ..engine.shapes import write_items
 
         folder.mkdir(parents=True, exist_ok=True)
         pair = ensure_pair("default")

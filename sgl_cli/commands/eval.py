@@ -8,9 +8,22 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ..engine.preset import GUIDES  # light: no torch
-from ._common import calibrated_threshold, domain_errors, err, progress_bar, set_threads, with_help
+from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
+from .options import (
+    BatchSizeOption,
+    CalibrationOption,
+    GuidesOption,
+    MaxNewTokensOption,
+    PresetOption,
+    PromptSuffixOption,
+    PruneLayerOption,
+    QuietOption,
+    SeedOption,
+    ThreadsOption,
+    check_guides,
+    split_list,
+)
 
 DEFAULT_RETAINS = "1.0,0.5,0.25,0.09"
 
@@ -37,30 +50,25 @@ Examples:
 """
 
 
-def _split(values: list[str]) -> list[str]:
-    """Repeated options and comma lists both work: `--guide sgl --guide cls` or `--guide sgl,cls`."""
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
-
-
 def eval_command(
     input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.", show_default=False),
-    guide: Optional[List[str]] = typer.Option(None, "--guide", "-g", help=f"Guides to compare, comma-separated or repeated: {', '.join(GUIDES)} (default: all; without a small model, all but sgl)."),
+    guide: GuidesOption = None,
     retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help=f"Retain ratios, comma-separated or repeated (default: {DEFAULT_RETAINS})."),
     metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML file (default: the built-in pair)."),
-    threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the sgl guide (the mixed system)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Take the threshold from this `sgl calibrate` file."),
-    prune_layer: Optional[int] = typer.Option(None, help="Decoder layer at which the large model drops tokens (fastv: 2 when 0)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens."),
-    prompt_suffix: Optional[str] = typer.Option(None, help="Text appended to every question (\"\" for none)."),
-    batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the random guide."),
+    preset: PresetOption = None,
+    threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the guides that run the small model (the mixed system)."),
+    calibration: CalibrationOption = None,
+    prune_layer: PruneLayerOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    prompt_suffix: PromptSuffixOption = None,
+    batch_size: BatchSizeOption = None,
+    seed: SeedOption = None,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N labelled items."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against retain, a line per guide."),
     details: Optional[Path] = typer.Option(None, "--details", help="JSONL of every item's answers and correctness per setting."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads (on a busy machine, fewer is faster)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: ThreadsOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure accuracy against retain for each guide, beside the small and large models alone."""
     with domain_errors():
@@ -76,9 +84,11 @@ with_help(eval_command, EXAMPLE)
 
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
           limit, json_out: bool, plot: Optional[Path], details: Optional[Path], threads, quiet: bool) -> int:
-    from ..engine.calibrate_run import read_labelled
     from ..engine.errors import SglError
-    from ..engine.metrics import get_metric
+    from ..engine.evaluation.calibrate import read_labelled
+    from ..engine.evaluation.fingerprint import calibration_threshold
+    from ..engine.evaluation.metrics import get_metric
+    from ..engine.guides import guide_class
     from ..engine.preset import load_preset
 
     # Every usage error before the first model call.
@@ -87,7 +97,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     except ValueError as exc:
         raise SglError(str(exc)) from None
     retains = []
-    for value in _split(retains_opt or [DEFAULT_RETAINS]):
+    for value in split_list(retains_opt or [DEFAULT_RETAINS]):
         try:
             r = float(value)
         except ValueError:
@@ -104,15 +114,15 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         if path is not None and not path.parent.is_dir():
             raise SglError(f"folder {path.parent} (for {path.name}) does not exist")
     preset = load_preset(preset_name).with_settings(**overrides, no_exit=True)
-    guides = _split(guides_opt) if guides_opt else [g for g in GUIDES if g != "sgl" or preset.small is not None]
-    unknown = [g for g in guides if g not in GUIDES]
-    if unknown:
-        raise SglError(f"--guide: unknown {', '.join(unknown)}; choose from {', '.join(GUIDES)}")
-    guides = list(dict.fromkeys(guides))
-    if "sgl" in guides and preset.small is None:
-        raise SglError(f"preset {preset.name!r} names no small model: the sgl guide needs one")
+    from ..engine.guides import guide_names
+
+    guides = check_guides(split_list(guides_opt)) if guides_opt else [
+        g for g in guide_names() if preset.small is not None or not guide_class(g).needs_small]
+    needs_small = [g for g in guides if guide_class(g).needs_small]
+    if needs_small and preset.small is None:
+        raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")
     if calibration is not None:
-        threshold = calibrated_threshold(preset, calibration, quiet)
+        threshold = calibration_threshold(preset, calibration, None if quiet else note)
     if threshold is not None and preset.small is None:
         raise SglError("early exit (--threshold/--calibration) needs a small model")
 
@@ -125,9 +135,10 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     if not items:
         raise SglError(f"{input}: no line has an 'answer'; eval needs reference answers")
 
-    from ..engine.engine import Engine
-    from ..engine.evaluate import evaluate, plot_eval
-    from ..engine.models import load_model
+    from ..engine.core.engine import Engine
+    from ..engine.core.models import load_model
+    from ..engine.evaluation.evaluate import evaluate
+    from ..engine.views.plots import plot_eval
 
     set_threads(threads)
     small = load_model(preset.small, "small") if preset.small is not None else None
@@ -135,7 +146,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     preset = preset.with_settings(guide=guides[0])
     engine = Engine(preset.settings, small, large, preset)
     if engine.random_weights:
-        err("sgl: warning: a model of this preset has random weights: its accuracy means nothing")
+        warn_random_weights("answers and accuracy")
     sink = details.open("w", encoding="utf-8") if details else None
     try:
         with progress_bar("sgl eval", quiet, len(items)) as advance:

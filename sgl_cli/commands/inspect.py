@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import string
 import traceback
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..engine.items import Item  # light: no torch
-from ._common import domain_errors, err, set_threads, with_help
+from ..engine.guides import guide_names  # light: no torch
+from ..engine.io.items import Item  # light: no torch
+from ._common import domain_errors, err, note, set_threads, warn_random_weights, with_help
+from .options import PresetOption, ThreadsOption
 
 EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
@@ -33,6 +34,8 @@ Guides and what they load and run:
           layer K-1: runs the large model's language model on the prompt
           (its prefill), by nature.
   random  uniform scores, seeded per image (the preset's seed).
+  others  guides installed plugins register (see `sgl inspect --help`'s
+          --guide list).
   all     every guide, side by side when the maps fit 80 columns (else one
           after another), each with its own kept set, and how many of sgl's
           kept tokens each guide keeps too. Without a small model in the
@@ -57,25 +60,14 @@ Examples:
 """
 
 
-class Guide(str, Enum):
-    sgl = "sgl"
-    cls = "cls"
-    fastv = "fastv"
-    random = "random"
-    all = "all"
-
-
-GUIDES = ("sgl", "cls", "fastv", "random")  # the order of --guide all
-LARGE_GUIDES = ("cls", "fastv")  # they rank with the large model itself
-
 
 def inspect(
     image: Path = typer.Argument(..., help="Image file.", show_default=False),
     question: str = typer.Option(..., "--question", help="The question to ask about the image.", show_default=False),
-    guide: Guide = typer.Option(Guide.sgl, "--guide", help="What ranks the visual tokens (see the list above; "
-                                "fastv runs the large model's language model on the prompt by nature)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p",
-                                         help="Preset name or YAML file (default: the built-in pair)."),
+    guide: str = typer.Option("sgl", "--guide", "-g", help=f"What ranks the visual tokens: {', '.join(guide_names())}, "
+                              "or all (see the list above; fastv runs the large model's language model on the prompt "
+                              "by nature)."),
+    preset: PresetOption = None,
     retain: Optional[float] = typer.Option(None, help="Fraction of visual tokens the large model keeps "
                                                       "(default: the preset's)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write the image with the importance overlaid "
@@ -86,7 +78,7 @@ def inspect(
                                                        "heatmap."),
     answer_large: bool = typer.Option(False, "--answer-large", help="Also run the large model on the kept tokens "
                                                                     "(of each shown guide) and show its answer."),
-    threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
+    threads: ThreadsOption = None,
 ) -> None:
     """Show which visual tokens matter for one image and question, and which the large model would keep."""
     with domain_errors():
@@ -96,38 +88,41 @@ def inspect(
 with_help(inspect, EXAMPLE)
 
 
-def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optional[str], retain: Optional[float],
+def _inspect(image_path: Path, question: str, guide: str, preset_name: Optional[str], retain: Optional[float],
              png: Optional[Path], as_json: bool, answer_large: bool, threads: Optional[int]) -> None:
     from ..engine.errors import ItemError, SglError
-    from ..engine.items import load_image
+    from ..engine.guides import guide_class
+    from ..engine.io.images import load_image
     from ..engine.preset import load_preset
+    from .options import check_guides
 
     if not question.strip():
         raise SglError("--question must not be empty")
+    guides = guide_names() if guide == "all" else check_guides([guide])
     preset = load_preset(preset_name).with_settings(retain=retain)
     preset, calibration = _calibrated(preset)
     if png is not None and not png.parent.is_dir():
         raise SglError(f"--png {png}: folder {png.parent} does not exist")
-    guides = list(GUIDES) if guide is Guide.all else [guide.value]
     skipped: dict[str, str] = {}
-    if preset.small is None and "sgl" in guides:
-        if guide is Guide.sgl:
-            raise SglError(f"preset {preset.name!r} names no small model, which the sgl guide needs "
-                           "(use --guide cls, fastv, random or all)")
-        guides.remove("sgl")
-        skipped["sgl"] = f"preset {preset.name} names no small model, which it needs"
+    if preset.small is None:
+        for g in [g for g in guides if guide_class(g).needs_small]:
+            if guide != "all":
+                raise SglError(f"preset {preset.name!r} names no small model, which the {g} guide needs "
+                               "(use --guide cls, fastv, random or all)")
+            guides.remove(g)
+            skipped[g] = f"preset {preset.name} names no small model, which it needs"
     item = _CommandLineItem(line=1, id=image_path.name, image=image_path, question=question.strip())
     try:  # before the models load: a bad image fails at once
         image = load_image(item)
     except ItemError as exc:
         raise SglError(str(exc)) from None
 
-    from ..engine.heatmap import render, save_png
-
     set_threads(threads)
-    result = _analyze(preset, item, image, guides, skipped, guide.value, answer_large)
+    result = _analyze(preset, item, image, guides, skipped, guide, answer_large)
     result.calibration = calibration
     if png is not None:
+        from ..engine.views.png import save_png
+
         try:
             width, height = save_png(result, image, png)
         except OSError as exc:
@@ -138,107 +133,100 @@ def _inspect(image_path: Path, question: str, guide: Guide, preset_name: Optiona
     else:
         from rich.console import Console
 
+        from ..engine.views.terminal import render
+
         render(result, Console(highlight=False))
 
 
 def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, str], asked: str,
              answer_large: bool):
-    """Load what the guides need, run them on the one item and return the Inspection."""
-    import torch
+    """Load what the guides need, run them on the one item (the comparison `sgl eval` runs) and return the
+    Inspection."""
+    import dataclasses
 
-    from ..engine.engine import Engine, n_keep, top_k_in_order
+    from ..engine.core.engine import Engine
+    from ..engine.core.models import load_model
     from ..engine.errors import SglError
-    from ..engine.heatmap import WHAT, GuideMap, Inspection
-    from ..engine.models import load_model
+    from ..engine.evaluation.compare import Comparison
+    from ..engine.guides import make_guide
+    from ..engine.guides.base import n_keep, top_k_in_order
+    from ..engine.views.inspection import GuideMap, Inspection
 
     settings = preset.settings
+    made = {g: make_guide(g, settings) for g in guides}
     small = load_model(preset.small, "small") if preset.small is not None else None
     # The large model loads only when a guide ranks with it, its answer is asked for, or there is no small model
     # to read the token grid with: a 72B checkpoint is not loaded just to look at the sgl heatmap.
-    real_large = small is None or answer_large or any(g in LARGE_GUIDES for g in guides)
+    real_large = small is None or answer_large or any(g.uses_large for g in made.values())
     large = load_model(preset.large, "large") if real_large else small
     # Standing in for the large model, the small one cannot check the preset's prune layer against it.
-    base_settings = settings if real_large else dataclasses.replace(settings, prune_layer=0)
-    engines = {g: Engine(dataclasses.replace(base_settings, guide=g), small, large, preset) for g in guides}
-    base = engines[guides[0]]
-    if base.random_weights:
-        err("sgl: warning: the built-in pair has random weights: its answers and importance are noise; "
-            "use --preset with real checkpoints.")
-
-    with torch.inference_mode():
-        (work,) = base.analyze([item])
-        if work.error:
-            raise SglError(work.error)
-        grids = _grids(large, work.enc_large, image.size)
-        n = int(work.visual.sum())
-        cells = sorted(int(t) for g in grids for t in g.tokens.flat)
-        if cells != list(range(n)):
-            shapes = " + ".join(g.label for g in grids)
-            raise SglError(f"the token grids {shapes} do not match the {n} visual tokens")
-        k = n_keep(n, settings.retain)
-        large_rows = None
-        if answer_large or any(g in LARGE_GUIDES for g in guides):
-            large_rows = _guarded("the large model's vision tower", lambda: base.large_rows(
-                [work], cls_scores="cls" in guides))
-        sgl_kept = set(top_k_in_order(work.importance, k).tolist()) if small is not None else None
-        maps = []
-        for g in guides:
-            eng = engines[g]
-            # (A stand-in large model runs only sgl or random, whose prune layer is the preset's.)
-            prune_layer = eng.guide.prune_layer(eng) if real_large else settings.prune_layer
-            gen = None
-            if g == "fastv":
-                # FastV ranks inside the large model's prefill; one new token suffices unless its answer is shown.
-                run = eng if answer_large else Engine(dataclasses.replace(eng.settings, max_new_tokens=1), small,
-                                                      large, preset)
-                gen, (kept,) = _guarded("the fastv guide", lambda: eng.guide.generate(run, [work], large_rows,
-                                                                                       settings.retain))
-                scores = work.scores["fastv"]
-            else:
-                (scores,) = eng.guide.scores(eng, [work])
-                kept = eng.guide.kept(eng, work, scores, settings.retain)
-                if answer_large:
-                    gen, _ = _guarded(f"the large model ({g}'s kept tokens)", lambda: eng.guide.generate(
-                        eng, [work], large_rows, settings.retain))
-            kept = kept.tolist()
-            what = WHAT[g].format(k=prune_layer, k_1=prune_layer - 1, seed=settings.seed)
-            maps.append(GuideMap(
-                name=g, importance=scores.tolist(), kept=kept, prune_layer=prune_layer, what=what,
-                large_answer=eng._decode(large, gen.tokens[0]) if answer_large else None,
-                sgl_overlap=None if sgl_kept is None or g == "sgl" else len(sgl_kept.intersection(kept)),
-            ))
-
+    base = settings if real_large else dataclasses.replace(settings, prune_layer=0)
+    engine = Engine(dataclasses.replace(base, guide=guides[0]), small, large, preset)
+    if engine.random_weights:
+        warn_random_weights("answers and importance")
+    comparison = Comparison(engine, [(g, settings.retain) for g in guides])
+    batch = _guarded("the large model", lambda: comparison.run([item], answers=answer_large, large_alone=False))
+    (work,) = batch.works
+    if work.error:
+        raise SglError(work.error)
+    grids = _grids(large, work.encoded.large, image.size)
+    n = work.encoded.n_visual
+    cells = sorted(int(t) for g in grids for t in g.tokens.flat)
+    if cells != list(range(n)):
+        shapes = " + ".join(g.label for g in grids)
+        raise SglError(f"the token grids {shapes} do not match the {n} visual tokens")
+    sgl_kept = set(top_k_in_order(work.small.importance, n_keep(n, settings.retain)).tolist()) \
+        if small is not None else None
+    maps = []
+    for g, guide in made.items():
+        (outcome,) = batch.outcomes[(g, settings.retain)]
+        # (A stand-in large model runs only guides that do not rank with the large model; their K is the preset's.)
+        k = guide.prune_layer(settings, large.num_layers)
+        kept = outcome.kept.tolist()
+        maps.append(GuideMap(
+            name=g, importance=outcome.scores.tolist(), kept=kept, prune_layer=k,
+            what=_describe(guide, k, settings.seed), large_answer=outcome.answer if answer_large else None,
+            sgl_overlap=None if sgl_kept is None or g == "sgl" else len(sgl_kept.intersection(kept)),
+            can_exit=guide.needs_small, noun=guide.score_noun,
+        ))
+    s = work.small
     return Inspection(
         image=item.image, image_size=image.size, question=item.question, guide=asked, preset=preset.name,
         threshold=settings.threshold, retain=settings.retain, grids=grids, maps=maps, skipped=skipped,
-        small_answer=base._decode(small, work.small_tokens) if small is not None else None,
-        confidence=base.confidence(work) if small is not None else None,
-        consistency=work.consistency,
-        exit_score=base.exit_score(work) if small is not None else None,
+        small_answer=s.answer if s else None, confidence=s.confidence if s else None,
+        consistency=s.consistency if s else None, exit_score=s.exit_score if s else None,
     )
+
+
+def _describe(guide, k: int, seed: int) -> str:
+    """The guide's description with its prune layer and seed filled in (unknown fields left as written)."""
+
+    class Keep(dict):
+        def __missing__(self, key):
+            return "{" + key + "}"
+
+    return string.Formatter().vformat(guide.description, (), Keep(k=k, k_1=k - 1, seed=seed))
 
 
 def _grids(model, enc: dict, image_size: tuple[int, int]):
     """The image's token grids as the family lays them out, for drawing."""
     from ..engine.errors import SglError
-    from ..engine.heatmap import Grid
 
     try:
-        grids = model.family.token_grids(model.model, enc, image_size, model.processor)
+        return model.family.token_grids(model.model, enc, image_size, model.processor)
     except ValueError as exc:
         raise SglError(f"cannot lay out the image's visual tokens: {exc}") from None
-    return [Grid(g.name, g.tokens.numpy(), g.crops.numpy(), g.about, g.crop_grid) for g in grids]
 
 
 def _calibrated(preset):
     """The preset with the threshold of its `calibration:` file, as `sgl run` takes it, and that file's path (None
     without one). Retain, prune layer and guide may differ from the file's: inspect varies them."""
-    from ._common import calibrated_threshold, preset_calibration
+    from ..engine.evaluation.fingerprint import calibration_threshold, preset_calibration_path
 
-    path = preset_calibration(preset)
+    path = preset_calibration_path(preset)
     if path is None:
         return preset, None
-    return preset.with_settings(threshold=calibrated_threshold(preset, path, quiet=False)), str(path)
+    return preset.with_settings(threshold=calibration_threshold(preset, path, note)), str(path)
 
 
 def _guarded(what: str, fn):

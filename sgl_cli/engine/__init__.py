@@ -1,23 +1,56 @@
-"""The sgl engine as a library. Importing this package is cheap; torch loads with the engine itself."""
+"""The sgl engine as a library: what every `sgl` command does, from Python.
+
+    from sgl_cli.engine import Engine, Run, load_preset, read_items
+
+    summary = Run("batch.jsonl", load_preset("default").with_settings(retain=0.09)).execute()   # = sgl run
+    engine = Engine.from_preset(load_preset("default"))
+    for record in engine.run(read_items("batch.jsonl")):                                        # records only
+        print(record["answer"])
+
+Layout: `core/` (loading, the transformers seam, generation, capture, pruning, the staged `Engine`), `families/`
+(one adapter per model family), `guides/` (one module per ranking method, and the plugin registry), `io/` (input
+items, images, output records, `Run`, the Ray backend), `evaluation/` (metrics, calibration, the comparison of
+guides, benchmarks), `builtin/` (the shipped pair and the shapes task), `views/` (inspect's terminal and PNG views,
+plots). Errors are `SglError` (the run cannot start) and `ItemError` (one item's record).
+
+Importing this package is cheap; torch and transformers load with the engine itself.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from .errors import ItemError, ModelLoadError, PresetError, SglError
-from .items import Item, read_items
+from .guides import guide_names, make_guide
+from .io.items import Item, read_items
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .core.engine import Engine, LargeInputs
+    from .core.stages import Encoded, LargeAnswer, SmallPass, Work
+    from .evaluation.compare import Comparison
+    from .evaluation.fingerprint import apply_calibration
+    from .guides.base import Guide, GuideBatch, GuideItem
+    from .io.run import Run, RunSummary
 
-__all__ = ["Engine", "Item", "ItemError", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Settings",
-           "SglError", "load_preset", "read_items"]
+# Loaded on first use (they import torch).
+_LAZY = {
+    "Engine": ".core.engine", "LargeInputs": ".core.engine",
+    "Encoded": ".core.stages", "LargeAnswer": ".core.stages", "SmallPass": ".core.stages", "Work": ".core.stages",
+    "Comparison": ".evaluation.compare",
+    "apply_calibration": ".evaluation.fingerprint",
+    "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
+    "Run": ".io.run", "RunSummary": ".io.run",
+}
+
+__all__ = ["Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item", "ItemError",
+           "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
+           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names",
+           "load_preset", "make_guide", "read_items"]
 
 
 def __getattr__(name: str):
-    if name == "Engine":  # torch and transformers load only when the engine is asked for
-        from .engine import Engine
-
-        return Engine
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(name)

@@ -85,9 +85,6 @@ class ModelSpec:
                     "mps, xpu:0)")
 
 
-GUIDES = ("sgl", "cls", "fastv", "random")
-
-
 @dataclass(frozen=True)
 class Settings:
     """What a run does with the pair. Every field can be overridden from the command line."""
@@ -100,7 +97,7 @@ class Settings:
     prompt_suffix: str = "Answer the question using a single word or phrase."
     batch_size: int = 1
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
-    guide: str = "sgl"  # what ranks the visual tokens: sgl, cls, fastv or random
+    guide: str = "sgl"  # what ranks the visual tokens: a registered guide (sgl, cls, fastv, random, plugins)
     seed: int = 0  # the random guide's seed
 
     def validate(self, where: str = "settings") -> None:
@@ -116,8 +113,10 @@ class Settings:
             raise PresetError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise PresetError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
-        if self.guide not in GUIDES:
-            raise PresetError(f"{where}: guide must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+        from .guides import guide_names
+
+        if self.guide not in guide_names():
+            raise PresetError(f"{where}: guide must be one of {', '.join(guide_names())}, got {self.guide!r}")
         if self.calibration is not None and not self.calibration.strip():
             raise PresetError(f"{where}: calibration must name a file (or be null), got {self.calibration!r}")
 
@@ -130,6 +129,9 @@ class Preset:
     settings: Settings = field(default_factory=Settings)
     description: str = ""
     source: str = ""  # the file it was read from; not written back
+    # The settings given explicitly over the file's (with_settings): a calibration file does not override them.
+    overridden: frozenset[str] = frozenset()
+    calibration_applied: bool = False  # its calibration file's settings are in `settings` (apply_calibration)
 
     def with_settings(self, **overrides: Any) -> "Preset":
         """A copy with the non-None overrides applied (`threshold=None` is spelled `no_exit=True`)."""
@@ -138,7 +140,7 @@ class Preset:
             changes["threshold"] = None
         settings = dataclasses.replace(self.settings, **changes)
         settings.validate("command line")
-        return dataclasses.replace(self, settings=settings)
+        return dataclasses.replace(self, settings=settings, overridden=self.overridden | set(changes))
 
     def with_quantize(self, quantize: str | None) -> "Preset":
         """A copy whose large model is quantized as given (`sgl run --quantize`); None leaves the preset's."""

@@ -1,0 +1,66 @@
+"""The options several commands share, declared once: the same name, type, default and help everywhere.
+
+`--guide` reads the guide registry (built-ins and installed plugins), so a plugin's guide is a choice of every
+command. A command takes one guide (`GuideOption`) or, `sgl eval`, several (`GuidesOption`: comma-separated or
+repeated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..engine.guides import guide_names  # light: entry-point metadata, no torch
+
+
+def _guides_help() -> str:
+    return ", ".join(guide_names())
+
+
+PresetOption = Annotated[Optional[str], typer.Option(
+    "--preset", "-p", help="Preset name (see `sgl presets`) or YAML file (default: the built-in pair).")]
+RetainOption = Annotated[Optional[float], typer.Option(
+    help="Fraction of visual tokens the large model keeps (at least 1 token; default: the preset's).")]
+PruneLayerOption = Annotated[Optional[int], typer.Option(
+    help="Decoder layer at which the large model drops tokens (0: before the language model; fastv: 2 when 0).")]
+ThresholdOption = Annotated[Optional[float], typer.Option(
+    help="Exit early when the small model's exit_score >= this.")]
+CalibrationOption = Annotated[Optional[Path], typer.Option(
+    "--calibration", help="Use the settings of this `sgl calibrate` file; refused unless it was made for these "
+    "models and settings.")]
+ConsistencyRetainOption = Annotated[Optional[float], typer.Option(
+    help="Visual tokens kept for the small model's consistency re-read.")]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(
+    help="Longest answer, in tokens (an item's own `max_new_tokens` wins).")]
+PromptSuffixOption = Annotated[Optional[str], typer.Option(
+    help="Text appended to every question (\"\" for none; default: the preset's).")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(help="Items per model call.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the random guide.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    help="Torch CPU threads (on a busy machine, fewer is faster).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+GuideOption = Annotated[Optional[str], typer.Option(
+    "--guide", "-g", help=f"What ranks the visual tokens: {_guides_help()} (sgl: the small model's attention, the only "
+    "guide that exits early; cls: the large model's vision-encoder attention, FasterVLM; fastv: the large model's own "
+    "layer K-1 attention; random; others: installed plugins) (default: the preset's).")]
+GuidesOption = Annotated[Optional[List[str]], typer.Option(
+    "--guide", "-g", help=f"Guides to compare, comma-separated or repeated: {_guides_help()} (default: all; without a "
+    "small model, those that need none).")]
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """Repeated options and comma lists both work: `--guide sgl --guide cls` or `--guide sgl,cls`."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def check_guides(names: list[str]) -> list[str]:
+    """The names, deduplicated in order, or an SglError naming the unknown ones and the choices."""
+    from ..engine.errors import SglError
+
+    known = guide_names()
+    unknown = [g for g in names if g not in known]
+    if unknown:
+        raise SglError(f"--guide: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))

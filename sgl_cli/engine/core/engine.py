@@ -1,0 +1,407 @@
+"""The engine: items in, records out, as each batch completes.
+
+Per item (docs/method.md): the small VLM answers greedily while SGP importance is captured; SEE scores its answer
+(confidence, and consistency from one teacher-forced re-read with the top `consistency_retain` visual tokens); if
+`exit_score >= threshold` the small answer is returned, otherwise the large VLM answers from the top `retain`
+fraction of visual tokens as the guide ranks them, in original order with their original position ids.
+
+    engine = Engine.from_preset(load_preset("default").with_settings(retain=0.09))
+    for record in engine.run(read_items(Path("batch.jsonl"))):
+        print(record["answer"])
+
+The stages are public, each with a typed result (`core.stages`), so that other drivers (`sgl eval`'s comparison
+of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models:
+
+    works = engine.prepare(items)            # Work.encoded
+    engine.small_pass(works)                 # Work.small (nothing without a small model)
+    todo = [w for w in works if w.ok and not engine.exits(w)]
+    inputs = engine.large_inputs(todo)       # the large model's rows (vision tower), every guide's scores
+    engine.large_pass(todo, inputs)          # Work.large
+    records = [engine.record(w) for w in works]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import ItemError, ModelLoadError
+from ..guides import guide_class, make_guide
+from ..guides.base import Guide, GuideBatch, GuideItem, n_keep, top_k_in_order
+from ..io.images import load_images
+from ..io.items import Item
+from ..preset import Preset, Settings
+from .capture import ImportanceCapture
+from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
+from .models import LoadedModel, load_model
+from .prune import PruneAtLayer
+from .stages import Encoded, LargeAnswer, SmallPass, Work
+
+__all__ = ["Engine", "LargeInputs", "exits"]
+
+
+def exits(work: Work, guide: Guide, threshold: float | None) -> bool:
+    """SEE: the small answer is returned when its exit score reaches the threshold (only guides that run the small
+    model can exit)."""
+    return guide.needs_small and threshold is not None and work.small is not None \
+        and work.small.exit_score >= threshold
+
+
+@dataclass
+class LargeInputs:
+    """What the large model's pass needs for a batch: its rows (ids, positions, image features: the vision tower
+    ran once) and, per guide that ranks before the language model, each item's scores."""
+
+    works: list[Work]
+    rows: list[Row]
+    items: list[GuideItem]
+    scores: dict[str, list[torch.Tensor]]  # guide name -> per item (guides that rank in the prefill: absent)
+
+    def select(self, works: list[Work]) -> "LargeInputs":
+        """The inputs of a subset of the works (same objects), in the subset's order."""
+        index = {id(w): i for i, w in enumerate(self.works)}
+        picked = [index[id(w)] for w in works]
+        return LargeInputs(list(works), [self.rows[i] for i in picked], [self.items[i] for i in picked],
+                           {g: [s[i] for i in picked] for g, s in self.scores.items()})
+
+
+class Engine:
+    def __init__(self, settings: Settings, small: LoadedModel | None, large: LoadedModel,
+                 preset: Preset | None = None):
+        self.settings = settings
+        self.small = small
+        self.large = large
+        self.preset = preset
+        self.guide: Guide = make_guide(settings.guide, settings)
+        if self.guide.needs_small and small is None:
+            raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "
+                                 "(use --guide cls, fastv or random, or add a small model)")
+        if small is not None and small.family.name != large.family.name:
+            raise ModelLoadError(
+                f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
+            )
+        if settings.prune_layer > large.num_layers:
+            raise ModelLoadError(
+                f"prune_layer {settings.prune_layer} is beyond the large model's {large.num_layers} layers"
+            )
+
+    @classmethod
+    def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None) -> "Engine":
+        """Load the preset's models (the small one only when the guide needs it). A preset that names a
+        `calibration:` file runs with its settings, as `sgl run` does (`notify` receives what was taken)."""
+        from ..evaluation.fingerprint import apply_calibration
+
+        preset = apply_calibration(preset, notify=notify)
+        if guide_class(preset.settings.guide).needs_small and preset.small is None:
+            raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
+                                 "guide needs (use --guide cls, fastv or random)")
+        small = load_model(preset.small, "small") if guide_class(preset.settings.guide).needs_small else None
+        large = load_model(preset.large, "large")
+        return cls(preset.settings, small, large, preset)
+
+    def with_settings(self, **changes: Any) -> "Engine":
+        """An engine over the same loaded models with other settings (another guide, retain, threshold...)."""
+        return Engine(dataclasses.replace(self.settings, **changes), self.small, self.large, self.preset)
+
+    @property
+    def random_weights(self) -> bool:
+        return (self.small is not None and self.small.random_weights) or self.large.random_weights
+
+    def prune_layer(self, guide: Guide | None = None) -> int:
+        return (guide or self.guide).prune_layer(self.settings, self.large.num_layers)
+
+    # -- streaming -------------------------------------------------------------------------------------------
+    def run(self, items: Iterable[Item]) -> Iterator[dict]:
+        """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes."""
+        pending: list[Item] = []
+        runnable = 0
+        for item in items:
+            pending.append(item)
+            runnable += item.error is None
+            if runnable >= self.settings.batch_size:
+                yield from self.process(pending)
+                pending, runnable = [], 0
+        if pending:
+            yield from self.process(pending)
+
+    @torch.inference_mode()
+    def process(self, items: list[Item]) -> list[dict]:
+        """Run a batch of items through every stage; failures are confined to their own records."""
+        t0 = time.perf_counter()
+        works = self.prepare(items)
+        self.small_pass(works)
+        todo = [w for w in works if w.ok and not self.exits(w)]
+        if todo:
+            t1 = time.perf_counter()
+            self._stage(todo, lambda group: self.large_pass(group, self.large_inputs(group)), "large stage")
+            _share(todo, "large", t1)
+        total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
+        return [self.record(w, total_ms) for w in works]
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, items: list[Item]) -> list[Work]:
+        """Encode each item for both models (images loaded, chat template applied); a bad item fails alone."""
+        works = [Work(item, error=item.error) for item in items]
+        for w in works:
+            if w.ok:
+                self._stage([w], lambda group: self._encode(group[0]), "encode")
+        return works
+
+    @torch.inference_mode()
+    def small_pass(self, works: list[Work]) -> None:
+        """The small model's answer with its SGP importance, then the SEE consistency re-read (`Work.small`)."""
+        if self.small is None:
+            return
+        live = [w for w in works if w.ok]
+        self._stage(live, self.small_answer, "small stage")
+        self._stage([w for w in live if w.ok], self.consistency, "consistency stage")
+
+    def analyze(self, items: list[Item]) -> list[Work]:
+        """The small model's part for a batch: `prepare`, then `small_pass`."""
+        works = self.prepare(items)
+        self.small_pass(works)
+        return works
+
+    def exits(self, work: Work) -> bool:
+        return exits(work, self.guide, self.settings.threshold)
+
+    @torch.inference_mode()
+    def large_inputs(self, works: list[Work], guides: Iterable[Guide] | None = None) -> LargeInputs:
+        """The large model's rows for `works` (one vision-tower call, under each guide's `watch_vision`), and the
+        scores of every guide in `guides` (default: the engine's) that ranks before the language model."""
+        guides = list(guides) if guides is not None else [self.guide]
+        m = self.large
+        with contextlib.ExitStack() as stack:
+            watched = {g.name: stack.enter_context(g.watch_vision(m)) for g in guides}
+            rows = m.family.rows(m.model, [w.encoded.large for w in works])
+        items = [self._guide_item(w, row) for w, row in zip(works, rows)]
+        scores = {g.name: g.scores(GuideBatch(m, items, vision=watched[g.name]))
+                  for g in guides if not g.ranks_in_prefill}
+        return LargeInputs(list(works), rows, items, scores)
+
+    @torch.inference_mode()
+    def large_pass(self, works: list[Work], inputs: LargeInputs, guide: Guide | None = None,
+                   retain: float | None = None, max_new_tokens: int | None = None) -> list[LargeAnswer]:
+        """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
+        (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
+        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone)."""
+        own = guide is None and retain is None
+        guide = guide or self.guide
+        retain = self.settings.retain if retain is None else retain
+        if [id(w) for w in inputs.works] != [id(w) for w in works]:
+            inputs = inputs.select(works)
+        m = self.large
+        k = self.prune_layer(guide)
+        if k > 0:
+            m.family.check_prune_layer(m.model, k)
+        limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
+                  for w in works]
+        if guide.ranks_in_prefill:
+            gen, scores, kept = self._rank_in_prefill(guide, inputs, retain, k, limits)
+        else:
+            scores = inputs.scores.get(guide.name)
+            if scores is None:  # a guide large_inputs was not asked for (it must not need watch_vision)
+                scores = guide.scores(GuideBatch(m, inputs.items))
+            kept = [guide.keep(m, item, s, retain) for item, s in zip(inputs.items, scores)]
+            gen = self.generate_kept(works, inputs.rows, kept, k, limits)
+        answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, s, idx, k)
+                   for tokens, s, idx in zip(gen.tokens, scores, kept)]
+        if own:
+            for w, a in zip(works, answers):
+                w.large = a
+        return answers
+
+    def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
+                      limits: list[int]) -> Generation:
+        """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k."""
+        m = self.large
+        device = rows_device(m.model)
+        if k == 0:  # dropped tokens never enter the language model
+            batch = collate([row.keep(w.encoded.visual, idx) for w, row, idx in zip(works, rows, kept)], m.pad_id,
+                            device)
+            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+        # Layers < k see every token; hooks drop the rest at layer k.
+        batch = collate(rows, m.pad_id, device)
+        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
+            keep[i, keep.shape[1] - len(row.ids):] = Row.columns(w.encoded.visual, idx)
+        with PruneAtLayer(m.model, k, keep.to(device)):
+            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+
+    def _rank_in_prefill(self, guide: Guide, inputs: LargeInputs, retain: float, k: int, limits: list[int]):
+        """A guide that ranks from the large model's own layers < k: its scores are read when layer k starts, and
+        the unkept tokens dropped there, in the same forward."""
+        m = self.large
+        device = rows_device(m.model)
+        batch = collate(inputs.rows, m.pad_id, device)
+        width = batch.input_ids.shape[1]
+        items = [dataclasses.replace(item, offset=width - len(row.ids)) for item, row in zip(inputs.items, inputs.rows)]
+        ranked: dict[str, list] = {}
+
+        def select() -> torch.Tensor:  # called by PruneAtLayer when layer k's prefill starts
+            scores = guide.scores(GuideBatch(m, items, prefill=watch))
+            kept = [guide.keep(m, item, s, retain) for item, s in zip(items, scores)]
+            ranked.update(scores=scores, kept=kept)
+            keep = torch.zeros((len(items), width), dtype=torch.bool)
+            for i, (item, idx) in enumerate(zip(items, kept)):
+                keep[i, item.offset:] = Row.columns(item.visual, idx)
+            return keep.to(device)
+
+        with PruneAtLayer(m.model, k, select=select), guide.watch_prefill(m, k, width) as watch:
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, observe=getattr(watch, "observe", None))
+        if len(ranked.get("kept", ())) != len(items):
+            raise RuntimeError(f"the {guide.name} guide selected tokens for {len(ranked.get('kept', ()))} of "
+                               f"{len(items)} rows")
+        return gen, ranked["scores"], ranked["kept"]
+
+    # -- the stages' work ------------------------------------------------------------------------------------
+    def _prompt(self, item: Item) -> str:
+        suffix = self.settings.prompt_suffix.strip()
+        return f"{item.question}\n{suffix}" if suffix else item.question
+
+    def _encode(self, w: Work) -> None:
+        images = load_images(w.item)
+        prompt = self._prompt(w.item)
+        large = self.large.family.encode(self.large.processor, images, prompt)
+        sizes = [im.size for im in images]
+        if self.small is None:
+            visual = self.large.family.visual_mask(self.large.model, large)
+            small = None
+        else:
+            small = large if self.large.processor is self.small.processor \
+                else self.small.family.encode(self.small.processor, images, prompt)
+            ids_s, ids_l = small["input_ids"][0], large["input_ids"][0]
+            n_s = int((ids_s == self.small.image_token_id).sum())
+            n_l = int((ids_l == self.large.image_token_id).sum())
+            if n_s != n_l or not torch.equal(ids_s, ids_l):
+                raise ItemError(w.item.fail(
+                    f"small and large processors disagree on this image ({n_s} vs {n_l} visual tokens"
+                    + (")" if n_s != n_l else ", different input_ids)") + "; the models are not a pair"
+                ))
+            visual = self.small.family.visual_mask(self.small.model, small)
+        if not visual.any():
+            raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
+        w.encoded = Encoded(large, small, visual, sizes)
+
+    def _limits(self, works: list[Work]) -> list[int]:
+        return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
+
+    def small_answer(self, works: list[Work]) -> None:
+        """The small model's greedy answers with the SGP importance captured (`Work.small`, consistency unset)."""
+        m = self.small
+        t0 = time.perf_counter()
+        rows = m.family.rows(m.model, [w.encoded.small for w in works])
+        batch = collate(rows, m.pad_id, rows_device(m.model))
+        width = batch.input_ids.shape[1]
+        # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
+        prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, w in enumerate(works):
+            visual = w.encoded.visual
+            prompt_rows[i, width - len(visual) + int(visual.nonzero().max()) + 1:] = True
+
+        with ImportanceCapture(m.model, n_keys=width) as cap:
+            def observe(step: int, active: torch.Tensor, key_valid: torch.Tensor) -> None:
+                cap.set_rows(prompt_rows if step == 0 else active[:, None], key_valid)
+
+            gen = greedy(m.model, batch, self._limits(works), m.eos_ids, m.pad_id, observe=observe)
+        scores = cap.scores.float().cpu()
+        for i, (w, row) in enumerate(zip(works, rows)):
+            visual = w.encoded.visual
+            w.small = SmallPass(gen.tokens[i], gen.probs[i], self.decode(m, gen.tokens[i]),
+                                scores[i, width - len(visual):][visual], consistency=float("nan"), row=row)
+        _share(works, "small", t0)
+
+    def consistency(self, works: list[Work]) -> None:
+        """SEE's consistency: the small answer's probability re-read with its top `consistency_retain` tokens."""
+        m = self.small
+        t0 = time.perf_counter()
+        rows = [w.small.row.keep(w.encoded.visual, top_k_in_order(
+            w.small.importance, n_keep(len(w.small.importance), self.settings.consistency_retain))) for w in works]
+        probs = answer_probs(m.model, rows, [w.small.tokens for w in works], m.pad_id)
+        for w, p in zip(works, probs):
+            w.small.consistency = float(math.prod(p))
+        _share(works, "small", t0)
+        _share(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
+
+    def _guide_item(self, w: Work, row: Row) -> GuideItem:
+        visual = w.encoded.visual
+        slots = visual if row.slots is None else row.slots
+        return GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=visual,
+                         features=row.feats[visual[slots]], encoding=w.encoded.large,
+                         small_importance=w.small.importance if w.small is not None else None)
+
+    def _stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str) -> None:
+        """Run `fn` on the live works; a failure fails its items (one by one, so one bad item does not fail its
+        batch), never the run."""
+        live = [w for w in works if w.ok]
+        if not live:
+            return
+        try:
+            fn(live)
+        except ItemError as exc:
+            for w in live:
+                w.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
+            if len(live) > 1:
+                for w in live:
+                    self._stage([w], fn, what)
+                return
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            for w in live:
+                w.error = w.item.fail(f"{what} failed: {detail}")
+
+    @staticmethod
+    def decode(m: LoadedModel, tokens: list[int]) -> str:
+        return m.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    # -- records ---------------------------------------------------------------------------------------------
+    def record(self, w: Work, total_ms: float = 0.0) -> dict:
+        """The output record of one item (README: `sgl run`'s output fields)."""
+        item = w.item
+        rec: dict[str, Any] = {"id": item.id, "line": item.line, "guide": self.guide.name}
+        k = self.prune_layer()
+        if w.ok:
+            exited = self.exits(w)
+            small = w.small
+            n_visual = w.encoded.n_visual
+            kept = 0 if exited else len(w.large.kept)
+            layers = self.large.num_layers
+            rec.update(
+                answer=small.answer if exited else w.large.answer,
+                exit="small" if exited else "large",
+                # Unrounded: the exit decision is `exit_score >= threshold` on exactly this number.
+                exit_score=small.exit_score if small else None,
+                confidence=small.confidence if small else None,
+                consistency=small.consistency if small else None,
+                small_answer=small.answer if small else None,
+                visual_tokens=n_visual,
+                retained_tokens=kept,
+                prune_layer=k,
+                token_ratio=round((k + (layers - k) * kept / n_visual) / layers, 6),
+            )
+        else:
+            rec.update(answer=None, exit=None, exit_score=None, confidence=None, consistency=None,
+                       small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=k,
+                       token_ratio=None)
+        rec["large_quantize"] = self.large.spec.quantize  # "nf4", "8bit" or None: how the large model's weights ran
+        rec["ms"] = {"small": round(w.ms["small"], 1), "large": round(w.ms["large"], 1),
+                     "total": round(total_ms, 1)}
+        if item.has_reference:
+            rec["reference"] = item.reference
+        rec["error"] = w.error
+        return rec
+
+
+def _share(works: list[Work], stage: str, t0: float) -> None:
+    """Charge the time since t0 to `stage`, shared equally by the batch's items."""
+    share = (time.perf_counter() - t0) * 1000 / len(works)
+    for w in works:
+        w.charge(stage, share)

@@ -1,0 +1,177 @@
+"""Greedy generation as a stack of small functions (prefill, decode one token, decode n, teacher-forced scoring).
+
+Every call takes a list of `Row`s (ids, explicit position ids, image features for its placeholders), so the
+same code serves the full input, a pruned input (kept visual columns, original positions) and a batch of
+either: rows are left-padded, new tokens continue each row's own position numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import hf
+
+
+@dataclass
+class Row:
+    """One sequence: `ids` (S,), `pos` (P, S) position ids (P = 3 for M-RoPE), `feats` (n_slots, hidden).
+
+    `slots` (S,) marks the columns the feature rows fill, in order (None: the visual columns; families with marker
+    placeholders such as LLaVA-NeXT's newlines have more slots than visual tokens). `deepstack` holds extra
+    per-slot features that travel with them (Qwen3-VL), and `pack(feats, deepstack)` builds the family's encoder
+    output for `mm_encoder_outputs` (None: `pooler_output=(feats,)`).
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    feats: torch.Tensor
+    slots: torch.Tensor | None = None
+    deepstack: tuple = ()
+    pack: Callable | None = None
+
+    @staticmethod
+    def columns(visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(S,) bool: every text column and the visual columns in `kept` (indices into the visual tokens)."""
+        columns = ~visual
+        columns[visual.nonzero()[kept, 0]] = True
+        return columns
+
+    def keep(self, visual: torch.Tensor, kept: torch.Tensor) -> "Row":
+        """Drop the visual columns not in `kept`; text columns stay."""
+        columns = self.columns(visual, kept)
+        slots = visual if self.slots is None else self.slots
+        rows = columns[slots]  # the feature rows of the slots that stay
+        return Row(self.ids[columns], self.pos[:, columns], self.feats[rows], slots[columns],
+                   tuple(d[rows] for d in self.deepstack), self.pack)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S), left-padded
+    attention_mask: torch.Tensor  # (B, S)
+    position_ids: torch.Tensor  # (P, B, S)
+    feats: torch.Tensor  # (sum n_slots, hidden), in row-major placeholder order
+    deepstack: tuple = ()  # per level, (sum n_slots, hidden)
+    pack: Callable | None = None
+
+    def model_kwargs(self) -> dict:
+        pos = self.position_ids if self.position_ids.shape[0] > 1 else self.position_ids[0]
+        encoded = (self.pack(self.feats, self.deepstack) if self.pack is not None
+                   else hf.pooled_output((self.feats,)))
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": pos,
+            "mm_encoder_outputs": {"image": encoded},
+        }
+
+
+def collate(rows: list[Row], pad_id: int, device) -> Batch:
+    width = max(len(r.ids) for r in rows)
+    b, p = len(rows), rows[0].pos.shape[0]
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.ones((p, b, width), dtype=torch.long)  # pad positions are never attended
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[i, width - n :] = r.ids
+        mask[i, width - n :] = 1
+        pos[:, i, width - n :] = r.pos
+    feats = torch.cat([r.feats for r in rows]).to(device)
+    deepstack = tuple(torch.cat(level).to(device) for level in zip(*(r.deepstack for r in rows)))
+    return Batch(ids.to(device), mask.to(device), pos.to(device), feats, deepstack, rows[0].pack)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per row, generated ids including the final EOS when one was produced
+    probs: list[list[float]]  # per row, probability of each generated token under the model
+
+
+def _forward(model, cache=None, logits_to_keep: int = 1, use_cache: bool = True, **kwargs):
+    out, cache = hf.forward(model, cache, **kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep)
+    return out.logits, cache
+
+
+def prefill(model, batch: Batch):
+    """Run the prompt; returns the last position's logits (B, V) and the cache."""
+    logits, cache = _forward(model, **batch.model_kwargs())
+    return logits[:, -1], cache
+
+
+def decode_one(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+    """Feed one token per row at the given positions (P, B, 1); returns logits (B, V)."""
+    pos = position_ids if position_ids.shape[0] > 1 else position_ids[0]
+    logits, cache = _forward(model, cache, input_ids=token[:, None], attention_mask=attention_mask, position_ids=pos)
+    return logits[:, -1], cache
+
+
+# observe(step, active, key_valid) before every forward: step 0 is the prefill; `active` (B,) bool marks the rows
+# still generating (all at step 0), `key_valid` (B, kv_len) the keys that are not padding.
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def greedy(model, batch: Batch, max_new_tokens: list[int], eos_ids: set[int], pad_id: int,
+           observe: Observer | None = None) -> Generation:
+    """Greedy decoding of every row to its EOS or its `max_new_tokens`. `observe` sees every forward (capture)."""
+    b = batch.input_ids.shape[0]
+    device = batch.input_ids.device
+    active = torch.ones(b, dtype=torch.bool)
+    if observe is not None:
+        observe(0, active.to(device), batch.attention_mask.bool())
+    logits, cache = prefill(model, batch)
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    probs: list[list[float]] = [[] for _ in range(b)]
+    limits = torch.tensor(max_new_tokens)
+    mask = batch.attention_mask
+    next_pos = batch.position_ids[:, :, -1:] + 1  # left padding: the last column is every row's last token
+    step = 0
+    while True:
+        p = torch.softmax(logits.float(), dim=-1)
+        token = logits.argmax(dim=-1)
+        token_p = p.gather(1, token[:, None])[:, 0].cpu()
+        for i in active.nonzero().squeeze(-1).tolist():
+            t = int(token[i])
+            tokens[i].append(t)
+            probs[i].append(float(token_p[i]))
+            if t in eos_ids or len(tokens[i]) >= int(limits[i]):
+                active[i] = False
+        if not active.any():
+            return Generation(tokens, probs)
+        # Finished rows keep feeding padding; their rows are excluded from capture and their tokens ignored.
+        token = torch.where(active.to(device), token, torch.full_like(token, pad_id))
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        step += 1
+        if observe is not None:
+            observe(step, active.to(device), mask.bool())
+        logits, cache = decode_one(model, token, mask, next_pos, cache)
+        next_pos = next_pos + 1
+
+
+@torch.no_grad()
+def answer_probs(model, rows: list[Row], answers: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Teacher forcing: the probability of each answer token given the row and the answer before it, one pass."""
+    fed = []
+    for r, a in zip(rows, answers):
+        extra = torch.tensor(a[:-1], dtype=torch.long)
+        last = r.pos[:, -1:]
+        steps = torch.arange(1, len(extra) + 1, dtype=torch.long)
+        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats,
+                       deepstack=r.deepstack, pack=r.pack))
+    batch = collate(fed, pad_id, rows_device(model))
+    width = max(len(a) for a in answers)
+    logits, _ = _forward(model, logits_to_keep=width, use_cache=False, **batch.model_kwargs())
+    p = torch.softmax(logits.float(), dim=-1)
+    out = []
+    for i, a in enumerate(answers):
+        # Row i is right-aligned: the logits predicting its answer are its last len(a) positions.
+        rows_p = p[i, width - len(a) :]
+        out.append(rows_p.gather(1, torch.tensor(a, device=p.device)[:, None])[:, 0].tolist())
+    return out
+
+
+def rows_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device

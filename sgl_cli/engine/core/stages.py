@@ -1,0 +1,86 @@
+"""The typed results of the engine's stages, one item at a time.
+
+    Work.encoded  Encoded      both models' processor outputs and the visual-token columns
+    Work.small    SmallPass    the small model's answer, its SGP importance and SEE scores
+    Work.large    LargeAnswer  the large model's answer from the kept visual tokens, and how they were chosen
+
+`Work` carries an item through them; a failed stage sets `error` and the later stages skip the item.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..io.items import Item
+
+
+@dataclass
+class Encoded:
+    """One item encoded for both models (the small model's encoding is the large one's when they share a
+    processor; None without a small model)."""
+
+    large: dict
+    small: dict | None
+    visual: torch.Tensor  # (S,) bool: the visual-token columns (input_ids == image token id; no marker tokens)
+    image_sizes: list[tuple[int, int]]  # (width, height) of each image, as given to the processor
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.visual.sum())
+
+
+@dataclass
+class SmallPass:
+    """The small model's greedy answer, the SGP importance captured while it answered, and its SEE scores."""
+
+    tokens: list[int]  # generated ids, EOS included when produced
+    probs: list[float]  # each generated token's probability
+    answer: str
+    importance: torch.Tensor  # (N,) fp32: attention received per visual token, summed over layers, heads, rows
+    consistency: float  # product of the answer's probabilities re-read with the top consistency_retain tokens
+    row: Any = field(default=None, repr=False, compare=False)  # the small model's input row, for the re-read
+
+    @property
+    def confidence(self) -> float:
+        """Geometric mean of the generated tokens' probabilities (EOS included)."""
+        return math.exp(sum(math.log(max(p, 1e-45)) for p in self.probs) / len(self.probs))
+
+    @property
+    def exit_score(self) -> float:
+        return (self.confidence + self.consistency) / 2
+
+
+@dataclass
+class LargeAnswer:
+    """The large model's greedy answer from the kept visual tokens."""
+
+    tokens: list[int]
+    answer: str
+    guide: str  # what ranked the visual tokens
+    scores: torch.Tensor  # (N,) the guide's scores
+    kept: torch.Tensor  # indices of the kept visual tokens, in sequence order
+    prune_layer: int  # where the others were dropped (0: before the language model)
+
+
+@dataclass
+class Work:
+    """One item in flight through the stages."""
+
+    item: Item
+    encoded: Encoded | None = None
+    small: SmallPass | None = None
+    large: LargeAnswer | None = None
+    error: str | None = None
+    ms: dict[str, float] = field(default_factory=lambda: {"small": 0.0, "reread": 0.0, "large": 0.0})
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def charge(self, stage: str, ms: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + ms
+

@@ -1,0 +1,137 @@
+"""Several settings (guide x retain) over the same items, sharing every model output that does not depend on them.
+
+Per batch: the items are encoded and the small model answers once (its answer, SGP ranking and exit score depend
+on neither retain nor guide); the large model's vision tower runs once, under every guide's `watch_vision`, which
+gives each guide's scores; the unpruned large answer is computed once when asked for (it is "large alone" and
+every setting at retain 1.0, where no guide drops anything). Only the pruned generations run per setting. Each
+setting's time adds the measured time of every stage it needs.
+
+`sgl eval` tallies accuracy from it, `sgl inspect` draws one item's rankings, and both see the same numbers as
+the engine (tested equal to running each guide alone).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.engine import Engine, exits
+from ..core.stages import Work
+from ..guides import make_guide
+from ..guides.base import Guide
+from ..io.items import Item
+
+
+@dataclass
+class Outcome:
+    """One setting's result for one item."""
+
+    exit: str  # "small" (the small answer was returned; nothing was pruned) or "large"
+    answer: str | None  # None when answers were not asked for (a ranking alone)
+    scores: torch.Tensor | None = None  # the guide's scores (None after an exit, or at retain 1 from large alone)
+    kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit)
+    prune_layer: int = 0
+
+
+@dataclass
+class BatchResult:
+    works: list[Work]  # every item of the batch, failed ones included (`error` set)
+    live: list[Work]  # the items that went through, in order; every list below is aligned with it
+    large_alone: list[str] | None = None  # the large model's unpruned answers, when asked for
+    outcomes: dict[tuple[str, float], list[Outcome]] = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # per setting, "large_alone", "small_alone": stage time it needs
+
+
+class Comparison:
+    """`settings` (guide name, retain) pairs run on `engine`'s models. `threshold` lets the items of guides that
+    run the small model exit early (the mixed system); None measures pruning alone."""
+
+    def __init__(self, engine: Engine, settings: list[tuple[str, float]], threshold: float | None = None):
+        self.engine = engine
+        self.settings = list(settings)
+        self.threshold = threshold
+        self.guides: dict[str, Guide] = {}
+        for name, _ in self.settings:
+            self.guides.setdefault(name, make_guide(name, engine.settings))
+        needs_small = [g.name for g in self.guides.values() if g.needs_small]
+        if needs_small and engine.small is None:
+            raise ValueError(f"the {needs_small[0]} guide needs a small model; the preset names only large")
+        if threshold is not None and engine.small is None:
+            raise ValueError("early exit (a threshold) needs a small model")
+
+    def prune_layer(self, guide: str) -> int:
+        return self.engine.prune_layer(self.guides[guide])
+
+    @torch.inference_mode()
+    def run(self, items: list[Item], *, answers: bool = True, large_alone: bool = True) -> BatchResult:
+        """One batch. Without `answers`, the large model runs only where a guide ranks inside it (one token)."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        works = eng.prepare(items)
+        eng.small_pass(works)
+        t_small = time.perf_counter() - t0
+        live = [w for w in works if w.ok]
+        out = BatchResult(works, live)
+        if not live:
+            return out
+        t0 = time.perf_counter()
+        inputs = eng.large_inputs(live, self.guides.values())
+        t_rows = (time.perf_counter() - t0) / len(live)  # per item
+        t_full = 0.0
+        full = None
+        if large_alone:
+            t0 = time.perf_counter()
+            full = eng.large_pass(live, inputs, guide=_Everything(), retain=1.0)
+            t_full = (time.perf_counter() - t0) / len(live)
+            out.large_alone = [a.answer for a in full]
+            out.seconds["large_alone"] = (t_rows + t_full) * len(live)
+        if eng.small is not None:
+            # The share of the small model's time spent answering (not on the SEE re-read).
+            small = sum(w.ms["small"] for w in live)
+            out.seconds["small_alone"] = t_small * sum(w.ms["small"] - w.ms["reread"] for w in live) / max(1e-9, small)
+
+        for name, retain in self.settings:
+            guide = self.guides[name]
+            k = self.prune_layer(name)
+            exited = [exits(w, guide, self.threshold) for w in live]
+            todo = [w for w, e in zip(live, exited) if not e]
+            seconds = (t_small if guide.needs_small else 0.0) + t_rows * len(todo)
+            results: dict[int, Outcome] = {}
+            if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
+                for i, w in enumerate(live):
+                    if not exited[i]:
+                        results[i] = Outcome("large", full[i].answer, None, full[i].kept, k)
+                seconds += t_full * len(todo)
+            elif todo and (answers or guide.ranks_in_prefill):
+                t0 = time.perf_counter()
+                got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
+                seconds += time.perf_counter() - t0
+                index = iter(got)
+                for i in range(len(live)):
+                    if not exited[i]:
+                        a = next(index)
+                        results[i] = Outcome("large", a.answer if answers else None, a.scores, a.kept, k)
+            elif todo:
+                sub = inputs.select(todo)
+                for i, w, item, s in zip([i for i, e in enumerate(exited) if not e], todo, sub.items,
+                                         sub.scores[name]):
+                    results[i] = Outcome("large", None, s, guide.keep(eng.large, item, s, retain), k)
+            out.outcomes[(name, retain)] = [
+                results[i] if i in results else Outcome("small", w.small.answer, None, None, k)
+                for i, w in enumerate(live)]
+            out.seconds[(name, retain)] = seconds
+        return out
+
+
+class _Everything(Guide):
+    """Keeps every visual token (retain 1, before the language model): the large model alone."""
+
+    name = "everything"
+
+    def prune_layer(self, settings, num_layers: int) -> int:
+        return 0
+
+    def score(self, item) -> torch.Tensor:
+        return torch.ones(item.n_visual)

@@ -1,0 +1,162 @@
+"""`sgl eval`'s measurement: accuracy against retain, per guide, beside the small and large models alone.
+
+Model outputs are reused wherever a setting's computation is identical: per batch the small model answers
+once (its answer, SGP ranking and exit score do not depend on retain or on the guide), the large model's
+image features and [CLS] scores are computed once, and its unpruned answer once (it is "large alone" and
+every setting at retain 1.0, where no guide drops anything). Only the pruned large-model generations are
+run per setting. A setting's items/s is computed from the measured time of every stage it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..core.engine import Engine
+from ..core.stages import Work
+from ..io.items import Item
+from .calibrate import reference_strings
+from .compare import Comparison
+from .metrics import get_metric
+
+
+@dataclass
+class Tally:
+    """One setting's running totals."""
+
+    guide: str | None  # None: a model alone
+    retain: float
+    prune_layer: int = 0
+    n: int = 0
+    score: float = 0.0
+    per_type: dict[str, list[float]] = field(default_factory=dict)  # type -> [score, n]
+    large_calls: int = 0
+    exits: int = 0
+    retained: int = 0
+    visual: int = 0
+    seconds: float = 0.0
+
+    def add(self, kind: str | None, value: float, *, large: bool, retained: int, visual: int) -> None:
+        self.n += 1
+        self.score += value
+        t = self.per_type.setdefault(kind or "all", [0.0, 0])
+        t[0] += value
+        t[1] += 1
+        self.large_calls += large
+        self.exits += not large and self.guide is not None
+        self.retained += retained if large else 0
+        self.visual += visual
+
+    def summary(self, large_accuracy: float | None = None) -> dict[str, Any]:
+        acc = self.score / self.n if self.n else None
+        out = {
+            "accuracy": _r(acc),
+            "per_type": {k: _r(v[0] / v[1]) for k, v in sorted(self.per_type.items())},
+            "items_per_s": _r(self.n / self.seconds if self.seconds > 0 else None, 3),
+            "large_calls": self.large_calls,
+            "n": self.n,
+        }
+        if self.guide is None:
+            return out
+        return {
+            "guide": self.guide,
+            "retain": self.retain,
+            "prune_layer": self.prune_layer,
+            **out,
+            "relative_accuracy": _r(acc / large_accuracy if acc is not None and large_accuracy else None),
+            "exit_rate": _r(self.exits / self.n if self.n else None),
+            # Mean over the items the large model answered.
+            "retained_tokens": _r(self.retained / self.large_calls if self.large_calls else None, 1),
+            "visual_tokens": _r(self.visual / self.n if self.n else None, 1),
+        }
+
+
+def _r(x, nd: int = 4):
+    return None if x is None else round(x, nd)
+
+
+class Evaluation:
+    """Runs the settings over batches of labelled items; `result()` gives the JSON object of `sgl eval`."""
+
+    def __init__(self, engine: Engine, guides: list[str], retains: list[float], metric: str,
+                 threshold: float | None = None):
+        self.metric_name = metric
+        self.metric = get_metric(metric)
+        self.threshold = threshold
+        self.comparison = Comparison(engine, [(g, r) for g in guides for r in retains], threshold)
+        self.settings = self.comparison.settings
+        self.tallies = {s: Tally(s[0], s[1], self.comparison.prune_layer(s[0])) for s in self.settings}
+        self.small_alone = Tally(None, 1.0) if engine.small is not None else None
+        self.large_alone = Tally(None, 1.0)
+        self.errors: list[str] = []
+
+    def add_batch(self, items: list[Item]) -> list[dict]:
+        """Evaluate one batch; returns per-item detail records (answers and correctness per setting)."""
+        batch = self.comparison.run(items)
+        live = batch.live
+        self.errors += [w.error for w in batch.works if w.error is not None]
+        if not live:
+            return []
+        refs = [reference_strings(w.item.reference) for w in live]
+        details = [{"id": w.item.id, "line": w.item.line, "type": w.item.type, "reference": w.item.reference}
+                   for w in live]
+        n_visual = [w.encoded.n_visual for w in live]
+        self._tally(self.large_alone, "large", live, refs, batch.large_alone, details, [True] * len(live),
+                    n_visual, n_visual, batch.seconds["large_alone"])
+        if self.small_alone is not None:
+            self._tally(self.small_alone, "small", live, refs, [w.small.answer for w in live], details,
+                        [False] * len(live), [0] * len(live), n_visual, batch.seconds["small_alone"])
+        for guide, retain in self.settings:
+            outcomes = batch.outcomes[(guide, retain)]
+            large = [o.exit == "large" for o in outcomes]
+            kept = [len(o.kept) if o.exit == "large" else 0 for o in outcomes]
+            self._tally(self.tallies[(guide, retain)], f"{guide}@{retain:g}", live, refs,
+                        [o.answer for o in outcomes], details, large, kept, n_visual, batch.seconds[(guide, retain)])
+        return details
+
+    def _tally(self, tally: Tally, key: str, live: list[Work], refs, answers, details, large, kept, visual,
+               seconds: float) -> None:
+        tally.seconds += seconds
+        for w, ref, answer, d, is_large, k, n in zip(live, refs, answers, details, large, kept, visual):
+            value = self.metric(answer, ref)
+            tally.add(w.item.type, value, large=is_large, retained=k, visual=n)
+            d[key] = {"answer": answer, "correct": value}
+            if tally.guide is not None:
+                d[key]["exit"] = "large" if is_large else "small"
+            if is_large:
+                d[key]["retained_tokens"] = k
+
+    def result(self) -> dict[str, Any]:
+        large = self.large_alone.summary()
+        return {
+            "items": self.large_alone.n,
+            "metric": self.metric_name,
+            "threshold": self.threshold,
+            "small_alone": self.small_alone.summary() if self.small_alone else None,
+            "large_alone": {**large, "visual_tokens": _r(self.large_alone.visual / max(1, self.large_alone.n), 1)},
+            "results": [self.tallies[s].summary(large["accuracy"]) for s in self.settings],
+            "errors": self.errors,
+        }
+
+
+def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: list[float], metric: str,
+             threshold: float | None = None, on_batch: Callable[[list[dict], int], None] | None = None) -> dict:
+    """Evaluate `items` (labelled) in batches of the engine's batch size; `on_batch(details, n_items)` is
+    called after each batch."""
+    ev = Evaluation(engine, guides, retains, metric, threshold)
+    batch: list[Item] = []
+    size = engine.settings.batch_size
+
+    def flush():
+        details = ev.add_batch(batch)
+        if on_batch:
+            on_batch(details, len(batch))
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            flush()
+            batch = []
+    if batch:
+        flush()
+    return ev.result()

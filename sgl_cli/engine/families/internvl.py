@@ -1,0 +1,136 @@
+"""InternVL (transformers-native, InternVL3 `-hf`): dynamic tiles plus a thumbnail, pixel shuffle, 1-D positions."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import hf
+from .base import Family, TokenGrid, cat_pixels, one_grid
+
+
+class InternVL(Family):
+    """InternVL (transformers-native, InternVL3 `-hf` checkpoints): dynamic tiles of the image plus a thumbnail,
+    each through InternViT ([CLS] at index 0), pixel shuffle (2x2 patches -> one token), `<img>`...`</img>`
+    around the placeholders (not visual tokens), 1-D positions."""
+
+    name = "internvl"
+    model_types = ("internvl",)
+    model_methods = ("get_image_features", "pixel_shuffle")
+
+    def check(self, model) -> None:
+        super().check(model)
+        hf.optimal_tiled_canvas()
+
+    def _device(self, model):
+        return next(model.model.vision_tower.parameters()).device
+
+    def _side(self, model) -> int:
+        """Patches per side of one tile."""
+        vc = model.config.vision_config
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        return size // patch
+
+    def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
+        out = model.model.get_image_features(pixel_values=cat_pixels(encs, self._device(model)), return_dict=True)
+        feats = out.pooler_output  # (tiles, tokens per tile, hidden)
+        tiles = [e["pixel_values"].shape[0] for e in encs]
+        return [f.reshape(-1, f.shape[-1]) for f in feats.split(tiles)]
+
+    @staticmethod
+    def pack(feats: torch.Tensor, deepstack: tuple):
+        return hf.pooled_output(feats)  # InternVL takes one tensor, not a tuple per image
+
+    def token_grid(self, model, enc: dict) -> tuple[int, int]:
+        if enc["pixel_values"].shape[0] != 1:
+            raise ValueError(f"this image has {enc['pixel_values'].shape[0]} InternVL tiles, not one token grid")
+        side = int(round(self._side(model) * model.config.downsample_ratio))
+        return side, side
+
+    def layout(self, model, enc: dict) -> torch.Tensor:
+        """(n_placeholders, 3) float: (tile, row, col) of each placeholder: its tile (pixel_values order: the tiles
+        in raster order of the tile grid, then the thumbnail when there are several) and the token's row and
+        column in that tile's token grid. Read by running the model's own pixel shuffle on patch coordinates, so
+        the order within a tile is exactly the model's."""
+        side = self._side(model)
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        groups = self._shuffle(model, torch.stack([r, c], dim=-1).double()).view(-1, self._groups(model), 2)
+        cells = (groups.mean(1) * model.config.downsample_ratio).floor()  # (tokens per tile, 2)
+        tiles = enc["pixel_values"].shape[0]
+        n = int(self.placeholders(model, enc).sum())
+        if n != tiles * len(cells):
+            raise ValueError(f"{n} image placeholders but {tiles} tiles of {len(cells)} tokens")
+        tile = torch.arange(tiles, dtype=torch.double).repeat_interleave(len(cells))
+        return torch.cat([tile[:, None], cells.repeat(tiles, 1)], dim=1)
+
+    def _groups(self, model) -> int:
+        return int(round(1 / model.config.downsample_ratio ** 2))
+
+    def tile_grid(self, processor, image_size: tuple[int, int], tiles: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid of an image of `image_size` (width, height) encoded as `tiles` tiles
+        (with the thumbnail): the image processor's own choice of canvas (GOT-OCR2 dynamic tiling)."""
+        if tiles == 1:
+            return 1, 1
+        get_optimal_tiled_canvas = hf.optimal_tiled_canvas()
+        ip = getattr(processor, "image_processor", processor)
+        size = ip.size
+        height = size["height"] if isinstance(size, dict) else size.height
+        width = size["width"] if isinstance(size, dict) else size.width
+        w, h = image_size
+        cols, rows = get_optimal_tiled_canvas((h, w), (height, width), int(ip.min_patches), int(ip.max_patches))
+        if rows * cols + 1 != tiles:
+            raise ValueError(f"{self.name}: the processor tiles a {w} x {h} image {rows} x {cols} (+ thumbnail), "
+                             f"but the image has {tiles} tiles")
+        return rows, cols
+
+    def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
+        """One tile: the one grid. Several: the tiles in their places in the tile grid (one grid of
+        rows * side x cols * side tokens) and the thumbnail (the whole image as one more tile)."""
+        tiles = enc["pixel_values"].shape[0]
+        if tiles == 1:
+            return super().token_grids(model, enc, image_size, processor)
+        if image_size is None or processor is None:
+            raise ValueError(f"{self.name}: laying out {tiles} tiles needs the image size and the processor")
+        rows, cols = self.tile_grid(processor, image_size, tiles)
+        lay = self.layout(model, enc).long()
+        side = int(lay[:, 1].max()) + 1
+        tokens = torch.full((rows * side, cols * side), -1, dtype=torch.long)
+        crops = torch.full_like(tokens, -1)
+        index = torch.arange(len(lay))
+        main = lay[:, 0] < tiles - 1
+        t, r, c = lay[main].unbind(1)
+        y, x = (t // cols) * side + r, (t % cols) * side + c
+        tokens[y, x], crops[y, x] = index[main], t
+        if bool((tokens < 0).any()):
+            raise ValueError(f"{self.name}: the {rows} x {cols} tiles do not fill their grid")
+        first = int(index[~main][0])
+        thumb_tokens = torch.arange(first, first + side * side).view(side, side)
+        _, r, c = lay[~main].unbind(1)
+        thumb_tokens[r, c] = index[~main]
+        thumb = one_grid("thumbnail", side, side, "the whole image as one more tile", crop=tiles - 1,
+                         tokens=thumb_tokens)
+        about = f"the {rows} x {cols} tiles of {side} x {side} tokens in their places"
+        return [TokenGrid("tiles", tokens, crops, about, (rows, cols)), thumb]
+
+    def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
+        n = model.config.vision_config.num_hidden_layers
+        layer = model.config.vision_feature_layer
+        index = n - 1 if layer == -1 else layer % (n + 1) - 1
+        return model.model.vision_tower.encoder.layer[index].attention, 0
+
+    def _shuffle(self, model, grid: torch.Tensor) -> torch.Tensor:
+        """(side, side, C) per-patch values -> (tokens, C * groups) through the model's own pixel shuffle."""
+        out = model.model.pixel_shuffle(grid[None], scale_factor=model.config.downsample_ratio)
+        return out.reshape(-1, out.shape[-1])
+
+    def merge_patch_scores(self, model, per_image: list[torch.Tensor], encs: list[dict]) -> list[torch.Tensor]:
+        """Per item, (N,) scores: per tile, the patch scores (without [CLS]) summed over each pixel-shuffle group."""
+        side = self._side(model)
+        tiles = [e["pixel_values"].shape[0] for e in encs]
+        drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
+        per_tile = [self._shuffle(model, s[drop:].view(side, side, 1).double()).sum(-1).float() for s in per_image]
+        out, i = [], 0
+        for n in tiles:
+            out.append(torch.cat(per_tile[i:i + n]))
+            i += n
+        return out

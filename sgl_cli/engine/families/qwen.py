@@ -1,0 +1,97 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one placeholder per merged 2x2 patch, 3-D M-RoPE positions."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import hf
+from .base import Family
+
+
+class QwenVL(Family):
+    """Qwen2-VL and Qwen2.5-VL: one placeholder per merged 2x2 patch, 3-D M-RoPE positions (t, h, w)."""
+
+    name = "qwen-vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_methods = ("get_image_features", "get_rope_index")
+    position_dims = 3
+
+    def check(self, model) -> None:
+        super().check(model)
+        if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # windowed tower
+            hf.window_index_function(model.model.visual)
+
+    def position_ids(self, model, enc: dict) -> torch.Tensor:
+        """(3, S) M-RoPE ids of one encoded item; text after the image resumes at start + max(h, w)."""
+        pos, _ = model.model.get_rope_index(
+            enc["input_ids"],
+            mm_token_type_ids=enc["mm_token_type_ids"],
+            image_grid_thw=enc["image_grid_thw"],
+            attention_mask=enc.get("attention_mask"),
+        )
+        return pos[:, 0]
+
+    def token_grid(self, model, enc: dict) -> tuple[int, int]:
+        """(rows, cols) of one encoded item's visual tokens: merged patches, in raster order."""
+        _, h, w = (int(v) for v in enc["image_grid_thw"][0])
+        merge = int(model.config.vision_config.spatial_merge_size)
+        return h // merge, w // merge
+
+    def _vision_output(self, model, encs: list[dict]):
+        device = model.model.visual.device
+        pixel_values = torch.cat([e["pixel_values"] for e in encs]).to(device)
+        grid = torch.cat([e["image_grid_thw"] for e in encs]).to(device)
+        return model.model.get_image_features(pixel_values, grid, return_dict=True)
+
+    def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
+        # One image per item: image i belongs to item i.
+        return list(self._vision_output(model, encs).pooler_output)
+
+    def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
+        """The vision attention module whose output feeds the merger, and its [CLS] query (None: no [CLS]).
+
+        The Qwen ViT has no [CLS]; its last full-attention block (every block in Qwen2-VL and Qwen3-VL) feeds
+        the merger.
+        """
+        visual = model.model.visual
+        full = getattr(model.config.vision_config, "fullatt_block_indexes", None)
+        return visual.blocks[max(full) if full else -1].attn, None
+
+    def merge_patch_scores(self, model, per_image: list[torch.Tensor], encs: list[dict]) -> list[torch.Tensor]:
+        """Per item, (N_i,) visual-token scores: each merged token sums the scores of its merge x merge
+        patches. Qwen2.5-VL's tower runs in window order, so the scores are put back in raster order."""
+        merge = int(model.config.vision_config.spatial_merge_size) ** 2
+        grid = torch.cat([e["image_grid_thw"] for e in encs])
+        groups = torch.cat(per_image).view(-1, merge).sum(1)
+        if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # a windowed tower
+            groups = groups[torch.argsort(hf.vision_window_index(model.model.visual, grid).cpu())]
+        return list(groups.split([int(g.prod()) // merge for g in grid]))
+
+
+class Qwen3VL(QwenVL):
+    """Qwen3-VL: Qwen2-VL's layout with patch 16, plus deepstack features (one per placeholder and level, added to
+    the first decoder layers' hidden states), which are gathered with the kept tokens."""
+
+    name = "qwen3-vl"
+    model_types = ("qwen3_vl",)
+
+    def check(self, model) -> None:
+        super().check(model)
+        hf.deepstack_output(torch.zeros(1, 1), ())
+
+    def features(self, model, encs: list[dict]) -> list[tuple[torch.Tensor, tuple]]:
+        out = self._vision_output(model, encs)
+        deep = out.deepstack_features or []
+        return [(f, tuple(level[i] for level in deep)) for i, f in enumerate(out.pooler_output)]
+
+    def check_prune_layer(self, model, k: int) -> None:
+        # Deepstack features are added to the visual positions after decoder layers 0..D-1; a sequence pruned
+        # before one of those layers no longer lines up with them.
+        depth = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
+        if 0 < k < depth:
+            raise ValueError(f"Qwen3-VL adds deepstack features after decoder layers 0..{depth - 1}; prune at layer "
+                             f"0 (before the language model) or at a layer >= {depth}, not {k}")
+
+    @staticmethod
+    def pack(feats: torch.Tensor, deepstack: tuple):
+        return hf.deepstack_output(feats, deepstack)

@@ -1,0 +1,110 @@
+"""The guide contract: what a guide reads, the hooks it may scope, and how its ranking becomes kept tokens.
+
+A guide ranks the visual tokens of each item; the large model keeps the top `retain` fraction, in sequence order,
+with their original positions, and drops the rest at the guide's prune layer K (0: before the language model).
+Most guides implement one method, `score(item)`: the scores of one item's visual tokens from what `GuideItem`
+carries (the large model's image features, the small model's SGP importance, the encoding). A guide that needs to
+see inside the large model scopes hooks to one of two moments, each a context manager on that one model:
+
+- `watch_vision(model)`: while the large model's vision tower encodes the batch (the cls guide's [CLS]
+  attention); what it yields is `GuideBatch.vision` when `scores` is called.
+- `watch_prefill(model, layer, batch)`: while the large model's language model reads the prompt, for guides
+  that rank from its own layers < K (`ranks_in_prefill`, FastV); what it yields is `GuideBatch.prefill`, and it
+  may observe every forward (`observe(step, rows, key_valid)`); `scores` is then called when layer K starts.
+
+The contract every hook keeps: scoped (registered in `__enter__` on the given model instance only, removed in
+`__exit__`, also on an error; no process-wide patching), and batch-invariant (an item's scores do not depend on
+the other items of its batch or on its place in it: padding is masked, seeds are per item).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, ContextManager
+
+import torch
+
+
+def n_keep(n_visual: int, ratio: float) -> int:
+    """How many of `n_visual` tokens a retain ratio keeps: floor(n * ratio), at least 1."""
+    return max(1, math.floor(n_visual * ratio + 1e-9))
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in sequence order. Ties go to the earlier token (stable sort)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+@dataclass
+class GuideItem:
+    """What a guide may read of one item."""
+
+    id: Any  # the item's id
+    line: int  # its line (or row) in the input
+    question: str
+    visual: torch.Tensor  # (S,) bool: the visual-token columns of the item's sequence (input_ids == image token)
+    features: torch.Tensor  # (N, hidden): the large model's image features of its visual tokens, in order
+    encoding: dict  # the large model's processor output for the item
+    small_importance: torch.Tensor | None = None  # (N,) the small model's attention (SGP), when it ran
+    offset: int = 0  # left padding before the item's row in the large model's batch (prefill guides)
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.visual.sum())
+
+    @property
+    def visual_columns(self) -> torch.Tensor:
+        """(N,) the visual tokens' columns in the large model's padded batch."""
+        return self.visual.nonzero().squeeze(-1) + self.offset
+
+
+@dataclass
+class GuideBatch:
+    """A batch of items being ranked on the large model `model` (a LoadedModel)."""
+
+    model: Any
+    items: list[GuideItem]
+    vision: Any = None  # what `watch_vision` yielded, after the vision tower ran on this batch
+    prefill: Any = None  # what `watch_prefill` yielded, after the layers below K read the prompt
+
+
+class Guide:
+    """A method of ranking visual tokens. Subclass it, set `name`, implement `score` (or `scores`)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # a few words: what the scores are (shown by `sgl inspect` and --help)
+    needs_small: ClassVar[bool] = False  # the small model's pass must run (`GuideItem.small_importance`)
+    uses_large: ClassVar[bool] = True  # ranking reads the large model (its features, vision tower or layers)
+    score_noun: ClassVar[str] = "score"  # what its scores are called in `sgl inspect`'s legends
+    ranks_in_prefill: ClassVar[bool] = False  # scores come from the large model's own layers < K, during its prefill
+
+    @classmethod
+    def from_settings(cls, settings) -> "Guide":
+        """The guide for a run's settings (a `Settings`, or None for the defaults)."""
+        return cls()
+
+    def prune_layer(self, settings, num_layers: int) -> int:
+        """Where the large model drops the unkept tokens: 0 before its language model, K > 0 at decoder layer K."""
+        return settings.prune_layer
+
+    def watch_vision(self, model) -> ContextManager[Any]:
+        """Scoped hooks on `model` (the large LoadedModel) while its vision tower encodes a batch."""
+        return contextlib.nullcontext()
+
+    def watch_prefill(self, model, layer: int, width: int) -> ContextManager[Any]:
+        """Scoped hooks on `model`'s language model while layers < `layer` read a prompt batch `width` columns wide."""
+        return contextlib.nullcontext()
+
+    def scores(self, batch: GuideBatch) -> list[torch.Tensor]:
+        """(N_i,) scores per item, higher is kept first."""
+        return [self.score(item) for item in batch.items]
+
+    def score(self, item: GuideItem) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.name or type(self).__name__} guide implements neither score nor scores")
+
+    def keep(self, model, item: GuideItem, scores: torch.Tensor, retain: float) -> torch.Tensor:
+        """The visual tokens the large model keeps, indices in sequence order: the top `retain` of the image."""
+        return top_k_in_order(scores, n_keep(len(scores), retain))

@@ -1,0 +1,216 @@
+"""`sgl run --backend ray`: the local backend's records, computed by a pool of Ray actors (one or many machines).
+
+The input JSONL is turned into a Ray dataset of its lines (`line`, `text`): blank lines and the lines an
+interrupted run already recorded are left out, exactly as `read_items` does for the local backend. Its blocks
+are cut where the local engine cuts its batches (after every `batch_size` runnable items), so every model call
+sees the same rows, padding included, and the records are the local backend's to the last bit. A pool of
+`num_workers` actors each loads the pair once (one `Engine`) and turns a block at a time into records with the
+same parsing and the same engine. Ray Data hands the records back in input order (`preserve_order`), and the
+caller writes them with the same writer, so the output file, `--resume` and the exit code are the local
+backend's. Records are shipped as JSON text, so no field is reshaped by Arrow.
+
+Where it runs: `ray.init()` joins the cluster named by `RAY_ADDRESS` or the one this machine belongs to (`ray start`),
+else it starts a local one. Every worker needs sgl installed and must see the image paths (and the model
+folders) the driver sees: shared storage, or the same paths on every node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import SglError
+
+INSTALL_HINT = "pip install 'sgl-cli[ray]' (or: pip install 'ray[data]>=2.9')"
+MAX_BLOCKS = 10_000  # more blocks stream and resume more finely; each is one object in Ray's store
+
+
+def import_ray():
+    """Ray, or an SglError that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the `data` extra
+    except ImportError as exc:
+        raise SglError(f"--backend ray needs Ray Data, which is not installed ({exc.name or exc}): "
+                       f"{INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    num_workers: int | None = None  # None: one per `gpus_per_worker` GPUs of the cluster, else 1
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    threads: int | None = None  # CPUs reserved by, and torch threads of, each worker (default 1)
+
+    def validate(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise SglError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise SglError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker:g}")
+        if self.threads is not None and self.threads < 1:
+            raise SglError(f"--threads must be >= 1, got {self.threads}")
+
+
+def input_batches(input: Path, skip_lines: set[int], batch_size: int) -> list[list[tuple[int, str]]]:
+    """The input's non-blank lines not in `skip_lines` as (line, text), numbered as `read_items` numbers them,
+    in the batches `Engine.run` makes of them: each ends at its `batch_size`-th runnable (parseable) item."""
+    from .items import parse_line
+
+    batches: list[list[tuple[int, str]]] = []
+    pending: list[tuple[int, str]] = []
+    runnable = 0
+    with input.open("r", encoding="utf-8", errors="replace") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip() or line in skip_lines:
+                continue
+            pending.append((line, text))
+            runnable += parse_line(text, line, input.parent).error is None
+            if runnable >= batch_size:
+                batches.append(pending)
+                pending, runnable = [], 0
+    if pending:
+        batches.append(pending)
+    return batches
+
+
+def blocks(batches: list[list[tuple[int, str]]], max_blocks: int = MAX_BLOCKS) -> list[list[tuple[int, str]]]:
+    """Whole batches packed into at most `max_blocks` blocks (one batch each, when there are few enough)."""
+    per_block = max(1, math.ceil(len(batches) / max_blocks))
+    return [[row for batch in batches[i:i + per_block] for row in batch] for i in range(0, len(batches), per_block)]
+
+
+class EngineWorker:
+    """One Ray actor: the pair loaded once, turning batches of input lines into JSON records."""
+
+    def __init__(self, preset, base: str, cwd: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        if os.path.isdir(cwd):  # relative paths (images, the input's folder) resolve as on the driver
+            os.chdir(cwd)
+        from ..core.engine import Engine
+
+        self.base = Path(base)
+        self.engine = Engine.from_preset(preset)
+
+    def __call__(self, block: dict) -> dict:
+        import numpy as np
+
+        from .items import parse_line
+
+        # A whole block per call: the engine batches it exactly as the local backend batches the same lines.
+        items = [parse_line(str(text), int(line), self.base) for line, text in zip(block["line"], block["text"])]
+        records = [json.dumps(r, ensure_ascii=False) for r in self.engine.run(items)]
+        return {
+            "record": np.array(records, dtype=object),
+            "random_weights": np.full(len(records), bool(self.engine.random_weights)),
+        }
+
+
+def _plan(ray, options: RayOptions, n_blocks: int, notify: Callable[[str], None]) -> tuple[int, float, int]:
+    """(workers, GPUs per worker, CPUs per worker) for this cluster."""
+    resources = ray.cluster_resources()
+    cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if cluster_gpus else 0.0)
+    cpus = options.threads or 1
+    workers = min(options.num_workers or (max(1, int(cluster_gpus // gpus)) if gpus else 1), max(1, n_blocks))
+    notify(f"sgl: ray: {workers} worker{'s' * (workers != 1)} x {cpus} CPU{'s' * (cpus != 1)}, {gpus:g} GPU; "
+           f"the cluster has {cluster_cpus:g} CPUs, {cluster_gpus:g} GPUs")
+    if workers * gpus > cluster_gpus or workers * cpus > cluster_cpus:
+        # Not an error: an autoscaling cluster adds nodes; a fixed one runs as many workers as fit.
+        notify("sgl: ray: the cluster has fewer resources than all workers ask for now; the workers that fit "
+               "start first, the others when nodes join")
+    return workers, gpus, cpus
+
+
+def _quiet_ray(ray) -> None:
+    """Our progress bar and summary only: Ray Data's bars and execution logs off, order kept."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # records come back in input order
+    for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False),
+                        ("enable_auto_log_stats", False)):
+        if hasattr(ctx, name):
+            setattr(ctx, name, value)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+
+
+_SGL_ERROR_LINE = re.compile(r"^sgl_cli\.engine\.errors\.\w+: (.+)$", re.MULTILINE)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Why Ray failed, in one line: an SglError raised in a worker (a model that cannot load, say) as is, else the
+    innermost error's last line. Ray wraps worker errors (an actor whose __init__ raised only keeps the traceback
+    text), so the chain and the texts are searched."""
+    chain, seen = [], set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, SglError):
+            return str(e)
+        found = _SGL_ERROR_LINE.findall(str(e))
+        if found:
+            return found[-1].strip()
+    for e in chain:  # the first error that says something
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines:
+            return f"the Ray backend failed: {type(e).__name__}: {lines[-1] if len(lines) > 1 else lines[0]}"
+    return f"the Ray backend failed: {type(chain[0]).__name__}"
+
+
+def run_records(input: Path, preset, skip_lines: set[int], options: RayOptions,
+                on_random_weights: Callable[[], None] | None = None,
+                notify: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """Yield one record per input line (blank and `skip_lines` aside), in input order, as Ray's workers complete
+    them. `notify` receives one-line notes (the worker plan); `on_random_weights` is called once when the
+    workers' models have random weights."""
+    options.validate()
+    parts = blocks(input_batches(input, skip_lines, preset.settings.batch_size))
+    if not parts:
+        return
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - one line at the CLI edge
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise SglError(f"cannot join or start a Ray cluster: {type(exc).__name__}: {detail}") from None
+    try:
+        _quiet_ray(ray)
+        workers, gpus, cpus = _plan(ray, options, len(parts), notify or (lambda _: None))
+        # One block per batch (small blocks stream back, are written and survive a kill as soon as they are done).
+        import pyarrow as pa
+
+        ds = ray.data.from_arrow([pa.table({"line": [n for n, _ in part], "text": [t for _, t in part]})
+                                  for part in parts])
+        ds = ds.map_batches(
+            EngineWorker,
+            fn_constructor_kwargs={"preset": preset, "base": str(input.parent), "cwd": os.getcwd(), "threads": cpus},
+            batch_size=None,  # a whole block per call: block boundaries are batch boundaries
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        warned = False
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if not warned and on_random_weights is not None and bool(batch["random_weights"].any()):
+                    on_random_weights()
+                    warned = True
+                for text in batch["record"]:
+                    yield json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot start fails the run in one line
+            raise SglError(_one_line(exc)) from None
+    finally:
+        if started:
+            ray.shutdown()
