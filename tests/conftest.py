@@ -87,3 +87,22 @@ def engine_factory(tiny_pair):
         return Engine(Settings(**base), small, large)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every test that needs one (starting it takes seconds)."""
+    ray = pytest.importorskip("ray", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
+    pytest.importorskip("ray.data", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
+    for attempt in range(3):
+        # Ray 2.60's raylet gives its helper processes 15 s to start; on a loaded 2-core machine they can miss
+        # it (the raylet aborts). A second try finds their imports in the page cache.
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()

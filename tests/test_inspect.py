@@ -60,14 +60,14 @@ def test_terminal_grid_matches_the_processor_and_marks_kept(tmp_path, tiny_pair)
 
 def test_json_equals_the_engine(tmp_path, preset_file, engine_factory):
     from sgl_cli.engine.guides.base import n_keep, top_k_in_order
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
 
     image = make_images(tmp_path, sizes=((336, 224),))[0]
     res = inspect(image, preset_file, "--json", "--retain", "0.3", "--answer-large")
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)  # stdout is the JSON object and nothing else
     eng = engine_factory(retain=0.3)
-    item = Item(line=1, id=1, image=image, question="What is it?")
+    item = Item(line=1, id=1, images=[ImageRef.path(image)], question="What is it?")
     (work,) = eng.analyze([item])
     assert torch.equal(torch.tensor(got["importance"], dtype=torch.float32), work.small.importance)
     assert got["grid"] == [8, 12] and got["visual_tokens"] == 96
@@ -117,16 +117,17 @@ def _corrupt(folder: Path) -> Path:
     return path
 
 
-def _unsupported(folder: Path) -> Path:
-    path = folder / "deep.tif"
-    Image.new("I;16B", (56, 56)).save(path)
+def _unfaithful(folder: Path) -> Path:
+    """16-bit images are scaled now; a float image with negative values has no faithful 8-bit picture."""
+    path = folder / "signed.tif"
+    Image.new("F", (56, 56), -1.0).save(path)
     return path
 
 
 @pytest.mark.parametrize("make, message", [
     (_missing, "sgl: error: image 'cat.png' not found"),
     (_corrupt, "sgl: error: image 'corrupt.png' cannot be read"),
-    (_unsupported, "sgl: error: image 'deep.tif' has unsupported mode I;16B"),
+    (_unfaithful, "sgl: error: image 'signed.tif' has float values from -1 to -1, outside 0-1 and 0-255"),
 ])
 def test_bad_image_is_one_line_and_exit_2(tmp_path, preset_file, make, message):
     res = inspect(make(tmp_path), preset_file)
@@ -185,7 +186,7 @@ def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list
 @pytest.mark.parametrize("guide", ["cls", "fastv", "random"])
 def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_factory, loaded_roles, guide):
     from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
 
     image = make_images(tmp_path, sizes=((168, 280),))[0]
     preset = large_only(tmp_path, tiny_pair, threshold=0.0)
@@ -207,7 +208,7 @@ def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_f
     got = json.loads(res.stdout)
     large = engine_factory().large
     eng = Engine(engine_factory(retain=0.2, threshold=0.0, guide=guide).settings, None, large)
-    importance, kept = engine_scores(eng, Item(line=1, id=image.name, image=image, question="What is it?"), 0.2)[
+    importance, kept = engine_scores(eng, Item(line=1, id=image.name, images=[ImageRef.path(image)], question="What is it?"), 0.2)[
         guide]
     assert got["importance"] == importance and got["kept"] == kept and got["retained_tokens"] == 12
     assert got["grid"] == [10, 6] and got["guide"] == guide and got["exit"] == "large"
@@ -228,7 +229,7 @@ def test_sgl_loads_only_the_small_model_and_cls_the_large_one_too(tmp_path, pres
 
 
 def test_all_json_equals_each_guide_of_the_engine(tmp_path, preset_file, engine_factory):
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
 
     image = make_images(tmp_path, sizes=((336, 224),))[0]
     res = inspect(image, preset_file, "--guide", "all", "--json", "--retain", "0.3", "--answer-large")
@@ -236,7 +237,7 @@ def test_all_json_equals_each_guide_of_the_engine(tmp_path, preset_file, engine_
     got = json.loads(res.stdout)
     assert got["guide"] == "all" and got["grid"] == [8, 12] and got["visual_tokens"] == 96
     assert list(got["guides"]) == ["sgl", "cls", "fastv", "random"] and got["skipped"] == {}
-    item = Item(line=1, id=image.name, image=image, question="What is it?")
+    item = Item(line=1, id=image.name, images=[ImageRef.path(image)], question="What is it?")
     eng = engine_factory(retain=0.3)
     want = engine_scores(eng, item, 0.3)
     sgl_kept = set(want["sgl"][1])

@@ -93,10 +93,10 @@ def frames(output: str) -> list[dict]:
 
 def expected(fam) -> dict:
     """The image's visual tokens and grids, from the model and the processor."""
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
 
     model, cfg = fam.large.model, fam.large.model.config
-    item = Item(line=1, id=fam.image.name, image=fam.image, question=QUESTION)
+    item = Item(line=1, id=fam.image.name, images=[ImageRef.path(fam.image)], question=QUESTION)
     enc = encode(fam.large.processor, item)
     with torch.no_grad(), LMInputs(model) as cap:
         model(**enc)
@@ -194,10 +194,10 @@ def engine_guides(fam, retain: float) -> dict[str, tuple[list[float], list[int]]
     """Each guide's (importance, kept) as `sgl run` computes them: the large model's stage of the engine, whose
     `kept` is what the large model really keeps (cls: the top `retain` of each crop)."""
     from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import Settings
 
-    item = Item(line=1, id=fam.image.name, image=fam.image, question=QUESTION)
+    item = Item(line=1, id=fam.image.name, images=[ImageRef.path(fam.image)], question=QUESTION)
     out = {}
     for guide in ("sgl", "cls", "fastv", "random"):
         settings = Settings(threshold=None, max_new_tokens=5, prompt_suffix="Answer with one word.",

@@ -44,17 +44,17 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def _items(images):
-    from sgl_cli.engine.io.items import Item
+    from sgl_cli.engine.io.items import ImageRef, Item
 
     questions = ["What color is the square?", "How many circles are there?", "What shape is red?"]
-    return [Item(line=i + 1, id=i, image=p, question=q) for i, (p, q) in enumerate(zip(images, questions))]
+    return [Item(line=i + 1, id=i, images=[ImageRef.path(p)], question=q) for i, (p, q) in enumerate(zip(images, questions))]
 
 
 def _generate(m, item) -> list[int]:
     """The quantized model's own `generate` on the whole (unpruned) input."""
     from PIL import Image
 
-    enc = m.family.encode(m.processor, Image.open(item.image).convert("RGB"), f"{item.question}\n{SUFFIX}")
+    enc = m.family.encode(m.processor, Image.open(item.images[0].value).convert("RGB"), f"{item.question}\n{SUFFIX}")
     with torch.inference_mode():
         out = m.model.generate(**enc, max_new_tokens=5, do_sample=False, eos_token_id=sorted(m.eos_ids),
                                pad_token_id=m.pad_id)

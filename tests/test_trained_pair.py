@@ -70,7 +70,7 @@ def test_sgl_keeps_the_object_cells(engine, items):
     from sgl_cli.engine.builtin.shapes import draw, make_example
     from sgl_cli.engine.guides.base import n_keep, top_k_in_order
 
-    folder = Path(items[0].image).parent
+    folder = Path(items[0].images[0].value).parent
     rng = random.Random(99)
     hits = 0
     for i in range(8):

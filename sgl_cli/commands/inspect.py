@@ -6,7 +6,7 @@ import json
 import string
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -62,7 +62,9 @@ Examples:
 
 
 def inspect(
-    image: Path = typer.Argument(..., help="Image file.", show_default=False),
+    image: List[Path] = typer.Argument(..., help="Image file; several for one item with several images (the "
+                                       "families that take them: Qwen-VL, LLaVA-OneVision, InternVL).",
+                                       show_default=False),
     question: str = typer.Option(..., "--question", help="The question to ask about the image.", show_default=False),
     guide: str = typer.Option("sgl", "--guide", "-g", help=f"What ranks the visual tokens: {', '.join(guide_names())}, "
                               "or all (see the list above; fastv runs the large model's language model on the prompt "
@@ -88,11 +90,13 @@ def inspect(
 with_help(inspect, EXAMPLE)
 
 
-def _inspect(image_path: Path, question: str, guide: str, preset_name: Optional[str], retain: Optional[float],
-             png: Optional[Path], as_json: bool, answer_large: bool, threads: Optional[int]) -> None:
+def _inspect(image_paths: list[Path], question: str, guide: str, preset_name: Optional[str],
+             retain: Optional[float], png: Optional[Path], as_json: bool, answer_large: bool,
+             threads: Optional[int]) -> None:
     from ..engine.errors import ItemError, SglError
     from ..engine.guides import guide_class
-    from ..engine.io.images import load_image
+    from ..engine.io.images import load_images
+    from ..engine.io.items import ImageRef
     from ..engine.preset import load_preset
     from .options import check_guides
 
@@ -111,20 +115,21 @@ def _inspect(image_path: Path, question: str, guide: str, preset_name: Optional[
                                "(use --guide cls, fastv, random or all)")
             guides.remove(g)
             skipped[g] = f"preset {preset.name} names no small model, which it needs"
-    item = _CommandLineItem(line=1, id=image_path.name, image=image_path, question=question.strip())
+    item = _CommandLineItem(line=1, id=image_paths[0].name, images=[ImageRef.path(p) for p in image_paths],
+                            question=question.strip())
     try:  # before the models load: a bad image fails at once
-        image = load_image(item)
+        images = load_images(item)
     except ItemError as exc:
         raise SglError(str(exc)) from None
 
     set_threads(threads)
-    result = _analyze(preset, item, image, guides, skipped, guide, answer_large)
+    result = _analyze(preset, item, images, guides, skipped, guide, answer_large)
     result.calibration = calibration
     if png is not None:
         from ..engine.views.png import save_png
 
         try:
-            width, height = save_png(result, image, png)
+            width, height = save_png(result, images, png)
         except OSError as exc:
             raise SglError(f"cannot write {png}: {exc.strerror or exc}") from None
         err(f"sgl: wrote {png} ({width} x {height} px)")
@@ -138,7 +143,7 @@ def _inspect(image_path: Path, question: str, guide: str, preset_name: Optional[
         render(result, Console(highlight=False))
 
 
-def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, str], asked: str,
+def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[str, str], asked: str,
              answer_large: bool):
     """Load what the guides need, run them on the one item (the comparison `sgl eval` runs) and return the
     Inspection."""
@@ -169,7 +174,7 @@ def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, st
     (work,) = batch.works
     if work.error:
         raise SglError(work.error)
-    grids = _grids(large, work.encoded.large, image.size)
+    grids = _grids(large, work.encoded.large, [im.size for im in images])
     n = work.encoded.n_visual
     cells = sorted(int(t) for g in grids for t in g.tokens.flat)
     if cells != list(range(n)):
@@ -191,10 +196,11 @@ def _analyze(preset, item: Item, image, guides: list[str], skipped: dict[str, st
         ))
     s = work.small
     return Inspection(
-        image=item.image, image_size=image.size, question=item.question, guide=asked, preset=preset.name,
+        image=item.images[0].value, image_size=images[0].size, question=item.question, guide=asked, preset=preset.name,
         threshold=settings.threshold, retain=settings.retain, grids=grids, maps=maps, skipped=skipped,
         small_answer=s.answer if s else None, confidence=s.confidence if s else None,
         consistency=s.consistency if s else None, exit_score=s.exit_score if s else None,
+        images=[ref.value for ref in item.images], image_sizes=[im.size for im in images],
     )
 
 
@@ -208,12 +214,12 @@ def _describe(guide, k: int, seed: int) -> str:
     return string.Formatter().vformat(guide.description, (), Keep(k=k, k_1=k - 1, seed=seed))
 
 
-def _grids(model, enc: dict, image_size: tuple[int, int]):
-    """The image's token grids as the family lays them out, for drawing."""
+def _grids(model, enc: dict, image_sizes: list[tuple[int, int]]):
+    """The images' token grids as the family lays them out, for drawing."""
     from ..engine.errors import SglError
 
     try:
-        return model.family.token_grids(model.model, enc, image_size, model.processor)
+        return model.family.token_grids(model.model, enc, image_sizes, model.processor)
     except ValueError as exc:
         raise SglError(f"cannot lay out the image's visual tokens: {exc}") from None
 

@@ -27,27 +27,37 @@ from .options import (
 )
 
 EXAMPLE = """
-Input: one JSON object per line with `image` (path, relative to the JSONL file), `question`, and optionally
-`id`, `answer` (a reference, copied to the output as `reference`) and `max_new_tokens`.
+Input: told apart by its name and content. sgl JSONL: one item per line with `image` (a path relative to the
+file, an http(s) URL or a data URI), `images` (a list of them) or `image_base64`, `question`, and optionally
+`id`, `answer` (copied to the output as `reference`), `type` and `max_new_tokens`; an OpenAI Batch API file
+(lines with `custom_id`, `method`, `url` /v1/chat/completions and `body`: messages with image_url parts,
+max_tokens), whose output is an OpenAI batch output file; a Parquet file or a folder saved with the datasets
+library's save_to_disk, one item per row (columns image, question and optionally id, answer, type; rename them
+with --image-column and the like).
 
-Output (--out, default <input>.sgl.jsonl): one record per input line, in order, with `answer`, `exit`
-("small": the small model's answer was confident and consistent; "large": the large model answered from
-`retained_tokens` of `visual_tokens`), the scores, timings in ms and `error` (null or the reason).
-The resolved settings are written beside it (<out>.preset.yaml).
+Output (--out, default <input>.sgl.jsonl): exactly one strict-JSON record per input item, in order, with
+`answer`, `exit` ("small": the small model's answer was confident and consistent; "large": the large model
+answered from `retained_tokens` of `visual_tokens`), the scores, `finish_reason`, `usage`, timings in ms and
+`error` (null, or why this item failed, naming its line or row). The resolved settings are written beside it
+(<out>.preset.yaml). One run writes an output at a time; --resume continues an interrupted one.
 
-Exit codes: 0 all items answered, 1 some items failed (see their `error`), 2 usage, preset or model error.
+Exit codes: 0 all items answered, 1 some items failed (see their `error`), 2 usage, preset, model or output
+error, 130 interrupted (the message says the command that continues).
 
 Examples:
   sgl run examples/batch.jsonl --retain 0.09
   sgl run data.jsonl --preset qwen2.5-vl-3b-72b --threshold 0.95 --out answers.jsonl
   sgl run data.jsonl --resume            # continue after Ctrl-C or a crash
+  sgl run requests.jsonl --preset qwen2.5-vl-3b-72b --out results.jsonl     # an OpenAI batch file
+  sgl run vqa.parquet --question-column query --limit 1000
   sgl run data.jsonl --preset qwen2.5-vl-3b-72b --quantize 4bit     # the large model in NF4
   sgl run data.jsonl --backend ray --num-workers 8 --gpus-per-worker 1  # on a Ray cluster
 """
 
 
 def run(
-    input: Path = typer.Argument(..., help="JSONL file of image-question items.", show_default=False),
+    ctx: typer.Context,
+    input: Path = typer.Argument(..., help="Input: sgl JSONL, an OpenAI batch file, Parquet, or a saved dataset folder.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: <input>.sgl.jsonl). '-' writes to stdout."),
     preset: PresetOption = None,
     retain: RetainOption = None,
@@ -56,13 +66,22 @@ def run(
     calibration: CalibrationOption = None,
     consistency_retain: ConsistencyRetainOption = None,
     max_new_tokens: MaxNewTokensOption = None,
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts are error records (default: the models' context decides)."),
     prune_layer: PruneLayerOption = None,
     prompt_suffix: PromptSuffixOption = None,
     batch_size: BatchSizeOption = None,
     guide: GuideOption = None,
     seed: SeedOption = None,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip items already in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip the items already in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never fetch image URLs: items with one are error records."),
+    image_column: str = typer.Option("image", help="Parquet / dataset column of the image (bytes, the datasets Image struct, or a path or URL)."),
+    question_column: str = typer.Option("question", help="Parquet / dataset column of the question."),
+    id_column: str = typer.Option("id", help="Parquet / dataset column of the item id (default: the row number)."),
+    answer_column: str = typer.Option("answer", help="Parquet / dataset column of the reference answer, if any."),
+    type_column: str = typer.Option("type", help="Parquet / dataset column of the question type, if any."),
+    split: Optional[str] = typer.Option(None, help="The split of a dataset saved with several (a DatasetDict folder)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N items."),
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the preset's)."),
@@ -70,24 +89,52 @@ def run(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the pair once (default: one per --gpus-per-worker GPUs of the cluster, else 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
 ) -> None:
-    """Answer every item of a JSONL file with small-model guidance and early exit."""
+    """Answer every item of an input file with small-model guidance and early exit."""
+    from ..engine.io.sources import Columns
+
     with domain_errors():
         code = _run(input, out, preset, dict(
             retain=retain, threshold=threshold, no_exit=no_exit, consistency_retain=consistency_retain,
-            max_new_tokens=max_new_tokens, prune_layer=prune_layer, prompt_suffix=prompt_suffix,
-            batch_size=batch_size, guide=guide, seed=seed,
-        ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize)
+            max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, prune_layer=prune_layer,
+            prompt_suffix=prompt_suffix, batch_size=batch_size, guide=guide, seed=seed,
+        ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize,
+            dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column), split=split,
+                 limit=limit), no_fetch, resume_command(ctx))
     raise typer.Exit(code)
 
 
 with_help(run, EXAMPLE)
 
 
+def resume_command(ctx) -> str:
+    """The command that continues this run: as typed, with --resume (and without --overwrite)."""
+    import shlex
+
+    words = ["sgl", "run"]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) not in ("COMMANDLINE", "ENVIRONMENT"):  # typer may carry its own click
+            continue
+        if param.name in ("overwrite", "resume"):
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            if value:
+                words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words + ["--resume"])
+
+
 def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides: dict, calibration: Optional[Path],
          resume: bool, overwrite: bool, threads: Optional[int], quiet: bool, backend: str = "local",
          num_workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
-         quantize: Optional[str] = None) -> int:
+         quantize: Optional[str] = None, table: Optional[dict] = None, no_fetch: bool = False,
+         again: str = "") -> int:
     from ..engine.errors import SglError
+    from ..engine.io.fetch import FetchPolicy
     from ..engine.io.run import Run
     from ..engine.preset import load_preset
 
@@ -106,7 +153,8 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
     to_stdout = out is not None and str(out) == "-"
     job = Run(input, preset, out=None if to_stdout else (out or "default"), resume=resume, overwrite=overwrite,
               calibration=calibration, backend=backend, ray_options=ray_options, threads=threads,
-              notify=(lambda _: None) if quiet else note, warn=note)
+              fetch=FetchPolicy(enabled=not no_fetch), notify=(lambda _: None) if quiet else note, warn=note,
+              **(table or {}))
     summary = job.summary
     with progress_bar("sgl run", quiet, job.remaining()) as advance:
         try:
@@ -114,11 +162,13 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
                 if to_stdout:
                     from ..engine.io.output import record_line
 
-                    sys.stdout.write(record_line(record))
+                    sys.stdout.write(record_line(job.shape(record)))
                     sys.stdout.flush()
                 advance(info=f"{summary.rate:.2f} it/s  exits {summary.small_exits}  errors {summary.errors}")
         except KeyboardInterrupt:
-            err(f"sgl: interrupted after {summary.items} items; `sgl run {input} --resume` continues where it stopped.")
+            job.release()
+            where = f"; `{again}` continues where it stopped" if job.out is not None else ""
+            err(f"sgl: interrupted after {summary.items} items{where}.")
             return 130
     if not quiet:
         err(f"sgl: {summary.line()}")

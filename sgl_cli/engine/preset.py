@@ -9,6 +9,7 @@ line override the preset's; the resolved preset is what a run records beside its
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -94,6 +95,7 @@ class Settings:
     consistency_retain: float = 0.05
     threshold: float | None = 0.9  # None: never exit early
     max_new_tokens: int = 16
+    max_prompt_tokens: int | None = None  # longer prompts are error records (None: the models' context decides)
     prompt_suffix: str = "Answer the question using a single word or phrase."
     batch_size: int = 1
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
@@ -105,18 +107,20 @@ class Settings:
             raise PresetError(f"{where}: retain must be in (0, 1], got {self.retain}")
         if not 0.0 < self.consistency_retain <= 1.0:
             raise PresetError(f"{where}: consistency_retain must be in (0, 1], got {self.consistency_retain}")
-        if self.prune_layer < 0:
+        if not 0 <= self.prune_layer <= 10_000:
             raise PresetError(f"{where}: prune_layer must be >= 0, got {self.prune_layer}")
-        if self.threshold is not None and not 0.0 <= self.threshold:
+        if self.threshold is not None and not (0.0 <= self.threshold and math.isfinite(self.threshold)):
             raise PresetError(f"{where}: threshold must be >= 0 (or null to never exit), got {self.threshold}")
-        if self.max_new_tokens < 1:
-            raise PresetError(f"{where}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise PresetError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.max_new_tokens <= 1_000_000:
+            raise PresetError(f"{where}: max_new_tokens must be in 1..1000000, got {self.max_new_tokens}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise PresetError(f"{where}: max_prompt_tokens must be >= 1 (or null), got {self.max_prompt_tokens}")
+        if not 1 <= self.batch_size <= 100_000:
+            raise PresetError(f"{where}: batch_size must be in 1..100000, got {self.batch_size}")
         from .guides import guide_names
 
         if self.guide not in guide_names():
-            raise PresetError(f"{where}: guide must be one of {', '.join(guide_names())}, got {self.guide!r}")
+            raise PresetError(f"{where}: guide must be one of {', '.join(guide_names())}, got {_quote(self.guide)}")
         if self.calibration is not None and not self.calibration.strip():
             raise PresetError(f"{where}: calibration must name a file (or be null), got {self.calibration!r}")
 
@@ -162,23 +166,40 @@ def _typed(cls, data: Any, where: str, source: str):
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise PresetError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    known = {f.name: f for f in fields(cls) if f.name not in _NOT_KEYS}
     for key in data:
         if key not in known:
-            raise PresetError(
-                f"{source}: unknown key {where + '.' if where else ''}{key!r}; known keys: {', '.join(known)}"
-            )
+            keys = TOP_KEYS if cls is _Header else tuple(known)
+            raise PresetError(f"{source}: unknown key {where + '.' if where else ''}{_quote(key)}"
+                              f"{_nearest(key, keys)}; known keys: {', '.join(keys)}")
     values = {}
     for key, value in data.items():
         expected = known[key].type
         if not _type_ok(expected, value):
-            raise PresetError(f"{source}: {where + '.' if where else ''}{key} must be {expected}, got {value!r}")
+            raise PresetError(f"{source}: {where + '.' if where else ''}{key} must be {expected}, got "
+                              f"{_quote(value)}")
         values[key] = float(value) if "float" in str(expected) and isinstance(value, int) and not isinstance(
             value, bool) else value
     try:
         return cls(**values)
     except TypeError as exc:  # a required key is missing
         raise PresetError(f"{source}: {where or 'preset'}: {exc}") from None
+
+
+_NOT_KEYS = ("source", "overridden", "calibration_applied")
+
+
+def _quote(value: Any, limit: int = 60) -> str:
+    """A value in an error message: its repr, cut short (a preset can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _nearest(key: Any, keys) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(keys), n=1) if isinstance(key, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _type_ok(expected: str, value: Any) -> bool:
@@ -196,6 +217,7 @@ def _type_ok(expected: str, value: Any) -> bool:
 
 
 SETTINGS_KEYS = tuple(f.name for f in fields(Settings))
+TOP_KEYS = ("name", "description", "small", "large", *SETTINGS_KEYS)
 
 
 def parse_preset(data: Any, source: str) -> Preset:
@@ -245,7 +267,7 @@ def available_presets() -> dict[str, Path]:
 
 def load_preset(name_or_path: str | None = None) -> Preset:
     """Load a preset by shipped name (`default` when None) or from a YAML file path."""
-    import yaml
+    from .safe_yaml import YamlError, load_yaml
 
     name_or_path = name_or_path or "default"
     shipped = available_presets()
@@ -257,7 +279,7 @@ def load_preset(name_or_path: str | None = None) -> Preset:
     if not path.is_file():
         raise PresetError(f"preset file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PresetError(f"{path}: not valid YAML: {exc}") from None
+        data = load_yaml(path)
+    except YamlError as exc:
+        raise PresetError(str(exc)) from None
     return parse_preset(data, str(path))

@@ -22,6 +22,7 @@ of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -35,6 +36,7 @@ import torch
 from ..errors import ItemError, ModelLoadError
 from ..guides import guide_class, make_guide
 from ..guides.base import Guide, GuideBatch, GuideItem, n_keep, top_k_in_order
+from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
 from ..preset import Preset, Settings
@@ -42,6 +44,7 @@ from .capture import ImportanceCapture
 from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
 from .models import LoadedModel, load_model
 from .prune import PruneAtLayer
+from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
@@ -74,11 +77,13 @@ class LargeInputs:
 
 class Engine:
     def __init__(self, settings: Settings, small: LoadedModel | None, large: LoadedModel,
-                 preset: Preset | None = None):
+                 preset: Preset | None = None, fetch: FetchPolicy | None = None):
         self.settings = settings
         self.small = small
         self.large = large
         self.preset = preset
+        self.fetch = fetch or FetchPolicy()
+        self.fetcher = Fetcher(self.fetch)
         self.guide: Guide = make_guide(settings.guide, settings)
         if self.guide.needs_small and small is None:
             raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "
@@ -93,7 +98,8 @@ class Engine:
             )
 
     @classmethod
-    def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None) -> "Engine":
+    def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None,
+                    fetch: FetchPolicy | None = None) -> "Engine":
         """Load the preset's models (the small one only when the guide needs it). A preset that names a
         `calibration:` file runs with its settings, as `sgl run` does (`notify` receives what was taken)."""
         from ..evaluation.fingerprint import apply_calibration
@@ -104,11 +110,11 @@ class Engine:
                                  "guide needs (use --guide cls, fastv or random)")
         small = load_model(preset.small, "small") if guide_class(preset.settings.guide).needs_small else None
         large = load_model(preset.large, "large")
-        return cls(preset.settings, small, large, preset)
+        return cls(preset.settings, small, large, preset, fetch)
 
     def with_settings(self, **changes: Any) -> "Engine":
         """An engine over the same loaded models with other settings (another guide, retain, threshold...)."""
-        return Engine(dataclasses.replace(self.settings, **changes), self.small, self.large, self.preset)
+        return Engine(dataclasses.replace(self.settings, **changes), self.small, self.large, self.preset, self.fetch)
 
     @property
     def random_weights(self) -> bool:
@@ -119,10 +125,11 @@ class Engine:
 
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
-        """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes."""
+        """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
+        Image URLs of the items ahead are fetched while the current batch computes."""
         pending: list[Item] = []
         runnable = 0
-        for item in items:
+        for item in self._prefetching(items):
             pending.append(item)
             runnable += item.error is None
             if runnable >= self.settings.batch_size:
@@ -130,6 +137,20 @@ class Engine:
                 pending, runnable = [], 0
         if pending:
             yield from self.process(pending)
+
+    def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
+        """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
+        ahead: collections.deque[Item] = collections.deque()
+        window = 4 * self.settings.batch_size
+        for item in items:
+            if item.error is None:
+                for ref in item.images:
+                    if ref.kind == "url":
+                        self.fetcher.submit(ref.value)
+            ahead.append(item)
+            if len(ahead) > window:
+                yield ahead.popleft()
+        yield from ahead
 
     @torch.inference_mode()
     def process(self, items: list[Item]) -> list[dict]:
@@ -263,14 +284,33 @@ class Engine:
         return gen, ranked["scores"], ranked["kept"]
 
     # -- the stages' work ------------------------------------------------------------------------------------
-    def _prompt(self, item: Item) -> str:
-        suffix = self.settings.prompt_suffix.strip()
-        return f"{item.question}\n{suffix}" if suffix else item.question
+    def context(self) -> int:
+        """The models' context: the longest prompt plus answer both can take (`max_position_embeddings`)."""
+        limits = [int(getattr(m.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+                  for m in (self.small, self.large) if m is not None]
+        return min([n for n in limits if n > 0] or [1 << 31])
+
+    def _check_length(self, item: Item, enc: dict) -> None:
+        """An item too long for the models is an error before any model work (a 40,000-token question would take
+        tens of GB to run, and fail)."""
+        n = int(enc["input_ids"].shape[1])
+        answer = item.max_new_tokens or self.settings.max_new_tokens
+        cap = self.settings.max_prompt_tokens
+        if cap is not None and n > cap:
+            raise ItemError(item.fail(f"the prompt is {n:,} tokens, over max_prompt_tokens {cap:,}"))
+        if n + answer > self.context():
+            raise ItemError(item.fail(f"the prompt is {n:,} tokens; with up to {answer} answer tokens that is over "
+                                      f"the models' context of {self.context():,} tokens"))
 
     def _encode(self, w: Work) -> None:
-        images = load_images(w.item)
-        prompt = self._prompt(w.item)
-        large = self.large.family.encode(self.large.processor, images, prompt)
+        fam = self.large.family
+        if fam.max_images is not None and len(w.item.images) > fam.max_images:
+            raise ItemError(w.item.fail(f"{fam.name} models take {fam.max_images} image per item; this item has "
+                                        f"{len(w.item.images)}"))
+        images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor))
+        prompt = w.item.messages(self.settings.prompt_suffix.strip())
+        large = fam.encode(self.large.processor, images, prompt)
+        self._check_length(w.item, large)
         sizes = [im.size for im in images]
         if self.small is None:
             visual = self.large.family.visual_mask(self.large.model, large)
@@ -364,40 +404,8 @@ class Engine:
 
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, w: Work, total_ms: float = 0.0) -> dict:
-        """The output record of one item (README: `sgl run`'s output fields)."""
-        item = w.item
-        rec: dict[str, Any] = {"id": item.id, "line": item.line, "guide": self.guide.name}
-        k = self.prune_layer()
-        if w.ok:
-            exited = self.exits(w)
-            small = w.small
-            n_visual = w.encoded.n_visual
-            kept = 0 if exited else len(w.large.kept)
-            layers = self.large.num_layers
-            rec.update(
-                answer=small.answer if exited else w.large.answer,
-                exit="small" if exited else "large",
-                # Unrounded: the exit decision is `exit_score >= threshold` on exactly this number.
-                exit_score=small.exit_score if small else None,
-                confidence=small.confidence if small else None,
-                consistency=small.consistency if small else None,
-                small_answer=small.answer if small else None,
-                visual_tokens=n_visual,
-                retained_tokens=kept,
-                prune_layer=k,
-                token_ratio=round((k + (layers - k) * kept / n_visual) / layers, 6),
-            )
-        else:
-            rec.update(answer=None, exit=None, exit_score=None, confidence=None, consistency=None,
-                       small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=k,
-                       token_ratio=None)
-        rec["large_quantize"] = self.large.spec.quantize  # "nf4", "8bit" or None: how the large model's weights ran
-        rec["ms"] = {"small": round(w.ms["small"], 1), "large": round(w.ms["large"], 1),
-                     "total": round(total_ms, 1)}
-        if item.has_reference:
-            rec["reference"] = item.reference
-        rec["error"] = w.error
-        return rec
+        """The output record of one item (docs/cli.md: `sgl run`'s output fields)."""
+        return make_record(self, w, total_ms)
 
 
 def _share(works: list[Work], stage: str, t0: float) -> None:

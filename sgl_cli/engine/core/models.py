@@ -48,7 +48,18 @@ def resolve_path(model: str) -> str:
             return str(ensure_pair(pair)[role])
         except FileNotFoundError as exc:
             raise ModelLoadError(str(exc)) from None
-    return model
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model folder {model} does not exist (a hub id looks like org/name)")
+    if Path(model).expanduser().exists() and not Path(model).expanduser().is_dir():
+        raise ModelLoadError(f"model {model} is a file; give the checkpoint's folder")
+    return str(Path(model).expanduser()) if looks_like_path(model) else model
+
+
+def looks_like_path(model: str) -> bool:
+    """A local folder rather than a hub id (`org/name`): absolute, relative with ./ or ../, ~, or deeper than
+    org/name."""
+    return model.startswith(("/", "./", "../", "~", ".\\")) or model in (".", "..") or model.count("/") > 1 \
+        or "\\" in model
 
 
 def _dtype(name: str):

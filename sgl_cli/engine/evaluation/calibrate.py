@@ -52,8 +52,14 @@ def cache_path(folder: Path, input: Path, fingerprint: dict[str, Any]) -> Path:
 
 
 def item_key(item: Item) -> str:
-    blob = json.dumps([str(item.image.resolve()), item.question, item.max_new_tokens])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """A hash of what an item's answers depend on besides the settings: its images, question and length."""
+    digest = hashlib.sha256()
+    for ref in item.images:
+        value = ref.value.resolve() if ref.kind == "path" else ref.value
+        digest.update(value if isinstance(value, bytes) else f"{ref.kind}:{value}".encode())
+        digest.update(b"\0")
+    digest.update(json.dumps([item.question, item.history, item.parts, item.max_new_tokens]).encode())
+    return digest.hexdigest()[:12]
 
 
 def read_cache(path: Path, items: Iterable[Item]) -> dict[int, dict]:

@@ -259,10 +259,9 @@ def to_yaml_dict(
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
     """Read a calibration file written from :func:`to_yaml_dict`, checking what a run needs."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    from ..safe_yaml import load_yaml
+
+    data = load_yaml(path)  # YamlError is a ValueError naming the file
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a calibration file must be a mapping of keys")
     missing = [k for k in REQUIRED_KEYS if k not in data]

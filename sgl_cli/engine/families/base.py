@@ -46,6 +46,7 @@ class TokenGrid:
     crops: np.ndarray  # (rows, cols) int: the crop or tile each cell's token comes from (pixel_values order)
     about: str = ""  # what the grid is, a few words
     crop_grid: tuple[int, int] | None = None  # (rows, cols) of the crops or tiles tiled into it, when several
+    image: int = 0  # which of the item's images it covers
 
     def __post_init__(self) -> None:
         for name in ("tokens", "crops"):
@@ -86,10 +87,19 @@ def spans(cuts: list[int], n: int) -> list[tuple[int, int]]:
 
 
 def one_grid(name: str, rows: int, cols: int, about: str, first: int = 0, crop: int = 0,
-             tokens: torch.Tensor | None = None) -> TokenGrid:
+             tokens: torch.Tensor | None = None, image: int = 0) -> TokenGrid:
     """A grid of one crop: `tokens` (rows, cols), by default the indices from `first` on in raster order."""
     tokens = torch.arange(first, first + rows * cols).view(rows, cols) if tokens is None else tokens
-    return TokenGrid(name, tokens, torch.full((rows, cols), crop, dtype=torch.long), about)
+    return TokenGrid(name, tokens, torch.full((rows, cols), crop, dtype=torch.long), about, image=image)
+
+
+def per_item(per_image: list, counts: list[int]) -> list[list]:
+    """Per-image values grouped by item (`counts`: images per item, in order)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(list(per_image[i:i + n]))
+        i += n
+    return out
 
 
 class Family:
@@ -98,16 +108,26 @@ class Family:
     name = "family"
     model_types: tuple[str, ...] = ()
     position_dims = 1
+    max_images: int | None = None  # images one item may have (None: as many as the processor takes)
+
+    def max_image_pixels(self, processor) -> int | None:
+        """The most pixels the processor uses of one image (larger pictures are decoded reduced); None: unknown."""
+        return None
+
+    def n_images(self, model, enc: dict) -> int:
+        """How many images an encoded item holds."""
+        return 1
 
     def image_token_id(self, model) -> int:
         return int(model.config.image_token_id)
 
-    def encode(self, processor, images, prompt: str) -> dict:
-        """Processor inputs for one item: its image (or list of images) then the prompt, in one user turn of the
-        checkpoint's own chat template."""
+    def encode(self, processor, images, prompt: str | list[dict]) -> dict:
+        """Processor inputs for one item through the checkpoint's own chat template: `prompt` is the chat turns
+        (`Item.messages`; {"type": "image"} parts where the images go), or a question asked of the images in one
+        user turn."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
+        messages = prompt if isinstance(prompt, list) else [
+            {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return dict(processor(text=[text], images=images, return_tensors="pt"))
 
@@ -141,10 +161,11 @@ class Family:
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         raise ValueError(f"{self.name} images are not one token grid")
 
-    def token_grids(self, model, enc: dict, image_size: tuple[int, int] | None = None,
+    def token_grids(self, model, enc: dict, image_sizes: list[tuple[int, int]] | tuple[int, int] | None = None,
                     processor=None) -> list[TokenGrid]:
-        """The grids of one encoded item's visual tokens (`image_size`: (width, height) of the image the processor
-        was given; `processor`: the model's; only InternVL's tiling needs them). One grid by default."""
+        """The grids of one encoded item's visual tokens, image by image (`image_sizes`: (width, height) of each
+        image the processor was given; `processor`: the model's; only InternVL's tiling needs them). One grid per
+        image by default."""
         rows, cols = self.token_grid(model, enc)
         return [one_grid("image", rows, cols, "the image's merged patches in raster order")]
 

@@ -43,9 +43,34 @@ class InternVL(Family):
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         if enc["pixel_values"].shape[0] != 1:
-            raise ValueError(f"this image has {enc['pixel_values'].shape[0]} InternVL tiles, not one token grid")
+            raise ValueError(f"this item has {enc['pixel_values'].shape[0]} InternVL tiles, not one token grid")
         side = int(round(self._side(model) * model.config.downsample_ratio))
         return side, side
+
+    def _tokens_per_tile(self, model) -> int:
+        return int(round(self._side(model) * model.config.downsample_ratio)) ** 2
+
+    def tiles_per_image(self, model, enc: dict) -> list[int]:
+        """Tiles of each image, in order: each image's placeholders are one run between its <img> and </img>."""
+        slots = self.placeholders(model, enc).int()
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int), slots, torch.zeros(1, dtype=torch.int)]))
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        per_tile = self._tokens_per_tile(model)
+        runs = (ends - starts).tolist()
+        if any(n % per_tile for n in runs) or sum(runs) // per_tile != enc["pixel_values"].shape[0]:
+            raise ValueError(f"{self.name}: image placeholder runs {runs} do not match {enc['pixel_values'].shape[0]} "
+                             f"tiles of {per_tile} tokens")
+        return [n // per_tile for n in runs]
+
+    def n_images(self, model, enc: dict) -> int:
+        return len(self.tiles_per_image(model, enc))
+
+    def max_image_pixels(self, processor) -> int | None:
+        ip = getattr(processor, "image_processor", processor)
+        size = ip.size if isinstance(ip.size, dict) else getattr(ip.size, "__dict__", {})
+        if size.get("height") and size.get("width") and getattr(ip, "max_patches", None):
+            return int(size["height"] * size["width"] * ip.max_patches)
+        return None
 
     def layout(self, model, enc: dict) -> torch.Tensor:
         """(n_placeholders, 3) float: (tile, row, col) of each placeholder: its tile (pixel_values order: the tiles
@@ -83,34 +108,44 @@ class InternVL(Family):
                              f"but the image has {tiles} tiles")
         return rows, cols
 
-    def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
-        """One tile: the one grid. Several: the tiles in their places in the tile grid (one grid of
+    def token_grids(self, model, enc: dict, image_sizes=None, processor=None) -> list[TokenGrid]:
+        """Per image: one tile, its one grid; several, the tiles in their places in the tile grid (one grid of
         rows * side x cols * side tokens) and the thumbnail (the whole image as one more tile)."""
-        tiles = enc["pixel_values"].shape[0]
-        if tiles == 1:
-            return super().token_grids(model, enc, image_size, processor)
-        if image_size is None or processor is None:
-            raise ValueError(f"{self.name}: laying out {tiles} tiles needs the image size and the processor")
-        rows, cols = self.tile_grid(processor, image_size, tiles)
+        sizes = [image_sizes] if isinstance(image_sizes, tuple) else image_sizes
         lay = self.layout(model, enc).long()
         side = int(lay[:, 1].max()) + 1
-        tokens = torch.full((rows * side, cols * side), -1, dtype=torch.long)
-        crops = torch.full_like(tokens, -1)
-        index = torch.arange(len(lay))
-        main = lay[:, 0] < tiles - 1
-        t, r, c = lay[main].unbind(1)
-        y, x = (t // cols) * side + r, (t % cols) * side + c
-        tokens[y, x], crops[y, x] = index[main], t
-        if bool((tokens < 0).any()):
-            raise ValueError(f"{self.name}: the {rows} x {cols} tiles do not fill their grid")
-        first = int(index[~main][0])
-        thumb_tokens = torch.arange(first, first + side * side).view(side, side)
-        _, r, c = lay[~main].unbind(1)
-        thumb_tokens[r, c] = index[~main]
-        thumb = one_grid("thumbnail", side, side, "the whole image as one more tile", crop=tiles - 1,
-                         tokens=thumb_tokens)
-        about = f"the {rows} x {cols} tiles of {side} x {side} tokens in their places"
-        return [TokenGrid("tiles", tokens, crops, about, (rows, cols)), thumb]
+        grids, first_tile, first = [], 0, 0
+        for j, tiles in enumerate(self.tiles_per_image(model, enc)):
+            n = tiles * side * side
+            own = lay[first:first + n].clone()
+            own[:, 0] -= first_tile
+            index = torch.arange(first, first + n)
+            if tiles == 1:
+                grids.append(one_grid("image", side, side, "the image's merged patches in raster order", first=first,
+                                      crop=first_tile, image=j))
+            else:
+                if not sizes or processor is None:
+                    raise ValueError(f"{self.name}: laying out {tiles} tiles needs the image size and the processor")
+                rows, cols = self.tile_grid(processor, sizes[j], tiles)
+                tokens = torch.full((rows * side, cols * side), -1, dtype=torch.long)
+                crops = torch.full_like(tokens, -1)
+                main = own[:, 0] < tiles - 1
+                t, r, c = own[main].unbind(1)
+                y, x = (t // cols) * side + r, (t % cols) * side + c
+                tokens[y, x], crops[y, x] = index[main], t + first_tile
+                if bool((tokens < 0).any()):
+                    raise ValueError(f"{self.name}: the {rows} x {cols} tiles do not fill their grid")
+                start = int(index[~main][0])
+                thumb_tokens = torch.arange(start, start + side * side).view(side, side)
+                _, r, c = own[~main].unbind(1)
+                thumb_tokens[r, c] = index[~main]
+                about = f"the {rows} x {cols} tiles of {side} x {side} tokens in their places"
+                grids += [TokenGrid("tiles", tokens, crops, about, (rows, cols), j),
+                          one_grid("thumbnail", side, side, "the whole image as one more tile",
+                                   crop=first_tile + tiles - 1, tokens=thumb_tokens, image=j)]
+            first_tile += tiles
+            first += n
+        return grids
 
     def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
         n = model.config.vision_config.num_hidden_layers

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..core import hf
-from .base import Family, TokenGrid, cat_pixels, one_grid
+from .base import Family, TokenGrid, cat_pixels, one_grid, per_item
 
 
 def _feature_layer(model) -> int:
@@ -30,6 +30,12 @@ class Llava(Family):
 
     name = "llava"
     model_types = ("llava",)
+    max_images = 1  # one image per prompt, as the model was trained
+
+    def max_image_pixels(self, processor) -> int | None:
+        vc = getattr(getattr(processor, "image_processor", processor), "crop_size", None)
+        vc = vc if isinstance(vc, dict) else getattr(vc, "__dict__", {})
+        return int(vc["height"] * vc["width"]) if vc.get("height") and vc.get("width") else None
 
     def _side(self, model) -> int:
         vc = model.config.vision_config
@@ -68,10 +74,11 @@ class Llava(Family):
 
 
 class LlavaNext(Llava):
-    """LLaVA-NeXT (anyres): a base crop of the whole image, then the crops of the best-fitting pinpoint grid, which
-    the model unpads and ends row by row with an `image_newline` placeholder. Newline placeholders are not visual
+    """LLaVA-NeXT (anyres): a base crop of each image, then the crops of the best-fitting pinpoint grid, which the
+    model unpads and ends row by row with an `image_newline` placeholder. Newline placeholders are not visual
     tokens: they are always kept. The layout (crop, row, col of each placeholder) is read by running the model's
-    own `pack_image_features` on coordinates instead of features, so it is exactly the model's."""
+    own `pack_image_features` on coordinates instead of features, so it is exactly the model's. Crops are numbered
+    across the item's images in pixel order (image 0's base and high-res crops, then image 1's...)."""
 
     name = "llava-next"
     model_types = ("llava_next",)
@@ -81,26 +88,48 @@ class LlavaNext(Llava):
         super().check(model)
         hf.anyres_helpers(model.config.model_type)
 
+    def n_images(self, model, enc: dict) -> int:
+        return len(enc["image_sizes"])
+
+    def max_image_pixels(self, processor) -> int | None:
+        pinpoints = getattr(getattr(processor, "image_processor", processor), "image_grid_pinpoints", None)
+        return max(h * w for h, w in pinpoints) if pinpoints else super().max_image_pixels(processor)
+
     def _n_crops(self, model, image_size) -> int:
         cfg = model.config
         num_patches, _ = hf.anyres_helpers(cfg.model_type)
-        return num_patches(image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints,
+        size = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
+        return num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
                            patch_size=cfg.vision_config.image_size)
+
+    def _crops_per_image(self, model, enc: dict) -> list[int]:
+        return [self._n_crops(model, size) for size in enc["image_sizes"]]
 
     def _pack(self, model, crops: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         feats, _ = model.model.pack_image_features(crops, image_sizes, model.config.vision_feature_select_strategy,
                                                    image_newline=newline)
         return feats
 
-    def layout(self, model, enc: dict) -> torch.Tensor:
-        """(n_placeholders, 3) float: (crop, row, col) of each placeholder (crop 0 is the base image); NaN for
-        newlines. Rows and cols count patches within the crop."""
+    def _image_layouts(self, model, enc: dict) -> list[torch.Tensor]:
+        """Per image, (n_placeholders, 3) float: (crop, row, col) of each of its placeholders (crops numbered across
+        the item; the image's first crop is its base image); NaN for newlines."""
         side = self._side(model)
-        n = self._n_crops(model, enc["image_sizes"][0])
-        crop, row, col = torch.meshgrid(torch.arange(n), torch.arange(side), torch.arange(side), indexing="ij")
-        coords = torch.stack([crop, row, col], dim=-1).reshape(n, side * side, 3).double()
-        (packed,) = self._pack(model, [coords], enc["image_sizes"], torch.full((3,), math.nan, dtype=torch.double))
-        return packed
+        out, first = [], 0
+        for j, size in enumerate(enc["image_sizes"]):
+            n = self._n_crops(model, size)
+            crop, row, col = torch.meshgrid(torch.arange(first, first + n), torch.arange(side), torch.arange(side),
+                                            indexing="ij")
+            coords = torch.stack([crop, row, col], dim=-1).reshape(n, side * side, 3).double()
+            (packed,) = self._pack(model, [coords], enc["image_sizes"][j:j + 1],
+                                   torch.full((3,), math.nan, dtype=torch.double))
+            out.append(packed)
+            first += n
+        return out
+
+    def layout(self, model, enc: dict) -> torch.Tensor:
+        """(n_placeholders, 3) float: (crop, row, col) of each placeholder, every image in order; NaN for newlines.
+        Rows and cols count patches within the crop."""
+        return torch.cat(self._image_layouts(model, enc))
 
     def visual_mask(self, model, enc: dict) -> torch.Tensor:
         slots = self.placeholders(model, enc)
@@ -111,92 +140,109 @@ class LlavaNext(Llava):
         visual[slots.nonzero()[newline, 0]] = False
         return visual
 
+    def _pixels(self, model, encs: list[dict], device) -> torch.Tensor:
+        """Every image's real crops (the processor pads an item's images to one crop count) as one batch."""
+        return torch.cat([e["pixel_values"][j, :n] for e in encs
+                          for j, n in enumerate(self._crops_per_image(model, e))]).to(device)
+
     def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
         device = self._device(model)
         sizes = torch.cat([e["image_sizes"] for e in encs]).to(device)
-        out = model.model.get_image_features(pixel_values=cat_pixels(encs, device), image_sizes=sizes,
+        out = model.model.get_image_features(pixel_values=self._pixels(model, encs, device), image_sizes=sizes,
                                              return_dict=True)
-        return list(out.pooler_output)
+        return [torch.cat(f) for f in per_item(list(out.pooler_output), [self.n_images(model, e) for e in encs])]
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
-        n = self._n_crops(model, enc["image_sizes"][0])
-        if n != 1:
-            raise ValueError(f"this image has {n} {self.name} crops (a base image and an unpadded crop grid), "
-                             "not one token grid")
+        crops = self._crops_per_image(model, enc)
+        if crops != [1]:
+            raise ValueError(f"this item has {sum(crops)} {self.name} crops over {len(crops)} image(s) (a base image "
+                             "and an unpadded crop grid each), not one token grid")
         return super().token_grid(model, enc)
 
     def token_crops(self, model, enc: dict) -> torch.Tensor:
-        """(N,) long: the crop each visual token comes from (0: the base image; with anyres_max_9 resizing, the
-        nearest crop). For a per-crop budget (top-k within each crop)."""
+        """(N,) long: the crop each visual token comes from (numbered across the item's images; with anyres_max_9
+        resizing, the nearest crop). For a per-crop budget (top-k within each crop)."""
         lay = self.layout(model, enc)
         return lay[~lay[:, 0].isnan(), 0].round().long()
 
-    def crop_grid(self, model, enc: dict) -> tuple[int, int]:
-        """(rows, cols) of the high-res crops, as the model reshapes them before unpadding."""
+    def crop_grid(self, model, enc: dict, image: int = 0) -> tuple[int, int]:
+        """(rows, cols) of an image's high-res crops, as the model reshapes them before unpadding."""
         cfg = model.config
-        size = enc["image_sizes"][0]
+        size = enc["image_sizes"][image]
         _, grid_shape = hf.anyres_helpers(cfg.model_type)
         return tuple(int(v) for v in grid_shape(size.tolist() if hasattr(size, "tolist") else list(size),
                                                 cfg.image_grid_pinpoints, cfg.vision_config.image_size))
 
-    def token_grids(self, model, enc: dict, image_size=None, processor=None) -> list[TokenGrid]:
-        """One crop: the one grid. Several: the base image (crop 0, side x side) and the high-res grid, the crops
+    def token_grids(self, model, enc: dict, image_sizes=None, processor=None) -> list[TokenGrid]:
+        """Per image: one crop, its one grid; several, its base image (side x side) and its high-res grid, the crops
         tiled in their places, unpadded (and for OneVision possibly resized) exactly as the model packs them: one
         row of the high-res grid per `image_newline` placeholder, which is not a visual token and is not drawn."""
-        if self._n_crops(model, enc["image_sizes"][0]) == 1:
-            return super().token_grids(model, enc, image_size, processor)
         side = self._side(model)
-        lay = self.layout(model, enc)
-        newline = lay[:, 0].isnan()
-        index = torch.cumsum(~newline, 0) - 1  # each placeholder's visual-token index (newlines: the one before)
-        n_base = side * side
-        base = lay[:n_base]
-        if bool(newline[:n_base].any()) or not torch.equal(base[:, 0], torch.zeros(n_base, dtype=base.dtype)):
-            raise ValueError(f"{self.name}: the packed features do not start with the {side} x {side} base crop")
-        tokens = torch.arange(n_base).view(side, side)
-        tokens[base[:, 1].long(), base[:, 2].long()] = torch.arange(n_base)  # the model's order, checked
-        grids = [one_grid("base", side, side, "the whole image resized to one crop", tokens=tokens)]
-        rest, rest_nl = lay[n_base:], newline[n_base:]
-        ends = rest_nl.nonzero().flatten().tolist()
-        if not ends or ends[-1] != len(rest) - 1:
-            raise ValueError(f"{self.name}: the high-res features do not end rows with image_newline")
-        starts = [0] + [e + 1 for e in ends[:-1]]
-        widths = {e - s for s, e in zip(starts, ends)}
-        if len(widths) != 1:
-            raise ValueError(f"{self.name}: the high-res rows have different lengths {sorted(widths)}")
-        rows, cols = len(ends), widths.pop()
-        keep = ~rest_nl
-        crop_rows, crop_cols = self.crop_grid(model, enc)
-        coords = rest[keep, 1:]
-        resized = bool((coords != coords.round()).any())
-        about = (f"the {crop_rows} x {crop_cols} crops in their places, unpadded"
-                 + (" and resized (anyres_max_9)" if resized else "")
-                 + f" as the model packs them ({rows} image-newline tokens: not visual, not drawn)")
-        grids.append(TokenGrid("high-res", index[n_base:][keep].view(rows, cols),
-                               rest[keep, 0].round().long().view(rows, cols), about, (crop_rows, crop_cols)))
+        grids, first = [], 0
+        for j, lay in enumerate(self._image_layouts(model, enc)):
+            newline = lay[:, 0].isnan()
+            index = torch.cumsum(~newline, 0) - 1 + first  # each placeholder's visual-token index
+            n_base = side * side
+            base = lay[:n_base]
+            crop0 = base[0, 0]
+            if bool(newline[:n_base].any()) or not torch.equal(base[:, 0], torch.full((n_base,), float(crop0),
+                                                                                         dtype=base.dtype)):
+                raise ValueError(f"{self.name}: the packed features do not start with the {side} x {side} base crop")
+            tokens = torch.arange(first, first + n_base).view(side, side)
+            tokens[base[:, 1].long(), base[:, 2].long()] = torch.arange(first, first + n_base)  # the model's order
+            name = "image" if len(lay) == n_base else "base"
+            about = "the image's merged patches in raster order" if name == "image" else "the whole image resized to one crop"
+            grids.append(one_grid(name, side, side, about, crop=int(crop0), tokens=tokens, image=j))
+            first += int((~newline).sum())
+            if len(lay) == n_base:
+                continue
+            rest, rest_nl = lay[n_base:], newline[n_base:]
+            ends = rest_nl.nonzero().flatten().tolist()
+            if not ends or ends[-1] != len(rest) - 1:
+                raise ValueError(f"{self.name}: the high-res features do not end rows with image_newline")
+            starts = [0] + [e + 1 for e in ends[:-1]]
+            widths = {e - s for s, e in zip(starts, ends)}
+            if len(widths) != 1:
+                raise ValueError(f"{self.name}: the high-res rows have different lengths {sorted(widths)}")
+            rows, cols = len(ends), widths.pop()
+            keep = ~rest_nl
+            crop_rows, crop_cols = self.crop_grid(model, enc, j)
+            coords = rest[keep, 1:]
+            resized = bool((coords != coords.round()).any())
+            about = (f"the {crop_rows} x {crop_cols} crops in their places, unpadded"
+                     + (" and resized (anyres_max_9)" if resized else "")
+                     + f" as the model packs them ({rows} image-newline tokens: not visual, not drawn)")
+            grids.append(TokenGrid("high-res", index[n_base:][keep].view(rows, cols),
+                                   rest[keep, 0].round().long().view(rows, cols), about, (crop_rows, crop_cols), j))
         return grids
 
     def merge_patch_scores(self, model, per_image: list[torch.Tensor], encs: list[dict]) -> list[torch.Tensor]:
-        """Per item, (N,) scores in placeholder order: each crop's patch scores, packed (unpadded, and for
-        OneVision resized when the crop grid is too large) exactly as the model packs its features."""
+        """Per item, (N,) scores in placeholder order: each crop's patch scores (`per_image`: one per crop, in the
+        tower's batch order), packed (unpadded, and for OneVision resized when the crop grid is too large) exactly
+        as the model packs its features, image by image."""
         out, i = [], 0
         for enc in encs:
-            n = self._n_crops(model, enc["image_sizes"][0])
-            crops = torch.stack([self._crop_scores(model, s) for s in per_image[i:i + n]])[..., None].double()
-            i += n
-            (packed,) = self._pack(model, [crops], enc["image_sizes"], torch.full((1,), math.nan, dtype=torch.double))
-            packed = packed[:, 0]
-            out.append(packed[~packed.isnan()].float())
+            item = []
+            for j, n in enumerate(self._crops_per_image(model, enc)):
+                crops = torch.stack([self._crop_scores(model, s) for s in per_image[i:i + n]])[..., None].double()
+                i += n
+                (packed,) = self._pack(model, [crops], enc["image_sizes"][j:j + 1],
+                                       torch.full((1,), math.nan, dtype=torch.double))
+                packed = packed[:, 0]
+                item.append(packed[~packed.isnan()].float())
+            out.append(torch.cat(item))
         return out
 
 
 class LlavaOnevision(LlavaNext):
     """LLaVA-OneVision: LLaVA-NeXT's anyres layout with a SigLIP tower (no [CLS]: the cls guide uses the mean
     attention each patch receives) and `anyres_max_9`: crop grids larger than about 9 crops are resized
-    (bilinear) before packing, and so are the cls scores (a weighted mean of the neighbouring patches' scores)."""
+    (bilinear) before packing, and so are the cls scores (a weighted mean of the neighbouring patches' scores).
+    Several images per item."""
 
     name = "llava-onevision"
     model_types = ("llava_onevision",)
+    max_images = None
 
     def _pack(self, model, crops, image_sizes, newline):
         feats, _ = model.model.pack_image_features(crops, image_sizes, image_newline=newline,

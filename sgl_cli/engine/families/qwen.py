@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core import hf
-from .base import Family
+from .base import Family, TokenGrid, one_grid, per_item
 
 
 class QwenVL(Family):
@@ -21,6 +21,15 @@ class QwenVL(Family):
         if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # windowed tower
             hf.window_index_function(model.model.visual)
 
+    def n_images(self, model, enc: dict) -> int:
+        return len(enc["image_grid_thw"])
+
+    def max_image_pixels(self, processor) -> int | None:
+        size = getattr(getattr(processor, "image_processor", processor), "size", None)
+        size = size if isinstance(size, dict) else getattr(size, "__dict__", {})
+        value = size.get("longest_edge") or size.get("max_pixels")
+        return int(value) if value else None
+
     def position_ids(self, model, enc: dict) -> torch.Tensor:
         """(3, S) M-RoPE ids of one encoded item; text after the image resumes at start + max(h, w)."""
         pos, _ = model.model.get_rope_index(
@@ -32,10 +41,25 @@ class QwenVL(Family):
         return pos[:, 0]
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
-        """(rows, cols) of one encoded item's visual tokens: merged patches, in raster order."""
-        _, h, w = (int(v) for v in enc["image_grid_thw"][0])
+        """(rows, cols) of one encoded image's visual tokens: merged patches, in raster order."""
+        if self.n_images(model, enc) != 1:
+            raise ValueError(f"this item has {self.n_images(model, enc)} images, not one token grid")
+        return self._grid(model, enc["image_grid_thw"][0])
+
+    def _grid(self, model, thw) -> tuple[int, int]:
+        _, h, w = (int(v) for v in thw)
         merge = int(model.config.vision_config.spatial_merge_size)
         return h // merge, w // merge
+
+    def token_grids(self, model, enc: dict, image_sizes=None, processor=None) -> list[TokenGrid]:
+        """One grid per image (merged patches in raster order), its tokens after the images before it."""
+        grids, first = [], 0
+        for i, thw in enumerate(enc["image_grid_thw"]):
+            rows, cols = self._grid(model, thw)
+            grids.append(one_grid("image", rows, cols, "the image's merged patches in raster order", first=first,
+                                  crop=i, image=i))
+            first += rows * cols
+        return grids
 
     def _vision_output(self, model, encs: list[dict]):
         device = model.model.visual.device
@@ -44,8 +68,8 @@ class QwenVL(Family):
         return model.model.get_image_features(pixel_values, grid, return_dict=True)
 
     def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
-        # One image per item: image i belongs to item i.
-        return list(self._vision_output(model, encs).pooler_output)
+        per_image = self._vision_output(model, encs).pooler_output  # one tensor per image, items in order
+        return [torch.cat(f) for f in per_item(per_image, [self.n_images(model, e) for e in encs])]
 
     def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
         """The vision attention module whose output feeds the merger, and its [CLS] query (None: no [CLS]).
@@ -65,7 +89,8 @@ class QwenVL(Family):
         groups = torch.cat(per_image).view(-1, merge).sum(1)
         if getattr(model.config.vision_config, "fullatt_block_indexes", None) is not None:  # a windowed tower
             groups = groups[torch.argsort(hf.vision_window_index(model.model.visual, grid).cpu())]
-        return list(groups.split([int(g.prod()) // merge for g in grid]))
+        images = groups.split([int(g.prod()) // merge for g in grid])
+        return [torch.cat(s) for s in per_item(images, [self.n_images(model, e) for e in encs])]
 
 
 class Qwen3VL(QwenVL):
@@ -81,8 +106,10 @@ class Qwen3VL(QwenVL):
 
     def features(self, model, encs: list[dict]) -> list[tuple[torch.Tensor, tuple]]:
         out = self._vision_output(model, encs)
-        deep = out.deepstack_features or []
-        return [(f, tuple(level[i] for level in deep)) for i, f in enumerate(out.pooler_output)]
+        counts = [self.n_images(model, e) for e in encs]
+        feats = [torch.cat(f) for f in per_item(out.pooler_output, counts)]
+        levels = [[torch.cat(d) for d in per_item(level, counts)] for level in out.deepstack_features or []]
+        return [(f, tuple(level[i] for level in levels)) for i, f in enumerate(feats)]
 
     def check_prune_layer(self, model, k: int) -> None:
         # Deepstack features are added to the visual positions after decoder layers 0..D-1; a sequence pruned

@@ -1,87 +1,243 @@
-"""Input items: one JSON object per line of a JSONL file; a bad line becomes an item that carries its error."""
+"""Input items, and sgl's own JSONL format: one JSON object per line.
+
+Whatever the input format (sgl JSONL, an OpenAI batch file, Parquet, a saved dataset: `io/sources.py`), every
+input item becomes one `Item`, and every item yields exactly one output record: an item that cannot be run carries
+its `error` ("line 17: ..." or "row 17: ...") and the run goes on. Parsing never raises.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM context holds
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image of an item comes from: a file, a URL, a data URI or bytes (inline base64, a Parquet cell)."""
+
+    kind: str  # "path", "url", "data" (a data: URI) or "bytes"
+    value: Any  # Path, URL string, data-URI string, bytes
+    label: str  # how messages name it: 'cat.png', 'https://...', 'data URI', 'inline bytes'
+
+    @classmethod
+    def path(cls, path: str | Path) -> "ImageRef":
+        path = Path(path)
+        return cls("path", path, path.name)
+
+    @classmethod
+    def parse(cls, text: str, base: Path) -> "ImageRef":
+        """A string naming an image: `data:image/...;base64,...`, `http(s)://...`, `file://...` or a path (relative
+        to `base`, the input file's folder)."""
+        low = text[:16].lower()
+        if low.startswith("data:"):
+            return cls("data", text, "data URI")
+        if low.startswith(("http://", "https://")):
+            return cls("url", text, _short(text))
+        if low.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            text = unquote(urlparse(text).path)
+        path = Path(text).expanduser()
+        return cls.path(path if path.is_absolute() else base / path)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
 class Item:
-    line: int  # 1-based line number in the input file
+    line: int  # 1-based line (or row) of the input
     id: Any
-    image: Path | None = None
-    question: str = ""
+    images: list[ImageRef] = field(default_factory=list)
+    question: str = ""  # the final user turn's text
     reference: Any = None  # the input's `answer`, when given
     has_reference: bool = False
     max_new_tokens: int | None = None
     type: str | None = None  # the input's `type` (question type), for per-type accuracy in `sgl eval`
-    error: str | None = None  # set for a line that cannot be run
+    error: str | None = None  # set for an item that cannot be run
+    history: list[dict] = field(default_factory=list)  # chat turns before the final user one (system included)
+    parts: list[dict] | None = None  # the final user turn's parts in order (None: the images, then the question)
+    custom_id: str | None = None  # an OpenAI batch request's id
+    unit: str = "line"  # how errors name the item's place: "line" or "row"
 
     def fail(self, message: str) -> str:
-        return f"line {self.line}: {message}"
+        return f"{self.unit} {self.line}: {message}"
+
+    def messages(self, suffix: str = "") -> list[dict]:
+        """The chat turns to prompt with: the history, then the final user turn with `suffix` appended to its text
+        (images are {"type": "image"} parts, in the order of `images`)."""
+        parts = [dict(p) for p in self.parts] if self.parts is not None else (
+            [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}])
+        if suffix:
+            last = max(i for i, p in enumerate(parts) if p["type"] == "text")
+            parts[last]["text"] = f"{parts[last]['text']}\n{suffix}"
+        return [*self.history, {"role": "user", "content": parts}]
 
 
-def _is_reference(value: Any) -> bool:
-    scalar = (str, int, float)
-    return (isinstance(value, scalar) and not isinstance(value, bool)) or (
-        isinstance(value, list) and all(isinstance(v, scalar) and not isinstance(v, bool) for v in value)
-    )
+def bad_strings(value: Any) -> bool:
+    """Whether a JSON value holds a lone surrogate (json.loads accepts "\\ud800"; no UTF-8 output can carry it)."""
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(bad_strings(k) or bad_strings(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(bad_strings(v) for v in value)
+    return False
 
 
-def parse_line(text: str, line: int, base: Path) -> Item:
-    """Parse one non-blank line; relative image paths resolve against `base` (the JSONL file's folder)."""
-    item = Item(line=line, id=line)
+def loads_strict(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity (not JSON; a strict reader of our output would reject them)."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def load_json_line(raw: bytes | str, item: Item) -> dict | None:
+    """The JSON object of one line, or None with `item.error` set (not UTF-8, not JSON, too deep, too large a
+    number, NaN, a lone surrogate, not an object). Never raises."""
     try:
-        obj = json.loads(text)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        item.error = item.fail(f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+        return None
+    try:
+        obj = loads_strict(text)
     except json.JSONDecodeError as exc:
         item.error = item.fail(f"not valid JSON ({exc.msg} at column {exc.colno})")
-        return item
+        return None
+    except RecursionError:
+        item.error = item.fail("not valid JSON: nested too deeply")
+        return None
+    except ValueError as exc:  # NaN / Infinity, or an integer over Python's digit limit
+        reason = str(exc).splitlines()[0]
+        if "digits" in reason:
+            reason = "an integer with too many digits"
+        item.error = item.fail(f"not valid JSON: {reason}")
+        return None
     if not isinstance(obj, dict):
         item.error = item.fail(f"expected a JSON object, got {type(obj).__name__}")
+        return None
+    bad = next((k for k, v in obj.items() if bad_strings(k) or bad_strings(v)), None)
+    if bad is not None:
+        item.error = item.fail(f"field {_name(bad)!r} holds a lone surrogate (an unpaired \\ud800-\\udfff escape): "
+                               "not valid Unicode")
+        return None
+    return obj
+
+
+def _name(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:40]
+
+
+def is_reference(value: Any) -> bool:
+    scalar = (str, int, float)
+    ok = lambda v: isinstance(v, scalar) and not isinstance(v, bool) and not (  # noqa: E731
+        isinstance(v, float) and not math.isfinite(v))
+    return ok(value) or (isinstance(value, list) and bool(value) and all(ok(v) for v in value))
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def parse_line(raw: bytes | str, line: int, base: Path) -> Item:
+    """Parse one non-blank line of sgl JSONL (relative image paths resolve against `base`, the file's folder)."""
+    item = Item(line=line, id=line)
+    obj = load_json_line(raw, item)
+    if obj is None:
         return item
+    return parse_object(obj, item, base)
+
+
+def parse_object(obj: dict, item: Item, base: Path) -> Item:
+    """Fill `item` from an sgl item object; errors name the field."""
+    images = _images(obj, item, base)
+    if images is None:
+        return item
+    item.images = images
+    return parse_fields(obj, item)
+
+
+def parse_fields(obj: dict, item: Item) -> Item:
+    """Fill `item`'s fields but its images from an sgl item object (a JSONL line or a table row's columns)."""
     if "id" in obj:
-        if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-            item.error = item.fail(f"field 'id' must be a string or an integer, got {obj['id']!r}")
+        value = obj["id"]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            item.error = item.fail(f"field 'id' must be a string or an integer, got {describe(value)}")
             return item
-        item.id = obj["id"]
-    if "answer" in obj:
-        if not _is_reference(obj["answer"]):
-            item.error = item.fail("field 'answer' must be a string, a number or a list of them")
+        item.id = value
+    if obj.get("answer") is not None:
+        if not is_reference(obj["answer"]):
+            item.error = item.fail("field 'answer' must be a string, a finite number or a non-empty list of them, got "
+                                   f"{describe(obj['answer'])}")
             return item
         item.reference, item.has_reference = obj["answer"], True
-    for name in ("image", "question"):
-        if name not in obj:
-            item.error = item.fail(f"missing field '{name}'")
-            return item
-        if not isinstance(obj[name], str) or not obj[name].strip():
-            item.error = item.fail(f"field '{name}' must be a non-empty string, got {obj[name]!r}")
-            return item
+    if "question" not in obj:
+        item.error = item.fail("missing field 'question'")
+        return item
+    if not isinstance(obj["question"], str) or not obj["question"].strip():
+        item.error = item.fail(f"field 'question' must be a non-empty string, got {describe(obj['question'])}")
+        return item
     item.question = obj["question"].strip()
-    image = Path(obj["image"]).expanduser()
-    item.image = image if image.is_absolute() else base / image
-    if "max_new_tokens" in obj:
+    if obj.get("max_new_tokens") is not None:
         value = obj["max_new_tokens"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            item.error = item.fail(f"field 'max_new_tokens' must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
+            item.error = item.fail(f"field 'max_new_tokens' must be a positive integer, got {describe(value)}")
             return item
         item.max_new_tokens = value
-    if "type" in obj:
+    if obj.get("type") is not None:
         if not isinstance(obj["type"], str) or not obj["type"].strip():
-            item.error = item.fail(f"field 'type' must be a non-empty string, got {obj['type']!r}")
+            item.error = item.fail(f"field 'type' must be a non-empty string, got {describe(obj['type'])}")
             return item
         item.type = obj["type"].strip()
     return item
 
 
-def read_items(path: str | Path, skip_lines: set[int] | None = None) -> Iterator[Item]:
-    """Stream the items of a JSONL file, skipping blank lines and the line numbers in `skip_lines`."""
-    path = Path(path)
-    base = path.parent
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip() or (skip_lines and line in skip_lines):
-                continue
-            yield parse_line(text, line, base)
+def _images(obj: dict, item: Item, base: Path) -> list[ImageRef] | None:
+    given = [k for k in ("image", "images", "image_base64") if obj.get(k) is not None]
+    if not given:
+        item.error = item.fail("missing field 'image'")
+        return None
+    if len(given) > 1:
+        item.error = item.fail(f"give one of 'image', 'images' and 'image_base64', not {' and '.join(given)}")
+        return None
+    key = given[0]
+    values = obj[key] if key == "images" else [obj[key]]
+    if key == "images" and (not isinstance(values, list) or not values):
+        item.error = item.fail(f"field 'images' must be a non-empty list of paths, URLs or data URIs, got "
+                               f"{describe(obj[key])}")
+        return None
+    if len(values) > MAX_IMAGES:
+        item.error = item.fail(f"field 'images' has {len(values)} images; at most {MAX_IMAGES} per item")
+        return None
+    refs = []
+    for i, value in enumerate(values):
+        where = f"{key}[{i}]" if key == "images" else key
+        if not isinstance(value, str) or not value.strip():
+            item.error = item.fail(f"field '{where}' must be a non-empty string, got {describe(value)}")
+            return None
+        if key == "image_base64":
+            refs.append(ImageRef("data", "data:;base64," + value.strip(), "inline base64"))
+        else:
+            refs.append(ImageRef.parse(value.strip(), base))
+    return refs
+
+
+def read_items(path: str | Path, skip: int = 0, **options) -> Iterator[Item]:
+    """Stream the items of an input file of any format sgl reads (`io/sources.py`), from the `skip`-th on."""
+    from .sources import open_source
+
+    source = open_source(Path(path), **options)
+    for n, (line, payload) in enumerate(source):
+        if n >= skip:
+            yield source.parse(line, payload)

@@ -1,76 +1,198 @@
-"""Output JSONL: one record per input item, flushed as it completes, resumable after any interruption."""
+"""The output file: one strict-JSON record per input item, in input order, each written whole and flushed.
+
+- **Strict JSON.** Records are written with `allow_nan=False`: any reader accepts every line.
+- **One writer.** An OS-level lock (`OutputLock`, beside the output) is taken before anything is checked or
+  written, and dies with its process: a second run on the same output is refused at once, naming the first.
+- **Resume.** Records are in input order, so a resumed run skips as many items as the file holds whole records,
+  checking that each one is the item's. Only the piece after the last newline can be torn by a kill; it is cut
+  off in place (or completed, when it is a whole record whose newline was lost): the records before it are never
+  rewritten, so no kill at any moment can lose them.
+- **Full disk.** A write that fails stops the run with one line; the records before it stay whole, and the same
+  command with `--resume` continues.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import socket
+import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from ..errors import SglError
 
 
+class OutputError(SglError):
+    """The output cannot be written (a full disk, a read-only folder, another run holding it)."""
+
+
 def default_output(input_path: Path) -> Path:
-    return input_path.with_name(f"{input_path.stem}.sgl.jsonl")
+    stem = input_path.name if input_path.is_dir() else input_path.stem
+    return input_path.with_name(f"{stem}.sgl.jsonl")
 
 
 def settings_path(out: Path) -> Path:
     return out.with_name(out.name + ".preset.yaml") if out.suffix != ".jsonl" else out.with_suffix(".preset.yaml")
 
 
-def completed_lines(out: Path) -> set[int]:
-    """Input line numbers already recorded in `out`, after repairing a partly written last record.
+def record_line(record: dict) -> str:
+    """One record as its output line: strict JSON (no NaN or Infinity), UTF-8 kept, newline last."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
-    Each record is written with its newline last, so every newline-terminated line is whole; only the piece
-    after the last newline can be torn by a kill. It is cut off (or, if it is a whole record whose newline was
-    lost, completed). Any other unreadable line means the file is not ours: refuse rather than lose it.
-    """
-    data = out.read_bytes()
-    *whole, tail = data.split(b"\n")
-    done: set[int] = set()
-    for number, raw in enumerate(whole, start=1):
-        if raw.strip():
-            done.add(_recorded_line(raw, out, number))
+
+def scan_output(out: Path) -> list:
+    """The identity of every whole record in `out`, in order (an sgl record's `line`, an OpenAI output line's
+    `custom_id`), after repairing a torn last record in place. A line that is neither means the file is not an
+    sgl output: refuse rather than touch it."""
+    ids: list = []
+    with out.open("rb") as f:
+        number = 0
+        end = 0  # offset just past the last newline
+        tail = b""
+        for raw in f:
+            number += 1
+            if not raw.endswith(b"\n"):
+                tail = raw
+                break
+            end += len(raw)
+            if raw.strip():
+                ids.append(_identity(raw, out, number))
     if tail.strip():
         try:
-            done.add(_recorded_line(tail, out, len(whole) + 1))
-            repaired = data + b"\n"
-        except SglError:
-            repaired = data[: len(data) - len(tail)]
-        out.write_bytes(repaired)
-    return done
+            ids.append(_identity(tail, out, number))
+            with out.open("ab") as f:  # a whole record whose newline was lost: complete it
+                f.write(b"\n")
+        except OutputError:
+            os.truncate(out, end)  # a torn record: cut it off, in place
+    elif tail:
+        os.truncate(out, end)
+    return ids
 
 
-def _recorded_line(raw: bytes, out: Path, number: int) -> int:
+def completed_lines(out: Path) -> set[int]:
+    """The input lines an sgl-record file holds (after the same repair)."""
+    return {i for i in scan_output(out) if isinstance(i, int)}
+
+
+def _identity(raw: bytes, out: Path, number: int):
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         rec = None
-    if not isinstance(rec, dict) or not isinstance(rec.get("line"), int):
-        raise SglError(f"{out}: line {number} is not an sgl record; refusing to resume into this file")
-    return rec["line"]
-
-
-def record_line(record: dict) -> str:
-    """One record as its output line: JSON, UTF-8 kept, newline last."""
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    if isinstance(rec, dict) and isinstance(rec.get("line"), int):
+        return rec["line"]
+    if isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec:
+        return rec["custom_id"]
+    raise OutputError(f"{out}: line {number} is not an sgl record; refusing to resume into this file")
 
 
 class RecordWriter:
-    """Appends records as JSON lines, flushing each so that a crash loses at most the one being written."""
+    """Appends records as JSON lines, flushing each, so that a crash loses at most the one being written.
+    `shape` turns a record into the line's object (an OpenAI output line, say)."""
 
-    def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f: IO[str] = path.open("a" if append else "w", encoding="utf-8")
+    def __init__(self, path: Path, append: bool, shape: Callable[[dict], dict] | None = None):
+        self.path = path
+        self.shape = shape or (lambda record: record)
+        self.written = 0
+        try:
+            self._f: IO[str] = path.open("a" if append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def write(self, record: dict) -> None:
-        self._f.write(record_line(record))
-        self._f.flush()
+        line = record_line(self.shape(record))
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to {self.path}: {exc.strerror or exc}; the {self.written} record(s) written by this "
+                "run are whole and kept: make room and run the same command with --resume") from None
+        self.written += 1
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass  # the write that failed said why
 
     def __enter__(self) -> "RecordWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OutputLock:
+    """An exclusive OS-level lock on an output file (`.<name>.lock` beside it), held while a run writes it; the
+    operating system drops it when the process ends, however it ends."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out.with_name(f".{out.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot write in {self.out.parent} ({exc.strerror or exc})") from None
+            if not _try_lock(fd):
+                holder = _read(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out} is being written by another sgl run ({holder or 'holder unknown'}); "
+                                  "wait for it to end, or write to another --out")
+            try:  # the file we locked may have been removed by a holder that just finished: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}: "
+                     f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]}".encode("utf-8", "replace"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the lock
+        self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 600, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

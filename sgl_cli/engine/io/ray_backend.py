@@ -1,17 +1,17 @@
 """`sgl run --backend ray`: the local backend's records, computed by a pool of Ray actors (one or many machines).
 
-The input JSONL is turned into a Ray dataset of its lines (`line`, `text`): blank lines and the lines an
-interrupted run already recorded are left out, exactly as `read_items` does for the local backend. Its blocks
+The input (any format: `io/sources.py`) is turned into a Ray dataset of its items' (`line`, `payload`): the
+items an interrupted run already recorded are left out, as for the local backend. Its blocks
 are cut where the local engine cuts its batches (after every `batch_size` runnable items), so every model call
 sees the same rows, padding included, and the records are the local backend's to the last bit. A pool of
 `num_workers` actors each loads the pair once (one `Engine`) and turns a block at a time into records with the
-same parsing and the same engine. Ray Data hands the records back in input order (`preserve_order`), and the
+same parsing (the source travels to the workers) and the same engine. Ray Data hands the records back in input order (`preserve_order`), and the
 caller writes them with the same writer, so the output file, `--resume` and the exit code are the local
 backend's. Records are shipped as JSON text, so no field is reshaped by Arrow.
 
 Where it runs: `ray.init()` joins the cluster named by `RAY_ADDRESS` or the one this machine belongs to (`ray start`),
 else it starts a local one. Every worker needs sgl installed and must see the image paths (and the model
-folders) the driver sees: shared storage, or the same paths on every node.
+folders) the driver sees: shared storage, or the same paths on every node. Image URLs are fetched by the workers.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import SglError
@@ -57,38 +57,35 @@ class RayOptions:
             raise SglError(f"--threads must be >= 1, got {self.threads}")
 
 
-def input_batches(input: Path, skip_lines: set[int], batch_size: int) -> list[list[tuple[int, str]]]:
-    """The input's non-blank lines not in `skip_lines` as (line, text), numbered as `read_items` numbers them,
-    in the batches `Engine.run` makes of them: each ends at its `batch_size`-th runnable (parseable) item."""
-    from .items import parse_line
-
-    batches: list[list[tuple[int, str]]] = []
-    pending: list[tuple[int, str]] = []
+def input_batches(source, skip: int, batch_size: int) -> list[list[tuple[int, bytes]]]:
+    """The source's items from the `skip`-th on as (line, pickled payload), in the batches `Engine.run` makes of
+    them: each ends at its `batch_size`-th runnable (parseable) item."""
+    batches: list[list[tuple[int, bytes]]] = []
+    pending: list[tuple[int, bytes]] = []
     runnable = 0
-    with input.open("r", encoding="utf-8", errors="replace") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip() or line in skip_lines:
-                continue
-            pending.append((line, text))
-            runnable += parse_line(text, line, input.parent).error is None
-            if runnable >= batch_size:
-                batches.append(pending)
-                pending, runnable = [], 0
+    for n, (line, payload) in enumerate(source):
+        if n < skip:
+            continue
+        pending.append((line, pickle.dumps(payload)))
+        runnable += source.parse(line, payload).error is None
+        if runnable >= batch_size:
+            batches.append(pending)
+            pending, runnable = [], 0
     if pending:
         batches.append(pending)
     return batches
 
 
-def blocks(batches: list[list[tuple[int, str]]], max_blocks: int = MAX_BLOCKS) -> list[list[tuple[int, str]]]:
+def blocks(batches: list[list[tuple[int, bytes]]], max_blocks: int = MAX_BLOCKS) -> list[list[tuple[int, bytes]]]:
     """Whole batches packed into at most `max_blocks` blocks (one batch each, when there are few enough)."""
     per_block = max(1, math.ceil(len(batches) / max_blocks))
     return [[row for batch in batches[i:i + per_block] for row in batch] for i in range(0, len(batches), per_block)]
 
 
 class EngineWorker:
-    """One Ray actor: the pair loaded once, turning batches of input lines into JSON records."""
+    """One Ray actor: the pair loaded once, turning batches of input items into JSON records."""
 
-    def __init__(self, preset, base: str, cwd: str, threads: int):
+    def __init__(self, preset, source, cwd: str, threads: int, fetch=None):
         import torch
 
         torch.set_num_threads(threads)
@@ -96,17 +93,17 @@ class EngineWorker:
             os.chdir(cwd)
         from ..core.engine import Engine
 
-        self.base = Path(base)
-        self.engine = Engine.from_preset(preset)
+        self.source = source
+        self.engine = Engine.from_preset(preset, fetch=fetch)
 
     def __call__(self, block: dict) -> dict:
         import numpy as np
 
-        from .items import parse_line
-
-        # A whole block per call: the engine batches it exactly as the local backend batches the same lines.
-        items = [parse_line(str(text), int(line), self.base) for line, text in zip(block["line"], block["text"])]
-        records = [json.dumps(r, ensure_ascii=False) for r in self.engine.run(items)]
+        # A whole block per call: the engine batches it exactly as the local backend batches the same items.
+        # The payloads were pickled by this run's own driver.
+        items = [self.source.parse(int(line), pickle.loads(payload))
+                 for line, payload in zip(block["line"], block["payload"])]
+        records = [json.dumps(r, ensure_ascii=False, allow_nan=False) for r in self.engine.run(items)]
         return {
             "record": np.array(records, dtype=object),
             "random_weights": np.full(len(records), bool(self.engine.random_weights)),
@@ -166,14 +163,14 @@ def _one_line(exc: BaseException) -> str:
     return f"the Ray backend failed: {type(chain[0]).__name__}"
 
 
-def run_records(input: Path, preset, skip_lines: set[int], options: RayOptions,
+def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
                 on_random_weights: Callable[[], None] | None = None,
                 notify: Callable[[str], None] | None = None) -> Iterator[dict]:
-    """Yield one record per input line (blank and `skip_lines` aside), in input order, as Ray's workers complete
-    them. `notify` receives one-line notes (the worker plan); `on_random_weights` is called once when the
-    workers' models have random weights."""
+    """Yield one record per input item from the `skip`-th on, in input order, as Ray's workers complete them.
+    `notify` receives one-line notes (the worker plan); `on_random_weights` is called once when the workers'
+    models have random weights."""
     options.validate()
-    parts = blocks(input_batches(input, skip_lines, preset.settings.batch_size))
+    parts = blocks(input_batches(source, skip, preset.settings.batch_size))
     if not parts:
         return
     ray = import_ray()
@@ -190,11 +187,12 @@ def run_records(input: Path, preset, skip_lines: set[int], options: RayOptions,
         # One block per batch (small blocks stream back, are written and survive a kill as soon as they are done).
         import pyarrow as pa
 
-        ds = ray.data.from_arrow([pa.table({"line": [n for n, _ in part], "text": [t for _, t in part]})
+        ds = ray.data.from_arrow([pa.table({"line": [n for n, _ in part], "payload": [p for _, p in part]})
                                   for part in parts])
         ds = ds.map_batches(
             EngineWorker,
-            fn_constructor_kwargs={"preset": preset, "base": str(input.parent), "cwd": os.getcwd(), "threads": cpus},
+            fn_constructor_kwargs={"preset": preset, "source": source, "cwd": os.getcwd(), "threads": cpus,
+                                   "fetch": fetch},
             batch_size=None,  # a whole block per call: block boundaries are batch boundaries
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),

@@ -15,6 +15,7 @@ record is ready: a backend that fails to start leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Callable, Iterator
 
 from ..errors import SglError
 from ..preset import ModelSpec, Preset, Settings
-from .output import RecordWriter, completed_lines, default_output, settings_path
+from .fetch import FetchPolicy
+from .output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
 
 
 @dataclass
@@ -67,41 +69,78 @@ class RunSummary:
 
 
 class Run:
-    """Answer every item of `input` with `preset` into `out` (default `<input stem>.sgl.jsonl` beside the input;
-    None: records are only yielded). `resume` skips the items `out` already records (refusing other settings);
-    `overwrite` replaces it. `backend` is "local" or "ray" (`ray_options`). `notify` receives one-line notes,
-    `warn` one-line warnings (default: notify)."""
+    """Answer every item of `input` (any format sgl reads: `io/sources.py`) with `preset` into `out` (default
+    `<input stem>.sgl.jsonl` beside the input; None: records are only yielded). `resume` skips the items `out`
+    already records (refusing other settings); `overwrite` replaces it. `backend` is "local" or "ray"
+    (`ray_options`). `columns`, `split`, `limit` select what a table input holds; `fetch` bounds image URL fetches
+    (`FetchPolicy(enabled=False)`: none). `notify` receives one-line notes, `warn` one-line warnings (default:
+    notify). An OpenAI batch input gets an OpenAI batch output file."""
 
     def __init__(self, input: str | Path, preset: Preset, *, out: str | Path | None = "default", resume: bool = False,
                  overwrite: bool = False, calibration: str | Path | None = None, backend: str = "local",
-                 ray_options=None, threads: int | None = None, notify: Callable[[str], None] | None = None,
-                 warn: Callable[[str], None] | None = None):
+                 ray_options=None, threads: int | None = None, columns=None, split: str | None = None,
+                 limit: int | None = None, fetch: FetchPolicy | None = None,
+                 notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
         from ..evaluation.fingerprint import apply_calibration
+        from .sources import open_source
 
+        self.lock: OutputLock | None = None
         self.input = Path(input)
         self.notify = notify or (lambda _: None)
         self.warn = warn or self.notify
         self.backend = backend
         self.ray_options = ray_options
         self.threads = threads
-        if not self.input.is_file():
-            raise SglError(f"input file {self.input} not found")
+        self.fetch = fetch or FetchPolicy()
         if resume and overwrite:
             raise SglError("--resume and --overwrite contradict each other")
+        self.source = open_source(self.input, columns=columns, split=split, limit=limit)
         self._check_backend()
         self.preset = apply_calibration(preset, Path(calibration) if calibration else None, notify=self.notify,
                                         warn=self.warn)
         self.out = default_output(self.input) if out == "default" else (Path(out) if out is not None else None)
         if self.out is None and resume:
             raise SglError("--resume needs an output file, not stdout")
-        self.done: set[int] = set()
+        self.done: list = []  # the identities of the records `out` holds (resume)
         if self.out is not None:
-            if self.out.exists() and not (resume or overwrite):
-                raise SglError(f"{self.out} exists; pass --resume to continue that run or --overwrite to replace it")
-            if resume and self.out.exists():
-                _check_same_settings(settings_path(self.out), self.preset.to_dict())
-                self.done = completed_lines(self.out)
+            self._check_output(resume, overwrite)
         self.summary = RunSummary(skipped=len(self.done), out=self.out)
+
+    @property
+    def openai(self) -> bool:
+        return self.source.kind == "openai"
+
+    def _check_output(self, resume: bool, overwrite: bool) -> None:
+        """Everything about `out` that can be wrong, before a model loads; then the lock, then the existing file."""
+        out = self.out
+        if out.is_dir():
+            raise OutputError(f"--out {out} is a folder; give the output file's path")
+        if not out.parent.is_dir():
+            raise OutputError(f"--out {out}: folder {out.parent} does not exist")
+        if _same_file(out, self.input):
+            raise OutputError(f"--out {out} is the input file itself; write the records to another file")
+        self.lock = OutputLock(out).acquire()  # a second run on this output is refused here, at once
+        if out.exists():
+            if not (resume or overwrite):
+                self.release()
+                raise OutputError(f"{out} exists; pass --resume to continue that run or --overwrite to replace it")
+            if not os.access(out, os.W_OK):
+                self.release()
+                raise OutputError(f"{out} is not writable")
+            if resume:
+                try:
+                    _check_same_settings(settings_path(out), self.preset.to_dict())
+                    self.done = scan_output(out)
+                    self._verify_done(self.source.parse(line, payload) for line, payload in self.source)
+                except SglError:
+                    self.release()
+                    raise
+
+    def release(self) -> None:
+        """Let another run write the output (done when the records end)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _check_backend(self) -> None:
         if self.backend not in ("local", "ray"):
@@ -115,31 +154,50 @@ class Run:
 
     def remaining(self) -> int:
         """Input items not yet recorded (for a progress bar)."""
-        with self.input.open("rb") as f:
-            return sum(1 for line in f if line.strip()) - len(self.done)
+        return max(0, self.source.count() - len(self.done))
 
     def _records(self) -> Iterator[dict]:
         def warn_random() -> None:
             self.warn("warning: a model of this preset has random weights: its answers are noise; use a trained "
                       "pair (the default preset, or real checkpoints) for real answers.")
 
+        skip = len(self.done)
         if self.backend == "ray":
             from .ray_backend import run_records
 
             # Models load in the workers; the records come back in input order, so writing them is shared.
-            return run_records(self.input, self.preset, self.done, self.ray_options, on_random_weights=warn_random,
-                               notify=self.notify)
+            return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
+                               on_random_weights=warn_random, notify=self.notify)
         from ..core.engine import Engine
-        from .items import read_items
 
         if self.threads is not None:
             import torch
 
             torch.set_num_threads(self.threads)
-        engine = Engine.from_preset(self.preset)
+        engine = Engine.from_preset(self.preset, fetch=self.fetch)
         if engine.random_weights:
             warn_random()
-        return engine.run(read_items(self.input, skip_lines=self.done))
+        return engine.run(self._items())
+
+    def _verify_done(self, items: Iterator) -> None:
+        """Read as many items as `out` holds records, checking that each record is the item's (an input edited
+        since the interrupted run is refused, not answered into the wrong place)."""
+        for n, recorded in enumerate(self.done):
+            item = next(items, None)
+            if item is None:
+                raise SglError(f"cannot resume: {self.out} holds {len(self.done)} records but the input has only {n} "
+                               "items; write to a new --out")
+            expected = item.custom_id if self.openai else item.line
+            if recorded is not None and recorded != expected:
+                raise SglError(f"cannot resume: record {n + 1} of {self.out} is for {recorded!r}, but the input's "
+                               f"item {n + 1} is {expected!r}: the input changed since the interrupted run; write to "
+                               "a new --out")
+
+    def _items(self) -> Iterator:
+        """The input's items after those `out` already records (checked when the Run was made)."""
+        for n, (line, payload) in enumerate(self.source):
+            if n >= len(self.done):
+                yield self.source.parse(line, payload)
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
@@ -159,18 +217,37 @@ class Run:
                 records.close()  # a Ray backend it started shuts down
             if writer is not None:
                 writer.close()
+            self.release()
+
+    def shape(self, record: dict) -> dict:
+        """A record as its output line's object: itself, or an OpenAI batch output line for an OpenAI input."""
+        if not self.openai:
+            return record
+        from .openai import output_line
+
+        return output_line(record, self.preset.name)
 
     def _open(self) -> RecordWriter:
         import yaml
 
         settings_path(self.out).write_text(yaml.safe_dump(self.preset.to_dict(), sort_keys=False))
-        return RecordWriter(self.out, append=bool(self.done))
+        return RecordWriter(self.out, append=bool(self.done), shape=self.shape)
 
     def execute(self) -> RunSummary:
         """Run to the end; the summary."""
         for _ in self:
             pass
         return self.summary
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_same_settings(saved: Path, current: dict) -> None:

@@ -55,6 +55,16 @@ class Inspection:
     exit_score: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # guide -> why it is not shown
     calibration: str | None = None  # the calibration file the threshold comes from, if any
+    images: list[Path] = field(default_factory=list)  # every image of the item (default: `image` alone)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.images = self.images or [self.image]
+        self.image_sizes = self.image_sizes or [self.image_size]
+
+    def grid_label(self, g: TokenGrid) -> str:
+        """A grid's label, with its image when the item has several."""
+        return f"image {g.image + 1} {g.label}" if len(self.images) > 1 else g.label
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -70,6 +80,8 @@ class Inspection:
         """What the grids are, one line ("" for one grid)."""
         if len(self.grids) == 1:
             return ""
+        if len(self.images) > 1:
+            return "; ".join(f"{self.grid_label(g)}: {g.about}" for g in self.grids)
         return "; ".join(f"{g.name}: {g.about}" for g in self.grids)
 
     @property
@@ -131,7 +143,7 @@ class Inspection:
         layout: list[list[int]] = [[]] * self.n
         for gi, g in enumerate(self.grids):
             ids = sorted(int(c) for c in np.unique(g.crops))
-            grids.append({"name": g.name, "shape": list(g.shape), "crops": ids,
+            grids.append({"name": g.name, "image": g.image, "shape": list(g.shape), "crops": ids,
                           "crop_grid": list(g.crop_grid) if g.crop_grid else None, "about": g.about})
             for c in ids:
                 rows, cols = np.nonzero(g.crops == c)
@@ -148,6 +160,8 @@ class Inspection:
         common = {
             "image": str(self.image),
             "image_size": list(self.image_size),
+            "images": [str(p) for p in self.images],
+            "image_sizes": [list(s) for s in self.image_sizes],
             "question": self.question,
             "guide": self.guide,
             "preset": self.preset,

@@ -85,25 +85,29 @@ def png_layout(image_size: tuple[int, int], panels: int, columns: int | None = N
     return PngLayout(scale, (w, h), columns, rows, title, max(grid_w + 2 * GAP, MIN_CAPTION_WIDTH), margin=GAP)
 
 
-def save_png(insp: Inspection, image, path: Path) -> tuple[int, int]:
-    """Write the image with each guide's importance overlaid (one panel per guide and token grid: every grid
-    covers the whole image; several guides of a several-grid image are one row each), the kept tokens outlined,
+def save_png(insp: Inspection, images, path: Path) -> tuple[int, int]:
+    """Write the image(s) with each guide's importance overlaid (one panel per guide and token grid: every grid
+    covers its whole image; several guides of a several-grid item are one row each), the kept tokens outlined,
     crop and tile boundaries in thin white lines, and a caption band below. The colour map is the token grid
-    upsampled by nearest neighbour. Returns the PNG's (width, height)."""
+    upsampled by nearest neighbour. An item's other images are fitted into the first one's panel size, aspect
+    kept. Returns the PNG's (width, height)."""
     from PIL import Image, ImageDraw
 
+    images = images if isinstance(images, (list, tuple)) else [images]
     shown = [(m, g) for m in insp.maps for g in insp.grids]
     columns = len(insp.grids) if len(insp.grids) > 1 and len(insp.maps) > 1 else None
-    layout = png_layout(image.size, len(shown), columns)
+    layout = png_layout(images[0].size, len(shown), columns)
     w, h = layout.panel
-    base = image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
+    first = (images[0].convert("RGB").resize((w, h), Image.Resampling.LANCZOS), (0, 0))  # the panel's own aspect
+    bases = [first] + [_fitted(im.convert("RGB"), (w, h)) for im in images[1:]]
     panels = Image.new("RGB", (layout.width, layout.height), "white")
     scales = []
     for i, (m, g) in enumerate(shown):
+        base, (dx, dy) = bases[g.image]
         overlay, lo, hi = _overlay(insp, m, base, g)
         scales.append((lo, hi))
         left, top, _, _ = layout.box(i)
-        panels.paste(overlay, (left, top))
+        panels.paste(overlay, (left + dx, top + dy))
         if layout.title_height:
             _panel_title(ImageDraw.Draw(panels), insp, m, (lo, hi), left, top - layout.title_height, w, g)
     caption = _caption(insp, layout.width, scales[0] if len(insp.maps) == 1 else None)
@@ -112,6 +116,16 @@ def save_png(insp: Inspection, image, path: Path) -> tuple[int, int]:
     canvas.paste(caption, (0, layout.height))
     canvas.save(path, format="PNG")
     return canvas.size
+
+
+def _fitted(image, box: tuple[int, int]):
+    """`image` resized to fill `box` with its aspect kept, and its offset in the box (centred)."""
+    from PIL import Image
+
+    w, h = box
+    scale = min(w / image.width, h / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS), ((w - size[0]) // 2, (h - size[1]) // 2)
 
 
 def _overlay(insp: Inspection, m: GuideMap, base, grid: TokenGrid | None = None):
@@ -197,7 +211,8 @@ def _panel_title(draw, insp: Inspection, m: GuideMap, scale: tuple[float, float]
     size = _title_size(width)
     font, bold = _font(size), _font(size, bold=True)
     several = len(insp.grids) > 1 and grid is not None
-    name = m.name if not several else grid.label if len(insp.maps) == 1 else f"{m.name} · {grid.label}"
+    label = insp.grid_label(grid)
+    name = m.name if not several else label if len(insp.maps) == 1 else f"{m.name} · {label}"
     x = left + draw.textlength(name + "  ", font=bold)
     draw.text((left, top), name, font=bold, fill=INK)
     draw.text((x, top), _fit(draw, f"colour {'–'.join(span(*scale))}", font, width - (x - left)),
@@ -257,7 +272,7 @@ def _caption(insp: Inspection, width: int, scale: tuple[float, float] | None):
             paragraphs.append((bold, f"Large model, from {m.name}'s kept tokens: {printable(m.large_answer)}"))
     guides = f"guide {insp.maps[0].name}" if not many else f"guides {', '.join(m.name for m in insp.maps)}"
     grids = (f"grid {insp.grid[0]} x {insp.grid[1]}" if insp.grid
-             else f"grids {' + '.join(g.label for g in insp.grids)}")
+             else f"grids {' + '.join(insp.grid_label(g) for g in insp.grids)}")
     kept = (f"kept {insp.n_kept} / {insp.n} visual tokens at retain {insp.retain:g} (outlined)"
             f"{' per guide' if many else ''}") if insp.same_kept else \
         f"kept at retain {insp.retain:g} (outlined): {insp.kept_count()} visual tokens"

@@ -57,11 +57,12 @@ def _facts(insp: Inspection):
     from rich.table import Table
     from rich.text import Text
 
-    w, h = insp.image_size
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    facts.add_row("image", f"{insp.image.name} ({w} x {h} px)   preset {insp.preset}")
+    for i, (path, (w, h)) in enumerate(zip(insp.images, insp.image_sizes)):
+        label = "image" if len(insp.images) == 1 else f"image {i + 1}"
+        facts.add_row(label, f"{path.name} ({w} x {h} px)" + (f"   preset {insp.preset}" if i == 0 else ""))
     facts.add_row("question", printable(insp.question))
     for i, m in enumerate(insp.maps):
         facts.add_row("guide" if i == 0 else "", Text.assemble((m.name, "bold"), f"  {m.what}"))
@@ -110,7 +111,7 @@ def _sgl_verdict(insp: Inspection) -> str:
 def _grid_line(insp: Inspection) -> str:
     count = insp.kept_count()
     if insp.grid is None:
-        grids = " + ".join(g.label for g in insp.grids)
+        grids = " + ".join(insp.grid_label(g) for g in insp.grids)
         return f"token grids {grids} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
     rows, cols = insp.grid
     return f"token grid {rows} x {cols} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
@@ -169,7 +170,7 @@ def _pool_note(insp: Inspection, factor: int, budget: int, cells: tuple[int, int
     from rich.text import Text
 
     grid = grid or insp.grids[0]
-    name = f"{grid.name}: " if len(insp.grids) > 1 else ""
+    name = f"{insp.grid_label(grid) if len(insp.images) > 1 else grid.name}: " if len(insp.grids) > 1 else ""
     within = " within one crop" if grid.cuts() != ([], []) else ""
     return Text(f"note: {name}{grid.shape[1]} token columns are too wide for {budget} terminal columns: each cell is "
                 f"the max over a {factor} x {factor} block of tokens{within} ({cells[0]} x {cells[1]} cells); "
@@ -216,7 +217,7 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
     for g in insp.grids:
         factor = 1 if side_by_side else _grid_factor(g, budget)
         lines, lo, hi = _framed(insp, m, factor, colour, g)
-        head = [Text(g.label, style="bold"), Text(f"{int(kept[g.tokens].sum())} of {g.size} kept")]
+        head = [Text(insp.grid_label(g), style="bold"), Text(f"{int(kept[g.tokens].sum())} of {g.size} kept")]
         panels.append(head + lines)
         if factor > 1:
             cells = (sum(1 for line in lines if line.plain.startswith("│")),

@@ -1,0 +1,175 @@
+"""OpenAI Batch API files: chat-completion requests in, an OpenAI batch output file out.
+
+A request line: `{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...],
+"max_tokens": ...}}`. The conversation's images (`image_url` parts: URLs, data URIs, paths) are the item's images,
+in order; the last message must be the user's, and its text is the question; earlier turns and a system message go
+into the chat template as they are. `max_tokens` / `max_completion_tokens` cap the answer. sgl decodes greedily: a
+request for anything else (sampling, n > 1, stop sequences, tools, ...) is an error line, never a silent change of
+meaning. The output line is OpenAI's, with sgl's own fields under `response.body.sgl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .items import ImageRef, Item, describe, load_json_line
+
+URL = "/v1/chat/completions"
+# Body fields that leave greedy decoding's meaning unchanged at these values (None: any value is fine).
+_NEUTRAL = {"model": None, "messages": None, "max_tokens": None, "max_completion_tokens": None, "seed": None,
+            "user": None, "metadata": None, "store": None, "temperature": 0, "top_p": 1, "n": 1,
+            "frequency_penalty": 0, "presence_penalty": 0, "stream": False, "logprobs": False}
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The payload of a request whose custom_id an earlier line already used."""
+
+    custom_id: str
+    first_line: int
+
+
+def parse_request(raw: Any, line: int, base: Path) -> Item:
+    """One request line as an item (relative image paths resolve against `base`, the file's folder; `item.error`
+    says what is wrong; never raises)."""
+    item = Item(line=line, id=line)
+    if isinstance(raw, Duplicate):
+        item.custom_id = item.id = raw.custom_id
+        item.error = item.fail(f"custom_id {raw.custom_id!r} repeats line {raw.first_line}'s; custom_ids must be "
+                               "unique")
+        return item
+    if not isinstance(raw, (bytes, str)):  # an oversized line
+        item.error = item.fail(f"the line is {raw.size:,} bytes, too large a request")
+        return item
+    obj = load_json_line(raw, item)
+    if obj is None:
+        return item
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        item.error = item.fail(f"'custom_id' must be a non-empty string, got {describe(custom_id)}")
+        return item
+    item.custom_id = item.id = custom_id
+    if obj.get("method", "POST") != "POST" or obj.get("url") != URL:
+        item.error = item.fail(f"{obj.get('method')} {describe(obj.get('url'))} is not supported: sgl answers POST "
+                               f"{URL}")
+        return item
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        item.error = item.fail(f"'body' must be an object, got {describe(body)}")
+        return item
+    why = _unsupported(body) or _read_messages(body.get("messages"), item, base)
+    if why is None:
+        why = _read_limit(body, item)
+    if why is not None:
+        item.error = item.fail(why)
+    return item
+
+
+def _unsupported(body: dict) -> str | None:
+    for key, value in body.items():
+        if key not in _NEUTRAL:
+            return f"body field {describe(key)} is not supported by sgl (it decodes greedily, one answer per request)"
+        neutral = _NEUTRAL[key]
+        if neutral is not None and value is not None and value != neutral:
+            what = "sgl decodes greedily: send temperature 0 or leave it out" if key == "temperature" else \
+                f"sgl supports only {key} {neutral!r}"
+            return f"body {key} {describe(value)}: {what}"
+    return None
+
+
+def _read_limit(body: dict, item: Item) -> str | None:
+    limits = {k: body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None}
+    for key, value in limits.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
+            return f"body {key} must be a positive integer, got {describe(value)}"
+    if limits:
+        item.max_new_tokens = limits.get("max_completion_tokens", limits.get("max_tokens"))
+    return None
+
+
+def _read_messages(messages: Any, item: Item, base: Path) -> str | None:
+    """Fill the item's history, question and images from the messages; or say what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        return f"body messages must be a non-empty list, got {describe(messages)}"
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            return f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}), got {describe(message)}"
+        content = _content(message.get("content"), i, item, base)
+        if isinstance(content, str):
+            return content
+        role = "system" if message["role"] == "developer" else message["role"]
+        turns.append({"role": role, "content": content})
+    if turns[-1]["role"] != "user":
+        return "the last message must be the user's (the question to answer)"
+    last = turns.pop()
+    text = "\n".join(part["text"] for part in last["content"] if part["type"] == "text").strip()
+    if not text:
+        return "the last user message has no text: sgl answers a question about the images"
+    if not item.images:
+        return "no image_url part in the messages: sgl answers questions about images"
+    item.question = text
+    item.history = turns
+    item.parts = last["content"]  # in the request's order
+    return None
+
+
+def _content(content: Any, index: int, item: Item, base: Path) -> list[dict] | str:
+    """A message's content as chat-template parts ({"type": "text"} / {"type": "image"}), images appended to the
+    item; or what is wrong."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        return f"messages[{index}].content must be a string or a list of parts, got {describe(content)}"
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url.strip():
+                return f"messages[{index}].content[{j}].image_url.url must be a non-empty string, got {describe(url)}"
+            item.images.append(ImageRef.parse(url.strip(), base))
+            parts.append({"type": "image"})
+        else:
+            return f"messages[{index}].content[{j}] must be a text or image_url part, got {describe(part)}"
+    return parts
+
+
+def output_line(record: dict, item_model: str) -> dict:
+    """An sgl record as an OpenAI batch output line."""
+    custom_id = record.get("custom_id")  # None for a line too broken to name one
+    digest = hashlib.sha256(f"{custom_id}\0{record['line']}".encode()).hexdigest()
+    out: dict[str, Any] = {"id": f"batch_req_{digest[:24]}", "custom_id": custom_id}
+    if record["error"] is not None:
+        code = "invalid_request" if record.get("exit") is None and record.get("visual_tokens") is None else "failed"
+        out["response"] = None
+        out["error"] = {"code": code, "message": record["error"]}
+        return out
+    usage = record["usage"]
+    sgl = {k: v for k, v in record.items() if k not in ("id", "custom_id", "answer", "error", "usage",
+                                                         "finish_reason")}
+    out["response"] = {
+        "status_code": 200,
+        "request_id": digest[24:48],
+        "body": {
+            "id": f"chatcmpl-{digest[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": item_model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": record["answer"], "refusal": None},
+                         "logprobs": None, "finish_reason": record["finish_reason"]}],
+            "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                      "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+            "sgl": sgl,
+        },
+    }
+    out["error"] = None
+    return out

@@ -1,0 +1,478 @@
+"""Nothing a user feeds sgl may crash it, hang it, or lose a record: every input item yields exactly one strict-JSON
+record, in order; no input, signal or second process can lose or duplicate one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sgl_cli.cli import app
+from tests.conftest import make_images, write_preset
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strict_records(path: Path) -> list[dict]:
+    """Every line of an output file, parsed by a strict reader (no NaN or Infinity, no lone surrogates)."""
+
+    def refuse(name):
+        raise AssertionError(f"{name} in strict JSON output")
+
+    out = []
+    for raw in path.read_bytes().split(b"\n")[:-1]:
+        text = raw.decode("utf-8")  # strict: a lone surrogate cannot be encoded, so it would not be here
+        out.append(json.loads(text, parse_constant=refuse))
+    assert path.read_bytes().endswith(b"\n")
+    return out
+
+
+def _good(image: str, q: str = "What is red?") -> str:
+    return json.dumps({"image": image, "question": q})
+
+
+def fuzz_lines(image: str) -> list[tuple[bytes, str | None]]:
+    """(line bytes, the error it must give or None for an answered item). Blank lines give no record."""
+    good = _good(image).encode()
+    return [
+        (b"\xef\xbb\xbf" + good, None),  # a UTF-8 BOM on line 1
+        (b"[" * 10000 + b"]" * 10000, "not valid JSON: nested too deeply"),
+        (b'{"image": "x.png", "question": "q", "id": ' + b"9" * 5000 + b"}", "an integer with too many digits"),
+        (b'{"image": "x.png", "question": "q", "id": "\\ud800"}', "field 'id' holds a lone surrogate"),
+        (b'{"image": "x.png", "question": "q", "answer": "\\udfff"}', "field 'answer' holds a lone surrogate"),
+        (b'{"image": "x.png", "question": "what \\ud800 is it"}', "field 'question' holds a lone surrogate"),
+        (b'{"image": "x.png", "question": "q", "answer": NaN}', "NaN is not JSON"),
+        (b'{"image": "x.png", "question": "q", "answer": -Infinity}', "-Infinity is not JSON"),
+        (b"\xff\xfe not utf8", "not UTF-8 (byte 0xff at column 1)"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"question": "q"}', "missing field 'image'"),
+        (b'{"image": 3, "question": "q"}', "field 'image' must be a non-empty string, got 3"),
+        (b'{"images": [], "question": "q"}', "field 'images' must be a non-empty list"),
+        (b'{"image": "a.png", "images": ["a.png"], "question": "q"}', "give one of 'image', 'images' and"),
+        (b'{"image": "x.png", "question": "q", "max_new_tokens": true}', "field 'max_new_tokens' must be a positive"),
+        (b"", None),  # blank: no record
+        (b"   \t", None),
+        # A raw CR inside a line is a JSON error of that one line (it does not split it in two).
+        (json.dumps({"image": image, "question": "what\ris this"}).replace("\\r", "\r").encode(),
+         "Invalid control character"),
+        (good + b"\r", "ANSWERED"),  # CRLF
+        (b'{"image_base64": "not base64!!", "question": "q"}', "is not valid base64"),
+        (b'{"image": "data:text/plain;base64,aGk=", "question": "q"}', "is text/plain, not an image"),
+        (good, "ANSWERED"),
+    ]
+
+
+def test_fuzzed_lines_give_one_strict_record_each_in_order(tmp_path, preset_file):
+    (img,) = make_images(tmp_path, sizes=((56, 56),))
+    lines = fuzz_lines(img.name)
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(b"\n".join(raw for raw, _ in lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "-q"])
+    assert res.exit_code == 1, res.output  # some items failed; the run went on
+    recs = strict_records(out)
+    expected = [(n, want) for n, (raw, want) in enumerate(lines, start=1) if raw.strip()]
+    assert [r["line"] for r in recs] == [n for n, _ in expected]  # a bare CR did not split a line
+    for rec, (n, want) in zip(recs, expected):
+        if want in (None, "ANSWERED"):
+            assert rec["error"] is None and isinstance(rec["answer"], str), rec
+        else:
+            assert rec["error"].startswith(f"line {n}: ") and want in rec["error"], (want, rec["error"])
+            assert len(rec["error"]) < 300
+
+
+def test_a_question_longer_than_the_context_fails_before_model_work(tmp_path, preset_file, monkeypatch):
+    from sgl_cli.engine.core import engine as engine_mod
+
+    calls = []
+    real = engine_mod.greedy
+    monkeypatch.setattr(engine_mod, "greedy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (img,) = make_images(tmp_path, sizes=((56, 56),))
+    src = tmp_path / "q.jsonl"
+    src.write_text(json.dumps({"image": img.name, "question": "what is " * 25000}) + "\n" + _good(img.name) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "-q", "--no-exit"])
+    assert res.exit_code == 1
+    long, short = strict_records(out)
+    assert "over the models' context of 4,096 tokens" in long["error"] and long["error"].startswith("line 1: ")
+    assert short["error"] is None
+    assert len(calls) == 2  # the short item's small and large generations; none for the long one
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--overwrite",
+                              "-q", "--max-prompt-tokens", "100"])
+    assert "over max_prompt_tokens 100" in strict_records(out)[0]["error"]
+
+
+def test_an_image_that_is_a_fifo_is_refused_not_waited_on(tmp_path, preset_file):
+    os.mkfifo(tmp_path / "f.png")
+    src = tmp_path / "f.jsonl"
+    src.write_text(_good("f.png") + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "sgl_cli", "run", str(src), "--preset", str(preset_file), "--out",
+                           str(out), "-q"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    (rec,) = strict_records(out)
+    assert rec["error"] == f"line 1: image 'f.png' is not a regular file (a pipe, device or socket) ({tmp_path / 'f.png'})"
+
+
+def test_out_equal_to_the_input_is_refused_also_through_a_link(tmp_path, batch, preset_file):
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(batch)
+    before = batch.read_bytes()
+    for out in (batch, link):
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--overwrite"])
+        assert res.exit_code == 2 and "is the input file itself" in res.stderr
+    assert batch.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing folder", "folder", "read-only"])
+def test_bad_out_paths_fail_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch, case):
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    out = {"missing folder": tmp_path / "nope" / "o.jsonl", "folder": tmp_path, "read-only": tmp_path / "o.jsonl"}[case]
+    if case == "read-only":
+        real_open = os.open
+
+        def refuse(path, *a, **k):
+            if str(path).endswith(".lock"):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(os, "open", refuse)
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out)])
+    assert res.exit_code == 2
+    want = {"missing folder": f"folder {tmp_path / 'nope'} does not exist", "folder": "is a folder; give the output",
+            "read-only": f"cannot write in {tmp_path} (Read-only file system)"}[case]
+    assert want in res.stderr and res.stderr.count("\n") == 1 and "--resume" not in res.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path, batch, preset_file):
+    out = tmp_path / "out.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from sgl_cli.engine.io.output import OutputLock
+        lock = OutputLock(Path({str(out)!r})).acquire()
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out)])
+        assert res.exit_code == 2
+        assert f"{out} is being written by another sgl run (pid {holder.pid} on " in res.stderr
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The lock died with its process: the next run goes ahead.
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output and len(strict_records(out)) == 3
+
+
+def test_two_concurrent_runs_never_splice_an_output(tmp_path, batch, preset_file):
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "sgl_cli", "run", str(batch), "--preset", str(preset_file), "--out", str(out), "-q"]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    # Refused at once while the first holds the output (or, had it already finished, because the output exists).
+    assert "is being written by another sgl run" in refused or "exists; pass --resume" in refused, refused
+    assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
+
+
+def test_a_torn_record_is_cut_off_in_place(tmp_path):
+    from sgl_cli.engine.io.output import scan_output
+
+    out = tmp_path / "o.jsonl"
+    whole = "".join(json.dumps({"line": n, "error": None}) + "\n" for n in range(1, 6))
+    out.write_text(whole + '{"line": 6, "err')
+    inode = out.stat().st_ino
+    assert scan_output(out) == [1, 2, 3, 4, 5]
+    assert out.read_text() == whole and out.stat().st_ino == inode  # the same file, truncated, not rewritten
+    out.write_text(whole + json.dumps({"line": 6, "error": None}))  # whole, only its newline lost
+    assert scan_output(out) == [1, 2, 3, 4, 5, 6] and out.read_text().endswith("}\n")
+
+
+def test_a_kill_during_repair_never_loses_a_record(tmp_path):
+    """A large output with a torn tail, repaired by a process killed at random moments: every whole record is
+    always still there."""
+    out = tmp_path / "big.jsonl"
+    n = 200_000
+    out.write_text("".join(json.dumps({"line": i, "error": None, "answer": "x" * 40}) + "\n"
+                           for i in range(1, n + 1)) + '{"line": ')
+    script = f"from pathlib import Path; from sgl_cli.engine.io.output import scan_output; scan_output(Path({str(out)!r}))"
+    for delay in (0.05, 0.2, 0.4, 0.8, 1.5, 3.0):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = out.read_bytes()
+        whole = data[: data.rfind(b"\n") + 1]
+        assert whole.count(b"\n") == n and whole.startswith(b'{"line": 1,')
+    from sgl_cli.engine.io.output import scan_output
+
+    assert len(scan_output(out)) == n and out.read_bytes().endswith(b"\n")
+
+
+def test_a_full_disk_stops_cleanly_and_resume_completes(tmp_path, batch, preset_file, monkeypatch):
+    """The disk fills while the second record is written: the run stops with one line, the first record is whole,
+    the torn second is cut off by --resume, which completes the file without duplicates."""
+    from sgl_cli.engine.io.output import RecordWriter
+
+    class FillsUp:
+        def __init__(self, f, room: int):
+            self.f, self.room = f, room
+
+        def write(self, text):
+            if self.room == 0:
+                self.f.write(text[:20])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= 1
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+
+    real_init = RecordWriter.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self._f = FillsUp(self._f, room=1)
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(RecordWriter, "__init__", init)
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out)])
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1].startswith("sgl: error: cannot write to")
+    assert (f"cannot write to {out}: No space left on device; the 1 record(s) written by this run are whole and kept"
+            in res.stderr and "--resume" in res.stderr)
+    monkeypatch.setattr(RecordWriter, "__init__", real_init)
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
+
+
+def test_the_writer_turns_a_full_disk_into_one_line(tmp_path):
+    """The real path: a write that fails with ENOSPC (/dev/full) is an OutputError naming the file and --resume."""
+    from sgl_cli.engine.io.output import OutputError, RecordWriter
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    writer = RecordWriter(Path("/dev/full"), append=True)
+    with pytest.raises(OutputError, match=r"cannot write to /dev/full: No space left on device; the 0 record\(s\)"):
+        writer.write({"line": 1})
+    writer.close()
+
+
+def test_the_interrupt_hint_is_the_exact_command_that_continues(tmp_path, batch, preset_file, monkeypatch):
+    from sgl_cli.engine.core import engine as engine_mod
+
+    out = tmp_path / "answers.jsonl"
+    real = engine_mod.Engine.process
+    calls = {"n": 0}
+
+    def interrupted(self, items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, items)
+
+    monkeypatch.setattr(engine_mod.Engine, "process", interrupted)
+    args = ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--retain", "0.5", "--no-exit",
+            "--overwrite"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130
+    hint = res.stderr.split("`")[1]
+    assert hint == (f"sgl run {batch} --out {out} --preset {preset_file} --retain 0.5 --no-exit --resume")
+    monkeypatch.setattr(engine_mod.Engine, "process", real)
+    res = runner.invoke(app, hint.split()[1:])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args[:-1], "--out", str(tmp_path / "whole.jsonl")])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "ms"} for r in rs]  # noqa: E731
+    assert strip(strict_records(out)) == strip(strict_records(tmp_path / "whole.jsonl"))
+
+
+def test_resume_refuses_an_input_edited_since(tmp_path, batch, preset_file):
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "-q"])
+    assert res.exit_code == 0
+    lines = batch.read_text().splitlines()
+    batch.write_text("\n".join(["", *lines]) + "\n")  # every item moved down a line
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "the input changed since the interrupted run" in res.stderr
+
+
+# -- images --------------------------------------------------------------------------------------------------------
+def _load(path: Path):
+    from sgl_cli.engine.io.images import load_images
+    from sgl_cli.engine.io.items import ImageRef, Item
+
+    return load_images(Item(line=1, id=1, images=[ImageRef.path(path)]))[0]
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp16 = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    Image.fromarray(ramp16.astype(np.int32)).save(tmp_path / "g32.tif")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "f01.tif")
+    Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32)).save(tmp_path / "f255.tif")
+    for name, want in (("g16.png", [0, 100, 255]), ("g32.tif", [0, 100, 255]), ("f01.tif", [0, 128, 255]),
+                       ("f255.tif", [0, 100, 255])):
+        got = np.asarray(_load(tmp_path / name))
+        assert got.shape == (1, 3, 3) and got[0, :, 0].tolist() == want and (got[..., 0] == got[..., 2]).all(), name
+
+
+def test_unconvertible_images_are_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sgl_cli.engine.errors import ItemError
+
+    Image.fromarray(np.array([[0.0, float("nan")]], dtype=np.float32)).save(tmp_path / "nan.tif")
+    Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)).save(tmp_path / "wide.tif")
+    for name, why in (("nan.tif", "non-finite"), ("wide.tif", "outside 0-65535")):
+        with pytest.raises(ItemError, match=f"line 1: image '{name}' has .*{why}"):
+            _load(tmp_path / name)
+
+
+def test_exif_orientation_and_transparency(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    im = Image.new("RGB", (64, 32), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 16, 16))  # red in the top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    shown = np.asarray(_load(tmp_path / "rot.jpg"))
+    assert shown.shape == (64, 32, 3)
+    assert shown[8, 24, 0] > 200 and shown[8, 8, 0] < 50  # the red corner is now top right
+    clear = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    clear.save(tmp_path / "clear.png")
+    assert np.asarray(_load(tmp_path / "clear.png")).tolist() == [[[255, 255, 255]] * 2] * 2
+
+
+def test_a_huge_picture_is_decoded_reduced(tmp_path):
+    from PIL import Image
+
+    from sgl_cli.engine.io import images
+    from sgl_cli.engine.io.items import ImageRef, Item
+
+    Image.new("RGB", (6000, 4000), (200, 100, 50)).save(tmp_path / "big.jpg", quality=80)
+    item = Item(line=1, id=1, images=[ImageRef.path(tmp_path / "big.jpg")])
+    (small,) = images.load_images(item, max_pixels=448 * 448)
+    assert small.size[0] * small.size[1] < 6000 * 4000 / 3 and abs(small.size[0] / small.size[1] - 1.5) < 0.01
+    (full,) = images.load_images(item)
+    assert full.size == (6000, 4000)  # no processor budget given: nothing is reduced
+
+
+# -- presets --------------------------------------------------------------------------------------------------------
+ALIAS_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+                       + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, want", [
+    (ALIAS_BOMB + "\nlarge: {model: x}\nprompt_suffix: *i\n", "aliases expand to over 100,000 values"),
+    ("large: {model: x}\nprompt_suffix: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ("large: {model: x}\nretian: 0.5\n", "unknown key 'retian' (did you mean 'retain'?); known keys: name, "
+                                         "description, small, large, retain,"),
+    ("large: {model: x}\nprompt_suffix: [" + "1, " * 5000 + "1]\n", "prompt_suffix must be str, got [1, 1, 1"),
+])
+def test_hostile_presets_fail_fast_in_one_short_line(tmp_path, text, want):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    from sgl_cli.engine.errors import PresetError
+    from sgl_cli.engine.preset import load_preset
+
+    with pytest.raises(PresetError) as exc:
+        load_preset(str(path))
+    assert time.perf_counter() - t0 < 20
+    message = str(exc.value)
+    assert want in message and "\n" not in message and len(message) < 600, message
+
+
+def test_a_non_utf8_preset_is_one_line(tmp_path, batch):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"large: {model: x}\nname: \xff\xfe\n")
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(path)])
+    assert res.exit_code == 2 and res.stderr == f"sgl: error: {path}: not UTF-8 text (byte 0xff at offset 24)\n"
+
+
+def test_a_missing_model_folder_says_so(tmp_path, batch):
+    path = write_preset(tmp_path, {"small": "./models/not-here", "large": "./models/not-here"})
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(path), "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2
+    assert "model folder ./models/not-here does not exist" in res.stderr and "Repo id" not in res.stderr
+
+
+# -- property-based -------------------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=20)
+item_like = st.fixed_dictionaries({}, optional={k: json_values for k in
+                                                ("image", "images", "image_base64", "question", "id", "answer",
+                                                 "type", "max_new_tokens")})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=200), item_like.map(lambda d: json.dumps(d).encode()),
+                 json_values.map(lambda v: json.dumps(v, allow_nan=True).encode())))
+def test_the_line_parser_never_raises_and_always_decides(raw):
+    from sgl_cli.engine.io.items import parse_line
+
+    item = parse_line(raw, 7, Path("/tmp"))
+    if item.error is not None:
+        assert item.error.startswith("line 7: ") and len(item.error) < 400
+    else:
+        assert item.images and isinstance(item.question, str) and item.question.strip()
+        assert isinstance(item.id, (str, int)) and not isinstance(item.id, bool)
+        json.dumps({"id": item.id, "q": item.question, "r": item.reference}, allow_nan=False).encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["name", "description", "small", "large", "retain", "prune_layer",
+                                        "threshold", "guide", "batch_size", "prompt_suffix", "max_new_tokens",
+                                        "oops"]), json_values, max_size=6) | json_values)
+def test_the_preset_loader_raises_only_preset_errors(tmp_path, data):
+    import yaml
+
+    from sgl_cli.engine.errors import PresetError
+    from sgl_cli.engine.preset import load_preset
+
+    path = tmp_path / "fuzz.yaml"
+    try:
+        path.write_text(yaml.safe_dump(data))
+    except (yaml.YAMLError, UnicodeEncodeError):
+        return
+    try:
+        preset = load_preset(str(path))
+    except PresetError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 1000
+    else:
+        preset.settings.validate("fuzz")
