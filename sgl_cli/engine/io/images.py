@@ -29,6 +29,7 @@ REDUCE_ABOVE_PIXELS = 16_000_000
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 _DIRECT = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", *_ALPHA)
 _INT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F")  # modes Image.reduce takes
 
 
 def load_images(item: Item, fetcher=None, max_pixels: int | None = None) -> list:
@@ -124,15 +125,18 @@ def decode(source, max_pixels: int | None = None):
 
 
 def _decode(Image, ImageOps, source, max_pixels):
-    with Image.open(source) as im:
-        w, h = im.size
-        if _too_large(w, h, max_pixels) and im.format == "JPEG":
-            im.draft("RGB", _reduced(w, h, max_pixels))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        rgb = to_rgb(im)
-    factor = _factor(*rgb.size, max_pixels) if _too_large(*rgb.size, max_pixels) else 1
-    return rgb.reduce(factor) if factor > 1 else rgb
+    with Image.open(source) as opened:
+        w, h = opened.size
+        if _too_large(w, h, max_pixels) and opened.format == "JPEG":
+            opened.draft("RGB", _reduced(w, h, max_pixels))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
+        opened.load()
+        im = opened
+        if _too_large(*im.size, max_pixels):  # reduce first: every later step then works on the small picture
+            factor = _factor(*im.size, max_pixels)
+            im = im.reduce(factor) if im.mode in _REDUCIBLE else to_rgb(im).reduce(factor)
+        transposed = ImageOps.exif_transpose(im)  # a copy, rotated when EXIF says so
+        rgb = to_rgb(transposed if transposed is not None else im)
+    return rgb
 
 
 def _too_large(w: int, h: int, max_pixels: int | None) -> bool:
@@ -163,6 +167,8 @@ def to_rgb(im):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return im
     if mode in _DIRECT:
         return im.convert("RGB")
     if mode in _INT or mode.startswith("I;16"):
