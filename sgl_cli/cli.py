@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from . import __version__
-from .commands import bench, calibrate, demo, inspect, presets, run
+from .commands import bench, calibrate, demo, inspect, presets, report, run
 from .commands import eval as eval_cmd
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("demo")(demo.demo)
 app.command("inspect")(inspect.inspect)
 app.command("bench")(bench.bench)
 app.command("presets")(presets.presets)
+app.command("report")(report.report)
 
 
 def _version(value: bool) -> None:

@@ -75,6 +75,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip the items already in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     no_fetch: bool = typer.Option(False, "--no-fetch", help="Never fetch image URLs: items with one are error records."),
+    save_scores: bool = typer.Option(False, "--save-scores", help="Also write each item's visual-token ranking and kept tokens beside the output (<out>.scores.arrow), for `sgl report`."),
     image_column: str = typer.Option("image", help="Parquet / dataset column of the image (bytes, the datasets Image struct, or a path or URL)."),
     question_column: str = typer.Option("question", help="Parquet / dataset column of the question."),
     id_column: str = typer.Option("id", help="Parquet / dataset column of the item id (default: the row number)."),
@@ -99,7 +100,7 @@ def run(
             prompt_suffix=prompt_suffix, batch_size=batch_size, guide=guide, seed=seed,
         ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize,
             dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column), split=split,
-                 limit=limit), no_fetch, resume_command(ctx))
+                 limit=limit), no_fetch, resume_command(ctx), save_scores)
     raise typer.Exit(code)
 
 
@@ -132,7 +133,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
          resume: bool, overwrite: bool, threads: Optional[int], quiet: bool, backend: str = "local",
          num_workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
          quantize: Optional[str] = None, table: Optional[dict] = None, no_fetch: bool = False,
-         again: str = "") -> int:
+         again: str = "", save_scores: bool = False) -> int:
     from ..engine.errors import SglError
     from ..engine.io.fetch import FetchPolicy
     from ..engine.io.run import Run
@@ -153,7 +154,8 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
     to_stdout = out is not None and str(out) == "-"
     job = Run(input, preset, out=None if to_stdout else (out or "default"), resume=resume, overwrite=overwrite,
               calibration=calibration, backend=backend, ray_options=ray_options, threads=threads,
-              fetch=FetchPolicy(enabled=not no_fetch), notify=(lambda _: None) if quiet else note, warn=note,
+              fetch=FetchPolicy(enabled=not no_fetch), save_scores=save_scores,
+              notify=(lambda _: None) if quiet else note, warn=note,
               **(table or {}))
     summary = job.summary
     with progress_bar("sgl run", quiet, job.remaining()) as advance:

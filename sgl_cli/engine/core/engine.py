@@ -84,6 +84,7 @@ class Engine:
         self.preset = preset
         self.fetch = fetch or FetchPolicy()
         self.fetcher = Fetcher(self.fetch)
+        self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
         self.guide: Guide = make_guide(settings.guide, settings)
         if self.guide.needs_small and small is None:
             raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "

@@ -49,7 +49,26 @@ def make_record(engine, w: Work, total_ms: float = 0.0) -> dict:
     if item.custom_id is not None:
         rec["custom_id"] = item.custom_id
     rec["error"] = w.error
+    if engine.save_scores and w.ok:
+        rec[SCORES_KEY] = _scores(engine, w, exited)
     return rec
+
+
+# The key under which a record carries its ranking to the `--save-scores` writer, which takes it off the record.
+SCORES_KEY = "_scores"
+
+
+def _scores(engine, w: Work, exited: bool) -> dict:
+    from ..io.scores import score_payload
+
+    m = engine.large
+    try:
+        grids = m.family.token_grids(m.model, w.encoded.large, w.encoded.image_sizes, m.processor)
+    except ValueError:  # a layout the family cannot draw: the scores without their grid
+        grids = []
+    if exited:
+        return score_payload(w.small.importance.float(), [], grids)
+    return score_payload(w.large.scores.float(), w.large.kept, grids)
 
 
 def _finite(x: float) -> float | None:

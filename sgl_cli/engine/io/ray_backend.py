@@ -7,7 +7,7 @@ sees the same rows, padding included, and the records are the local backend's to
 `num_workers` actors each loads the pair once (one `Engine`) and turns a block at a time into records with the
 same parsing (the source travels to the workers) and the same engine. Ray Data hands the records back in input order (`preserve_order`), and the
 caller writes them with the same writer, so the output file, `--resume` and the exit code are the local
-backend's. Records are shipped as JSON text, so no field is reshaped by Arrow.
+backend's. Records are shipped pickled, so no field is reshaped by Arrow.
 
 Where it runs: `ray.init()` joins the cluster named by `RAY_ADDRESS` or the one this machine belongs to (`ray start`),
 else it starts a local one. Every worker needs sgl installed and must see the image paths (and the model
@@ -16,7 +16,6 @@ folders) the driver sees: shared storage, or the same paths on every node. Image
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -85,7 +84,7 @@ def blocks(batches: list[list[tuple[int, bytes]]], max_blocks: int = MAX_BLOCKS)
 class EngineWorker:
     """One Ray actor: the pair loaded once, turning batches of input items into JSON records."""
 
-    def __init__(self, preset, source, cwd: str, threads: int, fetch=None):
+    def __init__(self, preset, source, cwd: str, threads: int, fetch=None, save_scores: bool = False):
         import torch
 
         torch.set_num_threads(threads)
@@ -95,6 +94,7 @@ class EngineWorker:
 
         self.source = source
         self.engine = Engine.from_preset(preset, fetch=fetch)
+        self.engine.save_scores = save_scores
 
     def __call__(self, block: dict) -> dict:
         import numpy as np
@@ -103,7 +103,7 @@ class EngineWorker:
         # The payloads were pickled by this run's own driver.
         items = [self.source.parse(int(line), pickle.loads(payload))
                  for line, payload in zip(block["line"], block["payload"])]
-        records = [json.dumps(r, ensure_ascii=False, allow_nan=False) for r in self.engine.run(items)]
+        records = [pickle.dumps(r) for r in self.engine.run(items)]  # scores travel as numpy arrays
         return {
             "record": np.array(records, dtype=object),
             "random_weights": np.full(len(records), bool(self.engine.random_weights)),
@@ -165,7 +165,7 @@ def _one_line(exc: BaseException) -> str:
 
 def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
                 on_random_weights: Callable[[], None] | None = None,
-                notify: Callable[[str], None] | None = None) -> Iterator[dict]:
+                notify: Callable[[str], None] | None = None, save_scores: bool = False) -> Iterator[dict]:
     """Yield one record per input item from the `skip`-th on, in input order, as Ray's workers complete them.
     `notify` receives one-line notes (the worker plan); `on_random_weights` is called once when the workers'
     models have random weights."""
@@ -192,7 +192,7 @@ def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
         ds = ds.map_batches(
             EngineWorker,
             fn_constructor_kwargs={"preset": preset, "source": source, "cwd": os.getcwd(), "threads": cpus,
-                                   "fetch": fetch},
+                                   "fetch": fetch, "save_scores": save_scores},
             batch_size=None,  # a whole block per call: block boundaries are batch boundaries
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -205,8 +205,8 @@ def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
                 if not warned and on_random_weights is not None and bool(batch["random_weights"].any()):
                     on_random_weights()
                     warned = True
-                for text in batch["record"]:
-                    yield json.loads(text)
+                for data in batch["record"]:
+                    yield pickle.loads(data)  # pickled by this run's own workers
         except Exception as exc:  # noqa: BLE001 - a worker that cannot start fails the run in one line
             raise SglError(_one_line(exc)) from None
     finally:

@@ -73,13 +73,15 @@ class Run:
     `<input stem>.sgl.jsonl` beside the input; None: records are only yielded). `resume` skips the items `out`
     already records (refusing other settings); `overwrite` replaces it. `backend` is "local" or "ray"
     (`ray_options`). `columns`, `split`, `limit` select what a table input holds; `fetch` bounds image URL fetches
-    (`FetchPolicy(enabled=False)`: none). `notify` receives one-line notes, `warn` one-line warnings (default:
-    notify). An OpenAI batch input gets an OpenAI batch output file."""
+    (`FetchPolicy(enabled=False)`: none). `save_scores` also writes each item's visual-token ranking beside the
+    output (`io/scores.py`). `notify` receives one-line notes, `warn` one-line warnings (default: notify). An OpenAI
+    batch input gets an OpenAI batch output file. Beside the output, `<out stem>.run.json` says what was run (the
+    input, its format), for `sgl report`."""
 
     def __init__(self, input: str | Path, preset: Preset, *, out: str | Path | None = "default", resume: bool = False,
                  overwrite: bool = False, calibration: str | Path | None = None, backend: str = "local",
                  ray_options=None, threads: int | None = None, columns=None, split: str | None = None,
-                 limit: int | None = None, fetch: FetchPolicy | None = None,
+                 limit: int | None = None, fetch: FetchPolicy | None = None, save_scores: bool = False,
                  notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
         from ..evaluation.fingerprint import apply_calibration
         from .sources import open_source
@@ -92,6 +94,7 @@ class Run:
         self.ray_options = ray_options
         self.threads = threads
         self.fetch = fetch or FetchPolicy()
+        self.save_scores = save_scores
         if resume and overwrite:
             raise SglError("--resume and --overwrite contradict each other")
         self.source = open_source(self.input, columns=columns, split=split, limit=limit)
@@ -101,7 +104,10 @@ class Run:
         self.out = default_output(self.input) if out == "default" else (Path(out) if out is not None else None)
         if self.out is None and resume:
             raise SglError("--resume needs an output file, not stdout")
+        if self.out is None and save_scores:
+            raise SglError("--save-scores needs an output file, not stdout")
         self.done: list = []  # the identities of the records `out` holds (resume)
+        self.done_lines: set[int] = set()  # their items' lines
         if self.out is not None:
             self._check_output(resume, overwrite)
         self.summary = RunSummary(skipped=len(self.done), out=self.out)
@@ -167,7 +173,7 @@ class Run:
 
             # Models load in the workers; the records come back in input order, so writing them is shared.
             return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
-                               on_random_weights=warn_random, notify=self.notify)
+                               on_random_weights=warn_random, notify=self.notify, save_scores=self.save_scores)
         from ..core.engine import Engine
 
         if self.threads is not None:
@@ -175,6 +181,7 @@ class Run:
 
             torch.set_num_threads(self.threads)
         engine = Engine.from_preset(self.preset, fetch=self.fetch)
+        engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
         return engine.run(self._items())
@@ -188,6 +195,7 @@ class Run:
                 raise SglError(f"cannot resume: {self.out} holds {len(self.done)} records but the input has only {n} "
                                "items; write to a new --out")
             expected = item.custom_id if self.openai else item.line
+            self.done_lines.add(item.line)
             if recorded is not None and recorded != expected:
                 raise SglError(f"cannot resume: record {n + 1} of {self.out} is for {recorded!r}, but the input's "
                                f"item {n + 1} is {expected!r}: the input changed since the interrupted run; write to "
@@ -201,13 +209,21 @@ class Run:
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
+        from ..core.record import SCORES_KEY
+
         records = self._records()
         writer: RecordWriter | None = None
+        scores = None
         try:
             for record in records:
+                payload = record.pop(SCORES_KEY, None)
                 if self.out is not None:
                     writer = writer or self._open()
                     writer.write(record)
+                    if self.save_scores:
+                        scores = scores or self._open_scores()
+                        if payload is not None:  # written after its record: a kill between loses scores, not a record
+                            scores.write(record["line"], payload)
                 self.summary.add(record)
                 yield record
             if writer is None and self.out is not None:
@@ -217,6 +233,8 @@ class Run:
                 records.close()  # a Ray backend it started shuts down
             if writer is not None:
                 writer.close()
+            if scores is not None:
+                scores.close()
             self.release()
 
     def shape(self, record: dict) -> dict:
@@ -228,10 +246,25 @@ class Run:
         return output_line(record, self.preset.name)
 
     def _open(self) -> RecordWriter:
+        import json
+
         import yaml
 
+        from ... import __version__
+        from .scores import scores_path
+
         settings_path(self.out).write_text(yaml.safe_dump(self.preset.to_dict(), sort_keys=False))
+        about = {"input": str(self.input.resolve()), "format": self.source.kind,
+                 "columns": dataclasses.asdict(self.source.columns), "split": self.source.split,
+                 "limit": self.source.limit, "preset": self.preset.name, "threshold": self.preset.settings.threshold,
+                 "scores": scores_path(self.out).name if self.save_scores else None, "sgl": __version__}
+        run_info_path(self.out).write_text(json.dumps(about, indent=1) + "\n")
         return RecordWriter(self.out, append=bool(self.done), shape=self.shape)
+
+    def _open_scores(self):
+        from .scores import ScoreWriter, scores_path
+
+        return ScoreWriter(scores_path(self.out), append=bool(self.done), keep_lines=self.done_lines)
 
     def execute(self) -> RunSummary:
         """Run to the end; the summary."""
@@ -241,6 +274,12 @@ class Run:
 
     def __del__(self) -> None:
         self.release()
+
+
+def run_info_path(out: Path) -> Path:
+    """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".run.json")
 
 
 def _same_file(a: Path, b: Path) -> bool:
