@@ -198,3 +198,26 @@ def test_five_thousand_records_stay_small_and_quick(tmp_path):
     dom, log = browse(page, tmp_path, "#filter=all&page=84")
     assert len(cards(dom)) == 20 and "page 84 of 84 (5000 of 5000 items)" in dom  # 83 pages of 60, then 20
     assert '<pre id="js-errors"></pre>' in dom and "Uncaught" not in log
+
+
+def test_a_parquet_run_and_a_ray_run_report_alike(tmp_path, preset_file, ray_cluster):
+    """Rows of a Parquet input (images as bytes) get their thumbnails; the Ray backend's output and rankings give
+    the report the local backend's gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sgl_cli.engine.views.report_data import gather
+
+    imgs = make_images(tmp_path, sizes=((112, 84), (84, 112)))
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in imgs], "question": ["What is it?"] * 2,
+                             "answer": ["red", "blue"]}), tmp_path / "t.parquet")
+    cards = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.jsonl"
+        res = runner.invoke(app, ["run", str(tmp_path / "t.parquet"), "--preset", str(preset_file), "--out", str(out),
+                                  "--save-scores", "--no-exit", "--backend", backend, "-q"])
+        assert res.exit_code == 0, res.output
+        data = gather(out)
+        assert len(data.thumbs) == 2 and all(c.overlays[0] is not None for c in data.cards)
+        cards[backend] = [(c.id, c.answer, c.overlays, c.images) for c in data.cards]
+    assert cards["local"] == cards["ray"]
