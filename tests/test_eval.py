@@ -90,30 +90,86 @@ def test_eval_with_threshold_is_the_mixed_system(tmp_path, tiny_pair, engine_fac
     assert sgl["accuracy"] == pytest.approx(acc, abs=1e-4)
 
 
-def test_eval_takes_the_threshold_of_a_matching_calibration(tmp_path, tiny_pair, labelled):
-    """--calibration is --threshold with the file's value, for a calibration made at another retain and guide;
-    one made with other exit settings (max_new_tokens) is refused before any model call."""
+def test_eval_checks_the_calibrated_operating_point(tmp_path, tiny_pair, engine_factory, labelled):
+    """--calibration runs the file's operating point (sgl at its retain and threshold) beside the asked settings
+    and reports it next to what the file predicted; the threshold is --threshold with the file's value for the
+    other sgl rows. A file made with other exit settings (max_new_tokens) is refused before any model call."""
     import yaml
 
-    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5, retain=0.25)
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5, retain=0.09)
     cal_path = tmp_path / "cal.yaml"
-    res = runner.invoke(app, ["calibrate", str(labelled), "-p", str(preset), "--exit-rate", "0.5", "--out",
-                              str(cal_path), "-q"])
+    res = runner.invoke(app, ["calibrate", str(labelled), "-p", str(preset), "--retain", "0.25", "--exit-rate",
+                              "0.5", "--out", str(cal_path), "-q"])
     assert res.exit_code == 0, res.output
-    threshold = yaml.safe_load(cal_path.read_text())["threshold"]
-    common = ["eval", str(labelled), "-p", str(preset), "--retain", "0.5", "--guide", "sgl,random", "--json", "-q"]
-    by_file = runner.invoke(app, [*common, "--calibration", str(cal_path)])
-    by_value = runner.invoke(app, [*common, "--threshold", repr(threshold)])
+    cal = yaml.safe_load(cal_path.read_text())
+    threshold = cal["threshold"]
+    assert cal["retain"] == 0.25
+    common = ["eval", str(labelled), "-p", str(preset), "--guide", "random", "--json", "-q"]
+    by_file = runner.invoke(app, [*common, "--retain", "0.5", "--calibration", str(cal_path)])
+    by_value = runner.invoke(app, [*common, "--guide", "sgl", "--retain", "0.5,0.25", "--threshold", repr(threshold)])
     assert by_file.exit_code == 0 and by_value.exit_code == 0, by_file.output + by_value.output
     a, b = json.loads(by_file.stdout), json.loads(by_value.stdout)
-    assert a["threshold"] == pytest.approx(threshold) and a["results"][0]["exit_rate"] == pytest.approx(0.5)
-    assert [(r["accuracy"], r["exit_rate"], r["large_calls"]) for r in a["results"]] == \
-        [(r["accuracy"], r["exit_rate"], r["large_calls"]) for r in b["results"]]
+    assert a["threshold"] == pytest.approx(threshold)
+    assert sorted((r["guide"], r["retain"]) for r in a["results"]) == [("random", 0.25), ("random", 0.5),
+                                                                        ("sgl", 0.25), ("sgl", 0.5)]
+
+    def key(result):
+        return sorted((r["guide"], r["retain"], r["accuracy"], r["exit_rate"], r["large_calls"])
+                      for r in result["results"])
+
+    assert key(a) == key(b)
+    check = a["calibration"]
+    assert (check["file"], check["retain"], check["prune_layer"], check["threshold"]) == (str(cal_path), 0.25, 0,
+                                                                                          threshold)
+    keys = ("exit_rate", "accuracy", "relative_accuracy", "relative_compute")
+    assert check["predicted"] == {k: cal["chosen"][k] for k in keys} and check["predicted_items"] == 6
+    row = next(r for r in a["results"] if (r["guide"], r["retain"]) == ("sgl", 0.25))
+    assert check["measured"] == {k: row[k] for k in keys} and check["measured_items"] == 6
+    # The same items as the calibration: what it predicted is what it measures (timings aside).
+    assert check["measured"]["exit_rate"] == pytest.approx(0.5) == check["predicted"]["exit_rate"]
+    # By hand, item by item as the calibration ran them (a batch of six rounds differently in the last bits, which
+    # can move an exit score that equals the threshold across it).
+    engine = engine_factory(retain=0.25, threshold=threshold)
+    records = [engine.process([item])[0] for item in read_items(labelled)]
+    acc = sum(vqa(r["answer"], r["reference"]) for r in records) / 6
+    assert check["measured"]["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert check["predicted"]["accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert check["measured"]["relative_compute"] > 0
+
+    table = runner.invoke(app, [*common[:-2], "-q", "--retain", "0.5", "--calibration", str(cal_path)])
+    assert table.exit_code == 0, table.output
+    assert "calibrated operating point" in table.stdout and "measured (these items)" in table.stdout
+
     (tmp_path / "other").mkdir()
     other = write_preset(tmp_path / "other", tiny_pair, max_new_tokens=3)
     bad = runner.invoke(app, [*common[:3], str(other), *common[4:], "--calibration", str(cal_path)])
     assert bad.exit_code == 2 and "made for other models or settings" in bad.output
     assert "max_new_tokens" in bad.output
+
+
+def test_relative_compute_follows_the_measured_stage_times(engine_factory, labelled):
+    """Each setting's compute: (small + (1 - exit rate) x its large-model time) / the large model alone's, medians
+    of the times per item (the small model counts only for the guides that run it)."""
+    import statistics
+
+    from sgl_cli.engine.evaluation.evaluate import Evaluation
+
+    items = list(read_items(labelled))
+    scores = sorted(r["exit_score"] for r in engine_factory(threshold=None).process(items))
+    ev = Evaluation(engine_factory(threshold=None), ["sgl", "random"], [0.5], "vqa",
+                    threshold=(scores[1] + scores[2]) / 2)  # four of six items exit
+    for i in range(0, 6, 2):
+        ev.add_batch(items[i:i + 2])
+    out = {r["guide"]: r for r in ev.result()["results"]}
+    assert len(ev.small_ms) == len(ev.alone_ms) == 6
+    # Paired: each item's small-model time over the large model alone's on the same item (its batch's share).
+    small = statistics.median(s / a for s, a in zip(ev.small_ms, ev.alone_ms))
+    sgl, rnd = ev.tallies[("sgl", 0.5)], ev.tallies[("random", 0.5)]
+    assert len(sgl.large_cost) == out["sgl"]["large_calls"] == 2 and len(rnd.large_cost) == 6
+    assert out["sgl"]["exit_rate"] == pytest.approx(4 / 6, abs=1e-4)
+    assert out["sgl"]["relative_compute"] == pytest.approx(small + 2 / 6 * statistics.median(sgl.large_cost),
+                                                           abs=1e-4)
+    assert out["random"]["relative_compute"] == pytest.approx(statistics.median(rnd.large_cost), abs=1e-4)
 
 
 def test_eval_table_plot_and_errors(tmp_path, tiny_pair, labelled):

@@ -364,6 +364,15 @@ def test_exit_line_uses_the_presets_calibration(tmp_path, tiny_pair):
     got = json.loads(res.stdout)
     assert got["threshold"] == 0.0 and got["calibration"] == str(cal) and got["retain"] == 0.5
 
+    # A version-2 file's retain and prune layer are taken unless given, as `sgl run` takes them.
+    data = yaml.safe_load(cal.read_text())
+    cal.write_text(yaml.safe_dump({**data, "retain": 0.3, "prune_layer": 1}))
+    res = inspect(image, preset, "--json")
+    got = json.loads(res.stdout)
+    assert (got["retain"], got["threshold"]) == (0.3, 0.0)
+    assert f"sgl: retain 0.3 and prune layer 1 from the calibration {cal}" in res.stderr
+    assert json.loads(inspect(image, preset, "--json", "--retain", "0.5").stdout)["retain"] == 0.5
+
     write_calibration(cal, preset, 1.5)  # no answer clears it
     got = json.loads(inspect(image, preset, "--json").stdout)
     assert got["threshold"] == 1.5 and got["exit"] == "large" and got["exit_score"] < 1.5

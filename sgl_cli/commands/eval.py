@@ -36,17 +36,24 @@ large model alone are the references. Without --threshold or --calibration nothi
 table measures pruning alone; with one, the sgl rows are the mixed system (confident small answers exit,
 the others go to the pruned large model). cls, fastv and random never exit. The small model's pass, the
 large model's image features and its unpruned answer are computed once per item and shared by every
-setting; a setting's items/s counts every stage it needs.
+setting; a setting's items/s counts every stage it needs, and its compute, relative to the large model alone,
+is the small model + (1 - exit rate) x the large model at that setting, each the median over the items of its
+time over the large model alone's on the same item (as `sgl calibrate` measures it).
+
+With --calibration, the operating point the file chose (the sgl guide at its retain, prune layer and
+threshold) is among the settings and is reported beside what the file predicted: run it on items the
+calibration did not see to check the choice.
 
 Output: a table on stdout (or with --json, one JSON object: `results` with guide, retain, accuracy,
-relative_accuracy, per_type, exit_rate, large_calls, retained_tokens, items_per_s per setting, and
-`small_alone`, `large_alone`). --plot draws accuracy against retain; --details writes every item's
-answers and correctness per setting as JSONL.
+relative_accuracy, per_type, exit_rate, relative_compute, large_calls, retained_tokens, items_per_s per
+setting, `small_alone`, `large_alone`, and with --calibration `calibration`: its predicted and measured
+exit_rate, accuracy, relative_accuracy and relative_compute). --plot draws accuracy against retain; --details
+writes every item's answers and correctness per setting as JSONL.
 
 Examples:
   sgl demo shapes --n 500 --seed 1 && sgl eval shapes/batch.jsonl
   sgl eval labelled.jsonl --guide sgl,fastv --retain 0.5,0.09 --json > eval.json
-  sgl eval labelled.jsonl --calibration labelled.calibration.yaml --plot eval.png
+  sgl eval held-out.jsonl --calibration labelled.calibration.yaml --plot eval.png
 """
 
 
@@ -86,7 +93,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
           limit, json_out: bool, plot: Optional[Path], details: Optional[Path], threads, quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import read_labelled
-    from ..engine.evaluation.fingerprint import calibration_threshold
+    from ..engine.evaluation.fingerprint import calibration_point
     from ..engine.evaluation.metrics import get_metric
     from ..engine.guides import guide_class
     from ..engine.preset import load_preset
@@ -121,8 +128,23 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     needs_small = [g for g in guides if guide_class(g).needs_small]
     if needs_small and preset.small is None:
         raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")
+    point = None
     if calibration is not None:
-        threshold = calibration_threshold(preset, calibration, None if quiet else note)
+        point = calibration_point(preset, calibration, None if quiet else note)
+        threshold = point.threshold
+        if point.retain is None:
+            err(f"sgl: {calibration} names no retain: only its threshold is used")
+            point = None
+    if point is not None:  # its operating point is among the settings
+        retains = sorted({*retains, point.retain}, reverse=True)
+        guides = guides if "sgl" in guides else ["sgl", *guides]
+        k = point.prune_layer
+        if k is not None and k != preset.settings.prune_layer:
+            if overrides.get("prune_layer") is None:
+                preset = preset.with_settings(prune_layer=k)
+            else:
+                err(f"sgl: warning: the calibration chose prune layer {k}; --prune-layer "
+                    f"{preset.settings.prune_layer} checks another operating point")
     if threshold is not None and preset.small is None:
         raise SglError("early exit (--threshold/--calibration) needs a small model")
 
@@ -155,7 +177,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
                     sink.write("".join(json.dumps(r) + "\n" for r in rows))
                 advance(n)
 
-            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch)
+            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch, calibration=point)
     except ValueError as exc:
         raise SglError(str(exc)) from None
     finally:
@@ -170,6 +192,8 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         typer.echo(json.dumps(result, indent=1))
     else:
         _table(result)
+        if result.get("calibration"):
+            _check(result["calibration"])
     if not quiet:
         written = [str(p) for p in (plot, details) if p]
         if written:
@@ -187,27 +211,50 @@ def _table(result: dict) -> None:
     table = Table(title=f"{result['items']} items, metric {result['metric']}{exit_note}", title_justify="left",
                   caption="rel: accuracy / large alone's; kept: mean visual tokens the large model kept",
                   caption_justify="left")
-    for name in ("setting", "retain", "K", "accuracy", "rel", *types, "exit", "large calls", "kept",
+    for name in ("setting", "retain", "K", "accuracy", "rel", *types, "exit", "compute", "large calls", "kept",
                  "items/s"):
         table.add_column(name, justify="left" if name == "setting" else "right")
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
-    def row(name, r, retain="1", k="", rel=None, exit_rate=None, kept=None, style=None):
+    def row(name, r, retain="1", k="", rel=None, exit_rate=None, kept=None, compute=None, style=None):
         table.add_row(name, retain, k, fmt(r["accuracy"]), fmt(rel), *(fmt(r["per_type"].get(t)) for t in types),
-                      fmt(exit_rate, ".1%"), str(r["large_calls"]), fmt(kept, ".1f"), fmt(r["items_per_s"], ".2f"),
-                      style=style)
+                      fmt(exit_rate, ".1%"), fmt(compute, ".2f"), str(r["large_calls"]), fmt(kept, ".1f"),
+                      fmt(r["items_per_s"], ".2f"), style=style)
 
     if result["small_alone"]:
         s = result["small_alone"]
         row("small alone", s, rel=s["accuracy"] / large_acc if large_acc else None, style="dim")
     la = result["large_alone"]
-    row("large alone", la, rel=1.0 if large_acc else None, kept=la["visual_tokens"], style="bold")
+    row("large alone", la, rel=1.0 if large_acc else None, kept=la["visual_tokens"], compute=1.0, style="bold")
     for r in result["results"]:
         row(r["guide"], r, retain=f"{r['retain']:g}", k=str(r["prune_layer"]), rel=r["relative_accuracy"],
-            exit_rate=r["exit_rate"], kept=r["retained_tokens"])
+            exit_rate=r["exit_rate"], kept=r["retained_tokens"], compute=r["relative_compute"])
     import sys
 
     # Piped or redirected, rich would wrap at 80 columns; a table in a file should stay one row per line.
     Console(width=None if sys.stdout.isatty() else 110 + 8 * len(types)).print(table)
+
+
+def _check(check: dict) -> None:
+    """The calibrated operating point: predicted by its file, measured on these items."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"calibrated operating point ({check['file']}): sgl, retain {check['retain']:g}, prune layer "
+                        f"{check['prune_layer']}, threshold {check['threshold']:.6g}", title_justify="left",
+                  caption="x large: accuracy / the large model alone's; compute: 1 = the large model alone",
+                  caption_justify="left")
+    for name in ("", "items", "exit rate", "accuracy", "x large", "compute"):
+        table.add_column(name, justify="left" if not name else "right")
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for name, values, n in (("predicted (its items)", check["predicted"], check["predicted_items"]),
+                            ("measured (these items)", check["measured"], check["measured_items"])):
+        values = values or {}
+        table.add_row(name, str(n), fmt(values.get("exit_rate"), ".1%"), fmt(values.get("accuracy"), ".3f"),
+                      fmt(values.get("relative_accuracy"), ".3f"), fmt(values.get("relative_compute"), ".2f"))
+    Console(width=120).print(table)

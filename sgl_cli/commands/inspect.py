@@ -17,8 +17,8 @@ from .options import PresetOption, ThreadsOption
 
 EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
-at the preset's threshold (or its `calibration:` file's, as `sgl run` uses
-it), and a heatmap of every visual token's importance on the image's token
+at the preset's threshold (or its `calibration:` file's threshold, retain
+and prune layer, as `sgl run` uses them), and a heatmap of every visual token's importance on the image's token
 grid (rows x columns of merged patches), the tokens the large model keeps at
 --retain marked []. Multi-crop images are drawn as the model lays them out:
 LLaVA-NeXT/OneVision's base crop beside its high-res grid (the crops in
@@ -225,14 +225,19 @@ def _grids(model, enc: dict, image_sizes: list[tuple[int, int]]):
 
 
 def _calibrated(preset):
-    """The preset with the threshold of its `calibration:` file, as `sgl run` takes it, and that file's path (None
-    without one). Retain, prune layer and guide may differ from the file's: inspect varies them."""
-    from ..engine.evaluation.fingerprint import calibration_threshold, preset_calibration_path
+    """The preset with its `calibration:` file's threshold, and its retain and prune layer unless given, as `sgl run`
+    takes them, and that file's path (None without one). The guide may differ from the file's: inspect varies it."""
+    from ..engine.evaluation.fingerprint import calibration_point, preset_calibration_path
 
     path = preset_calibration_path(preset)
     if path is None:
         return preset, None
-    return preset.with_settings(threshold=calibration_threshold(preset, path, note)), str(path)
+    point = calibration_point(preset, path, note)
+    taken = {"retain": point.retain, "prune_layer": point.prune_layer}
+    taken = {k: v for k, v in taken.items() if v is not None and k not in preset.overridden}
+    if taken:
+        note(" and ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in taken.items()) + f" from the calibration {path}")
+    return preset.with_settings(threshold=point.threshold, **taken), str(path)
 
 
 def _guarded(what: str, fn):

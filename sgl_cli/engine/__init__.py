@@ -29,6 +29,7 @@ from .preset import ModelSpec, Preset, Settings, load_preset
 if TYPE_CHECKING:
     from .core.engine import Engine, LargeInputs
     from .core.stages import Encoded, LargeAnswer, SmallPass, Work
+    from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
     from .evaluation.fingerprint import apply_calibration
     from .guides.base import Guide, GuideBatch, GuideItem
@@ -38,13 +39,13 @@ if TYPE_CHECKING:
 _LAZY = {
     "Engine": ".core.engine", "LargeInputs": ".core.engine",
     "Encoded": ".core.stages", "LargeAnswer": ".core.stages", "SmallPass": ".core.stages", "Work": ".core.stages",
-    "Comparison": ".evaluation.compare",
+    "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
     "apply_calibration": ".evaluation.fingerprint",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
     "Run": ".io.run", "RunSummary": ".io.run",
 }
 
-__all__ = ["Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item", "ItemError",
+__all__ = ["Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item", "ItemError",
            "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
            "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names",
            "load_preset", "make_guide", "read_items"]

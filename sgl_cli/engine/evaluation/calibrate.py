@@ -1,16 +1,34 @@
-"""The data behind `sgl calibrate`: one small and one large answer per labelled item, cached.
+"""`sgl calibrate` as a library: each labelled item's model passes, computed once and cached, and the choice of
+the operating point (retain and threshold) from them.
 
-The cache is a JSONL file of `sgl run --no-exit` records (small and large answers, `exit_score`, timings)
-with one field added, `item_key`: a hash of what an answer depends on besides the settings (image path,
-question, max_new_tokens). The cache's file name carries a hash of the calibration fingerprint, so every
-model pair and setting has its own; a record whose `item_key` no longer matches its input line (the file
-was edited) is recomputed, and the last record of a line wins. Records are flushed as they complete, so an
-interrupted calibration continues where it stopped. References are read from the input every time: another
-target, metric or corrected label costs no model calls.
+    cal = Calibrator("labelled.jsonl", load_preset("default"), retains=["auto"])
+    for done in cal.compute(Engine.from_preset(cal.preset)):   # only what the cache lacks
+        ...
+    result = cal.choose("vqa", target_accuracy=0.99)
+    cal.save(result)                                            # the calibration file (and `plot=` a PNG)
+
+Per item: the small model once (answer, SGP ranking, exit score), the large model alone once, and the large model
+pruned once per retain value of the grid, through `Comparison` (which shares the encoding and the large model's
+vision tower among them). The cache is a JSONL file beside the calibration file, one per model pair and settings
+(`<input stem>.calibration-cache-<hash of the calibration fingerprint>.jsonl`; retain is not part of it). Each
+line holds what one batch computed for one item,
+
+    {"line": 3, "item_key": "...", "error": null,
+     "small": {"answer", "tokens", "probs", "consistency", "exit_score", "importance" (float32, base64), "ms"},
+     "large": {"answer", "ms"},                                  # the large model alone
+     "pruned": {"0.09": {"answer", "ms", "kept"}, ...}}          # the large model at each retain
+
+and an item's lines merge, the last winning. `item_key` hashes what answers depend on besides the settings (image
+path, question, max_new_tokens): lines whose key no longer matches the input (an edited item) are ignored and the
+item recomputed. Lines are flushed per batch: an interrupted calibration continues where it stopped. A retain
+added to the grid runs only the pruned large model, from the cached SGP ranking; another target, metric,
+confidence or corrected label runs no model (references are read from the input every time).
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -19,10 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SglError
 from ..io.items import Item, read_items
 from ..io.output import RecordWriter, completed_lines
-from .calibration import Outcome
+from ..preset import Preset
+from .calibration import Choice, Costs, Outcome, choose, parse_retains, save_calibration, to_yaml_dict
+from .fingerprint import calibration_fingerprint
 from .metrics import get_metric
+
+CACHE_FORMAT = 2  # part of the cache's name: a cache of another format is never read
+SMALL_SET = 200  # fewer labelled items than this: the choice fits them closely (say so)
 
 
 @dataclass
@@ -47,8 +71,8 @@ def read_labelled(path: Path) -> Labelled:
 
 
 def cache_path(folder: Path, input: Path, fingerprint: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    return folder / f"{input.stem}.calibration-cache-{digest}.jsonl"
+    blob = json.dumps({**fingerprint, "cache_format": CACHE_FORMAT}, sort_keys=True)
+    return folder / f"{input.stem}.calibration-cache-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
 
 
 def item_key(item: Item) -> str:
@@ -63,7 +87,7 @@ def item_key(item: Item) -> str:
 
 
 def read_cache(path: Path, items: Iterable[Item]) -> dict[int, dict]:
-    """Line -> cached record, for the items whose record is still valid."""
+    """Line -> the merged record of its cache lines that still match the input."""
     if not path.exists():
         return {}
     completed_lines(path)  # repairs a record torn by a kill; refuses a file that is not ours
@@ -73,18 +97,41 @@ def read_cache(path: Path, items: Iterable[Item]) -> dict[int, dict]:
         if raw.strip():
             rec = json.loads(raw)
             if keys.get(rec["line"]) == rec.get("item_key"):
-                cached[rec["line"]] = rec
+                merge(cached.setdefault(rec["line"], {"line": rec["line"], "pruned": {}}), rec)
     return cached
 
 
-def compute(engine, items: list[Item], path: Path, append: bool) -> Iterator[dict]:
-    """Run `engine` (threshold None: both models on every item) and append each record to the cache."""
-    keys = {item.line: item_key(item) for item in items}
-    with RecordWriter(path, append=append) as writer:
-        for rec in engine.run(items):
-            rec["item_key"] = keys[rec["line"]]
-            writer.write(rec)
-            yield rec
+def merge(into: dict, rec: dict) -> None:
+    """Add one cache line to an item's record: its parts replace the older ones, its error is the item's."""
+    for part in ("small", "large"):
+        if part in rec:
+            into[part] = rec[part]
+    into["pruned"].update(rec.get("pruned") or {})
+    into["item_key"], into["error"] = rec.get("item_key"), rec.get("error")
+
+
+def _key(retain: float) -> str:
+    return str(float(retain))
+
+
+def encode_small(small, ms: float) -> dict:
+    """A small pass as a cache entry; its importance (the SGP ranking) as float32 bytes, exactly."""
+    importance = small.importance.float().numpy().astype("<f4").tobytes()
+    return {"answer": small.answer, "tokens": list(small.tokens), "probs": list(small.probs),
+            "consistency": small.consistency, "exit_score": small.exit_score,
+            "importance": base64.b64encode(importance).decode("ascii"), "ms": round(ms, 3)}
+
+
+def decode_small(entry: dict):
+    """The cached small pass, as the engine's stages take it (`SmallPass`)."""
+    import numpy as np
+    import torch
+
+    from ..core.stages import SmallPass
+
+    importance = np.frombuffer(base64.b64decode(entry["importance"]), dtype="<f4").copy()
+    return SmallPass(entry["tokens"], entry["probs"], entry["answer"], torch.from_numpy(importance),
+                     consistency=entry["consistency"])
 
 
 def reference_strings(value: Any) -> str | list[str]:
@@ -93,36 +140,177 @@ def reference_strings(value: Any) -> str | list[str]:
 
 
 @dataclass
-class Scored:
-    outcomes: list[Outcome]
-    errors: list[str]  # the items that failed in a model pass, excluded
-    relative_cost_small: float
+class Calibrated:
+    """A choice with what it was made from, as `Calibrator.save` writes it."""
+
+    choice: Choice
+    costs: Costs  # relative to the large model alone (Costs.paired)
+    metric: str
+    errors: list[str]  # the items that failed in a model pass, left out
+    stage_ms: dict[str, Any]  # median ms per item of each stage, for the reader: small, large, pruned (by retain)
+
+    @property
+    def small_set(self) -> bool:
+        return self.choice.n_items < SMALL_SET
 
 
-def score(items: list[Item], records: dict[int, dict], metric: str) -> Scored:
-    """Correctness of both answers for every item in `records`, in input order."""
-    fn = get_metric(metric)
-    outcomes, errors, small_ms, large_ms = [], [], [], []
-    for item in items:
-        rec = records[item.line]
-        if rec["error"]:
-            errors.append(rec["error"])
-            continue
-        ref = reference_strings(item.reference)
-        outcomes.append(Outcome(rec["exit_score"], fn(rec["small_answer"], ref), fn(rec["answer"], ref)))
-        small_ms.append(rec["ms"]["small"])
-        large_ms.append(rec["ms"]["large"])
-    return Scored(outcomes, errors, relative_cost(small_ms, large_ms))
+class Calibrator:
+    """The calibration of `preset` (sgl guide, with a small model) on the labelled items of `input`, over the
+    retain values `retains` (numbers, or "auto"). `out`: the calibration file (default `<input
+    stem>.calibration.yaml` beside the input); the cache lies beside it. `resume=False` recomputes every item."""
 
+    def __init__(self, input: str | Path, preset: Preset, retains: Iterable[str | float] = ("auto",), *,
+                 out: str | Path | None = None, resume: bool = True):
+        self.input = Path(input)
+        if not self.input.is_file():
+            raise SglError(f"input file {self.input} not found")
+        if preset.settings.guide != "sgl" or preset.small is None:
+            raise SglError(f"preset {preset.name!r}: only the sgl guide, with a small model, exits early; there is "
+                           "no threshold to calibrate for the cls, fastv or random guides")
+        try:
+            self.retains = parse_retains(list(retains))
+        except ValueError as exc:
+            raise SglError(f"--retain: {exc}") from None
+        # Both models on every item; the preset's own calibration file is not applied to its calibration.
+        self.preset = dataclasses.replace(preset.with_settings(no_exit=True), calibration_applied=True)
+        self.fingerprint = calibration_fingerprint(self.preset)
+        self.out = Path(out) if out is not None else self.input.with_name(f"{self.input.stem}.calibration.yaml")
+        if not self.out.parent.is_dir():
+            raise SglError(f"folder {self.out.parent} (for {self.out.name}) does not exist")
+        self.cache = cache_path(self.out.parent, self.input, self.fingerprint)
+        self.data = read_labelled(self.input)
+        if not self.data.items:
+            raise SglError(f"{self.input}: no line has an 'answer'; calibration needs reference answers")
+        self.records = read_cache(self.cache, self.data.items) if resume else {}
+        self._append = resume
 
-def relative_cost(small_ms: list[float], large_ms: list[float]) -> float:
-    """The small model's cost as a fraction of the large model's: the ratio of their median times per item.
+    # -- what is missing -------------------------------------------------------------------------------------
+    def missing(self, item: Item) -> tuple[float, ...] | None:
+        """What `item` still needs: None, every pass (a new or edited item); else the retain values whose
+        pruned answer is not cached (() when it is complete, or failed)."""
+        rec = self.records.get(item.line)
+        if rec is not None and rec.get("error"):
+            return ()  # failed: left out until --rerun
+        if rec is None or "small" not in rec or "large" not in rec:
+            return None
+        return tuple(r for r in self.retains if r < 1.0 and _key(r) not in rec["pruned"])
 
-    Measured rather than derived from parameter counts, which would miss that the small model reads every
-    visual token (twice: answer and consistency re-read) while the large one reads only `retain` of them.
-    Medians, because the first batch pays for warm-up.
-    """
-    if not large_ms:
-        return 0.0
-    large = statistics.median(large_ms)
-    return statistics.median(small_ms) / large if large > 0 else 0.0
+    def pending(self) -> dict[tuple[float, ...] | None, list[Item]]:
+        """The items that need a model pass, grouped: None -> new items (every pass), retains -> cached items
+        that need only the large model at those retain values."""
+        groups: dict[tuple[float, ...] | None, list[Item]] = {}
+        for item in self.data.items:
+            need = self.missing(item)
+            if need != ():
+                groups.setdefault(need, []).append(item)
+        return groups
+
+    def plan(self) -> str:
+        """What `compute` will run, in words."""
+        parts = []
+        for need, items in self.pending().items():
+            if need is None:
+                parts.append(f"{len(items)} new item(s): the small model, the large model alone and at retain "
+                             f"{', '.join(f'{r:g}' for r in self.retains if r < 1.0) or '-'}")
+            else:
+                parts.append(f"{len(items)} cached item(s): the large model at retain {', '.join(f'{r:g}' for r in need)}")
+        return "; ".join(parts) or "nothing: every item is cached"
+
+    # -- computing -------------------------------------------------------------------------------------------
+    def compute(self, engine) -> Iterator[int]:
+        """Run what the cache lacks on `engine` (loaded from `self.preset`), appending to the cache as each
+        batch completes; yields the number of items of each batch."""
+        from .compare import Comparison
+
+        groups = self.pending()
+        if not groups:
+            return
+        with RecordWriter(self.cache, append=self._append and self.cache.exists()) as writer:
+            self._append = True
+            for need, items in groups.items():
+                retains = [r for r in (self.retains if need is None else need) if r < 1.0]
+                comparison = Comparison(engine, [("sgl", r) for r in retains])
+                size = engine.settings.batch_size
+                for start in range(0, len(items), size):
+                    batch = items[start:start + size]
+                    for rec in self._batch(comparison, retains, batch, full=need is None):
+                        writer.write(rec)
+                        merge(self.records.setdefault(rec["line"], {"line": rec["line"], "pruned": {}}), rec)
+                    yield len(batch)
+
+    def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
+        known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
+        try:
+            res = comparison.run(items, large_alone=full, small=known)
+        except Exception as exc:  # noqa: BLE001 - a model failure fails its items (one by one), not the calibration
+            if len(items) > 1:
+                return [r for item in items for r in self._batch(comparison, retains, [item], full)]
+            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return [{"line": items[0].line, "item_key": item_key(items[0]),
+                     "error": items[0].fail(f"model pass failed: {detail}")}]
+        index = {id(w): i for i, w in enumerate(res.live)}
+        n = max(1, len(res.live))
+        out = []
+        for w in res.works:
+            rec: dict[str, Any] = {"line": w.item.line, "item_key": item_key(w.item), "error": w.error}
+            i = index.get(id(w))
+            if w.error is None and i is not None:
+                if full:
+                    rec["small"] = encode_small(w.small, w.ms["small"])
+                    rec["large"] = {"answer": res.large_alone[i], "ms": round(res.seconds["large_alone"] * 1000 / n, 3)}
+                rec["pruned"] = {_key(r): {"answer": res.outcomes[("sgl", r)][i].answer,
+                                           "kept": len(res.outcomes[("sgl", r)][i].kept),
+                                           "ms": round(res.large_seconds[("sgl", r)] * 1000 / n, 3)}
+                                 for r in retains}
+            out.append(rec)
+        return out
+
+    # -- choosing --------------------------------------------------------------------------------------------
+    def outcomes(self, metric: str) -> tuple[list[Outcome], dict[str, Any], list[str]]:
+        """Each item's correctness under `metric`, each stage's times per item (ms: `small`, `large`, `pruned`
+        by retain, aligned with the outcomes) and the failed items."""
+        fn = get_metric(metric)
+        outcomes, errors = [], []
+        small_ms, large_ms, pruned_ms = [], [], {r: [] for r in self.retains if r < 1.0}
+        for item in self.data.items:
+            rec = self.records.get(item.line)
+            if self.missing(item) != ():
+                raise SglError(f"line {item.line} has not been computed yet (run `compute` first)")
+            if rec["error"]:
+                errors.append(rec["error"])
+                continue
+            ref = reference_strings(item.reference)
+            small, large = rec["small"], rec["large"]
+            pruned = {r: fn(rec["pruned"][_key(r)]["answer"], ref) for r in pruned_ms}
+            outcomes.append(Outcome(small["exit_score"], fn(small["answer"], ref), fn(large["answer"], ref), pruned))
+            small_ms.append(small["ms"])
+            large_ms.append(large["ms"])
+            for r, times in pruned_ms.items():
+                times.append(rec["pruned"][_key(r)]["ms"])
+        if not outcomes:
+            raise SglError("every labelled item failed (see above); nothing to calibrate on")
+        return outcomes, {"small": small_ms, "large": large_ms, "pruned": pruned_ms}, errors
+
+    def choose(self, metric: str, *, target_accuracy: float | None = None, exit_rate: float | None = None,
+               confidence: float | None = None) -> Calibrated:
+        """The operating point for one target (see `operating_points.choose`), from the cache alone."""
+        outcomes, ms, errors = self.outcomes(metric)
+        costs = Costs.paired(ms["small"], ms["large"], ms["pruned"])
+        try:
+            choice = choose(outcomes, costs, self.retains, target_accuracy=target_accuracy, exit_rate=exit_rate,
+                            confidence=confidence)
+        except ValueError as exc:
+            raise SglError(str(exc)) from None
+        medians = {"small": statistics.median(ms["small"]), "large": statistics.median(ms["large"]),
+                   "pruned": {r: statistics.median(t) for r, t in ms["pruned"].items()}}
+        return Calibrated(choice, costs, metric, errors, medians)
+
+    def save(self, result: Calibrated, plot: str | Path | None = None, title: str = "") -> None:
+        """Write the calibration file (`self.out`) and, with `plot`, its PNG."""
+        save_calibration(to_yaml_dict(result.choice, metric=result.metric, fingerprint=self.fingerprint,
+                                      prune_layer=self.preset.settings.prune_layer, costs=result.costs,
+                                      retains=self.retains, stage_ms=result.stage_ms), self.out)
+        if plot is not None:
+            from ..views.plots import plot_calibration
+
+            plot_calibration(result.choice, plot, title=title)

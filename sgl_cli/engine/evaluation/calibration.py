@@ -1,267 +1,110 @@
-"""Choosing the early-exit threshold from labelled calibration items.
+"""The calibration file `sgl calibrate` writes and `sgl run --calibration` reads (the choice it records is made
+in `operating_points`, whose names are importable from here too).
 
-A small VLM answers every item and reports an ``exit_score``; when
-``exit_score >= threshold`` its answer is kept ("exit"), otherwise the large model
-answers.  From per-item correctness of both models we tabulate every distinct
-threshold (one operating point each), pick one for an accuracy or exit-rate target,
-and save the choice as a YAML file with a fingerprint of the models and settings it
-is valid for (:func:`fingerprint`), which a run checks before it uses the threshold.
-
-Thresholds are always exit-score values seen in the data, plus one just above the
-largest score (``nextafter(max, inf)``, which exits nothing and keeps the output
-free of ``inf``).  They are stored unrounded: rounding a threshold to a few
-decimals could move it across a score and change which items exit.
+Version 2 (this one) names the chosen operating point: `retain`, `prune_layer` and `threshold` at the top, the
+`chosen` row, and a `table` of (retain, threshold) rows: per retain, the thresholds nearest each whole
+percent of exit rate and the chosen one (every distinct exit score is a candidate, but a file that grew with the
+labelled set would be slow to read at every run start); its `fingerprint` (what the file is valid for)
+has no retain, since the file covers the retain values of its table. Version 1 files (one retain, named in the
+fingerprint; no `retain` at the top) are still read: they are valid for that one retain, and their `chosen` row
+is made from their top-level statistics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from .metrics import METRICS
+from .operating_points import (
+    AUTO_RETAINS,
+    MAX_TARGET_ACCURACY,
+    Choice,
+    Costs,
+    Outcome,
+    Point,
+    choose,
+    operating_points,
+    parse_retains,
+    validate_target,
+)
 
-# Relative accuracy reported when the large model gets nothing right but the mixed
-# system does: the ratio is unbounded, so use the largest accepted target, which
-# such a point meets (an unbounded improvement meets any target).
-MAX_TARGET_ACCURACY = 2.0
-_EPS = 1e-12  # slack for float comparisons of rates and ratios
-_DECIMALS = 6  # rounding of reported statistics (not thresholds) in YAML output
+__all__ = ["AUTO_RETAINS", "MAX_TARGET_ACCURACY", "VERSION", "Choice", "Costs", "Outcome", "Point",
+           "calibrated_retain", "choose", "load_calibration", "operating_points", "parse_retains", "row",
+           "save_calibration", "to_yaml_dict", "validate_target"]
 
+VERSION = 2
 # Keys a calibration file must have for a run to apply it; the rest is reporting.
 REQUIRED_KEYS = ("version", "threshold", "metric", "target", "n_items", "fingerprint")
-VERSION = 1
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One labelled calibration item."""
-
-    exit_score: float
-    small_correct: float  # metric value of the small model's answer, 0..1
-    large_correct: float  # metric value of the large model's answer, 0..1
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.exit_score):
-            raise ValueError(f"exit_score must be finite, got {self.exit_score!r}")
-        for name in ("small_correct", "large_correct"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-
-
-@dataclass(frozen=True)
-class Point:
-    """The mixed system at one threshold."""
-
-    threshold: float
-    exit_rate: float  # fraction of items answered by the small model alone
-    accuracy: float  # mean correctness of the mixed system
-    relative_accuracy: float  # accuracy / large-model accuracy on the same items
-    relative_compute: float  # compute / compute of the large model on every item
-    n_exit: int
-
-
-@dataclass(frozen=True)
-class Choice:
-    point: Point
-    met: bool
-    target: dict[str, float]
-    message: str
-    interval: tuple[float, float]  # bootstrap 95% interval of point.accuracy
-    n_items: int
-
-
-def _arrays(outcomes: Sequence[Outcome]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not outcomes:
-        raise ValueError("no labelled items: calibration needs items with reference answers")
-    data = np.array([(o.exit_score, o.small_correct, o.large_correct) for o in outcomes], float)
-    return data[:, 0], data[:, 1], data[:, 2]
-
-
-def _relative(accuracy: float, large_accuracy: float) -> float:
-    if large_accuracy > 0:
-        return accuracy / large_accuracy
-    return 1.0 if accuracy == 0 else MAX_TARGET_ACCURACY
-
-
-def operating_points(
-    outcomes: Sequence[Outcome], relative_cost_small: float = 0.0
-) -> list[Point]:
-    """One point per distinct exit score, plus one that exits nothing; ascending threshold.
-
-    ``relative_cost_small`` is the small model's cost as a fraction of the large
-    model's; it is paid on every item because the small model always runs.
-    """
-    if not (math.isfinite(relative_cost_small) and relative_cost_small >= 0):
-        raise ValueError(f"relative_cost_small must be >= 0, got {relative_cost_small!r}")
-    scores, small, large = _arrays(outcomes)
-    n = len(scores)
-    order = np.argsort(scores, kind="stable")
-    scores, small, large = scores[order], small[order], large[order]
-    thresholds = np.append(np.unique(scores), np.nextafter(scores[-1], np.inf))
-    # Items from index `first` on have score >= threshold and exit.
-    first = np.searchsorted(scores, thresholds, side="left")
-    cum_small = np.concatenate(([0.0], np.cumsum(small)))
-    cum_large = np.concatenate(([0.0], np.cumsum(large)))
-    accuracy = (cum_small[n] - cum_small[first] + cum_large[first]) / n
-    # Same expression as the exit-nothing accuracy, so that point is exactly 1.0.
-    large_accuracy = float(cum_large[n] / n)
-    return [
-        Point(
-            threshold=t,
-            exit_rate=(n - f) / n,
-            accuracy=a,
-            relative_accuracy=_relative(a, large_accuracy),
-            relative_compute=f / n + relative_cost_small,
-            n_exit=n - f,
-        )
-        # tolist(): plain Python numbers, so Points print and serialise cleanly
-        for t, f, a in zip(thresholds.tolist(), first.tolist(), accuracy.tolist())
-    ]
-
-
-def _bootstrap_interval(
-    correct: np.ndarray, n_boot: int, seed: int
-) -> tuple[float, float]:
-    # Resampling n items with replacement is a multinomial draw over the distinct
-    # correctness values: same distribution, memory independent of n.
-    values, counts = np.unique(correct, return_counts=True)
-    n = len(correct)
-    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot)
-    lo, hi = np.percentile(draws @ values / n, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _describe(p: Point) -> str:
-    return (
-        f"threshold {p.threshold:.6g} (exit rate {p.exit_rate:.1%}, "
-        f"{p.relative_accuracy:.3f} x large accuracy, relative compute {p.relative_compute:.2f})"
-    )
-
-
-def validate_target(target_accuracy: float | None, exit_rate: float | None) -> None:
-    """ValueError unless exactly one valid target is given (checked before any model runs)."""
-    if (target_accuracy is None) == (exit_rate is None):
-        raise ValueError("give exactly one of target_accuracy or exit_rate")
-    if target_accuracy is not None and not 0 < target_accuracy <= MAX_TARGET_ACCURACY:
-        raise ValueError(
-            f"target_accuracy is a fraction of the large model's accuracy and must be "
-            f"in (0, {MAX_TARGET_ACCURACY:g}], got {target_accuracy!r}"
-        )
-    if exit_rate is not None and not 0 <= exit_rate <= 1:
-        raise ValueError(f"exit_rate must be in [0, 1], got {exit_rate!r}")
-
-
-def choose_threshold(
-    outcomes: Sequence[Outcome],
-    *,
-    target_accuracy: float | None = None,
-    exit_rate: float | None = None,
-    relative_cost_small: float = 0.0,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> Choice:
-    """Pick a threshold for exactly one target.
-
-    ``target_accuracy=A``: the lowest threshold (most exits) whose mixed accuracy is
-    at least A x the large model's.  ``exit_rate=E``: the highest exit rate not above
-    E; ``met`` is False when tied scores make it lower than the 1/n granularity allows.
-    """
-    validate_target(target_accuracy, exit_rate)
-    points = operating_points(outcomes, relative_cost_small)
-    n = len(outcomes)
-    if target_accuracy is not None:
-        target = {"target_accuracy": float(target_accuracy)}
-        meeting = [p for p in points if p.relative_accuracy >= target_accuracy - _EPS]
-        met = bool(meeting)
-        # max() keeps the first of equal values, i.e. the lowest threshold.
-        point = meeting[0] if met else max(points, key=lambda p: p.relative_accuracy)
-        if met:
-            message = f"target {target_accuracy:g} x large accuracy met at {_describe(point)}"
-        else:
-            message = (
-                f"target {target_accuracy:g} x large accuracy cannot be met; best achievable "
-                f"is {point.relative_accuracy:.3f} at {_describe(point)}"
-            )
-    else:
-        target = {"exit_rate": float(exit_rate)}
-        # Exit rate falls as the threshold rises: the first point under E is closest.
-        point = next(p for p in points if p.exit_rate <= exit_rate + _EPS)
-        met = point.n_exit == math.floor(exit_rate * n + 1e-9)
-        if met:
-            closest = "" if abs(point.exit_rate - exit_rate) < _EPS else f", as closely as {n} items allow,"
-            message = f"exit rate {exit_rate:.1%} reached{closest} at {_describe(point)}"
-        else:
-            message = (
-                f"exit rate {exit_rate:.1%} cannot be reached because of tied exit scores; "
-                f"closest below is {_describe(point)}"
-            )
-
-    scores, small, large = _arrays(outcomes)
-    correct = np.where(scores >= point.threshold, small, large)
-    interval = _bootstrap_interval(correct, n_boot, seed)
-    return Choice(point=point, met=met, target=target, message=message,
-                  interval=interval, n_items=n)
+ROW_KEYS = ("retain", "threshold", "exit_rate", "accuracy", "relative_accuracy", "relative_compute")
+_DECIMALS = 6  # rounding of reported statistics (not thresholds or retains)
 
 
 def _round(x: float) -> float:
     return round(float(x), _DECIMALS)
 
 
-def to_yaml_dict(
-    choice: Choice,
-    points: Sequence[Point],
-    *,
-    metric: str,
-    fingerprint: dict[str, Any],
-    n_items: int,
-    relative_cost_small: float = 0.0,
-) -> dict[str, Any]:
-    """The calibration file's content, as plain Python types for ``yaml.safe_dump``.
+def row(p: Point) -> dict[str, float]:
+    """A table row: the point's retain and threshold unrounded, its statistics rounded."""
+    out = {"retain": float(p.retain), "threshold": float(p.threshold), "exit_rate": _round(p.exit_rate),
+           "accuracy": _round(p.accuracy), "relative_accuracy": _round(p.relative_accuracy),
+           "relative_compute": _round(p.relative_compute)}
+    if p.relative_accuracy_lower is not None:
+        out["relative_accuracy_lower"] = _round(p.relative_accuracy_lower)
+    return out
 
-    ``relative_cost_small`` is the value the points' ``relative_compute`` was computed with.
-    """
+
+def to_yaml_dict(choice: Choice, *, metric: str, fingerprint: dict[str, Any], prune_layer: int, costs: Costs,
+                 retains: list[float], stage_ms: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The calibration file's content, as plain Python types for `save_calibration`. `costs` are the stage costs
+    the table's relative compute was computed from (relative to the large model alone: `stage_cost`);
+    `stage_ms`, for the reader, the median times (`small`, `large`, `pruned` by retain)."""
     p = choice.point
+    ms = {} if stage_ms is None else {"stage_ms": {
+        "small": _round(stage_ms["small"]), "large": _round(stage_ms["large"]),
+        "pruned": {float(r): _round(v) for r, v in stage_ms["pruned"].items()}}}
     return {
         "version": VERSION,
+        "retain": float(p.retain),
+        "prune_layer": int(prune_layer),
         "threshold": float(p.threshold),
         "target": {k: float(v) for k, v in choice.target.items()},
         "met": bool(choice.met),
         "metric": str(metric),
-        "n_items": int(n_items),
-        "exit_rate": _round(p.exit_rate),
-        "accuracy": _round(p.accuracy),
-        "relative_accuracy": _round(p.relative_accuracy),
-        "relative_compute": _round(p.relative_compute),
+        "n_items": int(choice.n_items),
+        "chosen": row(p),
         "accuracy_interval": [_round(choice.interval[0]), _round(choice.interval[1])],
-        # The exit-nothing point (highest threshold) is the large model alone.
-        "large_accuracy": _round(max(points, key=lambda q: q.threshold).accuracy),
-        "relative_cost_small": _round(relative_cost_small),
+        "large_accuracy": _round(choice.large_accuracy),
+        "small_accuracy": _round(choice.small_accuracy),
+        "stage_cost": {"small": _round(costs.small / costs.large),
+                       "pruned": {float(r): _round(costs.at(r) / costs.large) for r in retains}},
+        **ms,
+        "retains": [float(r) for r in retains],
         "fingerprint": dict(fingerprint),
-        "table": [
-            {
-                "threshold": float(q.threshold),
-                "exit_rate": _round(q.exit_rate),
-                "accuracy": _round(q.accuracy),
-                "relative_accuracy": _round(q.relative_accuracy),
-                "relative_compute": _round(q.relative_compute),
-            }
-            for q in points
-        ],
+        "table": [row(q) for q in file_points(choice)],
     }
 
 
+def file_points(choice: Choice, steps: int = 100) -> list[Point]:
+    """The rows the file keeps: at every retain the same thresholds, those whose exit rate is nearest each of
+    0, 1/steps, ..., 1, and the chosen one, so at most steps + 2 rows per retain whatever the labelled set's size."""
+    import numpy as np
+
+    same = [p for p in choice.points if p.retain == choice.point.retain]  # the exit rate is the same at every retain
+    rates = np.array([p.exit_rate for p in same])
+    nearest = np.abs(rates[None, :] - np.linspace(0, 1, steps + 1)[:, None]).argmin(axis=1)
+    keep = {choice.point.threshold, *(same[i].threshold for i in nearest.tolist())}
+    return [p for p in choice.points if p.threshold in keep]
+
+
 def load_calibration(path: str | Path) -> dict[str, Any]:
-    """Read a calibration file written from :func:`to_yaml_dict`, checking what a run needs."""
+    """Read a calibration file (version 1 or 2), checking what a run needs; version 1 gains `chosen`."""
     from ..safe_yaml import load_yaml
 
-    data = load_yaml(path)  # YamlError is a ValueError naming the file
+    data = load_yaml(path)  # bounded; YamlError is a ValueError naming the file
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a calibration file must be a mapping of keys")
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -269,37 +112,62 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: missing key(s): {', '.join(missing)}")
 
     def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{path}: bad value for key {key!r}: expected {expected}, "
-                          f"got {data[key]!r}")
+        return ValueError(f"{path}: bad value for key {key!r}: expected {expected}, got {data[key]!r}")
 
-    if data["version"] != VERSION:
-        raise bad("version", str(VERSION))
-    threshold = data["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not math.isfinite(threshold):
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if data["version"] not in (1, VERSION):
+        raise bad("version", f"1 or {VERSION} (a newer sgl wrote it? upgrade sgl, or run `sgl calibrate` again)")
+    if not number(data["threshold"]):
         raise bad("threshold", "a finite number")
+    if data.get("retain") is not None and not (number(data["retain"]) and 0 < data["retain"] <= 1):
+        raise bad("retain", "a number in (0, 1]")
+    if data.get("prune_layer") is not None and (isinstance(data["prune_layer"], bool)
+                                                 or not isinstance(data["prune_layer"], int)
+                                                 or data["prune_layer"] < 0):
+        raise bad("prune_layer", "an integer >= 0")
     if data["metric"] not in METRICS:
         raise bad("metric", f"one of {', '.join(sorted(METRICS))}")
     if not isinstance(data["target"], dict):
         raise bad("target", "a mapping")
-    if isinstance(data["n_items"], bool) or not isinstance(data["n_items"], int) \
-            or data["n_items"] < 1:
+    if isinstance(data["n_items"], bool) or not isinstance(data["n_items"], int) or data["n_items"] < 1:
         raise bad("n_items", "a positive integer")
     if not isinstance(data["fingerprint"], dict):
         raise bad("fingerprint", "a mapping")
+    if "chosen" in data and not isinstance(data["chosen"], dict):
+        raise bad("chosen", "a mapping (a table row)")
+    if data["version"] == 1 and "chosen" not in data and "exit_rate" in data:
+        # Version 1 kept the chosen point's statistics at the top, relative to the large model at its retain.
+        data["chosen"] = {"retain": data["fingerprint"].get("retain"), "threshold": data["threshold"],
+                          **{k: data[k] for k in ROW_KEYS[2:] if k in data}}
     return data
+
+
+def calibrated_retain(data: dict[str, Any]) -> float | None:
+    """The retain a calibration was chosen for: its `retain`, or a version-1 file's fingerprint's."""
+    return data.get("retain", data["fingerprint"].get("retain"))
 
 
 # Written above the YAML so that the file explains itself to whoever opens it.
 _HEADER = """\
-# sgl calibration, written by `sgl calibrate`; `sgl run --calibration FILE` uses `threshold` when the run's
-# settings match `fingerprint`. accuracy: the mixed system (the small model's answer where exit_score >=
-# threshold, the large model's otherwise) under `metric`; relative_accuracy = accuracy / large_accuracy;
-# accuracy_interval: 95% bootstrap interval of accuracy over the n_items; relative_compute = (1 - exit_rate)
-# + relative_cost_small, as a fraction of running the large model on every item; relative_cost_small: the
-# small model's median time per item (answer and consistency re-read) / the large model's, measured on this set.
+# sgl calibration, written by `sgl calibrate`. `sgl run --calibration FILE` runs with `retain` and `threshold`
+# when the run's models and settings match `fingerprint` (explicit --retain/--threshold win). Each `table` row is
+# one operating point: the small model's answer where exit_score >= threshold, otherwise the large model's from
+# the top `retain` of the visual tokens. accuracy: that mixed system's, under `metric`; relative_accuracy =
+# accuracy / large_accuracy (the large model alone, every visual token); relative_accuracy_lower: its bootstrap
+# lower bound at target.confidence; relative_compute = stage_cost.small + (1 - exit_rate) x stage_cost.pruned at
+# retain, where a stage's cost is the median over the items of its time relative to the large model alone on the
+# same item, measured on this machine (stage_ms: the median times). `chosen` is the row chosen for `target`;
+# accuracy_interval: the 95% bootstrap interval of its accuracy over the n_items.
 """
 
 
 def save_calibration(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(_HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    """Write `data` (from `to_yaml_dict`) with the header; the table one row per line."""
+    head = {k: v for k, v in data.items() if k != "table"}
+    text = _HEADER + yaml.safe_dump(head, sort_keys=False, allow_unicode=True)
+    if "table" in data:
+        text += "table:\n" + "".join(
+            "- " + yaml.safe_dump(r, default_flow_style=True, sort_keys=False, width=1 << 16) for r in data["table"])
+    Path(path).write_text(text)

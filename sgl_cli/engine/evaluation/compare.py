@@ -4,7 +4,8 @@ Per batch: the items are encoded and the small model answers once (its answer, S
 on neither retain nor guide); the large model's vision tower runs once, under every guide's `watch_vision`, which
 gives each guide's scores; the unpruned large answer is computed once when asked for (it is "large alone" and
 every setting at retain 1.0, where no guide drops anything). Only the pruned generations run per setting. Each
-setting's time adds the measured time of every stage it needs.
+setting's time adds the measured time of every stage it needs. A small pass known already (a cache: `small=`) is
+reused instead of run again.
 
 `sgl eval` tallies accuracy from it, `sgl inspect` draws one item's rankings, and both see the same numbers as
 the engine (tested equal to running each guide alone).
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.engine import Engine, exits
-from ..core.stages import Work
+from ..core.stages import SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
 from ..io.items import Item
@@ -42,6 +43,8 @@ class BatchResult:
     large_alone: list[str] | None = None  # the large model's unpruned answers, when asked for
     outcomes: dict[tuple[str, float], list[Outcome]] = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # per setting, "large_alone", "small_alone": stage time it needs
+    # Per setting: the large model's share of its time alone (vision tower and pruned pass, for the items it ran).
+    large_seconds: dict = field(default_factory=dict)
 
 
 class Comparison:
@@ -65,12 +68,18 @@ class Comparison:
         return self.engine.prune_layer(self.guides[guide])
 
     @torch.inference_mode()
-    def run(self, items: list[Item], *, answers: bool = True, large_alone: bool = True) -> BatchResult:
-        """One batch. Without `answers`, the large model runs only where a guide ranks inside it (one token)."""
+    def run(self, items: list[Item], *, answers: bool = True, large_alone: bool = True,
+            small: list[SmallPass | None] | None = None) -> BatchResult:
+        """One batch. Without `answers`, the large model runs only where a guide ranks inside it (one token).
+        `small`, aligned with `items`: each item's small pass when it is known already (None: run it); those
+        items skip the small model, and their `ms["small"]` stays 0."""
         eng = self.engine
         t0 = time.perf_counter()
         works = eng.prepare(items)
-        eng.small_pass(works)
+        for w, known in zip(works, small or []):
+            if known is not None and w.ok:
+                w.small = known
+        eng.small_pass([w for w in works if w.small is None])
         t_small = time.perf_counter() - t0
         live = [w for w in works if w.ok]
         out = BatchResult(works, live)
@@ -97,7 +106,7 @@ class Comparison:
             k = self.prune_layer(name)
             exited = [exits(w, guide, self.threshold) for w in live]
             todo = [w for w, e in zip(live, exited) if not e]
-            seconds = (t_small if guide.needs_small else 0.0) + t_rows * len(todo)
+            seconds = t_rows * len(todo)
             results: dict[int, Outcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
                 for i, w in enumerate(live):
@@ -121,7 +130,8 @@ class Comparison:
             out.outcomes[(name, retain)] = [
                 results[i] if i in results else Outcome("small", w.small.answer, None, None, k)
                 for i, w in enumerate(live)]
-            out.seconds[(name, retain)] = seconds
+            out.large_seconds[(name, retain)] = seconds
+            out.seconds[(name, retain)] = seconds + (t_small if guide.needs_small else 0.0)
         return out
 
 

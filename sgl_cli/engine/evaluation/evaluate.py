@@ -4,11 +4,18 @@ Model outputs are reused wherever a setting's computation is identical: per batc
 once (its answer, SGP ranking and exit score do not depend on retain or on the guide), the large model's
 image features and [CLS] scores are computed once, and its unpruned answer once (it is "large alone" and
 every setting at retain 1.0, where no guide drops anything). Only the pruned large-model generations are
-run per setting. A setting's items/s is computed from the measured time of every stage it needs.
+run per setting. A setting's items/s is computed from the measured time of every stage it needs, and its
+relative compute as `sgl calibrate` computes it: the small model (for the guides that run it) + (1 - exit rate)
+x the large model at that setting, each stage's cost the median over items of its time relative to the large
+model alone on the same item.
+
+With a calibration (`CalibratedPoint`), the result also checks the operating point it chose (the sgl guide at
+its retain and threshold) on these items, beside what the file predicted.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -17,7 +24,9 @@ from ..core.stages import Work
 from ..io.items import Item
 from .calibrate import reference_strings
 from .compare import Comparison
+from .fingerprint import CalibratedPoint
 from .metrics import get_metric
+from .operating_points import Costs
 
 
 @dataclass
@@ -35,6 +44,8 @@ class Tally:
     retained: int = 0
     visual: int = 0
     seconds: float = 0.0
+    # Per item the large model answered: its time there / the large model alone's on the item.
+    large_cost: list[float] = field(default_factory=list)
 
     def add(self, kind: str | None, value: float, *, large: bool, retained: int, visual: int) -> None:
         self.n += 1
@@ -47,7 +58,7 @@ class Tally:
         self.retained += retained if large else 0
         self.visual += visual
 
-    def summary(self, large_accuracy: float | None = None) -> dict[str, Any]:
+    def summary(self, large_accuracy: float | None = None, relative_compute: float | None = None) -> dict[str, Any]:
         acc = self.score / self.n if self.n else None
         out = {
             "accuracy": _r(acc),
@@ -65,6 +76,7 @@ class Tally:
             **out,
             "relative_accuracy": _r(acc / large_accuracy if acc is not None and large_accuracy else None),
             "exit_rate": _r(self.exits / self.n if self.n else None),
+            "relative_compute": _r(relative_compute),
             # Mean over the items the large model answered.
             "retained_tokens": _r(self.retained / self.large_calls if self.large_calls else None, 1),
             "visual_tokens": _r(self.visual / self.n if self.n else None, 1),
@@ -79,16 +91,23 @@ class Evaluation:
     """Runs the settings over batches of labelled items; `result()` gives the JSON object of `sgl eval`."""
 
     def __init__(self, engine: Engine, guides: list[str], retains: list[float], metric: str,
-                 threshold: float | None = None):
+                 threshold: float | None = None, calibration: CalibratedPoint | None = None):
         self.metric_name = metric
         self.metric = get_metric(metric)
         self.threshold = threshold
+        self.calibration = calibration
+        if calibration is not None and (calibration.retain not in retains or "sgl" not in guides
+                                        or threshold != calibration.threshold):
+            raise ValueError("checking a calibration needs the sgl guide at its retain and threshold")
         self.comparison = Comparison(engine, [(g, r) for g in guides for r in retains], threshold)
         self.settings = self.comparison.settings
         self.tallies = {s: Tally(s[0], s[1], self.comparison.prune_layer(s[0])) for s in self.settings}
         self.small_alone = Tally(None, 1.0) if engine.small is not None else None
         self.large_alone = Tally(None, 1.0)
         self.errors: list[str] = []
+        self.small_ms: list[float] = []  # per item: the small model's pass
+        self.alone_ms: list[float] = []  # per item: the large model alone
+        self.needs_small = {g: self.comparison.guides[g].needs_small for g, _ in self.settings}
 
     def add_batch(self, items: list[Item]) -> list[dict]:
         """Evaluate one batch; returns per-item detail records (answers and correctness per setting)."""
@@ -101,6 +120,9 @@ class Evaluation:
         details = [{"id": w.item.id, "line": w.item.line, "type": w.item.type, "reference": w.item.reference}
                    for w in live]
         n_visual = [w.encoded.n_visual for w in live]
+        alone = batch.seconds["large_alone"] * 1000 / len(live)
+        self.small_ms += [w.ms["small"] for w in live]
+        self.alone_ms += [alone] * len(live)
         self._tally(self.large_alone, "large", live, refs, batch.large_alone, details, [True] * len(live),
                     n_visual, n_visual, batch.seconds["large_alone"])
         if self.small_alone is not None:
@@ -110,6 +132,9 @@ class Evaluation:
             outcomes = batch.outcomes[(guide, retain)]
             large = [o.exit == "large" for o in outcomes]
             kept = [len(o.kept) if o.exit == "large" else 0 for o in outcomes]
+            if any(large):
+                share = batch.large_seconds[(guide, retain)] * 1000 / sum(large)
+                self.tallies[(guide, retain)].large_cost += [share / alone if alone > 0 else 0.0] * sum(large)
             self._tally(self.tallies[(guide, retain)], f"{guide}@{retain:g}", live, refs,
                         [o.answer for o in outcomes], details, large, kept, n_visual, batch.seconds[(guide, retain)])
         return details
@@ -126,24 +151,49 @@ class Evaluation:
             if is_large:
                 d[key]["retained_tokens"] = k
 
+    def relative_compute(self, setting: tuple[str, float]) -> float | None:
+        """The small model + (1 - exit rate) x the large model at `setting`, each stage's cost the median over items
+        of its time relative to the large model alone on the item (`Costs.paired`)."""
+        tally = self.tallies[setting]
+        if not tally.n or not self.alone_ms:
+            return None
+        small = Costs.paired(self.small_ms, self.alone_ms, {}).small if self.needs_small[setting[0]] else 0.0
+        pruned = statistics.median(tally.large_cost) if tally.large_cost else 0.0
+        return Costs(small, 1.0, {setting[1]: pruned}).relative(setting[1], tally.exits / tally.n)
+
     def result(self) -> dict[str, Any]:
         large = self.large_alone.summary()
-        return {
+        out = {
             "items": self.large_alone.n,
             "metric": self.metric_name,
             "threshold": self.threshold,
             "small_alone": self.small_alone.summary() if self.small_alone else None,
             "large_alone": {**large, "visual_tokens": _r(self.large_alone.visual / max(1, self.large_alone.n), 1)},
-            "results": [self.tallies[s].summary(large["accuracy"]) for s in self.settings],
+            "results": [self.tallies[s].summary(large["accuracy"], self.relative_compute(s)) for s in self.settings],
             "errors": self.errors,
         }
+        if self.calibration is not None:
+            out["calibration"] = self.check(out)
+        return out
+
+    def check(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The calibrated operating point: what its file predicted, and what it measures on these items."""
+        cal = self.calibration
+        row = next(r for r in result["results"] if r["guide"] == "sgl" and r["retain"] == cal.retain)
+        keys = ("exit_rate", "accuracy", "relative_accuracy", "relative_compute")
+        predicted = {k: cal.predicted.get(k) for k in keys} if cal.predicted else None
+        return {"file": str(cal.path), "retain": cal.retain, "prune_layer": row["prune_layer"],
+                "threshold": cal.threshold, "predicted": predicted, "predicted_items": cal.n_items,
+                "measured": {k: row[k] for k in keys}, "measured_items": row["n"]}
 
 
 def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: list[float], metric: str,
-             threshold: float | None = None, on_batch: Callable[[list[dict], int], None] | None = None) -> dict:
+             threshold: float | None = None, on_batch: Callable[[list[dict], int], None] | None = None,
+             calibration: CalibratedPoint | None = None) -> dict:
     """Evaluate `items` (labelled) in batches of the engine's batch size; `on_batch(details, n_items)` is
-    called after each batch."""
-    ev = Evaluation(engine, guides, retains, metric, threshold)
+    called after each batch. With `calibration` (its threshold is `threshold`; the sgl guide and its retain
+    among the settings), the result's `calibration` checks its operating point."""
+    ev = Evaluation(engine, guides, retains, metric, threshold, calibration)
     batch: list[Item] = []
     size = engine.settings.batch_size
 

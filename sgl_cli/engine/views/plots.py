@@ -1,64 +1,60 @@
-"""Plots (PNG, matplotlib on the Agg backend, imported lazily): calibration operating points, accuracy against
-retain."""
+"""Plots (PNG, matplotlib on the Agg backend, imported lazily): a calibration's operating points, accuracy
+against retain."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-from ..evaluation.calibration import Point
+from ..evaluation.operating_points import Choice
 
 
-def plot_calibration(
-    points: Sequence[Point], chosen: Point, path: str | Path, *, title: str = ""
-) -> None:
-    """Accuracy and compute against exit rate, with the chosen point marked, as a PNG."""
+def plot_calibration(choice: Choice, path: str | Path, *, title: str = "") -> None:
+    """Relative accuracy against relative compute, one curve per retain over its thresholds (more exits: to the
+    left), the accuracy target as a line, the chosen point marked, as a PNG."""
     import matplotlib  # lazy: keeps the CLI's import fast
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted(points, key=lambda p: p.exit_rate)
-    x = [p.exit_rate for p in pts]
-    rel = [p.relative_accuracy for p in pts]
-    marker = "o" if len(pts) <= 40 else ""  # markers only help on short tables
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_retain: dict[float, list] = {}
+    for p in choice.points:
+        by_retain.setdefault(p.retain, []).append(p)
+    chosen = choice.point
+    lower = chosen.relative_accuracy_lower is not None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     try:
-        ax2 = ax.twinx()
-        # Draw the accuracy axis (and its annotation) above the compute axis.
-        ax.set_zorder(ax2.get_zorder() + 1)
-        ax.patch.set_visible(False)
-        ax2.plot(x, [p.relative_compute for p in pts], marker=marker and "s", ms=3,
-                 color="tab:orange", label="compute (relative to large)")
-        ax2.set_ylabel("compute relative to large model", color="tab:orange")
-        ax2.set_ylim(bottom=0)
-
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="large model accuracy")
-        acc_line, = ax.plot(x, rel, marker=marker, ms=3, color="tab:blue",
-                            label="accuracy (relative to large)")
-        ax.plot(chosen.exit_rate, chosen.relative_accuracy, "*", ms=14, color="tab:red",
-                label=f"chosen threshold {chosen.threshold:.4g}")
-        # Put the label toward the emptier side: left of late points, below high ones.
-        low, high = min(rel + [1.0]), max(rel + [1.0])
-        dx = -15 if chosen.exit_rate > 0.5 else 15
-        dy = -35 if chosen.relative_accuracy > (low + high) / 2 else 25
+        colors = plt.get_cmap("viridis")
+        for i, (retain, pts) in enumerate(sorted(by_retain.items(), reverse=True)):
+            pts = sorted(pts, key=lambda p: p.relative_compute)
+            color = colors(i / max(1, len(by_retain) - 1) * 0.9)
+            ax.plot([p.relative_compute for p in pts], [p.relative_accuracy for p in pts], color=color, lw=1.3,
+                    marker="o" if len(pts) <= 40 else "", ms=3, label=f"retain {retain:g}")
+            if lower:
+                ax.plot([p.relative_compute for p in pts], [p.relative_accuracy_lower for p in pts], color=color,
+                        lw=0.8, ls=":")
+        target = choice.target.get("target_accuracy")
+        if target is not None:
+            what = f"lower bound at {choice.target['confidence']:g}" if lower else "target"
+            ax.axhline(target, color="tab:red", lw=0.9, ls="--", label=f"{what} {target:g} x large")
+        ax.plot(1.0, 1.0, "s", color="black", ms=6, label="large model alone")
+        ax.plot(chosen.relative_compute, chosen.relative_accuracy, "*", ms=16, color="tab:red", zorder=5,
+                label="chosen")
+        note = f"\nlower bound {chosen.relative_accuracy_lower:.3f}x" if lower else ""
         ax.annotate(
-            f"threshold {chosen.threshold:.4g}\nexit {chosen.exit_rate:.0%}, "
-            f"accuracy {chosen.relative_accuracy:.3f}x",
-            (chosen.exit_rate, chosen.relative_accuracy), textcoords="offset points",
-            xytext=(dx, dy), ha="right" if dx < 0 else "left", va="center", fontsize=9,
+            f"retain {chosen.retain:g}, threshold {chosen.threshold:.4g}\nexit {chosen.exit_rate:.0%}, accuracy "
+            f"{chosen.relative_accuracy:.3f}x{note}\ncompute {chosen.relative_compute:.2f}x",
+            (chosen.relative_compute, chosen.relative_accuracy), textcoords="offset points", xytext=(25, -45),
+            ha="left", va="center", fontsize=8.5,
             bbox={"boxstyle": "round", "fc": "white", "ec": "tab:red", "alpha": 0.9},
             arrowprops={"arrowstyle": "-", "color": "tab:red", "lw": 0.8},
         )
-        ax.set_xlabel("exit rate (fraction answered by the small model)")
-        ax.set_ylabel("accuracy relative to large model", color=acc_line.get_color())
-        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel("compute relative to the large model alone (measured stage times)")
+        ax.set_ylabel("accuracy relative to the large model alone")
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-
-        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
         if title:
-            ax.set_title(title)
+            ax.set_title(title, fontsize=10)
         fig.savefig(path, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
