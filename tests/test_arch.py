@@ -5,6 +5,8 @@ in-memory weights quantizes the language model only and matches bitsandbytes' ow
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -18,13 +20,18 @@ PUBLISHED = {"Qwen/Qwen2.5-VL-3B-Instruct": 3.75, "Qwen/Qwen2.5-VL-7B-Instruct":
              "OpenGVLab/InternVL3-8B-hf": 7.94}
 
 
+@functools.cache
+def _processor(spec):
+    return arch.build_processor(spec)  # a 152k-token tokenizer takes a second: one per architecture
+
+
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
 
 
 @pytest.mark.parametrize("spec", arch.MODELS, ids=lambda a: a.name.split("/")[-1])
 def test_full_model_has_the_published_parameter_count(spec):
-    model = arch.build_model(spec, arch.build_processor(spec), device="meta")
+    model = arch.build_model(spec, _processor(spec), device="meta")
     assert all(p.device.type == "meta" for p in model.parameters())
     published = PUBLISHED[spec.name]
     digits = len(str(published).split(".")[1])
@@ -49,7 +56,7 @@ def test_counts_by_hand_qwen25_vl_3b():
     merged = v.hidden * v.merge ** 2
     merger = v.hidden + merged * merged + merged + merged * t.hidden + t.hidden
     tower = 3 * 2 * v.patch * v.patch * v.hidden + v.depth * block + merger  # Conv3d (2 frames), no bias
-    model = arch.build_model(arch.QWEN25_VL_3B, arch.build_processor(arch.QWEN25_VL_3B), device="meta")
+    model = arch.build_model(arch.QWEN25_VL_3B, _processor(arch.QWEN25_VL_3B), device="meta")
     assert _count(model) == lm + tower
 
 
@@ -90,7 +97,7 @@ def test_image_size_for_gives_exactly_that_many_visual_tokens(spec, tokens, tmp_
     from sgl_cli.engine.preset import ModelSpec
 
     w, h = arch.image_size_for(spec, tokens)
-    processor = arch.build_processor(spec)
+    processor = _processor(spec)
     m = from_memory(arch.build_model(spec, processor, layers=1, device="meta"), processor,
                     ModelSpec("meta"), "large")
     enc = m.family.encode(processor, Image.new("RGB", (w, h)), "q")

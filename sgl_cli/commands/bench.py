@@ -37,9 +37,9 @@ def bench(
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Batch sizes, comma-separated."),
     retain: float = typer.Option(0.09, help="Retain ratio of the pruned large stage."),
     prune_layer: int = typer.Option(0, help="Prune layer K; the pruned stage is measured at K = 0 and at K."),
-    exit_rate: Optional[float] = typer.Option(None, "--exit-rate", min=0.0, max=1.0, help="Force this fraction of items "
-                                              "to exit early in the pipeline (default: 0.5 with random weights, "
-                                              "else --threshold decides)."),
+    exit_rate: Optional[float] = typer.Option(None, "--exit-rate", min=0.0, max=1.0, help="Force this fraction of "
+                                              "items to exit early in the pipeline (default: 0.5 with random "
+                                              "weights, else --threshold decides)."),
     threshold: Optional[float] = typer.Option(0.9, help="Early-exit threshold of the pipeline without --exit-rate."),
     max_new_tokens: int = typer.Option(8, help="Tokens generated per item."),
     repeats: int = typer.Option(3, min=1, help="Timed rounds (after one untimed warm-up); medians are reported."),
@@ -54,12 +54,12 @@ def bench(
     Reports ms and items/s per stage, peak memory per stage, capture overhead, and measured speed-ups beside those
     the FLOPs predict, with the targets of a GPU run. Random weights cannot decide an early exit, so the pipeline's
     exit rate is forced (--exit-rate). --arch builds the pair at the published sizes with its weights directly on
-    the device; on a CPU use --layers 2 (and a small --image-size).
+    the device; on a CPU use --layers 2 --vision-layers 4 (and a small --image-size).
 
     Examples:
 
       sgl bench --arch qwen2.5-vl-3b-7b --visual-tokens 2048 --exit-rate 0.5 --json > h200.json
-      sgl bench --arch qwen2.5-vl-3b-7b --layers 2 --image-size 224 --batch-sizes 1,4 --threads 2
+      sgl bench --arch qwen2.5-vl-3b-7b --layers 2 --vision-layers 4 --image-size 224 --batch-sizes 1,4
       sgl bench --size realistic --batch-sizes 1,4 --repeats 2
     """
     with domain_errors():
@@ -93,15 +93,17 @@ def _table(r: dict) -> None:
 
     what = r.get("arch") or r.get("size") or "preset"
     console = Console()
-    t = Table(title=f"sgl bench {what} on {r['device']} ({r['dtype']}{', large ' + r['large_quantize'] if r['large_quantize'] else ''}): "
+    quantized = f", large {r['large_quantize']}" if r["large_quantize"] else ""
+    t = Table(title=f"sgl bench {what} on {r['device']} ({r['dtype']}{quantized}): "
                     f"{r['visual_tokens']:.0f} visual tokens, retain {r['retain']} (kept {r['retained_tokens']:.0f}), "
                     f"exit rate {r['exit_rate_target']}")
     for c in ("batch", "stage", "ms / item", "items/s", "peak MiB"):
         t.add_column(c, justify="left" if c == "stage" else "right")
     for b, row in r["batches"].items():
         for i, stage in enumerate(row["ms_per_item"]):
-            t.add_row(b if i == 0 else "", stage, f"{row['ms_per_item'][stage]:.1f}", f"{row['items_per_s'][stage]:.2f}",
-                      f"{row['peak_memory_mb'][stage]:.0f}", end_section=i == len(row["ms_per_item"]) - 1)
+            t.add_row(b if i == 0 else "", stage, f"{row['ms_per_item'][stage]:.1f}",
+                      f"{row['items_per_s'][stage]:.2f}", f"{row['peak_memory_mb'][stage]:.0f}",
+                      end_section=i == len(row["ms_per_item"]) - 1)
     console.print(t)
     ratios = Table(title="measured speed-ups, FLOPs-predicted in brackets")
     ratios.add_column("batch")

@@ -215,7 +215,8 @@ def build_config(arch: ModelArch, tokenizer, layers: int | None = None, vision_l
                   "tokens_per_second": 2}
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=t.tied,
                                 image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+                                vision_start_token_id=ids("<|vision_start|>"),
+                                vision_end_token_id=ids("<|vision_end|>"))
     from transformers import Qwen2Config
 
     text["rope_theta"] = t.rope_theta
@@ -343,8 +344,10 @@ def build(pair: ArchPair, *, layers: int | None = None, vision_layers: int | Non
 
 def describe(arch: ModelArch, model: Any = None) -> dict:
     """The spec as a flat dict (the report's record of what ran), with the built model's layer counts."""
-    out = {"name": arch.name, "family": arch.family, **{f"text_{k}": v for k, v in dataclasses.asdict(arch.text).items()},
-           **{f"vision_{k}": v for k, v in dataclasses.asdict(arch.vision).items()}, "published_params_b": arch.params_b}
+    out = {"name": arch.name, "family": arch.family,
+           **{f"text_{k}": v for k, v in dataclasses.asdict(arch.text).items()},
+           **{f"vision_{k}": v for k, v in dataclasses.asdict(arch.vision).items()},
+           "published_params_b": arch.params_b}
     if model is not None:
         out["built_text_layers"] = int(model.config.get_text_config().num_hidden_layers)
         out["built_params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 4)

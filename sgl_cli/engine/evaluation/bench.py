@@ -150,9 +150,11 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
             "ms_per_item": {name: round(per_item[name, b], 3) for name in stages},
             "items_per_s": {name: round(1000 / per_item[name, b], 4) for name in stages},
             "peak_memory_mb": {name: round(peaks[name, b], 1) for name in stages},
-            "pipeline_stage_ms": {st: round(statistics.mean(r["ms"][st] for r in recs), 3) for st in ("small", "large")},
+            "pipeline_stage_ms": {st: round(statistics.mean(r["ms"][st] for r in recs), 3)
+                                  for st in ("small", "large")},
             "exit_rate": sum(r["exit"] == "small" for r in recs) / n,
-            "identical_to_batch_1": [(r["answer"], r["exit"]) for r in recs] == [(r["answer"], r["exit"]) for r in base],
+            "identical_to_batch_1": [(r["answer"], r["exit"]) for r in recs]
+                                    == [(r["answer"], r["exit"]) for r in base],
             "ratios": _ratios(per_item, b, batch_sizes[0], prune_layers, flops),
         }
     k_report = s.prune_layer if s.prune_layer in prune_layers else prune_layers[0]
@@ -188,9 +190,11 @@ def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, records) ->
     c = n_keep(works[0].encoded.n_visual, engine.settings.consistency_retain)
     reread = statistics.mean(lm_macs(small.model, len(w.encoded.visual) - w.encoded.n_visual + c + len(w.small.tokens)
                                      - 1, 0) for w in works)
-    lm_large = statistics.mean(lm_macs(large.model, len(w.encoded.visual), len(t)) for w, t in zip(works, gen_large.tokens))
+    lm_large = statistics.mean(lm_macs(large.model, len(w.encoded.visual), len(t))
+                               for w, t in zip(works, gen_large.tokens))
     lm_pruned = {k: statistics.mean(
-        pruned_macs(large.model, len(w.encoded.visual), len(w.encoded.visual) - w.encoded.n_visual + len(idx), len(t), k)
+        pruned_macs(large.model, len(w.encoded.visual), len(w.encoded.visual) - w.encoded.n_visual + len(idx),
+                    len(t), k)
         for w, idx, t in zip(works, kept, gen_pruned[k].tokens)) for k in prune_layers}
     exit_rate = sum(r["exit"] == "small" for r in records) / n
     g = 1e9
