@@ -118,10 +118,11 @@ def summarize(results: dict) -> dict:
                          "ratios": row["ratios"], "identical_to_batch_1": row["identical_to_batch_1"]})
     out = {"rows": rows, "targets": {n: r["targets"] for n, r in results.items() if r}}
     bf16, nf4 = results.get("bench_2048"), results.get("bench_2048_nf4")
-    if bf16 and nf4:  # NF4 large model within 1.5x of bf16 time, batch 8
-        b = "8"
+    if bf16 and nf4:  # NF4 large model within 1.5x of bf16 time, at batch 8 (or the nearest both measured)
+        b = min(set(bf16["batches"]) & set(nf4["batches"]), key=lambda x: abs(int(x) - 8))
         ratio = nf4["batches"][b]["ms_per_item"]["large"] / bf16["batches"][b]["ms_per_item"]["large"]
-        out["nf4_vs_bf16_large_time"] = {"batch": 8, "value": round(ratio, 4), "target": "<= 1.5", "met": ratio <= 1.5}
+        out["nf4_vs_bf16_large_time"] = {"batch": int(b), "value": round(ratio, 4), "target": "<= 1.5",
+                                         "met": ratio <= 1.5}
     return out
 
 
