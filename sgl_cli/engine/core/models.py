@@ -189,9 +189,10 @@ def quantize_in_memory(model, spec: ModelSpec) -> None:
 
     config = quantization_config(spec)
     skip = [re.compile(p) for p in config.llm_int8_skip_modules]
-    for name, module in list(model.named_modules()):
-        if type(module) is not torch.nn.Linear or any(p.match(name) for p in skip):
-            continue
+    names = [name for name, module in model.named_modules()
+             if type(module) is torch.nn.Linear and not any(p.match(name) for p in skip)]
+    for name in names:  # by name, so that each replaced layer's unquantized weight is freed at once
+        module = model.get_submodule(name)
         w = module.weight.data
         if spec.quantize == "8bit":
             new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
