@@ -12,69 +12,76 @@ from ._common import domain_errors, err, set_threads, with_help
 
 
 def bench(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset to measure (default: a random pair built offline at --size)."),
-    size: str = typer.Option("realistic", help="Built-in random pair when no --preset: realistic (large LM 1024x8, 1,024 visual tokens), random (the default pair's size), tiny."),
-    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time (default: --items generated shapes images)."),
-    items: int = typer.Option(4, "--items", min=1, help="Generated items."),
-    image_size: Optional[int] = typer.Option(None, help="Generated image side in px (default: the pair's largest)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="A random-weight pair at a published architecture, built "
+                                       "offline: qwen2.5-vl-3b-7b, qwen2.5-vl-7b-72b, llava-onevision-0.5b-7b, "
+                                       "internvl3-1b-8b."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset to measure (real checkpoints)."),
+    size: str = typer.Option("realistic", help="Built-in random pair when neither --arch nor --preset: realistic "
+                             "(large LM 1024x8, 1,024 visual tokens), random (the default pair's size), tiny."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="--arch: cut both language models to this "
+                                         "many layers (CPU runs and tests)."),
+    vision_layers: Optional[int] = typer.Option(None, "--vision-layers", min=1, help="--arch: cut both vision towers "
+                                                "to this many blocks."),
+    dtype: str = typer.Option("auto", help="--arch: weight dtype: bfloat16, float16, float32 (auto: bfloat16 on a "
+                              "GPU; float32 on a CPU, where torch's bfloat16 output head is pathologically slow)."),
+    device: str = typer.Option("auto", help="--arch: where the weights are created (auto: the first GPU, else cpu)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="--arch: the large model's weights in 4bit (NF4, "
+                                           "bitsandbytes) or 8bit."),
+    visual_tokens: Optional[int] = typer.Option(None, "--visual-tokens", help="--arch: images sized to give exactly "
+                                                "this many visual tokens (Qwen2.5-VL, InternVL3)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Image size in px: N (square) or WxH "
+                                             "(default: 896, or the random pair's largest)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time (default: generated images)."),
+    items: Optional[int] = typer.Option(None, "--items", min=1, help="Items through the pipeline (default: the largest "
+                                        "batch size)."),
+    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Batch sizes, comma-separated."),
     retain: float = typer.Option(0.09, help="Retain ratio of the pruned large stage."),
-    prune_layer: int = typer.Option(0, help="Prune layer of the pruned large stage."),
-    threshold: Optional[float] = typer.Option(0.9, help="Early-exit threshold of the full pipeline."),
+    prune_layer: int = typer.Option(0, help="Prune layer K; the pruned stage is measured at K = 0 and at K."),
+    exit_rate: Optional[float] = typer.Option(None, "--exit-rate", min=0.0, max=1.0, help="Force this fraction of "
+                                              "items to exit early in the pipeline (default: 0.5 with random "
+                                              "weights, else --threshold decides)."),
+    threshold: Optional[float] = typer.Option(0.9, help="Early-exit threshold of the pipeline without --exit-rate."),
     max_new_tokens: int = typer.Option(8, help="Tokens generated per item."),
-    repeats: int = typer.Option(3, min=1, help="Interleaved rounds; medians are reported."),
-    batch_size: int = typer.Option(4, help="Batch size compared with batch size 1."),
+    repeats: int = typer.Option(3, min=1, help="Timed rounds (after one untimed warm-up); medians are reported."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Also profile the batch-8 (or largest) pipeline "
+                                           "once: top CPU and CUDA ops, GPU idle time, into this folder."),
+    profile_trace: bool = typer.Option(False, "--profile-trace", help="With --profile: also the full Chrome trace."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
-    """Measure the large model alone, pruned, and the full pipeline, interleaved; print ratios.
+    """Measure the large model alone, pruned (K = 0 and K), and the full pipeline, interleaved, at each batch size.
 
-    Reports items/s of each, capture overhead (small-model generation with importance capture vs without),
-    the pruned large stage's speed-up against what its FLOPs predict (large_vs_floor: 1.0 is the floor),
-    batch speed-up and peak memory.
+    Reports ms and items/s per stage, peak memory per stage, capture overhead, and measured speed-ups beside those
+    the FLOPs predict, with the targets of a GPU run. Random weights cannot decide an early exit, so the pipeline's
+    exit rate is forced (--exit-rate). --arch builds the pair at the published sizes with its weights directly on
+    the device; on a CPU use --layers 2 --vision-layers 4 (and a small --image-size).
+
+    Examples:
+
+      sgl bench --arch qwen2.5-vl-3b-7b --visual-tokens 2048 --exit-rate 0.5 --json > h200.json
+      sgl bench --arch qwen2.5-vl-3b-7b --layers 2 --vision-layers 4 --image-size 224 --batch-sizes 1,4
+      sgl bench --size realistic --batch-sizes 1,4 --repeats 2
     """
     with domain_errors():
-        import tempfile
-
-        from ..engine.builtin.shapes import write_items
         from ..engine.errors import SglError
-        from ..engine.io.items import read_items
-        from ..engine.preset import ModelSpec, Settings, load_preset
+        from ..engine.evaluation.bench_setup import Bench, parse_sizes
 
         set_threads(threads)
-        settings = Settings(retain=retain, prune_layer=prune_layer, threshold=threshold,
-                            max_new_tokens=max_new_tokens, prompt_suffix="Answer with one word.")
-        settings.validate("command line")
-        from ..engine.core.engine import Engine
-        from ..engine.core.models import load_model
-
-        if preset:
-            p = load_preset(preset)
-            small, large = load_model(p.small, "small"), load_model(p.large, "large")
-            px = image_size or 896
-        else:
-            from ..engine.builtin.pair import SPECS, build_pair
-            from ..engine.evaluation import bench as bench_mod
-
-            specs = {"realistic": bench_mod.REALISTIC_SPEC, **SPECS}
-            if size not in specs:
-                raise SglError(f"unknown --size {size!r}; one of {', '.join(specs)}")
-            spec = specs[size]
-            tmp = Path(tempfile.mkdtemp(prefix="sgl-bench-"))
-            pair = build_pair(spec, tmp)
-            small = load_model(ModelSpec(str(pair["small"]), dtype="float32"), "small")
-            large = load_model(ModelSpec(str(pair["large"]), dtype="float32"), "large")
-            px = image_size or int(spec.max_pixels ** 0.5)
-        if input is None:
-            folder = Path(tempfile.mkdtemp(prefix="sgl-bench-items-"))
-            input = write_items(folder, items, seed=0, side=px)
-        engine = Engine(settings, small, large)
-        from ..engine.evaluation.bench import run_bench
-
-        result = run_bench(engine, list(read_items(input)), repeats=repeats, batch_sizes=(1, batch_size))
+        sizes = parse_sizes(batch_sizes, "--batch-sizes")
+        setup = Bench(arch=arch, preset=preset, size=size, layers=layers, vision_layers=vision_layers, dtype=dtype,
+                      device=device, quantize=quantize, visual_tokens=visual_tokens, image_size=image_size,
+                      retain=retain, prune_layer=prune_layer, threshold=threshold, max_new_tokens=max_new_tokens)
+        engine, bench_items = setup.load(input, items or max(sizes))
+        try:
+            result = setup.run(engine, bench_items, batch_sizes=sizes, repeats=repeats, exit_rate=exit_rate,
+                               profile=profile, profile_trace=profile_trace)
+        except ValueError as exc:
+            raise SglError(str(exc)) from None
         if as_json:
             typer.echo(json.dumps(result, indent=1))
         else:
             _table(result)
+            err("")
 
 
 with_help(bench)
@@ -84,26 +91,36 @@ def _table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"sgl bench on {r['device']}: {r['items']} items, {r['visual_tokens']:.0f} visual tokens, "
-                    f"retain {r['retain']} (kept {r['retained_tokens']:.0f}), prune layer {r['prune_layer']}")
-    t.add_column("stage")
-    t.add_column("ms / item", justify="right")
-    t.add_column("items/s", justify="right")
-    for name, ms in r["ms_per_item"].items():
-        t.add_row(name, f"{ms:.1f}", f"{1000 / ms:.2f}")
-    Console().print(t)
-    ratios = Table(title="ratios (measured side by side)")
-    ratios.add_column("figure")
-    ratios.add_column("value", justify="right")
-    ratios.add_column("meaning")
-    ratios.add_row("capture_overhead", f"{r['capture_overhead']:.3f}", "small generation with / without capture")
-    ratios.add_row("speedup_large_stage", f"{r['speedup_large_stage']:.2f}x", "large full / large pruned")
-    ratios.add_row("speedup_large_lm", f"{r['speedup_large_lm']:.2f}x", "the same, language model only (vision excluded)")
-    ratios.add_row("flops_speedup_large_stage", f"{r['flops_speedup_large_stage']:.2f}x", "the same predicted from FLOPs")
-    ratios.add_row("large_vs_floor", f"{r['large_vs_floor']:.3f}", "pruned LM time / FLOPs-predicted (1 = floor)")
-    for k, v in r["batch_speedup"].items():
-        ratios.add_row(f"batch {k}", f"{v:.2f}x", "sgl pipeline items/s, batch b vs 1")
-    ratios.add_row("exit_rate", f"{r['exit_rate']:.2f}", "items answered by the small model")
-    ratios.add_row("peak_memory_mb", f"{r['peak_memory_mb']:.0f}", "process peak (RSS on CPU)")
-    Console().print(ratios)
-    err("")
+    what = r.get("arch") or r.get("size") or "preset"
+    console = Console()
+    quantized = f", large {r['large_quantize']}" if r["large_quantize"] else ""
+    t = Table(title=f"sgl bench {what} on {r['device']} ({r['dtype']}{quantized}): "
+                    f"{r['visual_tokens']:.0f} visual tokens, retain {r['retain']} (kept {r['retained_tokens']:.0f}), "
+                    f"exit rate {r['exit_rate_target']}")
+    for c in ("batch", "stage", "ms / item", "items/s", "peak MiB"):
+        t.add_column(c, justify="left" if c == "stage" else "right")
+    for b, row in r["batches"].items():
+        for i, stage in enumerate(row["ms_per_item"]):
+            t.add_row(b if i == 0 else "", stage, f"{row['ms_per_item'][stage]:.1f}",
+                      f"{row['items_per_s'][stage]:.2f}", f"{row['peak_memory_mb'][stage]:.0f}",
+                      end_section=i == len(row["ms_per_item"]) - 1)
+    console.print(t)
+    ratios = Table(title="measured speed-ups, FLOPs-predicted in brackets")
+    ratios.add_column("batch")
+    k = r["prune_layer"]
+    cols = [("large stage", f"large_stage_speedup_k{k}"), ("LM only", f"lm_speedup_k{k}"),
+            ("pipeline", "pipeline_speedup"), ("capture overhead", "capture_overhead"),
+            ("vs batch 1", "batch_speedup")]
+    for name, _ in cols:
+        ratios.add_column(name, justify="right")
+    for b, row in r["batches"].items():
+        x = row["ratios"]
+        ratios.add_row(b, *(f"{x[key]:.2f}" + (f" [{x[key + '_flops']:.2f}]" if key + "_flops" in x else "")
+                            for _, key in cols))
+    console.print(ratios)
+    targets = Table(title="the GPU run's targets (retain 0.09, K = 0, 2,048 visual tokens, batch 8)")
+    for c in ("figure", "batch", "value", "target", "met"):
+        targets.add_column(c)
+    for x in r["targets"]:
+        targets.add_row(x["figure"], str(x["batch"]), f"{x['value']:.2f}", x["target"], "yes" if x["met"] else "no")
+    console.print(targets)

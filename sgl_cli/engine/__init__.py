@@ -10,7 +10,7 @@
 Layout: `core/` (loading, the transformers seam, generation, capture, pruning, the staged `Engine`), `families/`
 (one adapter per model family), `guides/` (one module per ranking method, and the plugin registry), `io/` (input
 items, images, output records, `Run`, the Ray backend), `evaluation/` (metrics, calibration, the comparison of
-guides, benchmarks), `builtin/` (the shipped pair and the shapes task), `views/` (inspect's terminal and PNG views,
+guides, `Bench`), `builtin/` (the shipped pair and the shapes task), `views/` (inspect's terminal and PNG views,
 plots). Errors are `SglError` (the run cannot start) and `ItemError` (one item's record).
 
 Importing this package is cheap; torch and transformers load with the engine itself.
@@ -29,6 +29,7 @@ from .preset import ModelSpec, Preset, Settings, load_preset
 if TYPE_CHECKING:
     from .core.engine import Engine, LargeInputs
     from .core.stages import Encoded, LargeAnswer, SmallPass, Work
+    from .evaluation.bench_setup import Bench
     from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
     from .evaluation.fingerprint import apply_calibration
@@ -39,14 +40,14 @@ if TYPE_CHECKING:
 _LAZY = {
     "Engine": ".core.engine", "LargeInputs": ".core.engine",
     "Encoded": ".core.stages", "LargeAnswer": ".core.stages", "SmallPass": ".core.stages", "Work": ".core.stages",
-    "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
+    "Bench": ".evaluation.bench_setup", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
     "apply_calibration": ".evaluation.fingerprint",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
     "Run": ".io.run", "RunSummary": ".io.run",
 }
 
-__all__ = ["Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item", "ItemError",
-           "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
+__all__ = ["Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
+           "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
            "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names",
            "load_preset", "make_guide", "read_items"]
 

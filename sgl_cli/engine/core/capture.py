@@ -70,8 +70,10 @@ def watched_modules() -> list[torch.nn.Module]:
 class ImportanceCapture:
     """Accumulates, per batch row and key position, attention received from the marked query rows.
 
-    Before each forward, `set_rows(rows, key_valid)`: `rows` (B, q_len) marks the query rows that count (None:
-    none), `key_valid` (B, kv_len) the keys that are not padding. `scores` (B, n_keys) is the running sum over
+    Before each forward, `set_rows(rows, key_valid, span)`: `rows` (B, q_len) marks the query rows that count (None:
+    none), `key_valid` (B, kv_len) the keys that are not padding, `span` the (first, last + 1) query rows any batch
+    row marks, when the caller knows it on the host (else it is read from `rows` once per forward, not per layer:
+    every read of a device value stalls a GPU). `scores` (B, n_keys) is the running sum over
     layers, heads and marked rows; only the first `n_keys` key positions (the prompt) are kept. `layers` limits
     the capture to those decoder layers (FastV: layer K-1 only).
     """
@@ -82,6 +84,7 @@ class ImportanceCapture:
     scores: torch.Tensor | None = None
     _rows: torch.Tensor | None = field(default=None, repr=False)
     _key_valid: torch.Tensor | None = field(default=None, repr=False)
+    _span: tuple[int, int] | None = field(default=None, repr=False)
     _saved: str | None = field(default=None, repr=False)
 
     def __enter__(self) -> "ImportanceCapture":
@@ -98,11 +101,18 @@ class ImportanceCapture:
         for module in _attention_modules(self.model):
             unwatch(module, self)
         self.model.set_attn_implementation({"text_config": self._saved})
-        self._rows = self._key_valid = None
+        self._rows = self._key_valid = self._span = None
 
-    def set_rows(self, rows: torch.Tensor | None, key_valid: torch.Tensor) -> None:
-        self._rows = rows
+    def set_rows(self, rows: torch.Tensor | None, key_valid: torch.Tensor,
+                 span: tuple[int, int] | None = None) -> None:
+        if rows is not None and span is None:
+            marked = rows.any(0).nonzero()[:, 0].tolist()  # one host read per forward
+            span = (marked[0], marked[-1] + 1) if marked else None
+        if span is not None and span[0] >= span[1]:
+            span = None
+        self._rows = rows if span is not None else None
         self._key_valid = key_valid
+        self._span = span
 
     def observe(self, query, key, kwargs) -> None:
         self._observe(query, key, kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"))
@@ -110,13 +120,12 @@ class ImportanceCapture:
     @torch.no_grad()
     def _observe(self, query, key, scaling, sliding_window, softcap) -> None:
         rows = self._rows
-        if rows is None or not bool(rows.any()):
+        if rows is None:
             return
         b, h, q_len, d = query.shape
         kv_len = key.shape[-2]
         # Only the span of marked rows is multiplied: O(heads x rows x keys) for this layer.
-        marked = rows.any(0).nonzero()
-        first, last = int(marked[0]), int(marked[-1]) + 1
+        first, last = self._span
         q = query[:, :, first:last].float()
         k = key.float()
         if k.shape[1] != h:  # GQA: each key head serves h / kv_heads query heads

@@ -344,13 +344,17 @@ class Engine:
         width = batch.input_ids.shape[1]
         # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
         prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        starts = []
         for i, w in enumerate(works):
             visual = w.encoded.visual
-            prompt_rows[i, width - len(visual) + int(visual.nonzero().max()) + 1:] = True
+            starts.append(width - len(visual) + int(visual.nonzero().max()) + 1)  # `visual` is on the host
+            prompt_rows[i, starts[-1]:] = True
+        span = (min(starts), width)
 
         with ImportanceCapture(m.model, n_keys=width) as cap:
             def observe(step: int, active: torch.Tensor, key_valid: torch.Tensor) -> None:
-                cap.set_rows(prompt_rows if step == 0 else active[:, None], key_valid)
+                # greedy observes a decode step only while some row is active: its one query row is marked
+                cap.set_rows(prompt_rows if step == 0 else active[:, None], key_valid, span if step == 0 else (0, 1))
 
             gen = greedy(m.model, batch, self._limits(works), m.eos_ids, m.pad_id, observe=observe)
         scores = cap.scores.float().cpu()

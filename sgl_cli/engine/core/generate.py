@@ -116,39 +116,51 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 def greedy(model, batch: Batch, max_new_tokens: list[int], eos_ids: set[int], pad_id: int,
            observe: Observer | None = None) -> Generation:
-    """Greedy decoding of every row to its EOS or its `max_new_tokens`. `observe` sees every forward (capture)."""
+    """Greedy decoding of every row to its EOS or its `max_new_tokens`. `observe` sees every forward (capture).
+
+    One device-to-host transfer per step: the EOS and length checks run on the model's device, and each step's
+    tokens, their probabilities and the rows still generating come back together (a per-row read would stall the
+    GPU once per row and step)."""
     b = batch.input_ids.shape[0]
     device = batch.input_ids.device
-    active = torch.ones(b, dtype=torch.bool)
+    active = torch.ones(b, dtype=torch.bool, device=device)
     if observe is not None:
-        observe(0, active.to(device), batch.attention_mask.bool())
+        observe(0, active, batch.attention_mask.bool())
     logits, cache = prefill(model, batch)
-    tokens: list[list[int]] = [[] for _ in range(b)]
-    probs: list[list[float]] = [[] for _ in range(b)]
-    limits = torch.tensor(max_new_tokens)
+    limits = torch.tensor(max_new_tokens, device=device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
     mask = batch.attention_mask
     next_pos = batch.position_ids[:, :, -1:] + 1  # left padding: the last column is every row's last token
+    steps: list[torch.Tensor] = []  # per step, (3, B) on the host: token, its probability, still active after it
     step = 0
     while True:
-        p = torch.softmax(logits.float(), dim=-1)
         token = logits.argmax(dim=-1)
-        token_p = p.gather(1, token[:, None])[:, 0].cpu()
-        for i in active.nonzero().squeeze(-1).tolist():
-            t = int(token[i])
-            tokens[i].append(t)
-            probs[i].append(float(token_p[i]))
-            if t in eos_ids or len(tokens[i]) >= int(limits[i]):
-                active[i] = False
-        if not active.any():
-            return Generation(tokens, probs)
+        token_p = torch.softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
+        lengths += active
+        active = active & ~torch.isin(token, eos) & (lengths < limits)
+        # float64 holds every token id exactly, and each fp32 probability as it is.
+        steps.append(torch.stack([token.double(), token_p.double(), active.double()]).cpu())
+        if not steps[-1][2].any():
+            return _collect(steps)
         # Finished rows keep feeding padding; their rows are excluded from capture and their tokens ignored.
-        token = torch.where(active.to(device), token, torch.full_like(token, pad_id))
+        token = torch.where(active, token, torch.full_like(token, pad_id))
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
         step += 1
         if observe is not None:
-            observe(step, active.to(device), mask.bool())
+            observe(step, active, mask.bool())
         logits, cache = decode_one(model, token, mask, next_pos, cache)
         next_pos = next_pos + 1
+
+
+def _collect(steps: list[torch.Tensor]) -> Generation:
+    """Each row's tokens and probabilities: the steps up to and including the one that finished it."""
+    table = torch.stack(steps)  # (steps, 3, B)
+    was_active = torch.cat([torch.ones_like(table[:1, 2]), table[:-1, 2]]).bool()  # before each step
+    counts = was_active.sum(0).tolist()
+    tokens, probs = table[:, 0].t().tolist(), table[:, 1].t().tolist()
+    return Generation([[int(t) for t in row[:n]] for row, n in zip(tokens, counts)],
+                      [row[:n] for row, n in zip(probs, counts)])
 
 
 @torch.no_grad()

@@ -160,7 +160,19 @@ def load_model(spec: ModelSpec, role: str) -> LoadedModel:
     except Exception as exc:  # noqa: BLE001 - surfaced as one line naming the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelLoadError(f"cannot load the {role} model {spec.model!r}: {type(exc).__name__}: {first}") from exc
-    model = model.eval()
+    return finish(model.eval(), processor, spec, role, path, is_random(Path(path)))
+
+
+def from_memory(model, processor, spec: ModelSpec, role: str, *, random_weights: bool = False) -> LoadedModel:
+    """A model and processor built in memory (`sgl bench --arch`) through the same post-load steps as
+    `load_model`: `spec.quantize` applied to its weights, the probes, the family, EOS and pad."""
+    if spec.quantize is not None:
+        quantize_in_memory(model, spec)
+    return finish(model.eval(), processor, spec, role, spec.model, random_weights)
+
+
+def finish(model, processor, spec: ModelSpec, role: str, path: str, random_weights: bool) -> LoadedModel:
+    """What every loaded model goes through: the 4-bit width check, the family, the probes, EOS and pad."""
     _check_quantized_on_cpu(model, spec, role)
     family = family_for(model)
     # Every transformers internal sgl uses on this model, probed now: a release that moved one fails here in one
@@ -174,4 +186,42 @@ def load_model(spec: ModelSpec, role: str) -> LoadedModel:
         raise ModelLoadError(f"the {role} model {spec.model!r} names no EOS token in its generation config")
     pad = gen.pad_token_id if gen.pad_token_id is not None else processor.tokenizer.pad_token_id
     pad_id = int(pad if pad is not None else min(eos_ids))
-    return LoadedModel(role, spec, path, model, processor, family, eos_ids, pad_id, is_random(Path(path)))
+    return LoadedModel(role, spec, path, model, processor, family, eos_ids, pad_id, random_weights)
+
+
+def quantize_in_memory(model, spec: ModelSpec) -> None:
+    """Quantize the weights of a model built in memory as `from_pretrained` would with `quantization_config(spec)`:
+    each language-model `nn.Linear` (not NOT_QUANTIZED) becomes a bitsandbytes layer made from its own weights,
+    on its own device, one layer at a time (peak memory: the unquantized model)."""
+    import re
+
+    import bitsandbytes as bnb
+    import torch
+
+    config = quantization_config(spec)
+    skip = [re.compile(p) for p in config.llm_int8_skip_modules]
+    names = [name for name, module in model.named_modules()
+             if type(module) is torch.nn.Linear and not any(p.match(name) for p in skip)]
+    for name in names:  # by name, so that each replaced layer's unquantized weight is freed at once
+        module = model.get_submodule(name)
+        w = module.weight.data
+        if spec.quantize == "8bit":
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                      has_fp16_weights=False, threshold=config.llm_int8_threshold, device="meta")
+            new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                    compute_dtype=config.bnb_4bit_compute_dtype,
+                                    compress_statistics=config.bnb_4bit_use_double_quant,
+                                    quant_type=config.bnb_4bit_quant_type,
+                                    quant_storage=config.bnb_4bit_quant_storage, device="meta")
+            new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=config.bnb_4bit_quant_type,
+                                           compress_statistics=config.bnb_4bit_use_double_quant,
+                                           quant_storage=config.bnb_4bit_quant_storage, module=new)
+        if module.bias is not None:
+            new.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        new = new.to(w.device)  # moving bitsandbytes weights to a device is what quantizes them
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        del module, w
+    model.config.quantization_config = config

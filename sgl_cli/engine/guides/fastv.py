@@ -57,8 +57,9 @@ class _LastTokenAttention:
         self.capture.__exit__(*exc)
 
     def observe(self, step: int, active: torch.Tensor, key_valid: torch.Tensor) -> None:
-        rows = None
         if step == 0:
             rows = torch.zeros_like(key_valid)
             rows[:, -1] = True
-        self.capture.set_rows(rows, key_valid)
+            self.capture.set_rows(rows, key_valid, (rows.shape[1] - 1, rows.shape[1]))
+        else:
+            self.capture.set_rows(None, key_valid)
