@@ -200,3 +200,47 @@ def test_settings_reuse_does_not_leak_between_guides(engine_factory, labelled):
     b = evaluate(eng, items, ["sgl"], [0.25], "vqa")
     assert a["results"][2]["accuracy"] == b["results"][0]["accuracy"]
     assert a["large_alone"] == {**b["large_alone"], "items_per_s": a["large_alone"]["items_per_s"]}
+
+
+def test_eval_save_scores_equal_sgl_run_per_setting(tmp_path, tiny_pair, engine_factory, labelled):
+    """`sgl eval --details --save-scores`: one row per item and setting, each equal (field by field) to what the
+    engine alone saves at that setting, early exits included."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sgl_cli.engine.core.record import SCORES_KEY
+
+    items = list(read_items(labelled))
+    exit_scores = sorted(r["exit_score"] for r in engine_factory(threshold=None).process(items))
+    threshold = (exit_scores[2] + exit_scores[3]) / 2  # three of six exit
+    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=5)
+    details = tmp_path / "details.jsonl"
+    res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--retain", "1,0.25", "--guide", "sgl,cls",
+                              "--threshold", str(threshold), "--json", "-q", "--details", str(details),
+                              "--save-scores"])
+    assert res.exit_code == 0, res.output
+    assert all(SCORES_KEY not in json.loads(x) for x in details.read_text().splitlines())
+    table = pa.ipc.open_stream(str(tmp_path / "details.scores.arrow")).read_all().to_pylist()
+    assert [(r["line"], r["setting"]) for r in table] == [
+        (line, s) for line in range(1, 7) for s in ("sgl@1", "sgl@0.25", "cls@1", "cls@0.25")]
+    rows = {(r["line"], r["setting"]): r for r in table}
+    exits = 0
+    for guide in ("sgl", "cls"):
+        for retain in (1.0, 0.25):
+            eng = engine_factory(retain=retain, threshold=threshold, guide=guide)
+            eng.save_scores = True
+            try:
+                records = eng.process(items)
+            finally:
+                eng.save_scores = False
+            for rec in records:
+                want, got = rec[SCORES_KEY], rows[(rec["line"], f"{guide}@{retain:g}")]
+                exits += rec["exit"] == "small"
+                assert got["kept"] == want["kept"].tolist()
+                assert np.array_equal(np.asarray(got["scores"], dtype=np.float16), want["scores"])
+                assert [(g["image"], g["name"], g["rows"], g["cols"], g["tokens"]) for g in got["grids"]] == [
+                    (g["image"], g["name"], g["rows"], g["cols"], g["tokens"].tolist()) for g in want["grids"]]
+    assert exits == 6  # three items exit at each sgl setting; only sgl exits early
+
+    res = runner.invoke(app, ["eval", str(labelled), "-p", str(preset), "--save-scores"])
+    assert res.exit_code == 2 and "--save-scores writes beside --details FILE" in res.output

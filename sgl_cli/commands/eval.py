@@ -48,7 +48,8 @@ Output: a table on stdout (or with --json, one JSON object: `results` with guide
 relative_accuracy, per_type, exit_rate, relative_compute, large_calls, retained_tokens, items_per_s per
 setting, `small_alone`, `large_alone`, and with --calibration `calibration`: its predicted and measured
 exit_rate, accuracy, relative_accuracy and relative_compute). --plot draws accuracy against retain; --details
-writes every item's answers and correctness per setting as JSONL.
+writes every item's answers and correctness per setting as JSONL, and with --save-scores each setting's ranking
+and kept tokens in <details stem>.scores.arrow (as sgl run --save-scores, with a `setting` column).
 
 Examples:
   sgl demo shapes --n 500 --seed 1 && sgl eval shapes/batch.jsonl
@@ -74,6 +75,9 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against retain, a line per guide."),
     details: Optional[Path] = typer.Option(None, "--details", help="JSONL of every item's answers and correctness per setting."),
+    save_scores: bool = typer.Option(False, "--save-scores", help="With --details: also each item's visual-token "
+                                     "ranking and kept tokens per setting, in <details stem>.scores.arrow (float16; "
+                                     "`setting` names guide@retain, as in the details)."),
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -82,7 +86,7 @@ def eval_command(
         code = _eval(input, guide, retain, metric, preset, threshold, calibration, dict(
             prune_layer=prune_layer, max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
             batch_size=batch_size, seed=seed,
-        ), limit, json_out, plot, details, threads, quiet)
+        ), limit, json_out, plot, details, save_scores, threads, quiet)
     raise typer.Exit(code)
 
 
@@ -90,7 +94,8 @@ with_help(eval_command, EXAMPLE)
 
 
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
-          limit, json_out: bool, plot: Optional[Path], details: Optional[Path], threads, quiet: bool) -> int:
+          limit, json_out: bool, plot: Optional[Path], details: Optional[Path], save_scores: bool, threads,
+          quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import read_labelled
     from ..engine.evaluation.fingerprint import calibration_point
@@ -115,6 +120,8 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     retains = sorted(set(retains), reverse=True)
     if threshold is not None and calibration is not None:
         raise SglError("give --threshold or --calibration, not both")
+    if save_scores and details is None:
+        raise SglError("--save-scores writes beside --details FILE: give both")
     if not input.is_file():
         raise SglError(f"input file {input} not found")
     for path in (plot, details):
@@ -169,20 +176,33 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     engine = Engine(preset.settings, small, large, preset)
     if engine.random_weights:
         warn_random_weights("answers and accuracy")
+    from ..engine.core.record import SCORES_KEY
+    from ..engine.io.scores import ScoreWriter, scores_path
+
     sink = details.open("w", encoding="utf-8") if details else None
+    scores = ScoreWriter(scores_path(details), append=False, settings=True) if save_scores else None
     try:
         with progress_bar("sgl eval", quiet, len(items)) as advance:
             def on_batch(rows: list[dict], n: int) -> None:
+                for r in rows:
+                    payloads = r.pop(SCORES_KEY, {})
+                    if sink:
+                        sink.write(json.dumps(r) + "\n")
+                    for setting, payload in payloads.items():
+                        scores.write(r["line"], payload, setting)
                 if sink:
-                    sink.write("".join(json.dumps(r) + "\n" for r in rows))
+                    sink.flush()
                 advance(n)
 
-            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch, calibration=point)
+            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch, calibration=point,
+                              save_scores=save_scores)
     except ValueError as exc:
         raise SglError(str(exc)) from None
     finally:
         if sink:
             sink.close()
+        if scores:
+            scores.close()
     result["preset"] = preset.name
     for message in result["errors"][:10]:
         err(f"sgl: left out {message}")
@@ -195,7 +215,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         if result.get("calibration"):
             _check(result["calibration"])
     if not quiet:
-        written = [str(p) for p in (plot, details) if p]
+        written = [str(p) for p in (plot, details, scores_path(details) if save_scores else None) if p]
         if written:
             err(f"sgl: wrote {', '.join(written)}")
     return 1 if result["errors"] else 0

@@ -58,14 +58,20 @@ def make_record(engine, w: Work, total_ms: float = 0.0) -> dict:
 SCORES_KEY = "_scores"
 
 
+def token_grids(engine, w: Work) -> list:
+    """`w`'s images as the large model's token grids (as `sgl inspect` draws them); [] for a layout the family
+    cannot draw (the scores are then saved without their grid)."""
+    m = engine.large
+    try:
+        return m.family.token_grids(m.model, w.encoded.large, w.encoded.image_sizes, m.processor)
+    except ValueError:
+        return []
+
+
 def _scores(engine, w: Work, exited: bool) -> dict:
     from ..io.scores import score_payload
 
-    m = engine.large
-    try:
-        grids = m.family.token_grids(m.model, w.encoded.large, w.encoded.image_sizes, m.processor)
-    except ValueError:  # a layout the family cannot draw: the scores without their grid
-        grids = []
+    grids = token_grids(engine, w)
     if exited:
         return score_payload(w.small.importance.float(), [], grids)
     return score_payload(w.large.scores.float(), w.large.kept, grids)

@@ -31,7 +31,8 @@ class Outcome:
 
     exit: str  # "small" (the small answer was returned; nothing was pruned) or "large"
     answer: str | None  # None when answers were not asked for (a ranking alone)
-    scores: torch.Tensor | None = None  # the guide's scores (None after an exit, or at retain 1 from large alone)
+    scores: torch.Tensor | None = None  # the guide's scores (None after an exit, or at retain 1 for a guide that
+    # ranks inside the large model's prefill, which the unpruned answer does not run)
     kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit)
     prune_layer: int = 0
 
@@ -109,9 +110,10 @@ class Comparison:
             seconds = t_rows * len(todo)
             results: dict[int, Outcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
+                ranked = inputs.scores.get(name)  # `inputs` is aligned with `live`; a prefill ranker has none
                 for i, w in enumerate(live):
                     if not exited[i]:
-                        results[i] = Outcome("large", full[i].answer, None, full[i].kept, k)
+                        results[i] = Outcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
             elif todo and (answers or guide.ranks_in_prefill):
                 t0 = time.perf_counter()

@@ -19,6 +19,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import torch
+
 from ..core.engine import Engine
 from ..core.stages import Work
 from ..io.items import Item
@@ -91,7 +93,9 @@ class Evaluation:
     """Runs the settings over batches of labelled items; `result()` gives the JSON object of `sgl eval`."""
 
     def __init__(self, engine: Engine, guides: list[str], retains: list[float], metric: str,
-                 threshold: float | None = None, calibration: CalibratedPoint | None = None):
+                 threshold: float | None = None, calibration: CalibratedPoint | None = None,
+                 save_scores: bool = False):
+        self.save_scores = save_scores
         self.metric_name = metric
         self.metric = get_metric(metric)
         self.threshold = threshold
@@ -137,7 +141,28 @@ class Evaluation:
                 self.tallies[(guide, retain)].large_cost += [share / alone if alone > 0 else 0.0] * sum(large)
             self._tally(self.tallies[(guide, retain)], f"{guide}@{retain:g}", live, refs,
                         [o.answer for o in outcomes], details, large, kept, n_visual, batch.seconds[(guide, retain)])
+        if self.save_scores:
+            self._attach_scores(batch, details)
         return details
+
+    def _attach_scores(self, batch, details: list[dict]) -> None:
+        """Each detail record carries, under SCORES_KEY, its ranking and kept tokens per setting (the guide's
+        scores; after an exit, the small model's SGP importance and nothing kept; at retain 1, every token kept)."""
+        from ..core.record import SCORES_KEY, token_grids
+        from ..io.scores import score_payload
+
+        for i, (w, d) in enumerate(zip(batch.live, details)):
+            grids = token_grids(self.comparison.engine, w)
+            payloads = {}
+            for guide, retain in self.settings:
+                o = batch.outcomes[(guide, retain)][i]
+                if o.exit == "small":
+                    scores, kept = w.small.importance, []
+                else:
+                    scores = o.scores if o.scores is not None else torch.empty(0)
+                    kept = o.kept
+                payloads[f"{guide}@{retain:g}"] = score_payload(scores.float(), kept, grids)
+            d[SCORES_KEY] = payloads
 
     def _tally(self, tally: Tally, key: str, live: list[Work], refs, answers, details, large, kept, visual,
                seconds: float) -> None:
@@ -189,11 +214,12 @@ class Evaluation:
 
 def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: list[float], metric: str,
              threshold: float | None = None, on_batch: Callable[[list[dict], int], None] | None = None,
-             calibration: CalibratedPoint | None = None) -> dict:
+             calibration: CalibratedPoint | None = None, save_scores: bool = False) -> dict:
     """Evaluate `items` (labelled) in batches of the engine's batch size; `on_batch(details, n_items)` is
     called after each batch. With `calibration` (its threshold is `threshold`; the sgl guide and its retain
-    among the settings), the result's `calibration` checks its operating point."""
-    ev = Evaluation(engine, guides, retains, metric, threshold, calibration)
+    among the settings), the result's `calibration` checks its operating point. With `save_scores`, each detail
+    record carries its rankings per setting under `SCORES_KEY` (core/record.py)."""
+    ev = Evaluation(engine, guides, retains, metric, threshold, calibration, save_scores)
     batch: list[Item] = []
     size = engine.settings.batch_size
 

@@ -11,6 +11,9 @@
 | `grids` | per token grid: `image` (which of the item's images), `name`, `rows`, `cols`, `tokens` (the visual-token index at each cell, row-major; as `sgl inspect` lays them out) |
 
 `--resume` keeps the rows of the records already written and drops a row torn by a kill.
+
+`sgl eval --details FILE --save-scores` writes `<FILE stem>.scores.arrow` with the same columns and `setting`
+(`guide@retain`, as the details records name it): one row per item and setting.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ def scores_path(out: Path) -> Path:
     return out.with_name(stem + SUFFIX)
 
 
-def _schema():
+def _schema(settings: bool = False):
     import pyarrow as pa
 
     grid = pa.struct([("image", pa.int32()), ("name", pa.string()), ("rows", pa.int32()), ("cols", pa.int32()),
                       ("tokens", pa.list_(pa.int32()))])
-    return pa.schema([("line", pa.int64()), ("scores", pa.list_(pa.float16())), ("kept", pa.list_(pa.int32())),
-                      ("grids", pa.list_(grid))])
+    fields = [("line", pa.int64()), ("scores", pa.list_(pa.float16())), ("kept", pa.list_(pa.int32())),
+              ("grids", pa.list_(grid))]
+    return pa.schema(fields[:1] + [("setting", pa.string())] + fields[1:] if settings else fields)
 
 
 def score_payload(scores, kept, grids) -> dict:
@@ -50,9 +54,9 @@ def score_payload(scores, kept, grids) -> dict:
 class ScoreWriter:
     """Appends one row per record to the Arrow stream, flushed with it."""
 
-    def __init__(self, path: Path, append: bool, keep_lines: set[int] | None = None):
+    def __init__(self, path: Path, append: bool, keep_lines: set[int] | None = None, settings: bool = False):
         self.path = path
-        self.schema = _schema()
+        self.schema = _schema(settings)
         if append and path.exists():
             repair(path, keep_lines)
         if not (append and path.exists()):
@@ -60,16 +64,17 @@ class ScoreWriter:
             path.write_bytes(self.schema.serialize().to_pybytes())
         self._f = path.open("ab")
 
-    def write(self, line: int, payload: dict) -> None:
+    def write(self, line: int, payload: dict, setting: str | None = None) -> None:
         import pyarrow as pa
 
         grids = [{**g, "tokens": pa.array(g["tokens"], type=pa.int32())} for g in payload["grids"]]
-        batch = pa.record_batch(
-            [pa.array([line], type=pa.int64()),
-             pa.array([payload["scores"]], type=pa.list_(pa.float16())),
-             pa.array([payload["kept"]], type=pa.list_(pa.int32())),
-             pa.array([grids], type=self.schema.field("grids").type)],
-            schema=self.schema)
+        columns = [pa.array([line], type=pa.int64()),
+                   pa.array([payload["scores"]], type=pa.list_(pa.float16())),
+                   pa.array([payload["kept"]], type=pa.list_(pa.int32())),
+                   pa.array([grids], type=self.schema.field("grids").type)]
+        if "setting" in self.schema.names:
+            columns.insert(1, pa.array([setting], type=pa.string()))
+        batch = pa.record_batch(columns, schema=self.schema)
         self._f.write(batch.serialize())
         self._f.flush()
 
