@@ -61,7 +61,8 @@ Examples:
 def eval_command(
     input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.", show_default=False),
     guide: GuidesOption = None,
-    retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help=f"Retain ratios, comma-separated or repeated (default: {DEFAULT_RETAINS})."),
+    retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help="Retain ratios, comma-separated or "
+                                               f"repeated, or auto (sgl calibrate's grid; default: {DEFAULT_RETAINS})."),
     metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}."),
     preset: PresetOption = None,
     threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the guides that run the small model (the mixed system)."),
@@ -100,6 +101,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     from ..engine.evaluation.calibrate import read_labelled
     from ..engine.evaluation.fingerprint import calibration_point
     from ..engine.evaluation.metrics import get_metric
+    from ..engine.evaluation.retains import parse_retains
     from ..engine.guides import guide_class
     from ..engine.preset import load_preset
 
@@ -108,16 +110,10 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         get_metric(metric)
     except ValueError as exc:
         raise SglError(str(exc)) from None
-    retains = []
-    for value in split_list(retains_opt or [DEFAULT_RETAINS]):
-        try:
-            r = float(value)
-        except ValueError:
-            raise SglError(f"--retain: {value!r} is not a number") from None
-        if not 0 < r <= 1:
-            raise SglError(f"--retain: {value} is not in (0, 1]")
-        retains.append(r)
-    retains = sorted(set(retains), reverse=True)
+    try:
+        retains = parse_retains(split_list(retains_opt or [DEFAULT_RETAINS]))
+    except ValueError as exc:
+        raise SglError(f"--retain: {exc}") from None
     if threshold is not None and calibration is not None:
         raise SglError("give --threshold or --calibration, not both")
     if save_scores and details is None:
