@@ -4,9 +4,12 @@ tokens per image, batch 1/8/32, 50% forced exits, retain 0.09, K = 0; the batch-
 large model in NF4 when bitsandbytes is importable. Everything it writes goes to $OUT (8 files at most).
 
 Made for a machine without network that has torch, transformers and accelerate of its own: sgl runs from this
-tree (`python3 -m sgl_cli`, not installed), and the wheels carried in `.whl/` (scripts/fetch_gpu_wheels.sh) are
-installed with `pip install --no-index --no-deps --target /tmp/site` only for the packages whose installed
-version sgl does not admit (or that are missing); `PYTHONPATH=/tmp/site:$PWD` puts them first.
+tree (not installed), through its library (`Bench`, what `sgl bench` runs: the command-line packages there, typer
+and click, are not needed and their versions do not matter), and the wheels carried in `.whl/`
+(scripts/fetch_gpu_wheels.sh) are installed with `pip install --no-index --no-deps --target /tmp/site` only for the
+packages the engine imports whose installed version sgl does not admit (or that are missing);
+`PYTHONPATH=/tmp/site:$PWD` puts them first. Each step runs in its own process, within the time left, and the
+summary is rewritten after each, so a step that fails or runs out of time loses only itself.
 
     python3 scripts/gpu_bench.py               # on the GPU machine (about 5 minutes; stops itself by 7)
     python3 scripts/gpu_bench.py --dry-run     # the same steps, small, on a CPU (about 10 minutes on 2 cores)
@@ -26,10 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/site")
 BUDGET_S = 420  # every step together; a step that cannot start with enough time left is skipped
-# What sgl needs of each package it imports on that machine (pyproject.toml, and transformers 5.24's own needs).
+# What the engine needs of each package it imports on that machine (pyproject.toml, and transformers 5.24's own
+# needs). A package outside these with no carried wheel is reported and the run goes on: it may still work.
 NEEDS = {"transformers": ">=5.18.0,<5.25", "huggingface_hub": ">=1.31.0,<3.0", "tokenizers": ">=0.23.1,<0.24",
          "safetensors": ">=0.8.0", "regex": ">=2025.10.22", "accelerate": ">=1.1.0,<1.16", "pillow": ">=10",
-         "click": ">=8.4.2", "typer": ">=0.12", "rich": ">=13", "pyyaml": ">=6", "tqdm": ">=4.66", "numpy": ">=1.17"}
+         "pyyaml": ">=6", "numpy": ">=1.17"}
 
 
 def log(out: Path, message: str) -> None:
@@ -65,10 +69,10 @@ def prepare_site(out: Path, force: bool) -> dict:
         if (force or not ok) and name in wheels:
             report["from_wheels"].append(wheels[name].name)
         elif not ok:
-            raise SystemExit(f"{name} {have or 'is missing'}: sgl needs {name}{spec}, and .whl/ carries none "
-                             "(run scripts/fetch_gpu_wheels.sh where a package index is reachable)")
+            log(out, f"warning: {name} {have or 'is missing'}: sgl needs {name}{spec}, and .whl/ carries none "
+                     "(scripts/fetch_gpu_wheels.sh, where a package index is reachable); going on")
+    shutil.rmtree(SITE, ignore_errors=True)  # a stale one would come first on PYTHONPATH
     if report["from_wheels"]:
-        shutil.rmtree(SITE, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
                         str(SITE), *(str(ROOT / ".whl" / w) for w in report["from_wheels"])], check=True)
     log(out, f"wheels installed into {SITE}: {', '.join(report['from_wheels']) or 'none needed'}")
@@ -81,29 +85,63 @@ def env() -> dict:
     return e
 
 
-def bench(out: Path, name: str, args: list[str], deadline: float, reserve: float) -> dict | None:
-    """One `sgl bench ... --json` into out/<name>.json, stopped at the deadline less `reserve` (time kept for the
-    steps after it)."""
+def command_line(setup: dict, run: dict) -> str:
+    """The `sgl bench` command line that does what one step does."""
+    args = ["sgl", "bench"]
+    for key, value in {**setup, **run}.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "batch_sizes":
+            args += [flag, ",".join(str(b) for b in value)]
+        elif value is not None and value is not False:
+            args += [flag] if value is True else [flag, str(value)]
+    return " ".join(args + ["--json"])
+
+
+def step(spec: str) -> None:
+    """In its own process: one benchmark through the library (`Bench`, as `sgl bench` runs it), its JSON on
+    stdout, between markers (anything else a library prints stays out of it)."""
+    sys.path.insert(0, str(ROOT))
+    from sgl_cli.engine import Bench
+
+    setup, run = json.loads(spec)
+    bench = Bench(**setup)
+    engine, items = bench.load(None, max(run["batch_sizes"]))
+    result = bench.run(engine, items, batch_sizes=tuple(run["batch_sizes"]), repeats=run["repeats"],
+                       exit_rate=run["exit_rate"], profile=Path(run["profile"]) if run.get("profile") else None,
+                       progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print("\n@@json\n" + json.dumps(result) + "\n@@end", flush=True)
+
+
+def bench(out: Path, name: str, setup: dict, run: dict, deadline: float, reserve: float) -> dict | None:
+    """One benchmark into out/<name>.json, stopped at the deadline less `reserve` (time kept for the steps after
+    it); None, logged, when it fails or runs out of time."""
     left = deadline - time.monotonic() - reserve
     if left < 30:
         log(out, f"{name}: skipped, {left:.0f} s left")
         return None
-    cmd = [sys.executable, "-m", "sgl_cli", "bench", *args, "--json"]
-    log(out, f"{name}: {' '.join(cmd[2:])} (at most {left:.0f} s)")
+    log(out, f"{name}: {command_line(setup, run)} (at most {left:.0f} s)")
     t0 = time.monotonic()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", json.dumps([setup, run])]
     try:
-        run = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=left)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=left)
     except subprocess.TimeoutExpired as exc:
-        log(out, f"{name}: stopped after {left:.0f} s\n{(exc.stderr or b'')[-2000:]!s}")
+        tail = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        log(out, f"{name}: stopped after {left:.0f} s\n{tail[-2000:]}")
         return None
     with open(out / "run.log", "a") as f:
-        f.write(run.stderr[-4000:])
-    if run.returncode != 0:
-        log(out, f"{name}: exit {run.returncode}")
+        f.write(proc.stderr[-4000:])
+    if proc.returncode != 0 or "@@json\n" not in proc.stdout:
+        log(out, f"{name}: exit {proc.returncode}")
         return None
-    (out / f"{name}.json").write_text(run.stdout)
+    text = proc.stdout.split("@@json\n", 1)[1].split("\n@@end", 1)[0]
+    try:
+        result = json.loads(text)
+    except ValueError as exc:
+        log(out, f"{name}: unreadable result ({exc})")
+        return None
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     log(out, f"{name}: done in {time.monotonic() - t0:.0f} s")
-    return json.loads(run.stdout)
+    return result
 
 
 def summarize(results: dict) -> dict:
@@ -130,7 +168,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same steps, small, on a CPU")
     parser.add_argument("--force-wheels", action="store_true", help="install every carried wheel, needed or not")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # internal: one benchmark, in its own process
     a = parser.parse_args()
+    if a.step:
+        return step(a.step)
     out = Path(os.environ.get("OUT") or ROOT / "gpu-bench-out")
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + BUDGET_S * (3 if a.dry_run else 1)
@@ -140,34 +181,41 @@ def main() -> None:
                             "transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() "
                             "else 'cpu')"], cwd=ROOT, env=env(), capture_output=True, text=True)
     log(out, f"torch, transformers, device: {probe.stdout.strip() or probe.stderr[-1500:]}")
-    common = ["--arch", "qwen2.5-vl-3b-7b", "--exit-rate", "0.5", "--retain", "0.09", "--prune-layer", "0"]
+    setup = {"arch": "qwen2.5-vl-3b-7b", "retain": 0.09, "prune_layer": 0}
+    run = {"exit_rate": 0.5}
     if a.dry_run:  # the same steps on a CPU: two layers, one vision block, a few tokens, batch 1 and 2
-        common += ["--dtype", "float32", "--layers", "2", "--vision-layers", "1", "--batch-sizes", "1,2",
-                   "--repeats", "1", "--max-new-tokens", "4"]
+        setup |= {"dtype": "float32", "layers": 2, "vision_layers": 1, "max_new_tokens": 4}
+        run |= {"batch_sizes": [1, 2], "repeats": 1}
         tokens = (16, 32)
     else:
         # One timed round after the warm-up round: ~2 x 100 s at 2,048 tokens by the FLOPs and launch estimate in
         # docs/benchmark.md; a dedicated GPU varies by a few percent between rounds.
-        common += ["--dtype", "bfloat16", "--batch-sizes", "1,8,32", "--repeats", "1", "--max-new-tokens", "8"]
+        setup |= {"dtype": "bfloat16", "max_new_tokens": 8}
+        run |= {"batch_sizes": [1, 8, 32], "repeats": 1}
         tokens = (1024, 2048)
     nf4 = subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=env(), capture_output=True).returncode == 0
-    results = {}
+    results: dict = {}
+
+    def save_summary() -> None:  # after every step: a later step that fails or times out loses only itself
+        summary = {"env": found, "probe": probe.stdout.strip(), "nf4_available": nf4, **summarize(
+            {k.replace(f"_{tokens[0]}", "_1024").replace(f"_{tokens[1]}", "_2048"): v for k, v in results.items()})}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
     # 2,048 first (the targets are read there), with the profile; then 1,024 in what is left.
-    results[f"bench_{tokens[1]}"] = bench(out, f"bench_{tokens[1]}", [*common, "--visual-tokens", str(tokens[1]),
-                                                                      "--profile", str(out / "profile")],
-                                          deadline, reserve=0 if a.dry_run else 120)
-    results[f"bench_{tokens[0]}"] = bench(out, f"bench_{tokens[0]}", [*common, "--visual-tokens", str(tokens[0])],
-                                          deadline, reserve=0 if a.dry_run or not nf4 else 60)
+    big, small = f"bench_{tokens[1]}", f"bench_{tokens[0]}"
+    results[big] = bench(out, big, {**setup, "visual_tokens": tokens[1]}, {**run, "profile": str(out / "profile")},
+                         deadline, reserve=0 if a.dry_run else 120)
+    save_summary()
+    results[small] = bench(out, small, {**setup, "visual_tokens": tokens[0]}, run, deadline,
+                           reserve=0 if a.dry_run or not nf4 else 60)
+    save_summary()
     if nf4:
-        nf4_args = [*common, "--visual-tokens", str(tokens[1]), "--quantize", "4bit"]
-        if not a.dry_run:
-            nf4_args += ["--batch-sizes", "8"]  # the target's batch size only
-        results[f"bench_{tokens[1]}_nf4"] = bench(out, f"bench_{tokens[1]}_nf4", nf4_args, deadline, reserve=0)
+        nf4_run = run if a.dry_run else {**run, "batch_sizes": [8]}  # the target's batch size only
+        results[f"{big}_nf4"] = bench(out, f"{big}_nf4", {**setup, "visual_tokens": tokens[1], "quantize": "4bit"},
+                                      nf4_run, deadline, reserve=0)
+        save_summary()
     else:
         log(out, "NF4: skipped, bitsandbytes is not importable here (its wheel, 43 MB, does not fit what is carried)")
-    summary = {"env": found, "probe": probe.stdout.strip(), "nf4_available": nf4, **summarize(
-        {k.replace(f"_{tokens[0]}", "_1024").replace(f"_{tokens[1]}", "_2048"): v for k, v in results.items()})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(out, f"done: {', '.join(sorted(p.name for p in out.rglob('*') if p.is_file()))}")
 
 

@@ -194,3 +194,13 @@ def test_bench_errors_are_one_line(args, message):
     res = CliRunner().invoke(app, ["bench", *args])
     assert res.exit_code == 2
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_quantization_it_would_not_apply():
+    from sgl_cli.engine import Bench, SglError
+
+    with pytest.raises(SglError, match="--quantize: 'foo' is not one of none, nf4, 4bit, 8bit"):
+        Bench(arch="qwen2.5-vl-3b-7b", quantize="foo")
+    with pytest.raises(SglError, match="--quantize applies to --arch or --preset"):
+        Bench(size="tiny", quantize="4bit")
+    assert Bench(arch="qwen2.5-vl-3b-7b", quantize="4bit").quantize == "4bit"

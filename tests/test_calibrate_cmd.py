@@ -364,9 +364,43 @@ def test_the_cache_runs_only_what_it_lacks(tmp_path, tiny_pair, engine_factory, 
     assert seen["small"] == [3] and sorted(r for r, _ in seen["large"]) == [0.2, 0.5, 1.0]
     assert all(lines == [3] for _, lines in seen["large"])
 
+    # A pass that fails (here: the large model at a retain added later) leaves the item out and keeps its good
+    # parts; a cached run does not retry it; --retry-failed runs only what it lacks, once.
+    from sgl_cli.engine.evaluation.compare import Comparison
+
+    original = Comparison.run
+
+    def flaky(self, items, **kwargs):
+        if any(i.line == 2 for i in items) and kwargs.get("small") is not None:
+            raise RuntimeError("CUDA out of memory")
+        return original(self, items, **kwargs)
+
+    monkeypatch.setattr(Comparison, "run", flaky)
+    reset(seen)
+    res = runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"])
+    assert res.exit_code == 1 and "left out line 2: model pass failed: RuntimeError: CUDA out of memory" in res.stderr
+    assert "--retry-failed" in res.stderr
+    assert seen["small"] == [] and sorted(lines[0] for _, lines in seen["large"]) == [1, 3, 4]
+    assert merged_cache(cache)[2]["small"] and merged_cache(cache)[2]["error"]
+    reset(seen)
+    assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"]).exit_code == 1
+    assert seen == {"small": [], "large": []}
+    monkeypatch.setattr(Comparison, "run", original)
+    assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1", "--retry-failed"]).exit_code == 0
+    assert seen == {"small": [], "large": [(0.1, [2])]}
+    assert merged_cache(cache)[2]["error"] is None
+    assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"]).exit_code == 0
+
+    # A retain timed in another session, at another batch size: the choice says its costs mix conditions.
+    assert "measured under different conditions" not in runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"]).stderr
+    res = runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1,0.05", "--batch-size", "2"])
+    assert res.exit_code == 0 and "sgl: warning: the cache's stage times were measured under different conditions" \
+        in res.stderr and "batch_size 1" in res.stderr and "batch_size 2" in res.stderr
+
     reset(seen)
     assert runner.invoke(app, [*args, "--retain", "0.5", "--rerun"]).exit_code == 0
     assert seen["small"] == [1, 2, 3, 4] and len(records(cache)) == 4
+    assert "measured under different conditions" not in runner.invoke(app, [*args, "--retain", "0.5"]).stderr
 
 
 def test_batches_give_the_answers_of_one_item_at_a_time(tmp_path, tiny_pair, engine_factory):

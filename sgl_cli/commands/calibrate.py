@@ -75,6 +75,8 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Calibration file (default: <input>.calibration.yaml beside the input)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG plot of accuracy against compute, a curve per retain (default: <out>.png)."),
     resume: bool = typer.Option(True, "--resume/--rerun", help="Reuse the cached answers, or recompute every item."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Compute again what the items that failed "
+                                      "before lack (else they stay left out and a cached run makes no model call)."),
     threads: ThreadsOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (warnings still go to stderr)."),
 ) -> None:
@@ -84,7 +86,7 @@ def calibrate(
         code = _calibrate(input, target_accuracy, exit_rate, confidence, split_list(retain) or ["auto"], metric,
                           preset, dict(prune_layer=prune_layer, consistency_retain=consistency_retain,
                                        max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
-                                       batch_size=batch_size), out, plot, resume, threads, quiet)
+                                       batch_size=batch_size), out, plot, resume, retry_failed, threads, quiet)
     raise typer.Exit(code)
 
 
@@ -93,8 +95,8 @@ with_help(calibrate, EXAMPLE)
 
 def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optional[float],
                confidence: Optional[float], retains: list[str], metric: str, preset_name: Optional[str],
-               overrides: dict, out: Optional[Path], plot: Optional[Path], resume: bool, threads: Optional[int],
-               quiet: bool) -> int:
+               overrides: dict, out: Optional[Path], plot: Optional[Path], resume: bool, retry_failed: bool,
+               threads: Optional[int], quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
     from ..engine.evaluation.calibration import validate_target
@@ -110,7 +112,8 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
                        .replace("confidence must", "--confidence must")) from None
     if confidence is not None and target_accuracy is None:
         raise SglError("--confidence applies to --target-accuracy (an exit rate is exact on the items)")
-    cal = Calibrator(input, load_preset(preset_name).with_settings(**overrides), retains, out=out, resume=resume)
+    cal = Calibrator(input, load_preset(preset_name).with_settings(**overrides), retains, out=out, resume=resume,
+                     retry_failed=retry_failed)
     plot = plot or cal.out.with_suffix(".png")
     if not plot.parent.is_dir():
         raise SglError(f"folder {plot.parent} (for {plot.name}) does not exist")
@@ -142,6 +145,13 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
 
     result = cal.choose(metric, target_accuracy=target_accuracy, exit_rate=exit_rate, confidence=confidence)
     _report("left out", result.errors)
+    if result.errors:
+        err(f"sgl: {len(result.errors)} item(s) left out after a failed pass; --retry-failed computes again what "
+            "they lack")
+    if result.timings:
+        seen = "; ".join(", ".join(f"{k} {v}" for k, v in t.items()) for t in result.timings)
+        err(f"sgl: warning: the cache's stage times were measured under different conditions ({seen}), so the "
+            "compute ratios compare them; --rerun measures every item again here")
     choice = result.choice
     n = choice.n_items
     cal.save(result, plot, title=f"{input.name}: {n} items, metric {metric}")

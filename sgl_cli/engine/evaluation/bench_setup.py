@@ -87,6 +87,21 @@ class Bench:
     threshold: float | None = 0.9
     max_new_tokens: int = 8
     described: dict = dataclasses.field(default_factory=dict)
+    _folders: list = dataclasses.field(default_factory=list, init=False, repr=False)  # removed with this object
+
+    def __post_init__(self) -> None:
+        from ..preset import QUANTIZE, normalize_quantize
+
+        if self.quantize is not None and normalize_quantize(self.quantize) not in (None, "nf4", "8bit"):
+            raise SglError(f"--quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        if self.quantize is not None and self.arch is None and self.preset is None:
+            raise SglError("--quantize applies to --arch or --preset, not to the built-in random pairs")
+
+    def _scratch(self, prefix: str) -> Path:
+        """A temporary folder removed with this object (or at exit): generated images and built pairs."""
+        folder = tempfile.TemporaryDirectory(prefix=prefix)
+        self._folders.append(folder)
+        return Path(folder.name)
 
     def settings(self):
         from ..preset import Settings
@@ -112,8 +127,7 @@ class Bench:
             small, large, size = self._size()
         engine = Engine(settings, small, large)
         if input is None:
-            folder = Path(tempfile.mkdtemp(prefix="sgl-bench-items-"))
-            input = write_noise_items(folder, n_items, size)
+            input = write_noise_items(self._scratch("sgl-bench-items-"), n_items, size)
         items = list(read_items(input))
         if self.visual_tokens is not None:
             got = engine.prepare(items[:1])[0]
@@ -199,7 +213,7 @@ class Bench:
         if self.size not in specs:
             raise SglError(f"unknown --size {self.size!r}; one of {', '.join(specs)}")
         spec = specs[self.size]
-        pair = build_pair(spec, Path(tempfile.mkdtemp(prefix="sgl-bench-")))
+        pair = build_pair(spec, self._scratch("sgl-bench-"))
         side = int(spec.max_pixels ** 0.5)
         small = load_model(ModelSpec(str(pair["small"]), dtype="float32"), "small")
         large = load_model(ModelSpec(str(pair["large"]), dtype="float32"), "large")

@@ -108,6 +108,8 @@ def merge(into: dict, rec: dict) -> None:
             into[part] = rec[part]
     into["pruned"].update(rec.get("pruned") or {})
     into["item_key"], into["error"] = rec.get("item_key"), rec.get("error")
+    if rec.get("timing") and rec["timing"] not in into.setdefault("timings", []):
+        into["timings"].append(rec["timing"])
 
 
 def _key(retain: float) -> str:
@@ -148,6 +150,9 @@ class Calibrated:
     metric: str
     errors: list[str]  # the items that failed in a model pass, left out
     stage_ms: dict[str, Any]  # median ms per item of each stage, for the reader: small, large, pruned (by retain)
+    # The conditions the stage times were measured under (host, device, threads, batch size), when the cache
+    # holds more than one: its costs then compare times from different sessions.
+    timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def small_set(self) -> bool:
@@ -157,10 +162,12 @@ class Calibrated:
 class Calibrator:
     """The calibration of `preset` (sgl guide, with a small model) on the labelled items of `input`, over the
     retain values `retains` (numbers, or "auto"). `out`: the calibration file (default `<input
-    stem>.calibration.yaml` beside the input); the cache lies beside it. `resume=False` recomputes every item."""
+    stem>.calibration.yaml` beside the input); the cache lies beside it. `resume=False` recomputes every item;
+    `retry_failed` computes again what the items that failed before lack (else they are left out, so that a
+    cached calibration makes no model call)."""
 
     def __init__(self, input: str | Path, preset: Preset, retains: Iterable[str | float] = ("auto",), *,
-                 out: str | Path | None = None, resume: bool = True):
+                 out: str | Path | None = None, resume: bool = True, retry_failed: bool = False):
         self.input = Path(input)
         if not self.input.is_file():
             raise SglError(f"input file {self.input} not found")
@@ -183,17 +190,20 @@ class Calibrator:
             raise SglError(f"{self.input}: no line has an 'answer'; calibration needs reference answers")
         self.records = read_cache(self.cache, self.data.items) if resume else {}
         self._append = resume
+        self._retry = retry_failed
+        self._failed_now: set[int] = set()  # failed in this object's `compute`: not retried again by it
 
     # -- what is missing -------------------------------------------------------------------------------------
     def missing(self, item: Item) -> tuple[float, ...] | None:
         """What `item` still needs: None, every pass (a new or edited item); else the retain values whose
         pruned answer is not cached (() when it is complete, or failed)."""
         rec = self.records.get(item.line)
-        if rec is not None and rec.get("error"):
-            return ()  # failed: left out until --rerun
+        if rec is not None and rec.get("error") and (not self._retry or item.line in self._failed_now):
+            return ()  # failed: left out (its good parts stay cached) until retried
         if rec is None or "small" not in rec or "large" not in rec:
             return None
-        return tuple(r for r in self.retains if r < 1.0 and _key(r) not in rec["pruned"])
+        need = tuple(r for r in self.retains if r < 1.0 and _key(r) not in rec["pruned"])
+        return need if need or not rec.get("error") else None
 
     def pending(self) -> dict[tuple[float, ...] | None, list[Item]]:
         """The items that need a model pass, grouped: None -> new items (every pass), retains -> cached items
@@ -236,7 +246,19 @@ class Calibrator:
                     for rec in self._batch(comparison, retains, batch, full=need is None):
                         writer.write(rec)
                         merge(self.records.setdefault(rec["line"], {"line": rec["line"], "pruned": {}}), rec)
+                        if rec["error"]:
+                            self._failed_now.add(rec["line"])
                     yield len(batch)
+
+    @staticmethod
+    def _conditions(engine) -> dict[str, Any]:
+        """What a stage time depends on besides the item and the settings the fingerprint holds."""
+        import socket
+
+        import torch
+
+        return {"host": socket.gethostname(), "device": str(engine.large.model.device),
+                "threads": torch.get_num_threads(), "batch_size": engine.settings.batch_size}
 
     def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
         known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
@@ -255,6 +277,7 @@ class Calibrator:
             rec: dict[str, Any] = {"line": w.item.line, "item_key": item_key(w.item), "error": w.error}
             i = index.get(id(w))
             if w.error is None and i is not None:
+                rec["timing"] = self._conditions(comparison.engine)
                 if full:
                     rec["small"] = encode_small(w.small, w.ms["small"])
                     rec["large"] = {"answer": res.large_alone[i], "ms": round(res.seconds["large_alone"] * 1000 / n, 3)}
@@ -272,6 +295,7 @@ class Calibrator:
         fn = get_metric(metric)
         outcomes, errors = [], []
         small_ms, large_ms, pruned_ms = [], [], {r: [] for r in self.retains if r < 1.0}
+        timings: list[dict] = []
         for item in self.data.items:
             rec = self.records.get(item.line)
             if self.missing(item) != ():
@@ -279,6 +303,7 @@ class Calibrator:
             if rec["error"]:
                 errors.append(rec["error"])
                 continue
+            timings += [t for t in rec.get("timings", []) if t not in timings]
             ref = reference_strings(item.reference)
             small, large = rec["small"], rec["large"]
             pruned = {r: fn(rec["pruned"][_key(r)]["answer"], ref) for r in pruned_ms}
@@ -289,7 +314,7 @@ class Calibrator:
                 times.append(rec["pruned"][_key(r)]["ms"])
         if not outcomes:
             raise SglError("every labelled item failed (see above); nothing to calibrate on")
-        return outcomes, {"small": small_ms, "large": large_ms, "pruned": pruned_ms}, errors
+        return outcomes, {"small": small_ms, "large": large_ms, "pruned": pruned_ms, "timings": timings}, errors
 
     def choose(self, metric: str, *, target_accuracy: float | None = None, exit_rate: float | None = None,
                confidence: float | None = None) -> Calibrated:
@@ -303,7 +328,8 @@ class Calibrator:
             raise SglError(str(exc)) from None
         medians = {"small": statistics.median(ms["small"]), "large": statistics.median(ms["large"]),
                    "pruned": {r: statistics.median(t) for r, t in ms["pruned"].items()}}
-        return Calibrated(choice, costs, metric, errors, medians)
+        timings = ms["timings"] if len(ms["timings"]) > 1 else []
+        return Calibrated(choice, costs, metric, errors, medians, timings)
 
     def save(self, result: Calibrated, plot: str | Path | None = None, title: str = "") -> None:
         """Write the calibration file (`self.out`) and, with `plot`, its PNG."""
