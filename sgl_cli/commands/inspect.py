@@ -17,8 +17,9 @@ from .options import PresetOption, ThreadsOption
 
 EXAMPLE = """
 Prints the small model's answer and SEE scores, whether the item would exit
-at the preset's threshold (or its `calibration:` file's threshold, retain
-and prune layer, as `sgl run` uses them), and a heatmap of every visual token's importance on the image's token
+at the preset's threshold (or its `calibration:` file's threshold, and its
+retain and prune layer unless given, as `sgl eval --calibration` takes
+them), and a heatmap of every visual token's importance on the image's token
 grid (rows x columns of merged patches), the tokens the large model keeps at
 --retain marked []. Multi-crop images are drawn as the model lays them out:
 LLaVA-NeXT/OneVision's base crop beside its high-res grid (the crops in
@@ -225,8 +226,8 @@ def _grids(model, enc: dict, image_sizes: list[tuple[int, int]]):
 
 
 def _calibrated(preset):
-    """The preset with its `calibration:` file's threshold, and its retain and prune layer unless given, as `sgl run`
-    takes them, and that file's path (None without one). The guide may differ from the file's: inspect varies it."""
+    """The preset with its `calibration:` file's threshold, and its retain and prune layer unless given (as `sgl eval
+    --calibration` takes them), and that file's path (None without one). The guide may differ from the file's."""
     from ..engine.evaluation.fingerprint import calibration_point, preset_calibration_path
 
     path = preset_calibration_path(preset)

@@ -141,7 +141,8 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
 
     ms = {key: statistics.median(v) * 1000 for key, v in times.items()}
     per_item = {key: v / (n if key[0] == "pipeline" else key[1]) for key, v in ms.items()}
-    flops = _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, records[batch_sizes[0]])
+    k_report = s.prune_layer if s.prune_layer in prune_layers else prune_layers[0]
+    flops = _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, k_report, records[batch_sizes[0]])
     base = records[batch_sizes[0]]
     batches = {}
     for b in batch_sizes:
@@ -157,7 +158,6 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
                                     == [(r["answer"], r["exit"]) for r in base],
             "ratios": _ratios(per_item, b, batch_sizes[0], prune_layers, flops),
         }
-    k_report = s.prune_layer if s.prune_layer in prune_layers else prune_layers[0]
     return {
         "device": device_name(large.model),
         "dtype": str(next(large.model.parameters()).dtype).removeprefix("torch."),
@@ -180,8 +180,9 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     }
 
 
-def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, records) -> dict:
-    """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run."""
+def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, k0: int, records) -> dict:
+    """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run; the pipeline's
+    large stage prunes at layer `k0`."""
     small, large = engine.small, engine.large
     n = len(works)
     vis_s = statistics.mean(vision_macs(small, w.encoded.small) for w in works[:1])
@@ -203,7 +204,6 @@ def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, records) ->
     for k in prune_layers:
         out[f"lm_pruned_k{k}"] = lm_pruned[k] / g
         out[f"pruned_k{k}"] = (vis_l + lm_pruned[k]) / g
-    k0 = engine.settings.prune_layer if engine.settings.prune_layer in prune_layers else prune_layers[0]
     out["pipeline"] = (vis_s + lm_small + reread) / g + (1 - exit_rate) * out[f"pruned_k{k0}"]
     return {key: round(v, 6) for key, v in out.items()}
 

@@ -272,12 +272,13 @@ class Calibrator:
                      "error": items[0].fail(f"model pass failed: {detail}")}]
         index = {id(w): i for i, w in enumerate(res.live)}
         n = max(1, len(res.live))
+        timing = self._conditions(comparison.engine)
         out = []
         for w in res.works:
             rec: dict[str, Any] = {"line": w.item.line, "item_key": item_key(w.item), "error": w.error}
             i = index.get(id(w))
             if w.error is None and i is not None:
-                rec["timing"] = self._conditions(comparison.engine)
+                rec["timing"] = timing
                 if full:
                     rec["small"] = encode_small(w.small, w.ms["small"])
                     rec["large"] = {"answer": res.large_alone[i], "ms": round(res.seconds["large_alone"] * 1000 / n, 3)}
