@@ -628,3 +628,148 @@ def test_the_preset_loader_raises_only_preset_errors(tmp_path, data):
         assert "\n" not in str(exc) and len(str(exc)) < 1000
     else:
         preset.settings.validate("fuzz")
+
+
+def _nest(value: str, depth: int, kinds: str) -> str:
+    """`value` inside `depth` lists and objects, in the pattern `kinds` repeats ("l": a list, "o": an object)."""
+    opens, closes = [], []
+    for i in range(depth):
+        if kinds[i % len(kinds)] == "l":
+            opens.append("[")
+            closes.append("]")
+        else:
+            opens.append('{"k": ')
+            closes.append("}")
+    return "".join(opens) + value + "".join(reversed(closes))
+
+
+deep_values = st.builds(_nest, st.sampled_from(['"\\ud800"', '"ok"', "1", "null", "NaN", "[]"]),
+                        st.integers(300, 1000), st.sampled_from(["l", "o", "lo", "llo"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deep_values, st.sampled_from(["x", "question", "image", "images", "id", "answer", "type", "max_new_tokens"]))
+def test_deep_nesting_anywhere_never_raises(deep, field):
+    """Issue 24: every line json.loads accepts (nesting up to ~990 levels) gives an item or an error naming the line."""
+    from sgl_cli.engine.io.items import parse_line
+
+    obj = {"image": "a.png", "question": "q"}
+    obj.pop(field, None)
+    text = json.dumps(obj)[:-1] + f', "{field}": {deep}}}'
+    item = parse_line(text, 3, Path("/tmp"))
+    assert item.error is None or (item.error.startswith("line 3: ") and len(item.error) < 400)
+    if item.error is None:
+        assert field in ("x",) and item.question == "q"
+    if '"\\ud800"' in deep and item.error is not None and "JSON" not in item.error and "must be" not in item.error:
+        assert "holds a lone surrogate" in item.error
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deep_values, st.sampled_from(["custom_id", "x", "body", "body.messages", "body.metadata", "content", "url"]))
+def test_openai_lines_nested_deep_never_raise_and_keep_a_custom_id(deep, where):
+    """Whatever a request line holds, its item has a non-empty custom_id an output line can carry and resume by."""
+    from sgl_cli.engine.io.openai import parse_request
+
+    parts = {"content": '[{"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "q"}]'}
+    if where == "content":
+        parts["content"] = deep
+    messages = deep if where == "body.messages" else f'[{{"role": "user", "content": {parts["content"]}}}]'
+    body = deep if where == "body" else '{"messages": %s%s}' % (messages, f', "metadata": {deep}'
+                                                                  if where == "body.metadata" else "")
+    line = ('{"custom_id": %s, "method": "POST", "url": %s, "body": %s%s}'
+            % (deep if where == "custom_id" else '"c1"', deep if where == "url" else '"/v1/chat/completions"', body,
+               f', "x": {deep}' if where == "x" else ""))
+    item = parse_request(line.encode(), 5, Path("/tmp"))
+    assert isinstance(item.custom_id, str) and item.custom_id
+    json.dumps({"custom_id": item.custom_id}, allow_nan=False).encode("utf-8")
+    if item.error is not None:
+        assert item.error.startswith("line 5: ") and len(item.error) < 400
+        assert item.custom_id in ("c1", "sgl-line-5")
+    else:
+        assert item.custom_id == "c1" and where in ("x", "body.metadata") and item.question == "q"
+    if where == "custom_id":
+        assert item.custom_id == "sgl-line-5"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda cid, junk: json.dumps({"custom_id": cid, "body": {}}).encode()[:-1] + junk + b"}",
+                           st.text(min_size=1, max_size=20), st.sampled_from([b', "n": NaN', b', "n": ' + b"9" * 5000,
+                                                                             b', "b": "\xff"', b", oops", b""]))))
+def test_an_openai_line_keeps_its_recoverable_custom_id(raw):
+    """A request line sgl refuses keeps the custom_id it holds (NaN, a huge integer or bad bytes elsewhere), else
+    gets sgl-line-N: never null, so sgl can resume from every line it writes."""
+    from sgl_cli.engine.io.openai import parse_request
+
+    item = parse_request(raw, 2, Path("/tmp"))
+    try:
+        own = json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=lambda _: None,
+                         parse_int=lambda _: 0).get("custom_id")
+    except (ValueError, AttributeError, RecursionError):
+        own = None
+    usable = isinstance(own, str) and own and not any("\ud800" <= c <= "\udfff" for c in own)
+    assert item.custom_id == (own if usable else "sgl-line-2")
+    assert item.error is None or item.error.startswith("line 2: ")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 4), st.integers(0, 1), st.floats(0.05, 0.95), st.binary(min_size=1, max_size=64))
+def test_a_damaged_parquet_page_gives_every_row_one_item_in_order(tmp_path, group, column, where, junk):
+    """Bytes overwritten anywhere in one row group's column chunk: every row still yields one item, in order; the
+    rows of a group pyarrow cannot read are errors naming their row and the row group; the others read as
+    written (or, where the damage decodes to other values, still as items)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sgl_cli.engine.io.sources import open_source
+
+    path = tmp_path / "d.parquet"
+    rows = [{"image": f"img{i}.png", "question": f"question {i} " * (1 + i % 3)} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    col = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    start = col.dictionary_page_offset or col.data_page_offset
+    at = start + int(where * (col.total_compressed_size - 1))
+    data = bytearray(path.read_bytes())
+    n = min(len(junk), start + col.total_compressed_size - at)  # inside the chunk; the file keeps its size
+    data[at:at + n] = junk[:n]
+    path.write_bytes(bytes(data))
+    try:
+        pq.ParquetFile(path).read_row_group(group)
+        readable = True
+    except (pa.ArrowException, OSError, ValueError):
+        readable = False
+    source = open_source(path)
+    items = [source.parse(line, payload) for line, payload in source]
+    assert [it.line for it in items] == list(range(1, 21)) and source.count() == 20
+    for it in items:
+        if group * 4 < it.line <= group * 4 + 4 and not readable:
+            assert it.error.startswith(f"row {it.line}: d.parquet: row group {group + 1} of 5 cannot be read (")
+        elif not group * 4 < it.line <= group * 4 + 4:
+            assert it.error is None and it.question == rows[it.line - 1]["question"].strip()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 60), st.binary(min_size=1, max_size=6), st.booleans())
+def test_bytes_put_anywhere_in_a_preset_give_one_line_errors(tmp_path, at, junk, repeat_key):
+    """NUL and other control bytes, bad UTF-8, a key given twice: a preset either loads or fails in one line that
+    names the file (never a yaml traceback, never a silently dropped value)."""
+    from sgl_cli.engine.errors import PresetError
+    from sgl_cli.engine.preset import load_preset
+
+    text = b"name: t\nlarge: {model: x}\nretain: 0.2\nthreshold: 0.5\n" + (b"retain: 0.3\n" if repeat_key else b"")
+    at = min(at, len(text))
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(text[:at] + junk + text[at:])
+    try:
+        preset = load_preset(str(path))
+    except PresetError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) < 600 and str(path) in message, message
+    else:
+        import yaml
+
+        keys = [k.value for k, _ in yaml.compose(path.read_text()).value]
+        assert len(keys) == len(set(keys)), keys  # a duplicated key never loads
+        assert preset.name == yaml.safe_load(path.read_text())["name"]
