@@ -170,7 +170,7 @@ def test_no_tokenizer_call_sees_a_huge_question_whole(tmp_path, preset_file, mon
     59 s, 8.1 GB). Only a prefix bounded by the context may be tokenized, and the record still says why."""
     from transformers import PreTrainedTokenizerBase
 
-    from sgl_cli.engine.core import engine as engine_mod
+    from sgl_cli.engine.core import limits
 
     seen = []
     real = PreTrainedTokenizerBase.__call__
@@ -195,14 +195,14 @@ def test_no_tokenizer_call_sees_a_huge_question_whole(tmp_path, preset_file, mon
     budget = 4096 - 5  # the context less the preset's max_new_tokens
     for n, rec in enumerate((words_rec, runs_rec), start=1):
         assert rec["error"].startswith(f"line {n}: the prompt is over ") and \
-            f"(counted in the first {engine_mod.PREFIX_CHARS * budget:,} of its 8,388,6" in rec["error"]
+            f"(counted in the first {limits.PREFIX_CHARS * budget:,} of its 8,388,6" in rec["error"]
         assert rec["error"].endswith("with up to 5 answer tokens that is over the models' context of 4,096 tokens")
     assert short["error"] is None
-    assert seen and max(seen) <= engine_mod.PREFIX_CHARS * budget + 1000  # never the 8 MiB text
+    assert seen and max(seen) <= limits.PREFIX_CHARS * budget + 1000  # never the 8 MiB text
     # Text whose counted prefix fits (a tokenizer of long tokens; here: a prefix of one character a token) is
     # refused untokenized past MAX_CHARS characters a token; and max_prompt_tokens is the budget when smaller.
-    monkeypatch.setattr(engine_mod, "PREFIX_CHARS", 1)
-    monkeypatch.setattr(engine_mod, "MAX_CHARS", 2)
+    monkeypatch.setattr(limits, "PREFIX_CHARS", 1)
+    monkeypatch.setattr(limits, "MAX_CHARS", 2)
     src.write_text(json.dumps({"image": img.name, "question": "b" * 900}) + "\n" + _good(img.name) + "\n")
     seen.clear()
     res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "-q", "--overwrite",

@@ -42,21 +42,13 @@ from ..io.items import Item
 from ..preset import Preset, Settings
 from .capture import ImportanceCapture
 from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
+from .limits import check_text
 from .models import LoadedModel, load_model
 from .prune import PruneAtLayer
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
-
-# Bounds on the tokenizer's work per item, in characters per token of the prompt's budget (the context less the
-# answer, or max_prompt_tokens): text up to PREFIX_CHARS a token is tokenized whole; longer text has its first
-# PREFIX_CHARS a token counted (real text runs 2-6 characters a token, so that prefix alone is over the budget);
-# text over MAX_CHARS a token (only long runs of one character come near it) is refused untokenized. A cut can
-# change how the tokens at it merge: CUT_SLACK tokens are not counted.
-PREFIX_CHARS = 8
-MAX_CHARS = 64
-CUT_SLACK = 16
 
 
 def exits(work: Work, guide: Guide, threshold: float | None) -> bool:
@@ -312,39 +304,13 @@ class Engine:
             raise ItemError(item.fail(f"the prompt is {n:,} tokens; with up to {answer} answer tokens that is over "
                                       f"the models' context of {self.context():,} tokens"))
 
-    def _check_text(self, item: Item) -> None:
-        """An item whose text is far too long for the models is an error before it is tokenized whole (a 60 MiB
-        question took a minute and 8 GB to tokenize): text of up to PREFIX_CHARS characters a token of the budget
-        is tokenized whole as usual; longer text has only its first that many characters counted, and is refused
-        when they alone hold more tokens than the budget; text over MAX_CHARS a token is refused untokenized."""
-        answer = item.max_new_tokens or self.settings.max_new_tokens
-        cap = self.settings.max_prompt_tokens
-        by_cap = cap is not None and cap <= self.context() - answer
-        budget = max(1, cap if by_cap else self.context() - answer)
-        texts = [part["text"] for turn in item.messages(self.settings.prompt_suffix.strip())
-                 for part in (turn["content"] if isinstance(turn["content"], list) else
-                              [{"type": "text", "text": turn["content"]}]) if part.get("type") == "text"]
-        chars = sum(len(t) for t in texts)
-        if chars <= PREFIX_CHARS * budget:
-            return
-        over = f"over max_prompt_tokens {cap:,}" if by_cap else (
-            f"with up to {answer} answer tokens that is over the models' context of {self.context():,} tokens")
-        head = "\n".join(texts)[: PREFIX_CHARS * budget]
-        tokenizer = getattr(self.large.processor, "tokenizer", self.large.processor)
-        n = len(tokenizer(head, add_special_tokens=False)["input_ids"]) - CUT_SLACK
-        if n > budget:
-            raise ItemError(item.fail(f"the prompt is over {n:,} tokens (counted in the first {len(head):,} of its "
-                                      f"{chars:,} characters); {over}"))
-        if chars > MAX_CHARS * budget:
-            raise ItemError(item.fail(f"the prompt's text is {chars:,} characters, over {MAX_CHARS} a token of the "
-                                      f"{budget:,} it may take (refused without tokenizing it); {over}"))
-
     def _encode(self, w: Work) -> None:
         fam = self.large.family
         if fam.max_images is not None and len(w.item.images) > fam.max_images:
             raise ItemError(w.item.fail(f"{fam.name} models take {fam.max_images} image per item; this item has "
                                         f"{len(w.item.images)}"))
-        self._check_text(w.item)
+        check_text(w.item, getattr(self.large.processor, "tokenizer", self.large.processor), self.context(),
+                   self.settings)  # before tokenizing it whole
         images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor))
         prompt = w.item.messages(self.settings.prompt_suffix.strip())
         large = fam.encode(self.large.processor, images, prompt)

@@ -349,8 +349,7 @@ def table_rows(source: Source) -> Iterator[tuple[int, dict | Unreadable]]:
         if _is_parquet(path):
             rows = _parquet_rows(path, wanted)
         else:
-            rows = (values for batch in _arrow_batches(path)
-                    for values in batch.select([n for n in wanted if n in names]).to_pylist())
+            rows = (values for batch in _arrow_batches(path) for values in batch.to_pylist())
         for values in rows:
             row += 1
             yield row, values
