@@ -81,13 +81,19 @@ class Item:
 
 
 def bad_strings(value: Any) -> bool:
-    """Whether a JSON value holds a lone surrogate (json.loads accepts "\\ud800"; no UTF-8 output can carry it)."""
-    if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
-    if isinstance(value, dict):
-        return any(bad_strings(k) or bad_strings(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(bad_strings(v) for v in value)
+    """Whether a JSON value holds a lone surrogate (json.loads accepts "\\ud800"; no UTF-8 output can carry it).
+    Iterative: json.loads accepts nesting deeper than Python's recursion limit leaves room for."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
     return False
 
 
@@ -111,7 +117,9 @@ def load_json_line(raw: bytes | str, item: Item) -> dict | None:
     try:
         obj = loads_strict(text)
     except json.JSONDecodeError as exc:
-        item.error = item.fail(f"not valid JSON ({exc.msg} at column {exc.colno})")
+        # Some of json's messages end in "at" ("Unterminated string starting at"): say the place once.
+        msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+        item.error = item.fail(f"not valid JSON ({msg} at column {exc.colno})")
         return None
     except RecursionError:
         item.error = item.fail("not valid JSON: nested too deeply")
@@ -145,8 +153,12 @@ def is_reference(value: Any) -> bool:
 
 
 def describe(value: Any, limit: int = 60) -> str:
-    """A value for an error message: its repr, cut to `limit` characters."""
-    text = repr(value)
+    """A value for an error message: its repr, cut to `limit` characters (a value nested too deeply for repr is
+    named by its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply"
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
