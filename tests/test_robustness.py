@@ -318,6 +318,120 @@ def test_resume_refuses_an_input_edited_since(tmp_path, batch, preset_file):
     assert res.exit_code == 2 and "the input changed since the interrupted run" in res.stderr
 
 
+# -- image URLs against hostile servers ---------------------------------------------------------------------
+@pytest.fixture
+def hostile_server():
+    """A loopback server (127.0.0.1 only) that trickles one byte every 0.2 s: in the body (/body), in the headers
+    (/headers), in chunks (/chunked); that redirects to itself (/loop) or to ftp (/ftp). Each trickle ends by
+    itself after 8 s, and the server stops with the test."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def trickle(self, pieces):
+            try:
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up: expected
+            self.close_connection = True
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/ftp":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                return self.trickle([b"a"] * 40)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            if self.path == "/chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                return self.trickle([b"1\r\n", b"x", b"\r\n"] * 13)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            return self.trickle([b"x"] * 40)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("where", ["body", "headers", "chunked"])
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(hostile_server, where):
+    """The deadline bounds the whole try, however slowly bytes come (a hang, not a speed test: the bound is
+    generous; the server trickles for 8 s)."""
+    from sgl_cli.engine.io.fetch import FetchError, FetchPolicy, fetch
+
+    policy = FetchPolicy(timeout_s=1.0, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        fetch(f"{hostile_server}/{where}", policy)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3 * policy.timeout_s, elapsed
+    assert str(caught.value) == "timed out after 1 s (after 1 try)"
+    # A retry gets its own try, within what the policy promises for the whole fetch.
+    policy = FetchPolicy(timeout_s=1.0, retries=1)
+    assert policy.limit_s == 2.5
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match=r"^timed out after 1 s \(after 2 tries\)$"):
+        fetch(f"{hostile_server}/{where}", policy)
+    assert time.monotonic() - t0 < policy.limit_s + 2
+
+
+def test_a_trickled_image_url_is_an_error_record_naming_it(tmp_path, hostile_server, preset_file):
+    from sgl_cli.engine import Run, load_preset
+    from sgl_cli.engine.io.fetch import FetchPolicy
+
+    (img,) = make_images(tmp_path, sizes=((56, 56),))
+    src = tmp_path / "u.jsonl"
+    src.write_text(_good(f"{hostile_server}/body") + "\n" + _good(img.name) + "\n")
+    out = tmp_path / "out.jsonl"
+    Run(src, load_preset(str(preset_file)), out=out, fetch=FetchPolicy(timeout_s=1.0, retries=0)).execute()
+    slow, good = strict_records(out)
+    assert slow["error"] == (f"line 1: image '{hostile_server}/body' could not be fetched: timed out after 1 s "
+                             "(after 1 try)")
+    assert good["error"] is None
+
+
+@pytest.mark.parametrize("path, want", [
+    ("/loop", "too many redirects (over 10) or a redirect loop"),
+    ("/ftp", "the server redirected to a ftp URL (ftp://127.0.0.1/x.png); sgl fetches http and https only"),
+])
+def test_redirects_that_go_nowhere_are_one_line(hostile_server, path, want):
+    from sgl_cli.engine.io.fetch import FetchError, FetchPolicy, fetch
+
+    with pytest.raises(FetchError) as caught:
+        fetch(hostile_server + path, FetchPolicy(timeout_s=5.0, retries=0))
+    assert str(caught.value) == want
+
+
 # -- images --------------------------------------------------------------------------------------------------------
 def _load(path: Path):
     from sgl_cli.engine.io.images import load_images
