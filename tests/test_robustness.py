@@ -193,6 +193,89 @@ def test_two_concurrent_runs_never_splice_an_output(tmp_path, batch, preset_file
     assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("holder_resumes", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_link_to_the_output_is_refused_while_a_run_writes_it(tmp_path, batch, preset_file, link, holder_resumes):
+    """Two processes: one writes out.jsonl (a fresh run, or a resumed one), the other is given a link to it. The
+    second is refused at once, in one line, whichever name it used; the output keeps one record per line."""
+    out = tmp_path / "out.jsonl"
+    if holder_resumes:  # one record of three, as an interrupted run left it
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "-q"])
+        assert res.exit_code == 0
+        out.write_text(out.read_text().splitlines(keepends=True)[0])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from sgl_cli.engine import Run, load_preset
+        run = Run({str(batch)!r}, load_preset({str(preset_file)!r}), out={str(out)!r}, resume={holder_resumes})
+        for record in run:
+            print("written", record["line"], flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().split()[0] == "written"
+        other = tmp_path / "l.jsonl"
+        other.symlink_to(out) if link == "symlink" else os.link(out, other)
+        before = out.read_bytes()
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(other), "--resume"])
+        assert res.exit_code == 2, res.output
+        assert f"sgl: error: {other} is being written by another sgl run" in res.stderr
+        assert res.stderr.count("\n") == 1
+        if link == "symlink":  # the lock file is found through the link: it names the holder
+            assert f"(pid {holder.pid} on " in res.stderr
+        assert out.read_bytes() == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(other), "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch, preset_file, monkeypatch):
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out)])
+    monkeypatch.undo()
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"sgl: error: cannot write in {tmp_path} (No space left on device)\n"
+    assert not (tmp_path / ".out.jsonl.lock").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["preset folder", "preset read-only", "run.json folder", "scores folder",
+                                  "preset fifo"])
+def test_every_file_a_run_writes_is_checked_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch,
+                                                                     case):
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    out = tmp_path / "out.jsonl"
+    path = tmp_path / {"preset": "out.preset.yaml", "run.json": "out.run.json", "scores": "out.scores.arrow"}[
+        case.split()[0]]
+    if case.endswith("folder"):
+        path.mkdir()
+        why = "it is a folder; move it away or write to another --out"
+    elif case.endswith("fifo"):
+        os.mkfifo(path)
+        why = "it is not a regular file; move it away or write to another --out"
+    else:
+        path.write_text("x")
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == path else real_access(p, mode, **k))
+        why = "it is not writable"
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out),
+                              *(["--save-scores"] if case.startswith("scores") else [])])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"sgl: error: cannot write {path}: {why}\n"
+    assert not out.exists() and not (tmp_path / ".out.jsonl.lock").exists()
+
+
 def test_a_torn_record_is_cut_off_in_place(tmp_path):
     from sgl_cli.engine.io.output import scan_output
 

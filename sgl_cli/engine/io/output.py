@@ -2,7 +2,8 @@
 
 - **Strict JSON.** Records are written with `allow_nan=False`: any reader accepts every line.
 - **One writer.** An OS-level lock (`OutputLock`, beside the output) is taken before anything is checked or
-  written, and dies with its process: a second run on the same output is refused at once, naming the first.
+  written, and dies with its process: a second run on the same output is refused at once, naming the first,
+  whatever name it reaches the file by (a symlink, a hard link).
 - **Resume.** Records are in input order, so a resumed run skips as many items as the file holds whole records,
   checking that each one is the item's. Only the piece after the last newline can be torn by a kill; it is cut
   off in place (or completed, when it is a whole record whose newline was lost): the records before it are never
@@ -126,20 +127,29 @@ class RecordWriter:
 
 
 class OutputLock:
-    """An exclusive OS-level lock on an output file (`.<name>.lock` beside it), held while a run writes it; the
-    operating system drops it when the process ends, however it ends."""
+    """An exclusive OS-level lock on an output file, held while a run writes it; the operating system drops it
+    when the process ends, however it ends. It locks the file, not the name it was given: a lock file named
+    after the resolved path (`.<name>.lock` beside the real file, so a symlink finds it), and, once the output
+    exists, the output file itself (its inode, so a hard link finds it too; not on Windows, whose locks forbid
+    the writes)."""
 
     def __init__(self, out: Path):
-        self.out = out
-        self.path = out.with_name(f".{out.name}.lock")
         self._fd: int | None = None
+        self._file_fd: int | None = None
+        self.out = out
+        try:
+            real = out.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise OutputError(f"--out {out} cannot be resolved ({exc})") from None
+        self.path = real.with_name(f".{real.name}.lock")
 
     def acquire(self) -> "OutputLock":
+        folder = self.path.parent
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise OutputError(f"cannot write in {self.out.parent} ({exc.strerror or exc})") from None
+                raise OutputError(f"cannot write in {folder} ({exc.strerror or exc})") from None
             if not _try_lock(fd):
                 holder = _read(fd)
                 os.close(fd)
@@ -152,14 +162,41 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}: "
-                     f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]}".encode("utf-8", "replace"))
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            started = datetime.datetime.now().isoformat(timespec="seconds")
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}: "
+                         f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]}".encode("utf-8", "replace"))
+        except OSError as exc:  # a full disk: no lock file left behind
+            self.release()
+            raise OutputError(f"cannot write in {folder} ({exc.strerror or exc})") from None
+        if self.out.exists():
+            try:
+                self.cover()
+            except OutputError:
+                self.release()
+                raise
         return self
 
+    def cover(self) -> None:
+        """Lock the output file itself (once it exists): a run that reaches it through a hard link is refused."""
+        if self._file_fd is not None or sys.platform == "win32":
+            return
+        try:
+            fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait
+        except OSError as exc:
+            raise OutputError(f"cannot read {self.out} ({exc.strerror or exc})") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise OutputError(f"{self.out} is being written by another sgl run, through another name for the same "
+                              "file (a link); wait for it to end, or write to another --out")
+        self._file_fd = fd
+
     def release(self) -> None:
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._fd is None:
             return
         try:

@@ -125,6 +125,8 @@ class Run:
             raise OutputError(f"--out {out}: folder {out.parent} does not exist")
         if _same_file(out, self.input):
             raise OutputError(f"--out {out} is the input file itself; write the records to another file")
+        for path in self._side_files():  # written once the first record is ready: a mistake costs no model load
+            _check_writable(path)
         self.lock = OutputLock(out).acquire()  # a second run on this output is refused here, at once
         if out.exists():
             if not (resume or overwrite):
@@ -135,12 +137,27 @@ class Run:
                 raise OutputError(f"{out} is not writable")
             if resume:
                 try:
-                    _check_same_settings(settings_path(out), self.preset.to_dict())
+                    _check_same_settings(settings_path(self._real_out), self.preset.to_dict())
                     self.done = scan_output(out)
                     self._verify_done(self.source.parse(line, payload) for line, payload in self.source)
                 except SglError:
                     self.release()
                     raise
+
+    @property
+    def _real_out(self) -> Path:
+        """The output's real path: the files beside it belong to the file, whatever name it was given by."""
+        try:
+            return self.out.resolve()
+        except (OSError, RuntimeError):
+            return self.out
+
+    def _side_files(self) -> list[Path]:
+        """The files written beside the output: the settings, what was run, and the scores when saved."""
+        from .scores import scores_path
+
+        real = self._real_out
+        return [settings_path(real), run_info_path(real), *([scores_path(real)] if self.save_scores else [])]
 
     def release(self) -> None:
         """Let another run write the output (done when the records end)."""
@@ -253,18 +270,32 @@ class Run:
         from ... import __version__
         from .scores import scores_path
 
-        settings_path(self.out).write_text(yaml.safe_dump(self.preset.to_dict(), sort_keys=False))
+        real = self._real_out
         about = {"input": str(self.input.resolve()), "format": self.source.kind,
                  "columns": dataclasses.asdict(self.source.columns), "split": self.source.split,
                  "limit": self.source.limit, "preset": self.preset.name, "threshold": self.preset.settings.threshold,
-                 "scores": scores_path(self.out).name if self.save_scores else None, "sgl": __version__}
-        run_info_path(self.out).write_text(json.dumps(about, indent=1) + "\n")
-        return RecordWriter(self.out, append=bool(self.done), shape=self.shape)
+                 "scores": scores_path(real).name if self.save_scores else None, "sgl": __version__}
+        for path, text in ((settings_path(real), yaml.safe_dump(self.preset.to_dict(), sort_keys=False)),
+                           (run_info_path(real), json.dumps(about, indent=1) + "\n")):
+            try:
+                path.write_text(text)
+            except OSError as exc:  # checked before the models loaded; changed since, or a full disk
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if self.lock is not None and self.out.exists():  # made since the lock was taken: lock it before writing
+            self.lock.cover()
+        writer = RecordWriter(self.out, append=bool(self.done), shape=self.shape)
+        if self.lock is not None:
+            self.lock.cover()  # the output exists now: a run that reaches it through a hard link is refused
+        return writer
 
     def _open_scores(self):
         from .scores import ScoreWriter, scores_path
 
-        return ScoreWriter(scores_path(self.out), append=bool(self.done), keep_lines=self.done_lines)
+        path = scores_path(self._real_out)
+        try:
+            return ScoreWriter(path, append=bool(self.done), keep_lines=self.done_lines)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def execute(self) -> RunSummary:
         """Run to the end; the summary."""
@@ -280,6 +311,26 @@ def run_info_path(out: Path) -> Path:
     """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(stem + ".run.json")
+
+
+def _check_writable(path: Path) -> None:
+    """That `path` can be written: a regular file that is writable, or a new file in a writable folder."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.access(path.parent, os.W_OK):
+            raise OutputError(f"cannot write {path}: its folder is not writable") from None
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"cannot write {path}: it is a folder; move it away or write to another --out")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"cannot write {path}: it is not a regular file; move it away or write to another --out")
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: it is not writable")
 
 
 def _same_file(a: Path, b: Path) -> bool:
