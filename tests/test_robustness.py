@@ -515,6 +515,121 @@ def test_redirects_that_go_nowhere_are_one_line(hostile_server, path, want):
     assert str(caught.value) == want
 
 
+# -- resume against an edited input ---------------------------------------------------------------------------
+QUESTIONS = ["What color is the square?", "How many circles are there?", "What shape is red?"]
+
+
+def _write_input(fmt: str, folder: Path, rows: list[tuple[str, str]]) -> Path:
+    """rows of (image file name, question) as an input of format `fmt`."""
+    if fmt == "sgl":
+        path = folder / "in.jsonl"
+        path.write_text("".join(_good(image, q) + "\n" for image, q in rows))
+    elif fmt == "openai":
+        path = folder / "in.jsonl"
+        path.write_text("".join(json.dumps({
+            "custom_id": f"r{q[:12]}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": q}]}]}}) + "\n"
+            for image, q in rows))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "in.parquet"
+        pq.write_table(pa.table({"image": [image for image, _ in rows], "question": [q for _, q in rows]}), path)
+    else:
+        datasets = pytest.importorskip("datasets")
+        path = folder / "in_ds"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        datasets.Dataset.from_dict({"image": [str(folder / image) for image, _ in rows],
+                                    "question": [q for _, q in rows]}).cast_column(
+            "image", datasets.Image()).save_to_disk(str(path))
+    return path
+
+
+def _interrupted_run(fmt, tmp_path, preset_file) -> tuple[list, Path, Path]:
+    """A whole run of three items, then its output cut to two records as a kill leaves it."""
+    imgs = make_images(tmp_path, sizes=((56, 56), (84, 56), (56, 84)))
+    rows = [(p.name, q) for p, q in zip(imgs, QUESTIONS)]
+    src = _write_input(fmt, tmp_path, rows)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "-q", "--no-exit",
+                              "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    whole = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(whole[:2]))
+    return rows, src, out
+
+
+def _sha(rec: dict):
+    if "response" not in rec:
+        return rec["input_sha"]
+    return rec["response"]["body"]["sgl"]["input_sha"] if rec["response"] else rec["error"]["sgl"]["input_sha"]
+
+
+@pytest.mark.parametrize("fmt, edit", [(fmt, edit) for fmt in ("sgl", "openai", "parquet", "dataset")
+                                        for edit in ("insert", "delete", "edit")] + [("sgl", "moved")])
+def test_resume_refuses_an_input_whose_answered_items_changed(tmp_path, preset_file, monkeypatch, fmt, edit):
+    """Insert an item at the top, delete one, edit one in place, or move the input away from its images: the
+    resumed run is refused in one line naming the first line (or row) that differs, before any model loads."""
+    from sgl_cli.engine.core import models
+
+    rows, src, out = _interrupted_run(fmt, tmp_path, preset_file)
+    assert all(isinstance(_sha(r), str) and len(_sha(r)) == 16 for r in strict_records(out))
+    if edit == "insert":
+        rows, first = [(rows[0][0], "What is in the corner?"), *rows], 1
+    elif edit == "delete":
+        rows, first = [rows[0], rows[2]], 2
+    elif edit == "edit":
+        rows, first = [(rows[0][0], rows[0][1] + " Be brief."), *rows[1:]], 1
+    else:
+        (tmp_path / "moved").mkdir()
+        src, first = src.rename(tmp_path / "moved" / src.name), 1
+    if edit != "moved":
+        _write_input(fmt, tmp_path, rows)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    before = out.read_bytes()
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and "the input changed since the interrupted run" in res.stderr
+    unit = "row" if fmt in ("parquet", "dataset") else "line"
+    if fmt == "openai" and edit in ("insert", "delete"):  # its custom_id already differs
+        assert f"record {first} of {out} is for 'r{QUESTIONS[first - 1][:12]}'" in res.stderr, res.stderr
+    else:
+        assert f"cannot resume: {unit} {first} of {src} is not the item record {first} of {out} answered" in \
+            res.stderr, res.stderr
+    assert out.read_bytes() == before
+
+
+def test_resume_of_records_without_a_fingerprint_warns_and_completes(tmp_path, preset_file):
+    """Records of an sgl that did not write input_sha: resumed on their line numbers, with a warning."""
+    rows, src, out = _interrupted_run("sgl", tmp_path, preset_file)
+    old = [{k: v for k, v in r.items() if k != "input_sha"} for r in strict_records(out)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume", "-q",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: 2 record(s) of {out} carry no input_sha (written by an older sgl): resuming checks their "
+            "lines, not their content") in res.stderr
+    recs = strict_records(out)
+    assert [r["line"] for r in recs] == [1, 2, 3] and recs[:2] == old and len(recs[2]["input_sha"]) == 16
+
+
+def test_resume_names_a_duplicated_record_as_such(tmp_path, preset_file):
+    rows, src, out = _interrupted_run("sgl", tmp_path, preset_file)
+    first, second = out.read_text().splitlines(keepends=True)
+    out.write_text(first + second + second)
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 2
+    assert res.stderr == (f"sgl: error: cannot resume: {out} holds a duplicate record for line 2 (records 2 and 3); "
+                          "it was not written by one sgl run alone; write to a new --out\n")
+
+
 # -- images --------------------------------------------------------------------------------------------------------
 def _load(path: Path):
     from sgl_cli.engine.io.images import load_images

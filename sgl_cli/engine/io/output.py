@@ -5,7 +5,8 @@
   written, and dies with its process: a second run on the same output is refused at once, naming the first,
   whatever name it reaches the file by (a symlink, a hard link).
 - **Resume.** Records are in input order, so a resumed run skips as many items as the file holds whole records,
-  checking that each one is the item's. Only the piece after the last newline can be torn by a kill; it is cut
+  checking that each one is the item's: its line (or custom_id) and its `input_sha`, a fingerprint of the
+  item's input content. Only the piece after the last newline can be torn by a kill; it is cut
   off in place (or completed, when it is a whole record whose newline was lost): the records before it are never
   rewritten, so no kill at any moment can lose them.
 - **Full disk.** A write that fails stops the run with one line; the records before it stay whole, and the same
@@ -47,6 +48,12 @@ def scan_output(out: Path) -> list:
     """The identity of every whole record in `out`, in order (an sgl record's `line`, an OpenAI output line's
     `custom_id`), after repairing a torn last record in place. A line that is neither means the file is not an
     sgl output: refuse rather than touch it."""
+    return [identity for identity, _ in scan_records(out)]
+
+
+def scan_records(out: Path) -> list[tuple]:
+    """(identity, input fingerprint) of every whole record in `out`, in order, after the same repair as
+    `scan_output`; the fingerprint is None in a record written before sgl recorded it (`input_sha`)."""
     ids: list = []
     with out.open("rb") as f:
         number = 0
@@ -77,16 +84,24 @@ def completed_lines(out: Path) -> set[int]:
     return {i for i in scan_output(out) if isinstance(i, int)}
 
 
-def _identity(raw: bytes, out: Path, number: int):
+def _identity(raw: bytes, out: Path, number: int) -> tuple:
     try:
         rec = json.loads(raw)
     except (ValueError, RecursionError):
         rec = None
     if isinstance(rec, dict) and isinstance(rec.get("line"), int):
-        return rec["line"]
+        return rec["line"], _sha(rec)
     if isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec:
-        return rec["custom_id"]
+        response, error = rec["response"], rec.get("error")
+        body = response.get("body") if isinstance(response, dict) else None
+        sgl = body.get("sgl") if isinstance(body, dict) else error.get("sgl") if isinstance(error, dict) else None
+        return rec["custom_id"], _sha(sgl)
     raise OutputError(f"{out}: line {number} is not an sgl record; refusing to resume into this file")
+
+
+def _sha(rec) -> str | None:
+    sha = rec.get("input_sha") if isinstance(rec, dict) else None
+    return sha if isinstance(sha, str) else None
 
 
 class RecordWriter:

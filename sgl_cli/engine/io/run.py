@@ -14,7 +14,9 @@ record is ready: a backend that fails to start leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 from ..errors import SglError
 from ..preset import ModelSpec, Preset, Settings
 from .fetch import FetchPolicy
-from .output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
+from .output import OutputError, OutputLock, RecordWriter, default_output, scan_records, settings_path
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Run:
         if self.out is None and save_scores:
             raise SglError("--save-scores needs an output file, not stdout")
         self.done: list = []  # the identities of the records `out` holds (resume)
+        self.done_shas: list = []  # their input fingerprints (None: written before sgl recorded them)
         self.done_lines: set[int] = set()  # their items' lines
         if self.out is not None:
             self._check_output(resume, overwrite)
@@ -138,8 +141,10 @@ class Run:
             if resume:
                 try:
                     _check_same_settings(settings_path(self._real_out), self.preset.to_dict())
-                    self.done = scan_output(out)
-                    self._verify_done(self.source.parse(line, payload) for line, payload in self.source)
+                    recorded = scan_records(out)
+                    self.done = [identity for identity, _ in recorded]
+                    self.done_shas = [sha for _, sha in recorded]
+                    self._verify_done(iter(self.source))
                 except SglError:
                     self.release()
                     raise
@@ -179,7 +184,9 @@ class Run:
         """Input items not yet recorded (for a progress bar)."""
         return max(0, self.source.count() - len(self.done))
 
-    def _records(self) -> Iterator[dict]:
+    def _records(self) -> tuple[Iterator[dict], Callable[[], tuple[int, str]]]:
+        """The records of the items after those `out` holds, and a function giving the next record's (line,
+        input fingerprint)."""
         def warn_random() -> None:
             self.warn("warning: a model of this preset has random weights: its answers are noise; use a trained "
                       "pair (the default preset, or real checkpoints) for real answers.")
@@ -189,8 +196,10 @@ class Run:
             from .ray_backend import run_records
 
             # Models load in the workers; the records come back in input order, so writing them is shared.
+            pending = ((item.line, sha) for item, sha in self._pending())
             return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
-                               on_random_weights=warn_random, notify=self.notify, save_scores=self.save_scores)
+                               on_random_weights=warn_random, notify=self.notify,
+                               save_scores=self.save_scores), lambda: next(pending)
         from ..core.engine import Engine
 
         if self.threads is not None:
@@ -201,39 +210,72 @@ class Run:
         engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
-        return engine.run(self._items())
+        shas: collections.deque = collections.deque()  # the engine reads a few batches ahead of its records
 
-    def _verify_done(self, items: Iterator) -> None:
-        """Read as many items as `out` holds records, checking that each record is the item's (an input edited
-        since the interrupted run is refused, not answered into the wrong place)."""
-        for n, recorded in enumerate(self.done):
-            item = next(items, None)
-            if item is None:
+        def items() -> Iterator:
+            for item, sha in self._pending():
+                shas.append((item.line, sha))
+                yield item
+
+        return engine.run(items()), shas.popleft
+
+    def _verify_done(self, pairs: Iterator) -> None:
+        """Read as many items as `out` holds records, checking that each record is the item's: its line (or
+        custom_id) and the fingerprint of its content (an input edited since the interrupted run is refused, not
+        answered into the wrong place)."""
+        seen: dict = {}
+        unchecked = 0
+        unit = self.source.unit
+        for n, (recorded, sha) in enumerate(zip(self.done, self.done_shas)):
+            pair = next(pairs, None)
+            if pair is None:
                 raise SglError(f"cannot resume: {self.out} holds {len(self.done)} records but the input has only {n} "
                                "items; write to a new --out")
+            line, payload = pair
+            item = self.source.parse(line, payload)
             expected = item.custom_id if self.openai else item.line
             self.done_lines.add(item.line)
+            if recorded is not None and recorded in seen:
+                what = f"custom_id {recorded!r}" if self.openai else f"{unit} {recorded}"
+                raise SglError(f"cannot resume: {self.out} holds a duplicate record for {what} (records "
+                               f"{seen[recorded]} and {n + 1}); it was not written by one sgl run alone; write to a "
+                               "new --out")
+            seen[recorded] = n + 1
             if recorded is not None and recorded != expected:
                 raise SglError(f"cannot resume: record {n + 1} of {self.out} is for {recorded!r}, but the input's "
                                f"item {n + 1} is {expected!r}: the input changed since the interrupted run; write to "
                                "a new --out")
+            if sha is None:
+                unchecked += 1
+            elif sha != input_fingerprint(payload, item):
+                raise SglError(f"cannot resume: {unit} {line} of {self.input} is not the item record {n + 1} of "
+                               f"{self.out} answered: the input changed since the interrupted run; write to a new "
+                               "--out")
+        if unchecked:
+            self.warn(f"warning: {unchecked} record(s) of {self.out} carry no input_sha (written by an older sgl): "
+                      "resuming checks their lines, not their content")
 
-    def _items(self) -> Iterator:
-        """The input's items after those `out` already records (checked when the Run was made)."""
+    def _pending(self) -> Iterator[tuple]:
+        """(item, input fingerprint) of the input's items after those `out` already records."""
         for n, (line, payload) in enumerate(self.source):
             if n >= len(self.done):
-                yield self.source.parse(line, payload)
+                item = self.source.parse(line, payload)
+                yield item, input_fingerprint(payload, item)
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
         from ..core.record import SCORES_KEY
 
-        records = self._records()
+        records, next_sha = self._records()
         writer: RecordWriter | None = None
         scores = None
         try:
             for record in records:
                 payload = record.pop(SCORES_KEY, None)
+                line, record["input_sha"] = next_sha()
+                if line != record["line"]:  # records come in input order, one per item: never
+                    raise SglError(f"internal error: the record of line {record['line']} came where line {line}'s "
+                                   "was due")
                 if self.out is not None:
                     writer = writer or self._open()
                     writer.write(record)
@@ -260,7 +302,10 @@ class Run:
             return record
         from .openai import output_line
 
-        return output_line(record, self.preset.name)
+        line = output_line(record, self.preset.name)
+        if isinstance(line.get("error"), dict):  # an answered line carries sgl's fields under response.body.sgl
+            line["error"]["sgl"] = {"line": record["line"], "input_sha": record.get("input_sha")}
+        return line
 
     def _open(self) -> RecordWriter:
         import json
@@ -311,6 +356,42 @@ def run_info_path(out: Path) -> Path:
     """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(stem + ".run.json")
+
+
+def input_fingerprint(payload, item) -> str:
+    """`input_sha`: the first 16 hex digits of a SHA-256 of an input item's content as read (a JSONL line's bytes,
+    a table row's values) and of where its images resolve (a relative path means another file once the input
+    moves). `--resume` compares it with each record's, so an edited input is noticed."""
+    h = hashlib.sha256()
+    _feed(h, payload)
+    for ref in item.images:
+        if ref.kind in ("path", "url"):  # bytes and data URIs are in the payload already
+            h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + str(ref.value).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def _feed(h, value) -> None:
+    """Hash a payload (bytes, or a row's plain values), each value tagged with its type and length; iterative, so
+    no nesting is too deep."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            data = bytes(v)
+            h.update(b"b%d:" % len(data) + data)
+        elif isinstance(v, str):
+            data = v.encode("utf-8", "surrogatepass")
+            h.update(b"s%d:" % len(data) + data)
+        elif isinstance(v, dict):
+            h.update(b"d%d:" % len(v))
+            for key, item in reversed(list(v.items())):
+                stack += [item, key]
+        elif isinstance(v, (list, tuple)):
+            h.update(b"l%d:" % len(v))
+            stack += reversed(v)
+        else:  # numbers, None, a payload that is a note (an oversized line, a repeated custom_id)
+            data = f"{type(v).__name__}:{v!r}".encode("utf-8", "surrogatepass")
+            h.update(b"o%d:" % len(data) + data)
 
 
 def _check_writable(path: Path) -> None:
