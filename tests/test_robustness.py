@@ -68,6 +68,12 @@ def fuzz_lines(image: str) -> list[tuple[bytes, str | None]]:
         (good + b"\r", "ANSWERED"),  # CRLF
         (b'{"image_base64": "not base64!!", "question": "q"}', "is not valid base64"),
         (b'{"image": "data:text/plain;base64,aGk=", "question": "q"}', "is text/plain, not an image"),
+        (b'{"image": "ftp://example.com/x.png", "question": "q"}',
+         "image 'ftp://example.com/x.png': ftp:// URLs are not supported (sgl reads files"),
+        (b'{"image_base64": "aGVsbG8gd29ybGQh", "question": "q"}',
+         "image 'inline base64' (12 bytes) is not an image in a format sgl reads: it begins with text 'hello world!'"),
+        (b'{"image_base64": "AAECAwQFBgcICQoL", "question": "q"}',
+         "(12 bytes) is not an image in a format sgl reads: it begins with bytes 00 01 02 03 04 05 06 07"),
         (good, "ANSWERED"),
     ]
 
