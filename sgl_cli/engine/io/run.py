@@ -78,7 +78,8 @@ class Run:
     (`FetchPolicy(enabled=False)`: none). `save_scores` also writes each item's visual-token ranking beside the
     output (`io/scores.py`). `notify` receives one-line notes, `warn` one-line warnings (default: notify). An OpenAI
     batch input gets an OpenAI batch output file. Beside the output, `<out stem>.run.json` says what was run (the
-    input, its format), for `sgl report`."""
+    input, its format), for `sgl report`. Each record gets `input_sha`, its item's fingerprint
+    (`input_fingerprint`), which `resume` checks: an input edited since the interrupted run is refused."""
 
     def __init__(self, input: str | Path, preset: Preset, *, out: str | Path | None = "default", resume: bool = False,
                  overwrite: bool = False, calibration: str | Path | None = None, backend: str = "local",
