@@ -71,9 +71,10 @@ def fuzz_lines(image: str) -> list[tuple[bytes, str | None]]:
         (b'{"image": "ftp://example.com/x.png", "question": "q"}',
          "image 'ftp://example.com/x.png': ftp:// URLs are not supported (sgl reads files"),
         (b'{"image_base64": "aGVsbG8gd29ybGQh", "question": "q"}',
-         "image 'inline base64' (12 bytes) is not an image in a format sgl reads: it begins with text 'hello world!'"),
+         "image 'inline base64' cannot be read: its 12 bytes are not an image in a format sgl reads (they begin "
+         "with text 'hello world!')"),
         (b'{"image_base64": "AAECAwQFBgcICQoL", "question": "q"}',
-         "(12 bytes) is not an image in a format sgl reads: it begins with bytes 00 01 02 03 04 05 06 07"),
+         "its 12 bytes are not an image in a format sgl reads (they begin with bytes 00 01 02 03 04 05 06 07)"),
         (good, "ANSWERED"),
     ]
 

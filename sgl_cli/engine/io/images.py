@@ -70,14 +70,14 @@ def _not_an_image(source) -> str:
         except OSError:
             size, head = -1, b""
     if size == 0:
-        return "is empty (0 bytes), not an image"
+        return "cannot be read: it is empty (0 bytes)"
     try:
         text = head.decode("utf-8")
         printable = all(c.isprintable() or c in "\t\r\n" for c in text)
     except UnicodeDecodeError:
         printable = False
     begins = f"text {' '.join(text.split())[:20]!r}" if printable else f"bytes {head[:8].hex(' ')}"
-    return f"({size:,} bytes) is not an image in a format sgl reads: it begins with {begins}"
+    return f"cannot be read: its {size:,} bytes are not an image in a format sgl reads (they begin with {begins})"
 
 
 def _source(item: Item, ref: ImageRef, fetcher):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Callable, Iterator
 from ..errors import SglError
 from ..preset import ModelSpec, Preset, Settings
 from .fetch import FetchPolicy
-from .output import OutputError, OutputLock, RecordWriter, default_output, scan_records, settings_path
+from .output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, scan_records,
+                     settings_path)
 
 
 @dataclass
@@ -357,42 +357,6 @@ def run_info_path(out: Path) -> Path:
     """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(stem + ".run.json")
-
-
-def input_fingerprint(payload, item) -> str:
-    """`input_sha`: the first 16 hex digits of a SHA-256 of an input item's content as read (a JSONL line's bytes,
-    a table row's values) and of where its images resolve (a relative path means another file once the input
-    moves). `--resume` compares it with each record's, so an edited input is noticed."""
-    h = hashlib.sha256()
-    _feed(h, payload)
-    for ref in item.images:
-        if ref.kind in ("path", "url"):  # bytes and data URIs are in the payload already
-            h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + str(ref.value).encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:16]
-
-
-def _feed(h, value) -> None:
-    """Hash a payload (bytes, or a row's plain values), each value tagged with its type and length; iterative, so
-    no nesting is too deep."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, (bytes, bytearray, memoryview)):
-            data = bytes(v)
-            h.update(b"b%d:" % len(data) + data)
-        elif isinstance(v, str):
-            data = v.encode("utf-8", "surrogatepass")
-            h.update(b"s%d:" % len(data) + data)
-        elif isinstance(v, dict):
-            h.update(b"d%d:" % len(v))
-            for key, item in reversed(list(v.items())):
-                stack += [item, key]
-        elif isinstance(v, (list, tuple)):
-            h.update(b"l%d:" % len(v))
-            stack += reversed(v)
-        else:  # numbers, None, a payload that is a note (an oversized line, a repeated custom_id)
-            data = f"{type(v).__name__}:{v!r}".encode("utf-8", "surrogatepass")
-            h.update(b"o%d:" % len(data) + data)
 
 
 def _check_writable(path: Path) -> None:
