@@ -192,6 +192,14 @@ def test_every_openai_output_line_can_be_resumed_from(tmp_path, images, preset_f
         run([src, "--preset", preset_file, "--out", out, "--resume"], code=1)
         assert out.read_bytes().splitlines(keepends=True)[:cut] == whole[:cut]
         assert [r["custom_id"] for r in records(out)] == [r["custom_id"] for r in got]
+    # An output of an sgl before this fix: the unnamed line's record says custom_id null; it still resumes.
+    old = json.loads(whole[1])
+    old["custom_id"] = None
+    out.write_bytes(whole[0] + (json.dumps(old) + "\n").encode())
+    run([src, "--preset", preset_file, "--out", out, "--resume"], code=1)
+    again = records(out)
+    assert [r["custom_id"] for r in again[2:]] == [r["custom_id"] for r in got[2:]]
+    assert again[1]["custom_id"] is None and len(again) == len(got)
 
 
 # -- image references -------------------------------------------------------------------------------------------

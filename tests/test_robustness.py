@@ -68,6 +68,13 @@ def fuzz_lines(image: str) -> list[tuple[bytes, str | None]]:
         (good + b"\r", "ANSWERED"),  # CRLF
         (b'{"image_base64": "not base64!!", "question": "q"}', "is not valid base64"),
         (b'{"image": "data:text/plain;base64,aGk=", "question": "q"}', "is text/plain, not an image"),
+        (b'{"image": "ftp://example.com/x.png", "question": "q"}',
+         "image 'ftp://example.com/x.png': ftp:// URLs are not supported (sgl reads files"),
+        (b'{"image_base64": "aGVsbG8gd29ybGQh", "question": "q"}',
+         "image 'inline base64' cannot be read: its 12 bytes are not an image in a format sgl reads (they begin "
+         "with text 'hello world!')"),
+        (b'{"image_base64": "AAECAwQFBgcICQoL", "question": "q"}',
+         "its 12 bytes are not an image in a format sgl reads (they begin with bytes 00 01 02 03 04 05 06 07)"),
         (good, "ANSWERED"),
         # Nesting json.loads accepts but a recursive walk of the value does not survive (issue 24): answered.
         (good[:-1] + b', "x": ' + b"[" * 300 + b"]" * 300 + b"}", "ANSWERED"),
@@ -294,6 +301,89 @@ def test_two_concurrent_runs_never_splice_an_output(tmp_path, batch, preset_file
     assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("holder_resumes", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_link_to_the_output_is_refused_while_a_run_writes_it(tmp_path, batch, preset_file, link, holder_resumes):
+    """Two processes: one writes out.jsonl (a fresh run, or a resumed one), the other is given a link to it. The
+    second is refused at once, in one line, whichever name it used; the output keeps one record per line."""
+    out = tmp_path / "out.jsonl"
+    if holder_resumes:  # one record of three, as an interrupted run left it
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "-q"])
+        assert res.exit_code == 0
+        out.write_text(out.read_text().splitlines(keepends=True)[0])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from sgl_cli.engine import Run, load_preset
+        run = Run({str(batch)!r}, load_preset({str(preset_file)!r}), out={str(out)!r}, resume={holder_resumes})
+        for record in run:
+            print("written", record["line"], flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().split()[0] == "written"
+        other = tmp_path / "l.jsonl"
+        other.symlink_to(out) if link == "symlink" else os.link(out, other)
+        before = out.read_bytes()
+        res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(other), "--resume"])
+        assert res.exit_code == 2, res.output
+        assert f"sgl: error: {other} is being written by another sgl run" in res.stderr
+        assert res.stderr.count("\n") == 1
+        if link == "symlink":  # the lock file is found through the link: it names the holder
+            assert f"(pid {holder.pid} on " in res.stderr
+        assert out.read_bytes() == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(other), "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    assert [r["line"] for r in strict_records(out)] == [1, 2, 3]
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch, preset_file, monkeypatch):
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out)])
+    monkeypatch.undo()
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"sgl: error: cannot write in {tmp_path} (No space left on device)\n"
+    assert not (tmp_path / ".out.jsonl.lock").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["preset folder", "preset read-only", "run.json folder", "scores folder",
+                                  "preset fifo"])
+def test_every_file_a_run_writes_is_checked_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch,
+                                                                     case):
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    out = tmp_path / "out.jsonl"
+    path = tmp_path / {"preset": "out.preset.yaml", "run.json": "out.run.json", "scores": "out.scores.arrow"}[
+        case.split()[0]]
+    if case.endswith("folder"):
+        path.mkdir()
+        why = "it is a folder; move it away or write to another --out"
+    elif case.endswith("fifo"):
+        os.mkfifo(path)
+        why = "it is not a regular file; move it away or write to another --out"
+    else:
+        path.write_text("x")
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == path else real_access(p, mode, **k))
+        why = "it is not writable"
+    res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out),
+                              *(["--save-scores"] if case.startswith("scores") else [])])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"sgl: error: cannot write {path}: {why}\n"
+    assert not out.exists() and not (tmp_path / ".out.jsonl.lock").exists()
+
+
 def test_a_torn_record_is_cut_off_in_place(tmp_path):
     from sgl_cli.engine.io.output import scan_output
 
@@ -417,6 +507,235 @@ def test_resume_refuses_an_input_edited_since(tmp_path, batch, preset_file):
     batch.write_text("\n".join(["", *lines]) + "\n")  # every item moved down a line
     res = runner.invoke(app, ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--resume"])
     assert res.exit_code == 2 and "the input changed since the interrupted run" in res.stderr
+
+
+# -- image URLs against hostile servers ---------------------------------------------------------------------
+@pytest.fixture
+def hostile_server():
+    """A loopback server (127.0.0.1 only) that trickles one byte every 0.2 s: in the body (/body), in the headers
+    (/headers), in chunks (/chunked); that redirects to itself (/loop) or to ftp (/ftp). Each trickle ends by
+    itself after 8 s, and the server stops with the test."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def trickle(self, pieces):
+            try:
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up: expected
+            self.close_connection = True
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/ftp":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                return self.trickle([b"a"] * 40)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            if self.path == "/chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                return self.trickle([b"1\r\n", b"x", b"\r\n"] * 13)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            return self.trickle([b"x"] * 40)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("where", ["body", "headers", "chunked"])
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(hostile_server, where):
+    """The deadline bounds the whole try, however slowly bytes come (a hang, not a speed test: the bound is
+    generous; the server trickles for 8 s)."""
+    from sgl_cli.engine.io.fetch import FetchError, FetchPolicy, fetch
+
+    policy = FetchPolicy(timeout_s=1.0, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        fetch(f"{hostile_server}/{where}", policy)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3 * policy.timeout_s, elapsed
+    assert str(caught.value) == "timed out after 1 s (after 1 try)"
+    # A retry gets its own try, within what the policy promises for the whole fetch.
+    policy = FetchPolicy(timeout_s=1.0, retries=1)
+    assert policy.limit_s == 2.5
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match=r"^timed out after 1 s \(after 2 tries\)$"):
+        fetch(f"{hostile_server}/{where}", policy)
+    assert time.monotonic() - t0 < policy.limit_s + 2
+
+
+def test_a_trickled_image_url_is_an_error_record_naming_it(tmp_path, hostile_server, preset_file):
+    from sgl_cli.engine import Run, load_preset
+    from sgl_cli.engine.io.fetch import FetchPolicy
+
+    (img,) = make_images(tmp_path, sizes=((56, 56),))
+    src = tmp_path / "u.jsonl"
+    src.write_text(_good(f"{hostile_server}/body") + "\n" + _good(img.name) + "\n")
+    out = tmp_path / "out.jsonl"
+    Run(src, load_preset(str(preset_file)), out=out, fetch=FetchPolicy(timeout_s=1.0, retries=0)).execute()
+    slow, good = strict_records(out)
+    assert slow["error"] == (f"line 1: image '{hostile_server}/body' could not be fetched: timed out after 1 s "
+                             "(after 1 try)")
+    assert good["error"] is None
+
+
+@pytest.mark.parametrize("path, want", [
+    ("/loop", "too many redirects (over 10) or a redirect loop"),
+    ("/ftp", "the server redirected to a ftp URL (ftp://127.0.0.1/x.png); sgl fetches http and https only"),
+])
+def test_redirects_that_go_nowhere_are_one_line(hostile_server, path, want):
+    from sgl_cli.engine.io.fetch import FetchError, FetchPolicy, fetch
+
+    with pytest.raises(FetchError) as caught:
+        fetch(hostile_server + path, FetchPolicy(timeout_s=5.0, retries=0))
+    assert str(caught.value) == want
+
+
+# -- resume against an edited input ---------------------------------------------------------------------------
+QUESTIONS = ["What color is the square?", "How many circles are there?", "What shape is red?"]
+
+
+def _write_input(fmt: str, folder: Path, rows: list[tuple[str, str]]) -> Path:
+    """rows of (image file name, question) as an input of format `fmt`."""
+    if fmt == "sgl":
+        path = folder / "in.jsonl"
+        path.write_text("".join(_good(image, q) + "\n" for image, q in rows))
+    elif fmt == "openai":
+        path = folder / "in.jsonl"
+        path.write_text("".join(json.dumps({
+            "custom_id": f"r{q[:12]}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": q}]}]}}) + "\n"
+            for image, q in rows))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "in.parquet"
+        pq.write_table(pa.table({"image": [image for image, _ in rows], "question": [q for _, q in rows]}), path)
+    else:
+        datasets = pytest.importorskip("datasets")
+        path = folder / "in_ds"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        datasets.Dataset.from_dict({"image": [str(folder / image) for image, _ in rows],
+                                    "question": [q for _, q in rows]}).cast_column(
+            "image", datasets.Image()).save_to_disk(str(path))
+    return path
+
+
+def _interrupted_run(fmt, tmp_path, preset_file) -> tuple[list, Path, Path]:
+    """A whole run of three items, then its output cut to two records as a kill leaves it."""
+    imgs = make_images(tmp_path, sizes=((56, 56), (84, 56), (56, 84)))
+    rows = [(p.name, q) for p, q in zip(imgs, QUESTIONS)]
+    src = _write_input(fmt, tmp_path, rows)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "-q", "--no-exit",
+                              "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    whole = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(whole[:2]))
+    return rows, src, out
+
+
+def _sha(rec: dict):
+    if "response" not in rec:
+        return rec["input_sha"]
+    return rec["response"]["body"]["sgl"]["input_sha"] if rec["response"] else rec["error"]["sgl"]["input_sha"]
+
+
+@pytest.mark.parametrize("fmt, edit", [(fmt, edit) for fmt in ("sgl", "openai", "parquet", "dataset")
+                                        for edit in ("insert", "delete", "edit")] + [("sgl", "moved")])
+def test_resume_refuses_an_input_whose_answered_items_changed(tmp_path, preset_file, monkeypatch, fmt, edit):
+    """Insert an item at the top, delete one, edit one in place, or move the input away from its images: the
+    resumed run is refused in one line naming the first line (or row) that differs, before any model loads."""
+    from sgl_cli.engine.core import models
+
+    rows, src, out = _interrupted_run(fmt, tmp_path, preset_file)
+    assert all(isinstance(_sha(r), str) and len(_sha(r)) == 16 for r in strict_records(out))
+    if edit == "insert":
+        rows, first = [(rows[0][0], "What is in the corner?"), *rows], 1
+    elif edit == "delete":
+        rows, first = [rows[0], rows[2]], 2
+    elif edit == "edit":
+        rows, first = [(rows[0][0], rows[0][1] + " Be brief."), *rows[1:]], 1
+    else:
+        (tmp_path / "moved").mkdir()
+        src, first = src.rename(tmp_path / "moved" / src.name), 1
+    if edit != "moved":
+        _write_input(fmt, tmp_path, rows)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    before = out.read_bytes()
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and "the input changed since the interrupted run" in res.stderr
+    unit = "row" if fmt in ("parquet", "dataset") else "line"
+    if fmt == "openai" and edit in ("insert", "delete"):  # its custom_id already differs
+        assert f"record {first} of {out} is for 'r{QUESTIONS[first - 1][:12]}'" in res.stderr, res.stderr
+    else:
+        assert f"cannot resume: {unit} {first} of {src} is not the item record {first} of {out} answered" in \
+            res.stderr, res.stderr
+    assert out.read_bytes() == before
+
+
+def test_resume_of_records_without_a_fingerprint_warns_and_completes(tmp_path, preset_file):
+    """Records of an sgl that did not write input_sha: resumed on their line numbers, with a warning."""
+    rows, src, out = _interrupted_run("sgl", tmp_path, preset_file)
+    old = [{k: v for k, v in r.items() if k != "input_sha"} for r in strict_records(out)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume", "-q",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: 2 record(s) of {out} carry no input_sha (written by an older sgl): resuming checks their "
+            "lines, not their content") in res.stderr
+    recs = strict_records(out)
+    assert [r["line"] for r in recs] == [1, 2, 3] and recs[:2] == old and len(recs[2]["input_sha"]) == 16
+
+
+def test_resume_names_a_duplicated_record_as_such(tmp_path, preset_file):
+    rows, src, out = _interrupted_run("sgl", tmp_path, preset_file)
+    first, second = out.read_text().splitlines(keepends=True)
+    out.write_text(first + second + second)
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(out), "--resume",
+                              "--no-exit", "--max-new-tokens", "3"])
+    assert res.exit_code == 2
+    assert res.stderr == (f"sgl: error: cannot resume: {out} holds a duplicate record for line 2 (records 2 and 3); "
+                          "it was not written by one sgl run alone; write to a new --out\n")
 
 
 # -- images --------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM co
 class ImageRef:
     """Where one image of an item comes from: a file, a URL, a data URI or bytes (inline base64, a Parquet cell)."""
 
-    kind: str  # "path", "url", "data" (a data: URI) or "bytes"
+    kind: str  # "path", "url", "data" (a data: URI), "bytes", or "unsupported" (a URL of another scheme)
     value: Any  # Path, URL string, data-URI string, bytes
     label: str  # how messages name it: 'cat.png', 'https://...', 'data URI', 'inline bytes'
 
@@ -38,6 +39,9 @@ class ImageRef:
             return cls("data", text, "data URI")
         if low.startswith(("http://", "https://")):
             return cls("url", text, _short(text))
+        scheme = re.match(r"([a-z][a-z0-9+.-]*)://", text[:40].lower())
+        if scheme and scheme.group(1) != "file":  # ftp://, s3://...: a URL sgl does not fetch, not a path
+            return cls("unsupported", text, _short(text))
         if low.startswith("file://"):
             from urllib.parse import unquote, urlparse
 
