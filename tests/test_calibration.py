@@ -16,7 +16,7 @@ from sgl_cli.engine.evaluation.calibration import (
     save_calibration,
     to_yaml_dict,
 )
-from sgl_cli.engine.evaluation.fingerprint import (
+from sgl_cli.engine.calibration import (
     apply_calibration,
     calibration_fingerprint,
     calibration_point,

@@ -27,12 +27,12 @@ from .io.items import Item, read_items
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:
+    from .calibration import PURPOSES, apply_calibration, resolve_calibration
     from .core.engine import Engine, LargeInputs
     from .core.stages import Encoded, LargeAnswer, SmallPass, Work
     from .evaluation.bench_setup import Bench
     from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
-    from .evaluation.fingerprint import apply_calibration
     from .guides.base import Guide, GuideBatch, GuideItem
     from .io.run import Run, RunSummary
 
@@ -41,14 +41,14 @@ _LAZY = {
     "Engine": ".core.engine", "LargeInputs": ".core.engine",
     "Encoded": ".core.stages", "LargeAnswer": ".core.stages", "SmallPass": ".core.stages", "Work": ".core.stages",
     "Bench": ".evaluation.bench_setup", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
-    "apply_calibration": ".evaluation.fingerprint",
+    "apply_calibration": ".calibration", "resolve_calibration": ".calibration", "PURPOSES": ".calibration",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
     "Run": ".io.run", "RunSummary": ".io.run",
 }
 
-__all__ = ["Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
+__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
            "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
-           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names",
+           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names", "resolve_calibration",
            "load_preset", "make_guide", "read_items"]
 
 

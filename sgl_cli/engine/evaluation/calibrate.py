@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SglError
+from ..errors import SettingError, SglError
 from ..io.items import Item, read_items
 from ..io.output import RecordWriter, completed_lines
 from ..preset import Preset
+from ..calibration import calibration_fingerprint, resolve_calibration
 from .calibration import Choice, Costs, Outcome, choose, parse_retains, save_calibration, to_yaml_dict
-from .fingerprint import calibration_fingerprint
 from .metrics import get_metric
 
 CACHE_FORMAT = 2  # part of the cache's name: a cache of another format is never read
@@ -177,9 +177,9 @@ class Calibrator:
         try:
             self.retains = parse_retains(list(retains))
         except ValueError as exc:
-            raise SglError(f"--retain: {exc}") from None
+            raise SettingError.about("retain", exc) from None
         # Both models on every item; the preset's own calibration file is not applied to its calibration.
-        self.preset = dataclasses.replace(preset.with_settings(no_exit=True), calibration_applied=True)
+        self.preset = resolve_calibration(preset.with_settings(no_exit=True), "calibrate").preset
         self.fingerprint = calibration_fingerprint(self.preset)
         self.out = Path(out) if out is not None else self.input.with_name(f"{self.input.stem}.calibration.yaml")
         if not self.out.parent.is_dir():
@@ -227,6 +227,12 @@ class Calibrator:
         return "; ".join(parts) or "nothing: every item is cached"
 
     # -- computing -------------------------------------------------------------------------------------------
+    def load_engine(self):
+        """The engine `compute` runs on: both models of `self.preset` (its own calibration file is not applied)."""
+        from ..core.engine import Engine
+
+        return Engine.load(self.preset)
+
     def compute(self, engine) -> Iterator[int]:
         """Run what the cache lacks on `engine` (loaded from `self.preset`), appending to the cache as each
         batch completes; yields the number of items of each batch."""

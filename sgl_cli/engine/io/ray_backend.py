@@ -93,7 +93,7 @@ class EngineWorker:
         from ..core.engine import Engine
 
         self.source = source
-        self.engine = Engine.from_preset(preset, fetch=fetch)
+        self.engine = Engine.load(preset, fetch=fetch)  # the Run resolved its calibration
         self.engine.save_scores = save_scores
 
     def __call__(self, block: dict) -> dict:

@@ -7,7 +7,7 @@
 
 Everything that needs no model is checked when the Run is made (the input, the output path, a resumed run's
 settings, the calibration), so a mistake costs no model load. The preset's calibration (or `calibration`) is
-applied as `Engine.from_preset` applies it. Records are written as they complete, each flushed whole, with the
+resolved once, here (`engine/calibration.py`, purpose "run"). Records are written as they complete, each flushed whole, with the
 resolved settings beside them (`<out stem>.preset.yaml`), and the output file is created only when the first
 record is ready: a backend that fails to start leaves nothing behind.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import SglError
+from ..errors import SettingError, SglError
 from ..preset import ModelSpec, Preset, Settings
 from .fetch import FetchPolicy
 from .output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
@@ -83,7 +83,7 @@ class Run:
                  ray_options=None, threads: int | None = None, columns=None, split: str | None = None,
                  limit: int | None = None, fetch: FetchPolicy | None = None, save_scores: bool = False,
                  notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
-        from ..evaluation.fingerprint import apply_calibration
+        from ..calibration import resolve_calibration
         from .sources import open_source
 
         self.lock: OutputLock | None = None
@@ -96,16 +96,16 @@ class Run:
         self.fetch = fetch or FetchPolicy()
         self.save_scores = save_scores
         if resume and overwrite:
-            raise SglError("--resume and --overwrite contradict each other")
+            raise SettingError("{} and {} contradict each other", "resume", "overwrite")
         self.source = open_source(self.input, columns=columns, split=split, limit=limit)
         self._check_backend()
-        self.preset = apply_calibration(preset, Path(calibration) if calibration else None, notify=self.notify,
-                                        warn=self.warn)
+        self.preset = resolve_calibration(preset, "run", calibration or None, notify=self.notify,
+                                          warn=self.warn).preset
         self.out = default_output(self.input) if out == "default" else (Path(out) if out is not None else None)
         if self.out is None and resume:
-            raise SglError("--resume needs an output file, not stdout")
+            raise SettingError("{} needs an output file, not stdout", "resume")
         if self.out is None and save_scores:
-            raise SglError("--save-scores needs an output file, not stdout")
+            raise SettingError("{} needs an output file, not stdout", "save_scores")
         self.done: list = []  # the identities of the records `out` holds (resume)
         self.done_lines: set[int] = set()  # their items' lines
         if self.out is not None:
@@ -150,7 +150,7 @@ class Run:
 
     def _check_backend(self) -> None:
         if self.backend not in ("local", "ray"):
-            raise SglError(f"--backend must be local or ray, got {self.backend!r}")
+            raise SettingError(f"{{}} must be local or ray, got {self.backend!r}", "backend")
         if self.backend == "ray":
             from .ray_backend import RayOptions, import_ray
 
@@ -180,7 +180,7 @@ class Run:
             import torch
 
             torch.set_num_threads(self.threads)
-        engine = Engine.from_preset(self.preset, fetch=self.fetch)
+        engine = Engine.load(self.preset, fetch=self.fetch)  # resolved above
         engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
