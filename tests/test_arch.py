@@ -66,7 +66,7 @@ def test_pairs_are_real_pairs(name, tmp_path):
     the family's special tokens at their published ids, every model id decodable."""
     from sgl_cli.engine.core.engine import Engine
     from sgl_cli.engine.evaluation.bench_setup import write_noise_items
-    from sgl_cli.engine.io.items import read_items
+    from sgl_cli.engine.io.formats import read_items
     from sgl_cli.engine.preset import Settings
 
     pair = arch.PAIRS[name]

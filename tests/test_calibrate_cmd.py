@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from sgl_cli.cli import app
 from sgl_cli.engine.evaluation.metrics import exact
 from sgl_cli.engine.guides.base import n_keep
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import write_jsonl, write_preset
 
 runner = CliRunner()

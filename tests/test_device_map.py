@@ -94,7 +94,7 @@ def split_pair(tiny_pair):
 
 
 def _items(folder: Path):
-    from sgl_cli.engine.io.items import read_items
+    from sgl_cli.engine.io.formats import read_items
 
     return list(read_items(folder / "batch.jsonl"))
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.guides.base import n_keep
 from sgl_cli.engine.io.images import load_image
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 
 
 def _encode(loaded, item, suffix="Answer with one word."):

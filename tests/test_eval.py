@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 from sgl_cli.engine.evaluation.metrics import vqa
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 
 from .conftest import write_jsonl, write_preset
 

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.io.images import load_image
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl
 from tests.families import FAMILIES, PINPOINTS_MAX9, build_family
 

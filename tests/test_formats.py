@@ -244,7 +244,7 @@ def test_every_way_of_naming_an_image_gives_the_same_answer(tmp_path, images, pr
 
 def test_urls_are_fetched_ahead_of_the_batch_being_computed(tmp_path, images, engine_factory, server, monkeypatch):
     """While the first batch computes, the next items' URLs are already being fetched."""
-    from sgl_cli.engine.io.items import read_items
+    from sgl_cli.engine.io.formats import read_items
 
     url, _ = server
     src = write_jsonl(tmp_path / "u.jsonl", [{"image": f"{url}/ok?{i}", "question": Q} for i in range(3)])

@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl
 from tests.test_engine import _encode
 from tests.test_prune_layer import reference_generate

@@ -91,7 +91,7 @@ def run(
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
 ) -> None:
     """Answer every item of an input file with small-model guidance and early exit."""
-    from ..engine.io.sources import Columns
+    from ..engine.io.formats import Columns
 
     with domain_errors():
         code = _run(input, out, preset, dict(

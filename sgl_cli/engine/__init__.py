@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
-from .io.items import Item, read_items
+from .io.formats import read_items
+from .io.items import Item
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:

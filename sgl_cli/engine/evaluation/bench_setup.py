@@ -114,7 +114,7 @@ class Bench:
     def load(self, input: Path | None = None, n_items: int = 8):
         """(engine, items): the models loaded or built, the items read or generated."""
         from ..core.engine import Engine
-        from ..io.items import read_items
+        from ..io.formats import read_items
 
         settings = self.settings()
         if sum(x is not None for x in (self.arch, self.preset)) > 1:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingError, SglError
-from ..io.items import Item, read_items
+from ..io.formats import read_items
+from ..io.items import Item
 from ..io.output import RecordWriter, completed_lines
 from ..preset import Preset
 from ..calibration import calibration_fingerprint, resolve_calibration

@@ -1,6 +1,6 @@
 """`sgl run --backend ray`: the local backend's records, computed by a pool of Ray actors (one or many machines).
 
-The input (any format: `io/sources.py`) is turned into a Ray dataset of its items' (`line`, `payload`): the
+The input (any format: `io/formats/`) is turned into a Ray dataset of its items' (`line`, `payload`): the
 items an interrupted run already recorded are left out, as for the local backend. Its blocks
 are cut where the local engine cuts its batches (after every `batch_size` runnable items), so every model call
 sees the same rows, padding included, and the records are the local backend's to the last bit. A pool of

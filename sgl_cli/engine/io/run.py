@@ -69,7 +69,7 @@ class RunSummary:
 
 
 class Run:
-    """Answer every item of `input` (any format sgl reads: `io/sources.py`) with `preset` into `out` (default
+    """Answer every item of `input` (any format sgl reads: `io/formats/`) with `preset` into `out` (default
     `<input stem>.sgl.jsonl` beside the input; None: records are only yielded). `resume` skips the items `out`
     already records (refusing other settings); `overwrite` replaces it. `backend` is "local" or "ray"
     (`ray_options`). `columns`, `split`, `limit` select what a table input holds; `fetch` bounds image URL fetches
@@ -84,7 +84,7 @@ class Run:
                  limit: int | None = None, fetch: FetchPolicy | None = None, save_scores: bool = False,
                  notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
         from ..calibration import resolve_calibration
-        from .sources import open_source
+        from .formats import open_source
 
         self.lock: OutputLock | None = None
         self.input = Path(input)
@@ -111,10 +111,6 @@ class Run:
         if self.out is not None:
             self._check_output(resume, overwrite)
         self.summary = RunSummary(skipped=len(self.done), out=self.out)
-
-    @property
-    def openai(self) -> bool:
-        return self.source.kind == "openai"
 
     def _check_output(self, resume: bool, overwrite: bool) -> None:
         """Everything about `out` that can be wrong, before a model loads; then the lock, then the existing file."""
@@ -194,7 +190,7 @@ class Run:
             if item is None:
                 raise SglError(f"cannot resume: {self.out} holds {len(self.done)} records but the input has only {n} "
                                "items; write to a new --out")
-            expected = item.custom_id if self.openai else item.line
+            expected = self.source.identity(item)
             self.done_lines.add(item.line)
             if recorded is not None and recorded != expected:
                 raise SglError(f"cannot resume: record {n + 1} of {self.out} is for {recorded!r}, but the input's "
@@ -238,12 +234,9 @@ class Run:
             self.release()
 
     def shape(self, record: dict) -> dict:
-        """A record as its output line's object: itself, or an OpenAI batch output line for an OpenAI input."""
-        if not self.openai:
-            return record
-        from .openai import output_line
-
-        return output_line(record, self.preset.name)
+        """A record as its output line's object, as the input's format shapes it (an OpenAI batch input: an OpenAI
+        batch output line; sgl JSONL: the record itself)."""
+        return self.source.output(record, self.preset.name)
 
     def _open(self) -> RecordWriter:
         import json

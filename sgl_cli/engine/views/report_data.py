@@ -78,7 +78,7 @@ def load_records(out: Path) -> list[dict]:
 
 def _items_by_line(about: dict, input_override: Path | None, notes: list[str]) -> dict[int, Any]:
     from ..errors import SglError
-    from ..io.sources import Columns, open_source
+    from ..io.formats import Columns, open_source
 
     path = input_override or (Path(about["input"]) if about.get("input") else None)
     if path is None:
