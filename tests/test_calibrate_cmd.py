@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.evaluation.metrics import exact
+from sgl_cli.engine.metrics import exact
 from sgl_cli.engine.guides.base import n_keep
 from sgl_cli.engine.io.formats import read_items
 from tests.conftest import write_jsonl, write_preset
@@ -35,7 +35,7 @@ def records(path: Path) -> list[dict]:
 
 def no_models(monkeypatch) -> None:
     """Make any model load fail the test."""
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -46,7 +46,7 @@ def no_models(monkeypatch) -> None:
 def count_calls(monkeypatch) -> dict[str, list]:
     """Record each model pass: the lines the small model answers, and (retain, lines) of each large-model pass
     (retain 1.0: the large model alone)."""
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
 
     seen: dict[str, list] = {"small": [], "large": []}
     small, large = Engine.small_answer, Engine.large_pass

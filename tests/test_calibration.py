@@ -26,7 +26,7 @@ from sgl_cli.engine.calibration import (
 )
 from sgl_cli.engine.evaluation.operating_points import bootstrap_counts
 from sgl_cli.engine.preset import ModelSpec, Preset, Settings
-from sgl_cli.engine.views.plots import plot_calibration
+from sgl_cli.engine.evaluation.plots import plot_calibration
 
 # Ten items; the large model alone is always right (large accuracy 1.0, so relative accuracy equals accuracy),
 # and so is the large model at retain 0.5; at retain 0.1 it gets the two least confident items wrong. Scores with

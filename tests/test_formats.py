@@ -327,8 +327,8 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
     of both; visual tokens are both images' together; the budget is over all of them."""
     from PIL import Image
 
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.guides.base import n_keep
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
@@ -368,8 +368,8 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
 
 
 def test_a_one_image_family_refuses_several_images_per_item(tmp_path_factory):
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
     from tests.families import build_family

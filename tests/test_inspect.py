@@ -185,7 +185,7 @@ def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list
 
 @pytest.mark.parametrize("guide", ["cls", "fastv", "random"])
 def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_factory, loaded_roles, guide):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.io.items import ImageRef, Item
 
     image = make_images(tmp_path, sizes=((168, 280),))[0]

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
 from ._common import domain_errors, err, progress_bar, set_threads, stderr_is_tty, warn_random_weights, with_help
 from .options import (
@@ -100,7 +100,7 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
     from ..engine.evaluation.calibration import validate_target
-    from ..engine.evaluation.metrics import get_metric
+    from ..engine.metrics import get_metric
     from ..engine.preset import load_preset
 
     # Every usage error before the first model call.

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
 from .options import (
     BatchSizeOption,
@@ -100,7 +100,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     from ..engine.errors import SettingError, SglError
     from ..engine.evaluation.calibrate import read_labelled
     from ..engine.evaluation.evaluate import EvaluationPlan
-    from ..engine.evaluation.metrics import get_metric
+    from ..engine.metrics import get_metric
     from ..engine.evaluation.retains import parse_retains
     from ..engine.io.scores import scores_path
     from ..engine.preset import load_preset
@@ -138,7 +138,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
         raise SglError(f"{input}: no line has an 'answer'; eval needs reference answers")
 
     from ..engine.views.tables import calibration_check_table, eval_table
-    from ..engine.views.plots import plot_eval
+    from ..engine.evaluation.plots import plot_eval
 
     set_threads(threads)
     evaluation = plan.load()

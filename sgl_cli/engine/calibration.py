@@ -114,7 +114,7 @@ ROW_KEYS = ("retain", "threshold", "exit_rate", "accuracy", "relative_accuracy",
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
     """Read a calibration file (version 1 or 2), checking what a run needs; version 1 gains `chosen`."""
-    from .evaluation.metrics import METRICS
+    from .metrics import METRICS
     from .safe_yaml import load_yaml
 
     data = load_yaml(path)  # bounded; YamlError is a ValueError naming the file

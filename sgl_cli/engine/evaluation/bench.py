@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..core.engine import Engine
+from ..pipeline.engine import Engine
 from ..core.generate import collate, greedy, rows_device
 from ..guides.base import n_keep, top_k_in_order
 from .profile import StagePeak, device_name

@@ -113,7 +113,7 @@ class Bench:
 
     def load(self, input: Path | None = None, n_items: int = 8):
         """(engine, items): the models loaded or built, the items read or generated."""
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
         from ..io.formats import read_items
 
         settings = self.settings()
@@ -142,6 +142,7 @@ class Bench:
 
     def _arch(self):
         from ..builtin import arch as archs
+        from ..pipeline.models import from_arch
 
         pair = archs.PAIRS.get(self.arch)
         if pair is None:
@@ -161,7 +162,7 @@ class Bench:
         else:
             size = self._image((896, 896))
         self._check_fits(pair, device)
-        small, large = archs.build(pair, layers=self.layers, vision_layers=self.vision_layers, dtype=self.dtype,
+        small, large = from_arch(pair, layers=self.layers, vision_layers=self.vision_layers, dtype=self.dtype,
                                    device=device, quantize=self.quantize)
         self.described.update(arch=pair.name, layers=self.layers, vision_layers=self.vision_layers,
                               models={"small": archs.describe(pair.small, small.model),
@@ -196,7 +197,7 @@ class Bench:
                            f"--quantize), {device} has {free / 2**30:.1f} GiB free; cut it with --layers N")
 
     def _preset(self):
-        from ..core.models import load_model
+        from ..pipeline.models import load_model
         from ..preset import load_preset
 
         p = load_preset(self.preset)
@@ -207,7 +208,7 @@ class Bench:
 
     def _size(self):
         from ..builtin.pair import SPECS, build_pair
-        from ..core.models import load_model
+        from ..pipeline.models import load_model
         from ..preset import ModelSpec
         specs = {"realistic": _realistic(), **SPECS}
         if self.size not in specs:
@@ -224,7 +225,7 @@ class Bench:
             profile: Path | None = None, profile_trace: bool = False,
             progress: Callable[[str], None] | None = None) -> dict:
         """`run_bench` at K = 0 and at the chosen K, then (with `profile`) one profiled pipeline batch."""
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
         from .bench import run_bench
 
         if exit_rate is None and engine.random_weights:

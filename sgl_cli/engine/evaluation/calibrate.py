@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingError, SglError
+from ..io.batches import batches
 from ..io.formats import read_items
 from ..io.items import Item
 from ..io.output import RecordWriter, completed_lines
 from ..preset import Preset
 from ..calibration import calibration_fingerprint, resolve_calibration
 from .calibration import Choice, Costs, Outcome, choose, parse_retains, save_calibration, to_yaml_dict
-from .metrics import get_metric
+from ..metrics import get_metric
 
 CACHE_FORMAT = 2  # part of the cache's name: a cache of another format is never read
 SMALL_SET = 200  # fewer labelled items than this: the choice fits them closely (say so)
@@ -130,7 +131,7 @@ def decode_small(entry: dict):
     import numpy as np
     import torch
 
-    from ..core.stages import SmallPass
+    from ..pipeline.stages import SmallPass
 
     importance = np.frombuffer(base64.b64decode(entry["importance"]), dtype="<f4").copy()
     return SmallPass(entry["tokens"], entry["probs"], entry["answer"], torch.from_numpy(importance),
@@ -230,7 +231,7 @@ class Calibrator:
     # -- computing -------------------------------------------------------------------------------------------
     def load_engine(self):
         """The engine `compute` runs on: both models of `self.preset` (its own calibration file is not applied)."""
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
 
         return Engine.load(self.preset)
 
@@ -247,9 +248,7 @@ class Calibrator:
             for need, items in groups.items():
                 retains = [r for r in (self.retains if need is None else need) if r < 1.0]
                 comparison = Comparison(engine, [("sgl", r) for r in retains])
-                size = engine.settings.batch_size
-                for start in range(0, len(items), size):
-                    batch = items[start:start + size]
+                for batch in batches(items, engine.settings.batch_size):
                     for rec in self._batch(comparison, retains, batch, full=need is None):
                         writer.write(rec)
                         merge(self.records.setdefault(rec["line"], {"line": rec["line"], "pruned": {}}), rec)
@@ -345,6 +344,6 @@ class Calibrator:
                                       prune_layer=self.preset.settings.prune_layer, costs=result.costs,
                                       retains=self.retains, stage_ms=result.stage_ms), self.out)
         if plot is not None:
-            from ..views.plots import plot_calibration
+            from .plots import plot_calibration
 
             plot_calibration(result.choice, plot, title=title)

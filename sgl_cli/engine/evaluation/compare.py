@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.engine import Engine, exits
-from ..core.stages import SmallPass, Work
+from ..pipeline.engine import Engine, exits
+from ..pipeline.stages import SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
 from ..io.items import Item

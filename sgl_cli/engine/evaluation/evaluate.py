@@ -23,15 +23,16 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..calibration import resolve_calibration
-from ..core.engine import Engine
+from ..pipeline.engine import Engine
 from ..errors import SettingError, SglError
+from ..io.batches import batches
 from ..preset import Preset
-from ..core.stages import Work
+from ..pipeline.stages import Work
 from ..io.items import Item
 from .calibrate import reference_strings
 from .compare import Comparison
 from ..calibration import CalibratedPoint
-from .metrics import get_metric
+from ..metrics import get_metric
 from .operating_points import Costs
 
 
@@ -141,7 +142,7 @@ class Evaluation:
         `io/scores.py`'s `scores_path`); `on_batch(details, n_items)` after each batch."""
         import json
 
-        from ..core.record import SCORES_KEY
+        from ..pipeline.record import SCORES_KEY
         from ..io.scores import ScoreWriter, scores_path
 
         sink = details.open("w", encoding="utf-8") if details else None
@@ -201,7 +202,7 @@ class Evaluation:
     def _attach_scores(self, batch, details: list[dict]) -> None:
         """Each detail record carries, under SCORES_KEY, its ranking and kept tokens per setting (the guide's
         scores; after an exit, the small model's SGP importance and nothing kept; at retain 1, every token kept)."""
-        from ..core.record import SCORES_KEY, token_grids
+        from ..pipeline.record import SCORES_KEY, token_grids
         from ..io.scores import score_payload
 
         for i, (w, d) in enumerate(zip(batch.live, details)):
@@ -327,15 +328,3 @@ def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: 
     record carries its rankings per setting under `SCORES_KEY` (core/record.py)."""
     ev = Evaluation(engine, guides, retains, metric, threshold, calibration, save_scores)
     return ev.run(items, on_batch)
-
-
-def batches(items: Iterable, size: int) -> Iterable[list]:
-    """`items` in lists of `size` (the last may be shorter)."""
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -61,7 +61,7 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
              answer_large: bool, on_random_weights):
     """Load what the guides need, run them on the one item (the comparison `sgl eval` runs) and return the
     Inspection."""
-    from ..core.engine import Engine
+    from ..pipeline.engine import Engine
     from ..evaluation.compare import Comparison
     from ..guides import make_guide
     from ..guides.base import n_keep, top_k_in_order

@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 
 from ..errors import SettingError, SglError
 from ..preset import ModelSpec, Preset, Settings
-from .fetch import FetchPolicy
-from .output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
+from ..io.fetch import FetchPolicy
+from ..io.output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Run:
                  limit: int | None = None, fetch: FetchPolicy | None = None, save_scores: bool = False,
                  notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
         from ..calibration import resolve_calibration
-        from .formats import open_source
+        from ..io.formats import open_source
 
         self.lock: OutputLock | None = None
         self.input = Path(input)
@@ -170,7 +170,7 @@ class Run:
             # Models load in the workers; the records come back in input order, so writing them is shared.
             return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
                                on_random_weights=warn_random, notify=self.notify, save_scores=self.save_scores)
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
 
         if self.threads is not None:
             import torch
@@ -205,7 +205,7 @@ class Run:
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
-        from ..core.record import SCORES_KEY
+        from ..pipeline.record import SCORES_KEY
 
         records = self._records()
         writer: RecordWriter | None = None
@@ -244,7 +244,7 @@ class Run:
         import yaml
 
         from ... import __version__
-        from .scores import scores_path
+        from ..io.scores import scores_path
 
         settings_path(self.out).write_text(yaml.safe_dump(self.preset.to_dict(), sort_keys=False))
         about = {"input": str(self.input.resolve()), "format": self.source.kind,
@@ -255,7 +255,7 @@ class Run:
         return RecordWriter(self.out, append=bool(self.done), shape=self.shape)
 
     def _open_scores(self):
-        from .scores import ScoreWriter, scores_path
+        from ..io.scores import ScoreWriter, scores_path
 
         return ScoreWriter(scores_path(self.out), append=bool(self.done), keep_lines=self.done_lines)
 

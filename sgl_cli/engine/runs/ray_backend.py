@@ -59,20 +59,14 @@ class RayOptions:
 def input_batches(source, skip: int, batch_size: int) -> list[list[tuple[int, bytes]]]:
     """The source's items from the `skip`-th on as (line, pickled payload), in the batches `Engine.run` makes of
     them: each ends at its `batch_size`-th runnable (parseable) item."""
-    batches: list[list[tuple[int, bytes]]] = []
-    pending: list[tuple[int, bytes]] = []
-    runnable = 0
-    for n, (line, payload) in enumerate(source):
-        if n < skip:
-            continue
-        pending.append((line, pickle.dumps(payload)))
-        runnable += source.parse(line, payload).error is None
-        if runnable >= batch_size:
-            batches.append(pending)
-            pending, runnable = [], 0
-    if pending:
-        batches.append(pending)
-    return batches
+    from ..io.batches import batches
+
+    def runnable(pair) -> bool:
+        return source.parse(*pair).error is None
+
+    pairs = ((line, payload) for n, (line, payload) in enumerate(source) if n >= skip)
+    return [[(line, pickle.dumps(payload)) for line, payload in batch]
+            for batch in batches(pairs, batch_size, runnable)]
 
 
 def blocks(batches: list[list[tuple[int, bytes]]], max_blocks: int = MAX_BLOCKS) -> list[list[tuple[int, bytes]]]:
@@ -90,7 +84,7 @@ class EngineWorker:
         torch.set_num_threads(threads)
         if os.path.isdir(cwd):  # relative paths (images, the input's folder) resolve as on the driver
             os.chdir(cwd)
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
 
         self.source = source
         self.engine = Engine.load(preset, fetch=fetch)  # the Run resolved its calibration

@@ -36,14 +36,15 @@ import torch
 from ..errors import ItemError, ModelLoadError
 from ..guides import guide_class, make_guide
 from ..guides.base import Guide, GuideBatch, GuideItem, n_keep, top_k_in_order
+from ..io.batches import batches
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
 from ..preset import Preset, Settings
-from .capture import ImportanceCapture
-from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
+from ..core.capture import ImportanceCapture
+from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
 from .models import LoadedModel
-from .prune import PruneAtLayer
+from ..core.prune import PruneAtLayer
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
@@ -145,16 +146,8 @@ class Engine:
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
         Image URLs of the items ahead are fetched while the current batch computes."""
-        pending: list[Item] = []
-        runnable = 0
-        for item in self._prefetching(items):
-            pending.append(item)
-            runnable += item.error is None
-            if runnable >= self.settings.batch_size:
-                yield from self.process(pending)
-                pending, runnable = [], 0
-        if pending:
-            yield from self.process(pending)
+        for batch in batches(self._prefetching(items), self.settings.batch_size, lambda item: item.error is None):
+            yield from self.process(batch)
 
     def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
