@@ -65,7 +65,7 @@ def test_pairs_are_real_pairs(name, tmp_path):
     """Both models built (on meta) behind one processor: identical input_ids, visual tokens where the config says,
     the family's special tokens at their published ids, every model id decodable."""
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.evaluation.bench_setup import write_noise_items
+    from sgl_cli.engine.evaluation.bench import write_noise_items
     from sgl_cli.engine.io.formats import read_items
     from sgl_cli.engine.pipeline.models import from_arch
     from sgl_cli.engine.preset import Settings

@@ -5,17 +5,10 @@ import struct
 import pytest
 import yaml
 
-from sgl_cli.engine.evaluation.calibration import (
-    VERSION,
-    Costs,
-    Outcome,
-    choose,
-    load_calibration,
-    operating_points,
-    parse_retains,
-    save_calibration,
-    to_yaml_dict,
-)
+from sgl_cli.engine.calibration import VERSION, load_calibration
+from sgl_cli.engine.evaluation.calibration_file import save_calibration, to_yaml_dict
+from sgl_cli.engine.evaluation.operating_points import Costs, Outcome, choose, operating_points
+from sgl_cli.engine.evaluation.retains import parse_retains
 from sgl_cli.engine.calibration import (
     apply_calibration,
     calibration_fingerprint,

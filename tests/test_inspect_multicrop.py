@@ -335,7 +335,7 @@ def test_several_grids_pool_each_within_its_crops_to_fit_80_columns():
 
 # -- the exit line honours the preset's calibration, as `sgl run` does ---------------------------------------------
 def write_calibration(path: Path, preset: Path, threshold: float, **changed) -> Path:
-    from sgl_cli.engine.evaluation.calibration import VERSION
+    from sgl_cli.engine.calibration import VERSION
     from sgl_cli.engine.calibration import fingerprint
     from sgl_cli.engine.preset import load_preset
 

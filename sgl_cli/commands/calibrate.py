@@ -99,7 +99,7 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
                threads: Optional[int], quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
-    from ..engine.evaluation.calibration import validate_target
+    from ..engine.evaluation.operating_points import validate_target
     from ..engine.metrics import get_metric
     from ..engine.preset import load_preset
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .calibration import PURPOSES, apply_calibration, resolve_calibration
     from .pipeline.engine import Engine, LargeInputs
     from .pipeline.stages import Encoded, LargeAnswer, SmallPass, Work
-    from .evaluation.bench_setup import Bench
+    from .evaluation.bench import Bench
     from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
     from .guides.base import Guide, GuideBatch, GuideItem
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Engine": ".pipeline.engine", "LargeInputs": ".pipeline.engine",
     "Encoded": ".pipeline.stages", "LargeAnswer": ".pipeline.stages", "SmallPass": ".pipeline.stages", "Work": ".pipeline.stages",
-    "Bench": ".evaluation.bench_setup", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
+    "Bench": ".evaluation.bench", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
     "apply_calibration": ".calibration", "resolve_calibration": ".calibration", "PURPOSES": ".calibration",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
     "Run": ".runs.run", "RunSummary": ".runs.run",

@@ -44,7 +44,9 @@ from ..io.items import Item
 from ..io.output import RecordWriter, completed_lines
 from ..preset import Preset
 from ..calibration import calibration_fingerprint, resolve_calibration
-from .calibration import Choice, Costs, Outcome, choose, parse_retains, save_calibration, to_yaml_dict
+from .calibration_file import save_calibration, to_yaml_dict
+from .operating_points import Choice, Costs, Outcome, choose
+from .retains import parse_retains
 from ..metrics import get_metric
 
 CACHE_FORMAT = 2  # part of the cache's name: a cache of another format is never read
@@ -269,7 +271,7 @@ class Calibrator:
     def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
         known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
         try:
-            res = comparison.run(items, large_alone=full, small=known)
+            res = comparison.batch(items, large_alone=full, small=known)
         except Exception as exc:  # noqa: BLE001 - a model failure fails its items (one by one), not the calibration
             if len(items) > 1:
                 return [r for item in items for r in self._batch(comparison, retains, [item], full)]

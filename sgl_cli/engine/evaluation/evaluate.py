@@ -169,7 +169,7 @@ class Evaluation:
 
     def add_batch(self, items: list[Item]) -> list[dict]:
         """Evaluate one batch; returns per-item detail records (answers and correctness per setting)."""
-        batch = self.comparison.run(items)
+        batch = self.comparison.batch(items)
         live = batch.live
         self.errors += [w.error for w in batch.works if w.error is not None]
         if not live:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .retains import AUTO_RETAINS, parse_retains  # noqa: F401 - importable from here too
 
 # Relative accuracy reported when the large model gets nothing right but the mixed system does: the ratio is
 # unbounded, so use the largest accepted target, which such a point meets (an unbounded improvement meets any).

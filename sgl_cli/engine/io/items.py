@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM context holds
 

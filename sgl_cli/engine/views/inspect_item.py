@@ -78,7 +78,7 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
     if engine.random_weights and on_random_weights is not None:
         on_random_weights()
     comparison = Comparison(engine, [(g, settings.retain) for g in guides])
-    batch = _guarded("the large model", lambda: comparison.run([item], answers=answer_large, large_alone=False))
+    batch = _guarded("the large model", lambda: comparison.batch([item], answers=answer_large, large_alone=False))
     (work,) = batch.works
     if work.error:
         raise SglError(work.error)

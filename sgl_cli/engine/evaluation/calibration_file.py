@@ -1,5 +1,5 @@
-"""The calibration file `sgl calibrate` writes (the choice it records is made in `operating_points`, whose names
-are importable from here too; reading a file and applying it to a run is `engine/calibration.py`).
+"""The calibration file `sgl calibrate` writes (the choice it records is made in `operating_points`; reading a file
+and resolving it for a run is `engine/calibration.py`).
 
 Version 2 (this one) names the chosen operating point: `retain`, `prune_layer` and `threshold` at the top, the
 `chosen` row, and a `table` of (retain, threshold) rows: per retain, the thresholds nearest each whole
@@ -17,23 +17,8 @@ from typing import Any
 
 import yaml
 
-from ..calibration import VERSION, calibrated_retain, load_calibration
-from .operating_points import (
-    AUTO_RETAINS,
-    MAX_TARGET_ACCURACY,
-    Choice,
-    Costs,
-    Outcome,
-    Point,
-    choose,
-    operating_points,
-    parse_retains,
-    validate_target,
-)
-
-__all__ = ["AUTO_RETAINS", "MAX_TARGET_ACCURACY", "VERSION", "Choice", "Costs", "Outcome", "Point",
-           "calibrated_retain", "choose", "load_calibration", "operating_points", "parse_retains", "row",
-           "save_calibration", "to_yaml_dict", "validate_target"]
+from ..calibration import VERSION
+from .operating_points import Choice, Costs, Point
 
 _DECIMALS = 6  # rounding of reported statistics (not thresholds or retains)
 
