@@ -43,8 +43,9 @@ from ..io.items import Item
 from ..preset import Preset, Settings
 from ..core.capture import ImportanceCapture
 from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
-from .models import LoadedModel
+from ..core.limits import check_text
 from ..core.prune import PruneAtLayer
+from .models import LoadedModel
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
@@ -318,6 +319,8 @@ class Engine:
         if fam.max_images is not None and len(w.item.images) > fam.max_images:
             raise ItemError(w.item.fail(f"{fam.name} models take {fam.max_images} image per item; this item has "
                                         f"{len(w.item.images)}"))
+        check_text(w.item, getattr(self.large.processor, "tokenizer", self.large.processor), self.context(),
+                   self.settings)  # before tokenizing it whole
         images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor))
         prompt = w.item.messages(self.settings.prompt_suffix.strip())
         large = fam.encode(self.large.processor, images, prompt)

@@ -80,6 +80,10 @@ class Format:
         """What an output record is matched with its item by when a run resumes (output.py's `scan_output`)."""
         return item.line
 
+    def name_identity(self, identity: Any) -> str:
+        """An identity (`identity`'s value) in a message: `line 3`, `custom_id 'a'`."""
+        return f"{self.unit} {identity}"
+
     def output(self, record: dict, model: str) -> dict:
         """The output line of an item's record (`model`: the preset's name)."""
         return record

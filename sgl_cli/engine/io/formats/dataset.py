@@ -16,9 +16,6 @@ class Dataset(Table):
     def recognise(self, path: Path) -> bool:
         return path.is_dir()
 
-    def check(self, source) -> None:
-        dataset_files(source)
-
     def files(self, source) -> list[Path]:
         return dataset_files(source)
 

@@ -6,6 +6,10 @@ in order; the last message must be the user's, and its text is the question; ear
 into the chat template as they are. `max_tokens` / `max_completion_tokens` cap the answer. sgl decodes greedily: a
 request for anything else (sampling, n > 1, stop sequences, tools, ...) is an error line, never a silent change of
 meaning. The output line is OpenAI's, with sgl's own fields under `response.body.sgl`.
+
+Every request line gets an output line with a `custom_id`, so that a run can resume from its own output: the
+request's own, when the line holds a usable one (even a line refused for a NaN, a huge integer or bad bytes
+elsewhere keeps it), else `sgl-line-N` (N the input line; an error line).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..items import ImageRef, Item, describe, load_json_line
+from ..items import ImageRef, Item, bad_strings, describe, load_json_line
 from . import Format
 from .jsonl import Oversized, jsonl_lines
 
@@ -38,6 +42,25 @@ class Duplicate:
     first_line: int
 
 
+def line_custom_id(line: int) -> str:
+    """The custom_id sgl gives the output line of a request that has no usable one of its own."""
+    return f"sgl-line-{line}"
+
+
+def recover_custom_id(raw: Any) -> str | None:
+    """The custom_id a request line holds, read leniently (NaN, an integer over Python's digit limit, bytes that
+    are not UTF-8 elsewhere in the line are let through), or None when it holds no non-empty string one."""
+    if not isinstance(raw, (bytes, str)):
+        return None
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    try:
+        obj = json.loads(text, parse_constant=lambda _: None, parse_int=lambda _: 0)
+    except (ValueError, RecursionError):
+        return None
+    value = obj.get("custom_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) and value and not bad_strings(value) else None
+
+
 def parse_request(raw: Any, line: int, base: Path) -> Item:
     """One request line as an item (relative image paths resolve against `base`, the file's folder; `item.error`
     says what is wrong; never raises)."""
@@ -47,20 +70,29 @@ def parse_request(raw: Any, line: int, base: Path) -> Item:
         item.error = item.fail(f"custom_id {raw.custom_id!r} repeats line {raw.first_line}'s; custom_ids must be "
                                "unique")
         return item
+    item.custom_id = line_custom_id(line)  # until the line's own is read
     if not isinstance(raw, (bytes, str)):  # an oversized line
         item.error = item.fail(f"the line is {raw.size:,} bytes, too large a request")
         return item
     obj = load_json_line(raw, item)
     if obj is None:
+        recovered = recover_custom_id(raw)
+        if recovered is not None:
+            item.custom_id = item.id = recovered
         return item
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        item.error = item.fail(f"'custom_id' must be a non-empty string, got {describe(custom_id)}")
+        item.error = item.fail(f"'custom_id' must be a non-empty string, got {describe(custom_id)} (its output line "
+                               f"has custom_id {item.custom_id!r})")
         return item
     item.custom_id = item.id = custom_id
-    if obj.get("method", "POST") != "POST" or obj.get("url") != URL:
-        item.error = item.fail(f"{obj.get('method')} {describe(obj.get('url'))} is not supported: sgl answers POST "
-                               f"{URL}")
+    method, url = obj.get("method", "POST"), obj.get("url")
+    if url is None:
+        item.error = item.fail(f"missing field 'url': sgl answers POST {URL}")
+        return item
+    if method != "POST" or url != URL:
+        shown = method if isinstance(method, str) and len(method) <= 20 else describe(method)
+        item.error = item.fail(f"{shown} {describe(url)} is not supported: sgl answers POST {URL}")
         return item
     body = obj.get("body")
     if not isinstance(body, dict):
@@ -199,50 +231,28 @@ class OpenAIBatch(Format):
     def identity(self, item: Item) -> Any:
         return item.custom_id
 
+    def name_identity(self, identity: Any) -> str:
+        return f"custom_id {identity!r}"
+
     def output(self, record: dict, model: str) -> dict:
-        return output_line(record, model)
+        line = output_line(record, model)
+        if isinstance(line.get("error"), dict):  # an answered line carries sgl's fields under response.body.sgl
+            line["error"]["sgl"] = {"line": record["line"], "input_sha": record.get("input_sha")}
+        return line
 
 
 def _unique_custom_ids(pairs):
-    """OpenAI requests with a custom_id an earlier line used become `Duplicate` payloads (an error each)."""
+    """OpenAI requests with a custom_id an earlier line used become `Duplicate` payloads (an error each). A line
+    without a usable custom_id takes `sgl-line-N` (`openai.line_custom_id`): a later request naming that id is a
+    duplicate too, so that no two output lines share one."""
     seen: dict[str, int] = {}
     for line, raw in pairs:
-        custom_id = _custom_id(raw)
-        if custom_id is not None:
-            if custom_id in seen:
-                yield line, Duplicate(custom_id, seen[custom_id])
-                continue
-            seen[custom_id] = line
+        custom_id = recover_custom_id(raw)
+        if custom_id is not None and custom_id in seen:
+            yield line, Duplicate(custom_id, seen[custom_id])
+            continue
+        seen.setdefault(custom_id or line_custom_id(line), line)
         yield line, raw
-
-
-def _custom_id(raw: Any) -> str | None:
-    if isinstance(raw, Oversized):
-        return None
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    value = obj.get("custom_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) and value else None
-
-
-def _looks_openai(path: Path) -> bool:
-    """Whether the first JSON objects of a JSONL file are OpenAI batch requests (`custom_id` and `body`)."""
-    seen = 0
-    for _, raw in jsonl_lines(path):
-        if isinstance(raw, Oversized):
-            continue
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return "custom_id" in obj and "body" in obj
-        seen += 1
-        if seen >= _DETECT_LINES:
-            break
-    return False
 
 
 def _looks_openai(path: Path) -> bool:
