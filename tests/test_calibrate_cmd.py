@@ -368,14 +368,14 @@ def test_the_cache_runs_only_what_it_lacks(tmp_path, tiny_pair, engine_factory, 
     # parts; a cached run does not retry it; --retry-failed runs only what it lacks, once.
     from sgl_cli.engine.evaluation.compare import Comparison
 
-    original = Comparison.run
+    original = Comparison.batch
 
     def flaky(self, items, **kwargs):
         if any(i.line == 2 for i in items) and kwargs.get("small") is not None:
             raise RuntimeError("CUDA out of memory")
         return original(self, items, **kwargs)
 
-    monkeypatch.setattr(Comparison, "run", flaky)
+    monkeypatch.setattr(Comparison, "batch", flaky)
     reset(seen)
     res = runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"])
     assert res.exit_code == 1 and "left out line 2: model pass failed: RuntimeError: CUDA out of memory" in res.stderr
@@ -385,7 +385,7 @@ def test_the_cache_runs_only_what_it_lacks(tmp_path, tiny_pair, engine_factory, 
     reset(seen)
     assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"]).exit_code == 1
     assert seen == {"small": [], "large": []}
-    monkeypatch.setattr(Comparison, "run", original)
+    monkeypatch.setattr(Comparison, "batch", original)
     assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1", "--retry-failed"]).exit_code == 0
     assert seen == {"small": [], "large": [(0.1, [2])]}
     assert merged_cache(cache)[2]["error"] is None

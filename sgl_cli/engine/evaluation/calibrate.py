@@ -232,10 +232,11 @@ class Calibrator:
 
     # -- computing -------------------------------------------------------------------------------------------
     def load_engine(self):
-        """The engine `compute` runs on: both models of `self.preset` (its own calibration file is not applied)."""
+        """The engine `compute` runs on: both models of `self.preset` (which names no calibration file: its own is
+        not applied to its calibration)."""
         from ..pipeline.engine import Engine
 
-        return Engine.load(self.preset)
+        return Engine.from_preset(self.preset)
 
     def compute(self, engine) -> Iterator[int]:
         """Run what the cache lacks on `engine` (loaded from `self.preset`), appending to the cache as each

@@ -9,7 +9,7 @@ fraction of visual tokens as the guide ranks them, in original order with their 
     for record in engine.run(read_items(Path("batch.jsonl"))):
         print(record["answer"])
 
-The stages are public, each with a typed result (`core.stages`), so that other drivers (`sgl eval`'s comparison
+The stages are public, each with a typed result (`pipeline.stages`), so that other drivers (`sgl eval`'s comparison
 of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models:
 
     works = engine.prepare(items)            # Work.encoded
