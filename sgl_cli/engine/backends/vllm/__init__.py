@@ -3,8 +3,8 @@ registers models.py's architectures through vLLM's `vllm.general_plugins` entry 
 from the visual tokens sgl kept, with their original M-RoPE positions. Importing this package does not import vLLM;
 making a `VllmLarge` does."""
 
-from .large import (FAMILIES, LargeReply, LargeRequest, Offers, UnsupportedFamily, VllmLarge, VllmSettings,
+from .large import (FAMILIES, LargeReply, LargeRequest, Offers, Rendered, UnsupportedFamily, VllmLarge, VllmSettings,
                     VllmUnavailable, check_family, import_vllm)
 
-__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "UnsupportedFamily", "VllmLarge", "VllmSettings",
+__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge", "VllmSettings",
            "VllmUnavailable", "check_family", "import_vllm"]

@@ -53,6 +53,7 @@ class LargeRequest:
     kept: Sequence[int] | None = None
     max_new_tokens: int = 32
     greedy: bool = True
+    logprobs: int = 0  # > 0: each step's top-`logprobs` log-probabilities come back in the reply
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ class LargeReply:
     text: str
     finish_reason: str
     prompt_tokens: int = 0  # the prompt's length as vLLM ran it (kept placeholders only)
+    logprobs: list[dict[int, float]] | None = None  # per step, token id -> log-probability (when asked for)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A request as vLLM runs it (`VllmLarge.render`)."""
+
+    prompt_token_ids: list[int]
+    positions: Any  # (3, len(prompt_token_ids)) torch.long: M-RoPE ids
+    mm_hashes: list[str]  # per image
 
 
 @dataclass
@@ -148,12 +159,13 @@ class VllmLarge:
             # split the item's kept list against the wrong images (models.py). Hashes, and so the encoder and
             # prefix caches, include the kept set.
             mm_processor_cache_gb=0,
-            # vLLM #48833: a prefill chunk boundary at an image start. The plugin's positions are fixed when the
-            # request is added, but the whole prompt in one step keeps that code path out entirely.
-            enable_chunked_prefill=False,
+            # Chunked prefill stays on (vLLM warns that turning it off is unsupported). vLLM #48833 (a chunk
+            # boundary at an image start) is in EVS's chunk-by-chunk position rewrite, which the plugin does not
+            # use: its positions are fixed for the whole prompt when the request is added
+            # (tests_vllm/test_chunked_prefill.py puts a boundary there and at every image token).
         )
         if s.max_model_len is not None:
-            kwargs.update(max_model_len=s.max_model_len, max_num_batched_tokens=s.max_model_len)
+            kwargs["max_model_len"] = s.max_model_len
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
         kwargs.update(s.extra)
@@ -189,6 +201,27 @@ class VllmLarge:
         merge = int(proc.merge_size) ** 2
         return [int(proc.get_number_of_image_patches(im.height, im.width, {})) // merge for im in images]
 
+    def render(self, request: LargeRequest) -> "Rendered":
+        """What vLLM runs for `request`, computed here by vLLM's own multimodal processor (sgl's subclass) and the
+        plugin's position code: the prompt's token ids, its M-RoPE position ids and each image's multimodal hash
+        (the key of vLLM's encoder and prefix caches)."""
+        from types import SimpleNamespace
+
+        from vllm.multimodal import MULTIMODAL_REGISTRY
+
+        from .models import KEPT, mrope_positions
+
+        config = self.llm.llm_engine.model_config
+        processor = MULTIMODAL_REGISTRY.create_processor(config)
+        kwargs = {} if request.kept is None else {KEPT: [int(k) for k in request.kept]}
+        out = processor(request.prompt, processor.info.parse_mm_data({"image": list(request.images)}),
+                        hf_processor_mm_kwargs=kwargs)
+        features = [SimpleNamespace(modality="image", data=item, mm_position=where)
+                    for item, where in zip(out["mm_kwargs"]["image"], out["mm_placeholders"]["image"])]
+        ids = list(out["prompt_token_ids"])
+        positions, _ = mrope_positions(config.hf_config, len(ids), features)
+        return Rendered(ids, positions, list(out["mm_hashes"]["image"]))
+
     # -- generation ------------------------------------------------------------------------------------------
     def generate(self, requests: Sequence[LargeRequest]) -> list[LargeReply]:
         """Greedy answers, one per request, in order. A request the plugin cannot take (kept indices out of
@@ -203,7 +236,7 @@ class VllmLarge:
                 p["mm_processor_kwargs"] = {"sgl_kept": [int(k) for k in r.kept]}
             prompts.append(p)
             params.append(SamplingParams(max_tokens=int(r.max_new_tokens), temperature=0.0, seed=self.settings.seed,
-                                         skip_special_tokens=True))
+                                         skip_special_tokens=True, logprobs=int(r.logprobs) or None))
         if not prompts:
             return []
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -212,7 +245,10 @@ class VllmLarge:
             gen = out.outputs[0]
             tokens = [int(t) for t in gen.token_ids]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            replies.append(LargeReply(tokens, text, str(gen.finish_reason), len(out.prompt_token_ids or [])))
+            logprobs = None if gen.logprobs is None else [{int(t): float(lp.logprob) for t, lp in step.items()}
+                                                          for step in gen.logprobs]
+            replies.append(LargeReply(tokens, text, str(gen.finish_reason), len(out.prompt_token_ids or []),
+                                      logprobs))
         return replies
 
     def _check(self, i: int, r: LargeRequest) -> None:
@@ -264,5 +300,5 @@ def _validate(s: VllmSettings) -> None:
         raise bad("dtype", s.dtype, "must be one of auto, float32, float16, bfloat16")
 
 
-__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "UnsupportedFamily", "VllmLarge", "VllmSettings",
+__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge", "VllmSettings",
            "VllmUnavailable", "check_family", "import_vllm"]

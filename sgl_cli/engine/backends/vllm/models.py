@@ -202,18 +202,24 @@ class _SglModel:
         return tuple(e[idx.to(e.device)] for e, idx in zip(embeddings, per_image))
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
-        merge = int(self.config.vision_config.spatial_merge_size)
-        spans = []
-        for feature in mm_features:
-            if feature.modality != "image":
-                raise ValueError(f"sgl's vLLM models take images only, not {feature.modality}")
-            t, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
-            grid = (t, h // merge, w // merge)
-            kept = feature.data[KEPT].data if KEPT in feature.data else torch.arange(t * grid[1] * grid[2])
-            if len(kept) != feature.mm_position.length:
-                raise RuntimeError(f"an image has {feature.mm_position.length} placeholders but {len(kept)} kept")
-            spans.append(ImageSpan(int(feature.mm_position.offset), grid, kept))
-        return pruned_mrope_positions(len(input_tokens), spans)
+        return mrope_positions(self.config, len(input_tokens), mm_features)
+
+
+def mrope_positions(config, n_tokens: int, mm_features) -> tuple[torch.Tensor, int]:
+    """The (3, n_tokens) M-RoPE ids and delta of a request from its multimodal features (each image's grid,
+    kept indices and placeholder range): the original positions at the kept columns."""
+    merge = int(config.vision_config.spatial_merge_size)
+    spans = []
+    for feature in mm_features:
+        if feature.modality != "image":
+            raise ValueError(f"sgl's vLLM models take images only, not {feature.modality}")
+        t, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
+        grid = (t, h // merge, w // merge)
+        kept = feature.data[KEPT].data if KEPT in feature.data else torch.arange(t * grid[1] * grid[2])
+        if len(kept) != feature.mm_position.length:
+            raise RuntimeError(f"an image has {feature.mm_position.length} placeholders but {len(kept)} kept")
+        spans.append(ImageSpan(int(feature.mm_position.offset), grid, kept))
+    return pruned_mrope_positions(n_tokens, spans)
 
 
 def _per_image(kept, counts) -> list[torch.Tensor]:
