@@ -39,8 +39,8 @@ def test_unsupported_family_is_refused_before_vllm_loads(tmp_path, monkeypatch):
     with pytest.raises(UnsupportedFamily) as err:
         VllmLarge(path)
     assert isinstance(err.value, SglError)
-    assert str(err.value) == (f"{path}: the vLLM backend runs Qwen2-VL, Qwen2.5-VL models, not llava (use the "
-                              "transformers backend)")
+    assert str(err.value) == (f"{path}: the vLLM backend runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL models, not llava "
+                              "(use the transformers backend)")
     assert "\n" not in str(err.value)
 
 
@@ -76,13 +76,17 @@ def test_split_kept():
         assert str(err.value) == message
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def tiny_large(request, tmp_path_factory):
     from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
     from sgl_cli.engine.core.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
-    path = build_pair(dataclasses.replace(TINY_SPEC, arch=request.param), tmp_path_factory.mktemp(request.param))
+    from .families import build_family
+
+    out = tmp_path_factory.mktemp(request.param)
+    path = build_family("qwen3_vl", out) if request.param == "qwen3_vl" else \
+        build_pair(dataclasses.replace(TINY_SPEC, arch=request.param), out)
     return load_model(ModelSpec(str(path["large"]), dtype="float32"), "large")
 
 

@@ -1,4 +1,5 @@
-"""vLLM's large answers against sgl's transformers path, on tiny Qwen2-VL and Qwen2.5-VL models (float32, greedy).
+"""vLLM's large answers against sgl's transformers path, on tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL models
+(float32, greedy).
 
 Random weights can leave near-ties between the top two tokens, where float32 rounding in two different kernels
 may pick either. So: vLLM's first-step log-probabilities equal transformers' within LOGPROB_TOL, and the tokens are
@@ -22,7 +23,7 @@ MAX_NEW = 8
 QUESTIONS = ["What is in the image?", "Describe it.", "Which colour is at the top left?"]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def models(request, tiny_models):
     path = tiny_models[request.param]
     ref = Transformers(path)

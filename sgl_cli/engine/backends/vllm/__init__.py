@@ -6,5 +6,5 @@ making a `VllmLarge` does."""
 from .large import (FAMILIES, LargeReply, LargeRequest, Offers, Rendered, UnsupportedFamily, VllmLarge, VllmSettings,
                     VllmUnavailable, check_family, import_vllm)
 
-__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge", "VllmSettings",
-           "VllmUnavailable", "check_family", "import_vllm"]
+__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge",
+           "VllmSettings", "VllmUnavailable", "check_family", "import_vllm"]

@@ -20,7 +20,7 @@ from .plugin import ARCHITECTURES
 
 # model_type -> sgl's architecture for it (plugin.py registers these with vLLM).
 FAMILIES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 class VllmUnavailable(ModelLoadError):
@@ -300,5 +300,5 @@ def _validate(s: VllmSettings) -> None:
         raise bad("dtype", s.dtype, "must be one of auto, float32, float16, bfloat16")
 
 
-__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge", "VllmSettings",
-           "VllmUnavailable", "check_family", "import_vllm"]
+__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge",
+           "VllmSettings", "VllmUnavailable", "check_family", "import_vllm"]

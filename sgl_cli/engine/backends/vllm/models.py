@@ -1,4 +1,4 @@
-"""sgl's out-of-tree vLLM models: vLLM's Qwen2-VL and Qwen2.5-VL, taking the visual tokens sgl kept.
+"""sgl's out-of-tree vLLM models: vLLM's Qwen2-VL, Qwen2.5-VL and Qwen3-VL, taking the visual tokens sgl kept.
 
 Imported by vLLM only (registered lazily by `plugin.register`, selected with
 `hf_overrides={"architectures": ["SglQwen2VLForConditionalGeneration"]}`), so the checkpoint folder is unchanged.
@@ -51,6 +51,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
@@ -79,7 +85,6 @@ class _SglInfo:
 
     def _sgl_build_processor(self, root: Path, kwargs: dict):
         from transformers import AutoImageProcessor
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
         image_processor = AutoImageProcessor.from_pretrained(str(root), **kwargs)
         template = root / "chat_template.jinja"
@@ -87,7 +92,7 @@ class _SglInfo:
             image_processor=image_processor,
             tokenizer=self.get_tokenizer(),
             # Never called: videos are refused (limit_mm_per_prompt video 0); vLLM only reads its settings' names.
-            video_processor=Qwen2VLVideoProcessor(
+            video_processor=self._sgl_video_processor_class(
                 patch_size=image_processor.patch_size, merge_size=image_processor.merge_size,
                 temporal_patch_size=image_processor.temporal_patch_size),
             chat_template=template.read_text() if template.exists() else None,
@@ -97,9 +102,9 @@ class _SglInfo:
 class _SglProcessor:
     """The multimodal processor: per image, its kept indices and only that many placeholders."""
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
         kept = hf_kwargs.get(KEPT)
-        out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != KEPT})
+        out = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != KEPT})
         grid = out.get("image_grid_thw")
         if grid is not None:
             merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
@@ -232,6 +237,8 @@ def _per_image(kept, counts) -> list[torch.Tensor]:
 
 class SglQwen2VLProcessingInfo(_SglInfo, Qwen2VLProcessingInfo):
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as _sgl_processor_class
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import \
+        Qwen2VLVideoProcessor as _sgl_video_processor_class
 
 
 class SglQwen2VLMultiModalProcessor(_SglProcessor, Qwen2VLMultiModalProcessor):
@@ -246,6 +253,8 @@ class SglQwen2VLForConditionalGeneration(_SglModel, Qwen2VLForConditionalGenerat
 
 class SglQwen2_5_VLProcessingInfo(_SglInfo, Qwen2_5_VLProcessingInfo):
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as _sgl_processor_class
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import \
+        Qwen2VLVideoProcessor as _sgl_video_processor_class
 
 
 class SglQwen2_5_VLMultiModalProcessor(_SglProcessor, Qwen2_5_VLMultiModalProcessor):
@@ -256,3 +265,20 @@ class SglQwen2_5_VLMultiModalProcessor(_SglProcessor, Qwen2_5_VLMultiModalProces
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class SglQwen2_5_VLForConditionalGeneration(_SglModel, Qwen2_5_VLForConditionalGeneration):
     pass
+
+
+class SglQwen3VLProcessingInfo(_SglInfo, Qwen3VLProcessingInfo):
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as _sgl_processor_class
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import \
+        Qwen3VLVideoProcessor as _sgl_video_processor_class
+
+
+class SglQwen3VLMultiModalProcessor(_SglProcessor, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(SglQwen3VLMultiModalProcessor, info=SglQwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class SglQwen3VLForConditionalGeneration(_SglModel, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL: its deepstack features travel in the same rows as the main embeddings, so the gather keeps
+    them with their tokens; images are numbered as Qwen2-VL's."""

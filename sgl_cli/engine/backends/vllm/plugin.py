@@ -9,6 +9,7 @@ from __future__ import annotations
 ARCHITECTURES = {
     "SglQwen2VLForConditionalGeneration": "qwen2_vl",
     "SglQwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "SglQwen3VLForConditionalGeneration": "qwen3_vl",
 }
 MODULE = "sgl_cli.engine.backends.vllm.models"
 
