@@ -77,15 +77,21 @@ def test_answers_equal_transformers_pruned_generation(models, retain):
         assert reply.text == ref.lm.processor.tokenizer.decode(reply.tokens, skip_special_tokens=True).strip()
 
 
-def test_retain_one_as_indices_equals_unpruned(models):
-    """Every index kept is the unpruned request: same prompt, positions and answer."""
+def test_retain_one_equals_plain_generate(models):
+    """Unpruned, and with every index kept, vLLM answers as transformers' own `generate` (greedy) does."""
     family, ref, large = models
     items = batch(ref, 1.0)
     full = [(im, q, list(range(ref.n_visual(im, q)))) for im, q, _ in items]
     refs = ref.run(items, MAX_NEW)
     plain = large.generate(requests_for(items, refs))
     every = large.generate(requests_for(full, refs))
-    assert [p.tokens for p in plain] == [e.tokens for e in every] == [r.tokens for r in refs]
+    generated = []
+    for im, q, _ in items:
+        enc = ref.encode(im, q)
+        with torch.inference_mode():
+            out = ref.lm.model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)
+        generated.append(out[0, enc["input_ids"].shape[1]:].tolist())
+    assert [p.tokens for p in plain] == [e.tokens for e in every] == [r.tokens for r in refs] == generated
 
 
 @pytest.mark.parametrize("retain", [1.0, 0.25, 0.09])
