@@ -1,0 +1,304 @@
+"""The large model in vLLM's offline `LLM`, through sgl's model plugin (models.py): answers from the visual tokens
+sgl kept, numbered as the transformers path numbers them.
+
+    large = VllmLarge("path/to/Qwen2-VL-72B", tensor_parallel_size=4)
+    prompt = large.prompt(images, "What is in the image?")   # the checkpoint's chat template, as sgl encodes it
+    answers = large.generate([LargeRequest(images, prompt, kept=[0, 5, 9], max_new_tokens=32)])
+
+vLLM is imported here only, when a `VllmLarge` is made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ...errors import ItemError, ModelLoadError, SglError
+from .plugin import ARCHITECTURES
+
+# model_type -> sgl's architecture for it (plugin.py registers these with vLLM).
+FAMILIES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+
+class VllmUnavailable(ModelLoadError):
+    """vLLM is not installed (or cannot be imported) where the vLLM backend was asked for."""
+
+
+class UnsupportedFamily(ModelLoadError):
+    """A checkpoint whose family sgl's vLLM plugin does not take."""
+
+
+@dataclass(frozen=True)
+class Offers:
+    """What the vLLM backend can do for a guide (the seam compares these with what a guide needs)."""
+
+    prune_before_lm: bool = True  # kept visual tokens chosen before the language model (K = 0)
+    vision_attention: bool = False  # the large vision tower's attention (the cls guide): not captured
+    lm_attention: bool = False  # the large LM's attention at layer K-1 (fastv): not captured
+    prune_inside_lm: bool = False  # dropping tokens at a decoder layer K > 0: stock vLLM cannot
+
+
+@dataclass(frozen=True)
+class LargeRequest:
+    """One item for the large model: its images (PIL, in prompt order), the prompt text through the checkpoint's
+    chat template with one image part per image (`VllmLarge.prompt`), the kept visual-token indices (0-based over
+    the item's visual tokens in sequence order, all images concatenated; None keeps every token), the answer's
+    length cap, and greedy decoding (the only mode sgl uses)."""
+
+    images: Sequence[Any]
+    prompt: str
+    kept: Sequence[int] | None = None
+    max_new_tokens: int = 32
+    greedy: bool = True
+    logprobs: int = 0  # > 0: each step's top-`logprobs` log-probabilities come back in the reply
+
+
+@dataclass(frozen=True)
+class LargeReply:
+    """The answer to one request: generated token ids (the final EOS included when one was produced, as sgl's
+    transformers path records them), the text (special tokens skipped, stripped) and vLLM's finish reason
+    ("stop": an EOS or stop token; "length": max_new_tokens reached)."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int = 0  # the prompt's length as vLLM ran it (kept placeholders only)
+    logprobs: list[dict[int, float]] | None = None  # per step, token id -> log-probability (when asked for)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A request as vLLM runs it (`VllmLarge.render`)."""
+
+    prompt_token_ids: list[int]
+    positions: Any  # (3, len(prompt_token_ids)) torch.long: M-RoPE ids
+    mm_hashes: list[str]  # per image
+
+
+@dataclass
+class VllmSettings:
+    """vLLM's engine options sgl exposes (validated by `VllmLarge`)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    extra: dict = field(default_factory=dict)  # more vLLM `LLM` keyword arguments, passed as they are
+
+
+def _model_type(path: Path) -> str:
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} has no config.json; the vLLM backend takes a local checkpoint folder")
+    try:
+        return str(json.loads(config.read_text()).get("model_type", ""))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config}: cannot read it as JSON ({exc})") from None
+
+
+def check_family(model_type: str, where: str) -> str:
+    """sgl's vLLM architecture for `model_type`, or UnsupportedFamily in one line naming those that work."""
+    if model_type not in FAMILIES:
+        works = ", ".join(FAMILY_NAMES[t] for t in FAMILIES)
+        raise UnsupportedFamily(f"{where}: the vLLM backend runs {works} models, not {model_type or 'this model'} "
+                                "(use the transformers backend)")
+    return FAMILIES[model_type]
+
+
+def import_vllm():
+    """The vllm module, or VllmUnavailable in one line saying how to install it."""
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - absent, or present but broken (a torch it was not built for)
+        reason = "is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name == "vllm" \
+            else f"cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        raise VllmUnavailable(f"the vLLM backend needs vLLM, which {reason}: pip install 'sgl-cli[vllm]' on a GPU "
+                              "machine, or scripts/vllm_env.sh DIR on a CPU") from None
+    return vllm
+
+
+class VllmLarge:
+    """The large model in vLLM. `model`: a checkpoint folder, `builtin:<pair>/large`, or a preset's ModelSpec
+    (its `model` and `dtype` are used). One engine per instance; `close()` frees it."""
+
+    offers = Offers()
+
+    def __init__(self, model: Any, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None, dtype: str | None = None,
+                 seed: int = 0, enforce_eager: bool = False, **extra: Any) -> None:
+        from ...builtin.locate import resolve_path
+
+        name = getattr(model, "model", model)
+        dtype = dtype or getattr(model, "dtype", None) or "auto"
+        self.settings = VllmSettings(tensor_parallel_size, gpu_memory_utilization, max_model_len, max_num_seqs,
+                                     dtype, seed, enforce_eager, dict(extra))
+        _validate(self.settings)
+        self.path = Path(resolve_path(str(name)))
+        self.model_type = _model_type(self.path)
+        self.architecture = check_family(self.model_type, str(name))
+        self.family = FAMILY_NAMES[self.model_type]
+        vllm = import_vllm()
+        s = self.settings
+        kwargs = dict(
+            model=str(self.path),
+            hf_overrides={"architectures": [self.architecture]},
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            dtype=s.dtype,
+            seed=s.seed,
+            enforce_eager=s.enforce_eager,
+            # Images only: no video profiling or processor (the plugin refuses videos).
+            limit_mm_per_prompt={"image": 64, "video": 0},
+            # The processor cache re-runs the processor on the missing images of a partial hit, alone, which would
+            # split the item's kept list against the wrong images (models.py). Hashes, and so the encoder and
+            # prefix caches, include the kept set.
+            mm_processor_cache_gb=0,
+            # Chunked prefill stays on (vLLM warns that turning it off is unsupported). vLLM #48833 (a chunk
+            # boundary at an image start) is in EVS's chunk-by-chunk position rewrite, which the plugin does not
+            # use: its positions are fixed for the whole prompt when the request is added
+            # (tests_vllm/test_chunked_prefill.py puts a boundary there and at every image token).
+        )
+        if s.max_model_len is not None:
+            kwargs["max_model_len"] = s.max_model_len
+        if s.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = s.max_num_seqs
+        kwargs.update(s.extra)
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - one line naming the model; the cause stays chained
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelLoadError(f"vLLM cannot load the large model {name!r}: {type(exc).__name__}: {first}") from exc
+        self.tokenizer = self.llm.get_tokenizer()
+        self._image_processor = None
+        self._template_processor = None
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def prompt(self, images: Sequence[Any], prompt: str | list[dict]) -> str:
+        """The prompt text for `images` and a question (or chat turns with {"type": "image"} parts) through the
+        checkpoint's chat template, as sgl's families encode it for the transformers path."""
+        from ...core.processors import load_processor
+
+        if self._template_processor is None:
+            self._template_processor = load_processor(self.path)
+        images = list(images)
+        messages = prompt if isinstance(prompt, list) else [
+            {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
+        return self._template_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def visual_tokens(self, images: Sequence[Any]) -> list[int]:
+        """How many visual tokens each image becomes (the image processor's resize, merged 2x2 patches)."""
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(str(self.path))
+        proc = self._image_processor
+        merge = int(proc.merge_size) ** 2
+        return [int(proc.get_number_of_image_patches(im.height, im.width, {})) // merge for im in images]
+
+    def render(self, request: LargeRequest) -> "Rendered":
+        """What vLLM runs for `request`, computed here by vLLM's own multimodal processor (sgl's subclass) and the
+        plugin's position code: the prompt's token ids, its M-RoPE position ids and each image's multimodal hash
+        (the key of vLLM's encoder and prefix caches)."""
+        from types import SimpleNamespace
+
+        from vllm.multimodal import MULTIMODAL_REGISTRY
+
+        from .models import KEPT, mrope_positions
+
+        config = self.llm.llm_engine.model_config
+        processor = MULTIMODAL_REGISTRY.create_processor(config)
+        kwargs = {} if request.kept is None else {KEPT: [int(k) for k in request.kept]}
+        out = processor(request.prompt, processor.info.parse_mm_data({"image": list(request.images)}),
+                        hf_processor_mm_kwargs=kwargs)
+        features = [SimpleNamespace(modality="image", data=item, mm_position=where)
+                    for item, where in zip(out["mm_kwargs"]["image"], out["mm_placeholders"]["image"])]
+        ids = list(out["prompt_token_ids"])
+        positions, _ = mrope_positions(config.hf_config, len(ids), features)
+        return Rendered(ids, positions, list(out["mm_hashes"]["image"]))
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[LargeRequest]) -> list[LargeReply]:
+        """Greedy answers, one per request, in order. A request the plugin cannot take (kept indices out of
+        range, unsorted, or an image left with none) raises ItemError naming it before anything runs."""
+        from vllm import SamplingParams
+
+        prompts, params = [], []
+        for i, r in enumerate(requests):
+            self._check(i, r)
+            p: dict = {"prompt": r.prompt, "multi_modal_data": {"image": list(r.images)}}
+            if r.kept is not None:
+                p["mm_processor_kwargs"] = {"sgl_kept": [int(k) for k in r.kept]}
+            prompts.append(p)
+            params.append(SamplingParams(max_tokens=int(r.max_new_tokens), temperature=0.0, seed=self.settings.seed,
+                                         skip_special_tokens=True, logprobs=int(r.logprobs) or None))
+        if not prompts:
+            return []
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        replies = []
+        for out in outs:
+            gen = out.outputs[0]
+            tokens = [int(t) for t in gen.token_ids]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            logprobs = None if gen.logprobs is None else [{int(t): float(lp.logprob) for t, lp in step.items()}
+                                                          for step in gen.logprobs]
+            replies.append(LargeReply(tokens, text, str(gen.finish_reason), len(out.prompt_token_ids or []),
+                                      logprobs))
+        return replies
+
+    def _check(self, i: int, r: LargeRequest) -> None:
+        from .positions import split_kept
+
+        where = f"large request {i + 1}"
+        if not r.greedy:
+            raise ItemError(f"{where}: the vLLM backend decodes greedily only")
+        if int(r.max_new_tokens) < 1:
+            raise ItemError(f"{where}: max_new_tokens must be at least 1, not {r.max_new_tokens}")
+        if not r.images:
+            raise ItemError(f"{where}: no images")
+        if r.kept is not None:
+            try:
+                split_kept(list(r.kept), self.visual_tokens(r.images))
+            except ValueError as exc:
+                raise ItemError(f"{where}: {exc}") from None
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and free its memory."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                shutdown.shutdown()
+            del llm
+
+    def __enter__(self) -> "VllmLarge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _validate(s: VllmSettings) -> None:
+    def bad(name: str, value: Any, why: str) -> SglError:
+        return SglError(f"vLLM option {name}: {value!r} {why}")
+
+    if not isinstance(s.tensor_parallel_size, int) or s.tensor_parallel_size < 1:
+        raise bad("tensor_parallel_size", s.tensor_parallel_size, "must be a whole number >= 1")
+    if not isinstance(s.gpu_memory_utilization, (int, float)) or not 0 < s.gpu_memory_utilization <= 1:
+        raise bad("gpu_memory_utilization", s.gpu_memory_utilization, "must be a fraction in (0, 1]")
+    for name in ("max_model_len", "max_num_seqs"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise bad(name, value, "must be a whole number >= 1")
+    if s.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise bad("dtype", s.dtype, "must be one of auto, float32, float16, bfloat16")
+
+
+__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge",
+           "VllmSettings", "VllmUnavailable", "check_family", "import_vllm"]

@@ -1,0 +1,23 @@
+"""vLLM's `vllm.general_plugins` entry point (pyproject.toml): registers sgl's architectures with vLLM's
+`ModelRegistry`, lazily by "module:Class", so vLLM imports models.py only when a run selects one of them
+(`hf_overrides={"architectures": [...]}`). vLLM calls this in every process it starts; it is cheap and
+idempotent, and replaces none of vLLM's own classes."""
+
+from __future__ import annotations
+
+# sgl's architecture -> the in-tree model type it subclasses (the checkpoint's `model_type`).
+ARCHITECTURES = {
+    "SglQwen2VLForConditionalGeneration": "qwen2_vl",
+    "SglQwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "SglQwen3VLForConditionalGeneration": "qwen3_vl",
+}
+MODULE = "sgl_cli.engine.backends.vllm.models"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    for arch in ARCHITECTURES:
+        if arch not in known:
+            ModelRegistry.register_model(arch, f"{MODULE}:{arch}")
