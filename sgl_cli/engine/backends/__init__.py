@@ -1,2 +1,63 @@
-"""Backends for the large model other than transformers (the engine's own, in core/). Each lives in its own
-package and imports its engine only when used: `vllm` (vLLM's offline `LLM` with sgl's model plugin)."""
+"""The large model's backends: the registry. A backend runs the large model behind the interface of `base.py`.
+
+Built-in: `transformers` (the large model in this process, every capability) and `vllm` (vLLM's offline engine with
+sgl's model plugin; its module imports vLLM only when the backend loads). Any installed package can add one under the
+entry-point group `sgl.backends` (`name = "module:BackendClass"`): presets (`large: {backend: name}`) and
+`--large-backend` then choose it like a built-in one. Importing this package is cheap: a backend's module is
+imported only when its class is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import LargeBackend
+
+ENTRY_POINT_GROUP = "sgl.backends"
+DEFAULT = "transformers"
+BUILTIN = {
+    "transformers": "sgl_cli.engine.backends.transformers:TransformersLarge",
+    "vllm": "sgl_cli.engine.backends.vllm.backend:VllmBackend",
+}
+
+__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names"]
+
+
+@functools.cache
+def _registry() -> dict[str, str]:
+    """name -> "module:attr", built-ins first; a plugin cannot replace a built-in."""
+    from importlib.metadata import entry_points
+
+    found = dict(BUILTIN)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def backend_names() -> list[str]:
+    """Every large backend this installation knows, built-ins first."""
+    return list(_registry())
+
+
+def backend_class(name: str) -> type["LargeBackend"]:
+    """The class of large backend `name` (imports its module, not its engine)."""
+    from ..errors import SettingError
+    from .base import LargeBackend
+
+    registry = _registry()
+    if name not in registry:
+        raise SettingError("{}: unknown large backend " + repr(name).replace("{", "{{").replace("}", "}}")
+                           + "; choose one of " + ", ".join(registry), "large_backend")
+    module, _, attr = registry[name].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SettingError("{}: cannot import large backend " + repr(name) + f" ({registry[name]}): "
+                           + str(exc).replace("{", "{{").replace("}", "}}"), "large_backend") from exc
+    if not (isinstance(cls, type) and issubclass(cls, LargeBackend)):
+        raise SettingError("{}: large backend " + repr(name) + f" ({registry[name]}) is not a subclass of "
+                           "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
+    return cls

@@ -142,7 +142,7 @@ class Bench:
 
     def _arch(self):
         from ..builtin import arch as archs
-        from ..pipeline.models import from_arch
+        from ..backends.transformers import from_arch
 
         pair = archs.PAIRS.get(self.arch)
         if pair is None:
@@ -197,7 +197,7 @@ class Bench:
                            f"--quantize), {device} has {free / 2**30:.1f} GiB free; cut it with --layers N")
 
     def _preset(self):
-        from ..pipeline.models import load_model
+        from ..backends.transformers import load_model
         from ..preset import load_preset
 
         p = load_preset(self.preset)
@@ -208,7 +208,7 @@ class Bench:
 
     def _size(self):
         from ..builtin.pair import SPECS, build_pair
-        from ..pipeline.models import load_model
+        from ..backends.transformers import load_model
         from ..preset import ModelSpec
         specs = {"realistic": _realistic(), **SPECS}
         if self.size not in specs:
