@@ -23,7 +23,7 @@ BUILTIN = {
     "vllm": "sgl_cli.engine.backends.vllm.backend:VllmBackend",
 }
 
-__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names"]
+__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names", "check_preset", "missing"]
 
 
 @functools.cache
@@ -61,3 +61,23 @@ def backend_class(name: str) -> type["LargeBackend"]:
         raise SettingError("{}: large backend " + repr(name) + f" ({registry[name]}) is not a subclass of "
                            "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
     return cls
+
+
+def check_preset(preset, guides: list[str] | None = None) -> None:
+    """`base.check` for `preset` (its large backend and prune layer) and each of `guides` (default: the preset's
+    guide): what every command calls before any model loads."""
+    from ..guides import guide_class
+    from .base import check
+
+    backend = backend_class(preset.large.backend or DEFAULT)
+    for name in guides or [preset.settings.guide]:
+        check(guide_class(name), backend, preset.settings.prune_layer)
+
+
+def missing(preset, guide: str) -> frozenset[str]:
+    """What `guide` needs at the preset's prune layer that the preset's large backend does not offer (nothing: it
+    can run); for commands that run every guide the pair can (`sgl eval`, `sgl inspect --guide all`)."""
+    from ..guides import guide_class
+    from .base import needs
+
+    return needs(guide_class(guide), preset.settings.prune_layer) - backend_class(preset.large.backend or DEFAULT).offers

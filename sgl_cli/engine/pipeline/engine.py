@@ -104,7 +104,7 @@ class Engine:
         from ..backends import transformers as models  # looked up at call time (tests count the loads)
 
         guide_cls = guide_class(preset.settings.guide)
-        backend = backend_class(DEFAULT_BACKEND)
+        backend = backend_class(preset.large.backend or DEFAULT_BACKEND)
         check(guide_cls, backend, preset.settings.prune_layer)  # before any model loads
         needs_small = guide_cls.needs_small
         if needs_small and preset.small is None:
@@ -114,7 +114,7 @@ class Engine:
         small_model = models.load_model(preset.small, "small") if want_small else None
         settings = preset.settings
         if large or small_model is None:
-            large_model = backend.load(preset.large, "large")
+            large_model = backend.load(preset.large, "large", preset.large.vllm)
         else:
             large_model = TransformersLarge(small_model)  # stands in: same family, same processor and token layout
             settings = dataclasses.replace(settings, prune_layer=0)
@@ -214,8 +214,8 @@ class Engine:
             inputs = inputs.select(works)
         m = self.large
         k = self.prune_layer(guide)
+        check(type(guide), type(m), k)  # another guide or layer than the engine's (sgl eval's comparison)
         if k > 0:
-            check(type(guide), type(m), k)
             m.check_prune_layer(k)
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
