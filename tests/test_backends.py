@@ -288,3 +288,50 @@ def test_sgl_run_on_echo_resumes_without_duplicates(echo, items, preset_file):
     out.write_text("".join(lines[:2]))
     res = runner.invoke(app, ["run", str(items), "-p", str(preset_file), "-o", str(out), "-q", "--resume"])
     assert res.exit_code == 2 and "cannot resume: settings differ" in res.output and "large" in res.output
+
+
+# -- the vLLM backend's refusals (here: without vLLM, or with vLLM hidden) ---------------------------------------
+def test_vllm_not_installed_is_one_line_exit_2_before_any_model_loads(items, preset_file, no_model_loads,
+                                                                      monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as where it is not installed
+    res = runner.invoke(app, ["run", str(items), "-p", str(preset_file), "--large-backend", "vllm", "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip() == ("sgl: error: the vLLM backend needs vLLM, which is not installed: pip install "
+                                  "'sgl-cli[vllm]' on a GPU machine, or scripts/vllm_env.sh DIR on a CPU")
+
+
+def test_vllm_refuses_an_unsupported_family_before_any_model_loads(items, tmp_path, tiny_pair, no_model_loads):
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    preset = write_preset(tmp_path, tiny_pair, large={"model": str(llava), "backend": "vllm"})
+    res = runner.invoke(app, ["run", str(items), "-p", str(preset), "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"sgl: error: {llava}: the vLLM backend runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL models, "
+                                  "not llava (use the transformers backend)")
+
+
+@pytest.mark.parametrize("args, what", [(["--guide", "cls"], "the cls guide needs vision_attention"),
+                                        (["--guide", "fastv"], "the fastv guide needs lm_attention, prune_inside_lm"),
+                                        (["--prune-layer", "2"], "the sgl guide at prune_layer 2 needs prune_inside_lm")])
+def test_vllm_refuses_what_it_does_not_offer(items, preset_file, no_model_loads, args, what):
+    res = runner.invoke(app, ["run", str(items), "-p", str(preset_file), "--large-backend", "vllm", *args, "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"sgl: error: {what}, which the vllm large backend (--large-backend) does not offer"
+
+
+def test_a_ray_worker_asks_for_its_vllm_tensor_parallel_gpus(tmp_path, tiny_pair):
+    """With --backend ray each worker holds one vLLM engine: on a cluster with GPUs it asks for
+    tensor_parallel_size of them (without --gpus-per-worker); on transformers, one."""
+    from sgl_cli.engine.preset import load_preset
+    from sgl_cli.engine.runs import ray_backend
+
+    vllm = load_preset(str(write_preset(tmp_path, tiny_pair, large={"model": str(tiny_pair["large"]),
+                                                                    "backend": "vllm",
+                                                                    "vllm": {"tensor_parallel_size": 4}})))
+    assert ray_backend.worker_gpus(vllm) == 4.0
+    assert ray_backend.worker_gpus(vllm.with_large_backend("transformers")) == 1.0
+    fake = type("Ray", (), {"cluster_resources": staticmethod(lambda: {"GPU": 8.0, "CPU": 16.0})})
+    assert ray_backend._plan(fake, ray_backend.RayOptions(), 10, lambda _: None, 4.0) == (2, 4.0, 1)
+    cpu_only = type("Ray", (), {"cluster_resources": staticmethod(lambda: {"CPU": 16.0})})
+    assert ray_backend._plan(cpu_only, ray_backend.RayOptions(), 10, lambda _: None, 4.0) == (1, 0.0, 1)

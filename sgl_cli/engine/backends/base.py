@@ -55,10 +55,15 @@ class LargeBackend:
 
     name: ClassVar[str] = ""
     offers: ClassVar[frozenset[str]] = frozenset()
+    wants_images: ClassVar[bool] = False  # `Work.encoded.images` (the decoded images) kept for `generate`
 
     @classmethod
     def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
         raise NotImplementedError
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
 
     def describe(self) -> dict:
         """Fields every record of a run on this backend carries."""

@@ -106,6 +106,8 @@ class Engine:
         guide_cls = guide_class(preset.settings.guide)
         backend = backend_class(preset.large.backend or DEFAULT_BACKEND)
         check(guide_cls, backend, preset.settings.prune_layer)  # before any model loads
+        if large:
+            backend.check_spec(preset.large)
         needs_small = guide_cls.needs_small
         if needs_small and preset.small is None:
             raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
@@ -288,7 +290,9 @@ class Engine:
             visual = self.small.family.visual_mask(self.small.model, small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        w.encoded = Encoded(large, small, visual, sizes)
+        # Only a backend that encodes on its own side keeps the decoded images (a comparison holds every Work).
+        kept_images = images if self.large.wants_images else []
+        w.encoded = Encoded(large, small, visual, sizes, kept_images, prompt)
 
     def _limits(self, works: list[Work]) -> list[int]:
         return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
