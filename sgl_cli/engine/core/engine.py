@@ -45,7 +45,7 @@ from .generate import Generation, Row, answer_probs, collate, greedy, rows_devic
 from .models import LoadedModel, load_model
 from .prune import PruneAtLayer
 from .record import make_record
-from .stages import Encoded, LargeAnswer, SmallPass, Work
+from .stages import Encoded, LargeAnswer, Reduced, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
 
@@ -162,7 +162,10 @@ class Engine:
         todo = [w for w in works if w.ok and not self.exits(w)]
         if todo:
             t1 = time.perf_counter()
-            self._stage(todo, lambda group: self.large_pass(group, self.large_inputs(group)), "large stage")
+            # A guide that reduces the large model's input encodes it itself: the full rows are not needed.
+            reduces = self.guide.reduces_input
+            self._stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
+                        "large stage")
             _share(todo, "large", t1)
         total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
         return [self.record(w, total_ms) for w in works]
@@ -206,26 +209,37 @@ class Engine:
             rows = m.family.rows(m.model, [w.encoded.large for w in works])
         items = [self._guide_item(w, row) for w, row in zip(works, rows)]
         scores = {g.name: g.scores(GuideBatch(m, items, vision=watched[g.name]))
-                  for g in guides if not g.ranks_in_prefill}
+                  for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
         return LargeInputs(list(works), rows, items, scores)
 
     @torch.inference_mode()
-    def large_pass(self, works: list[Work], inputs: LargeInputs, guide: Guide | None = None,
+    def large_pass(self, works: list[Work], inputs: LargeInputs | None, guide: Guide | None = None,
                    retain: float | None = None, max_new_tokens: int | None = None) -> list[LargeAnswer]:
         """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
         (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
-        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone)."""
+        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone).
+        A guide that reduces the large model's input (`reduces_input`) needs no `inputs`: each item is encoded
+        as the guide reduces it (`reduced_rows`) and every token of it is kept."""
         own = guide is None and retain is None
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
+        m = self.large
+        limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
+                  for w in works]
+        if guide.reduces_input:
+            rows, seen = self.reduced_rows(works, guide, retain)
+            gen = greedy(m.model, collate(rows, m.pad_id, rows_device(m.model)), limits, m.eos_ids, m.pad_id)
+            answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, torch.ones(r.n_visual),
+                                   torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
+            if own:
+                for w, a in zip(works, answers):
+                    w.large = a
+            return answers
         if [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
-        m = self.large
         k = self.prune_layer(guide)
         if k > 0:
             m.family.check_prune_layer(m.model, k)
-        limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
-                  for w in works]
         if guide.ranks_in_prefill:
             gen, scores, kept = self._rank_in_prefill(guide, inputs, retain, k, limits)
         else:
@@ -240,6 +254,28 @@ class Engine:
             for w, a in zip(works, answers):
                 w.large = a
         return answers
+
+    def reduced_rows(self, works: list[Work], guide: Guide, retain: float) -> tuple[list[Row], list[Reduced]]:
+        """The large model's rows of `works` as a guide that reduces its input makes them at `retain`: each item's
+        images as `guide.prepare_images` gives them, encoded (the item's own encoding when they are unchanged),
+        one vision-tower call, then `guide.pool_rows`. With what the large model saw of each item."""
+        m = self.large
+        encs, sizes = [], []
+        for w in works:
+            images = guide.prepare_images(m, list(w.encoded.images), retain)
+            same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
+            encs.append(w.encoded.large if same else m.family.encode(
+                m.processor, images, w.item.messages(self.settings.prompt_suffix.strip())))
+            sizes.append([im.size for im in images])
+        rows = guide.pool_rows(m, m.family.rows(m.model, encs), retain)
+        seen = []
+        for w, enc, size, row in zip(works, encs, sizes, rows):
+            if row.grid is not None:  # pooled: the grid it was pooled from is the item's own
+                seen.append(Reduced(enc, size, row.grid[0] * row.grid[1], row.grid,
+                                    tuple(m.family.token_grid(m.model, enc))))
+            else:
+                seen.append(Reduced(enc, size, int(m.family.visual_mask(m.model, enc).sum())))
+        return rows, seen
 
     def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
                       limits: list[int]) -> Generation:
@@ -330,7 +366,7 @@ class Engine:
             visual = self.small.family.visual_mask(self.small.model, small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        w.encoded = Encoded(large, small, visual, sizes)
+        w.encoded = Encoded(large, small, visual, sizes, images)
 
     def _limits(self, works: list[Work]) -> list[int]:
         return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.engine import Engine, exits
-from ..core.stages import SmallPass, Work
+from ..core.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
 from ..io.items import Item
@@ -35,6 +35,7 @@ class Outcome:
     # ranks inside the large model's prefill, which the unpruned answer does not run)
     kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit)
     prune_layer: int = 0
+    reduced: Reduced | None = None  # what the large model saw, for a guide that reduces its input (downsample)
 
 
 @dataclass
@@ -107,7 +108,10 @@ class Comparison:
             k = self.prune_layer(name)
             exited = [exits(w, guide, self.threshold) for w in live]
             todo = [w for w, e in zip(live, exited) if not e]
-            seconds = t_rows * len(todo)
+            # A guide that reduces the input runs the vision tower on its own images (timed in its pass), except
+            # where the unpruned answer is its answer.
+            own_rows = guide.reduces_input and not (retain >= 1.0 and full is not None)
+            seconds = 0.0 if own_rows else t_rows * len(todo)
             results: dict[int, Outcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
                 ranked = inputs.scores.get(name)  # `inputs` is aligned with `live`; a prefill ranker has none
@@ -115,7 +119,14 @@ class Comparison:
                     if not exited[i]:
                         results[i] = Outcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
-            elif todo and (answers or guide.ranks_in_prefill):
+            elif todo and guide.reduces_input and not answers:  # what the large model would see, no answer
+                _, seen = eng.reduced_rows(todo, guide, retain)
+                index = iter(seen)
+                for i in range(len(live)):
+                    if not exited[i]:
+                        r = next(index)
+                        results[i] = Outcome("large", None, torch.ones(r.n_visual), torch.arange(r.n_visual), k, r)
+            elif todo and (answers or guide.ranks_in_prefill or guide.reduces_input):
                 t0 = time.perf_counter()
                 got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
                 seconds += time.perf_counter() - t0
@@ -123,7 +134,7 @@ class Comparison:
                 for i in range(len(live)):
                     if not exited[i]:
                         a = next(index)
-                        results[i] = Outcome("large", a.answer if answers else None, a.scores, a.kept, k)
+                        results[i] = Outcome("large", a.answer if answers else None, a.scores, a.kept, k, a.reduced)
             elif todo:
                 sub = inputs.select(todo)
                 for i, w, item, s in zip([i for i, e in enumerate(exited) if not e], todo, sub.items,
