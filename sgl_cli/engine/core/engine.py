@@ -45,6 +45,7 @@ from .generate import Generation, Row, answer_probs, collate, greedy, rows_devic
 from .models import LoadedModel, load_model
 from .prune import PruneAtLayer
 from .record import make_record
+from .reduce import reduced_rows
 from .stages import Encoded, LargeAnswer, Reduced, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
@@ -256,26 +257,8 @@ class Engine:
         return answers
 
     def reduced_rows(self, works: list[Work], guide: Guide, retain: float) -> tuple[list[Row], list[Reduced]]:
-        """The large model's rows of `works` as a guide that reduces its input makes them at `retain`: each item's
-        images as `guide.prepare_images` gives them, encoded (the item's own encoding when they are unchanged),
-        one vision-tower call, then `guide.pool_rows`. With what the large model saw of each item."""
-        m = self.large
-        encs, sizes = [], []
-        for w in works:
-            images = guide.prepare_images(m, list(w.encoded.images), retain)
-            same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
-            encs.append(w.encoded.large if same else m.family.encode(
-                m.processor, images, w.item.messages(self.settings.prompt_suffix.strip())))
-            sizes.append([im.size for im in images])
-        rows = guide.pool_rows(m, m.family.rows(m.model, encs), retain)
-        seen = []
-        for w, enc, size, row in zip(works, encs, sizes, rows):
-            if row.grid is not None:  # pooled: the grid it was pooled from is the item's own
-                seen.append(Reduced(enc, size, row.grid[0] * row.grid[1], row.grid,
-                                    tuple(m.family.token_grid(m.model, enc))))
-            else:
-                seen.append(Reduced(enc, size, int(m.family.visual_mask(m.model, enc).sum())))
-        return rows, seen
+        """The large model's rows of `works` as a guide that reduces its input makes them (`core.reduce`)."""
+        return reduced_rows(self.large, works, guide, retain, self.settings.prompt_suffix.strip())
 
     def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
                       limits: list[int]) -> Generation:
