@@ -438,3 +438,20 @@ def test_inspect_shows_the_reduced_grid(pair, tmp_path):
     every = json.loads(runner.invoke(app, ["inspect", str(image), "--question", "What?", "-p", str(preset),
                                            "--guide", "all", "--json"]).stdout)
     assert "downsample" not in every["guides"]
+
+
+def test_it_never_exits_early_and_calibrate_refuses_it(pair, tmp_path):
+    items_for(tmp_path, ((336, 224), (168, 280)))
+    preset = write_preset(tmp_path, pair.paths, max_new_tokens=MAX_NEW, prompt_suffix=SUFFIX)
+    # A threshold every small answer clears: sgl's items all exit, downsample's all go to the large model.
+    res = runner.invoke(app, ["eval", str(tmp_path / "batch.jsonl"), "-p", str(preset), "--guide",
+                              "sgl,downsample", "--retain", "0.25", "--threshold", "0", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    sgl, down = json.loads(res.stdout)["results"]
+    assert (sgl["exit_rate"], sgl["large_calls"]) == (1.0, 0)
+    assert (down["exit_rate"], down["large_calls"], down["retained_tokens"]) == (0.0, 2, round((24 + 15) / 2, 1))
+    preset = write_preset(tmp_path, pair.paths, guide="downsample")
+    res = runner.invoke(app, ["calibrate", str(tmp_path / "batch.jsonl"), "-p", str(preset), "--target-accuracy",
+                              "0.9"])
+    assert res.exit_code == 2
+    assert "only the sgl guide, with a small model, exits early" in res.output and "downsample" in res.output
