@@ -85,7 +85,7 @@ def test_openai_batch_round_trip_field_by_field(tmp_path, images, preset_file, r
     run([src, "--preset", preset_file, "--out", out, "--no-exit"], code=1)
     got = records(out)
     assert [r.get("custom_id") for r in got] == ["plain", "uri", "system", "hot", "embed", "noimage", "plain", "tools",
-                                                 None]
+                                                 "sgl-line-9"]  # a line too broken to name one: named by its line
     for r in got:
         assert set(r) == {"id", "custom_id", "response", "error"} and r["id"].startswith("batch_req_")
     assert len({r["id"] for r in got}) == len(got)
@@ -152,6 +152,54 @@ def test_openai_output_resumes_without_duplicates(tmp_path, images, preset_file)
         return r["response"]["body"]["choices"][0]["message"]["content"]
 
     assert [content(r) for r in again] == [content(json.loads(x)) for x in whole]
+
+
+def test_every_openai_output_line_can_be_resumed_from(tmp_path, images, preset_file):
+    """Issue 24: the error line of a request without a usable custom_id was written with custom_id null, and sgl
+    then refused to resume from its own output; a line refused for NaN lost the custom_id it had."""
+    good = [{"role": "user", "content": [image_part(images[0].name), {"type": "text", "text": Q}]}]
+    lines = [
+        json.dumps(request("a", good)),
+        json.dumps({**request("b", good), "custom_id": None}),  # no usable custom_id
+        json.dumps(request("nan", good, temperature=float("nan"))),  # refused for NaN; its custom_id is kept
+        json.dumps(request("big", good))[:-1] + ', "n": ' + "9" * 5000 + "}",  # an integer over the digit limit
+        b'{"custom_id": "bytes", "x": "\xff"}'.decode("latin-1"),  # not UTF-8 elsewhere in the line
+        json.dumps({"custom_id": "nourl", "method": "POST", "body": {"messages": good}}),
+        "{not json",
+        json.dumps(request("sgl-line-2", good)),  # names the id sgl gave line 2: a duplicate, not a second line
+        json.dumps(request("z", good)),
+    ]
+    src = tmp_path / "requests.jsonl"
+    src.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    out = tmp_path / "results.jsonl"
+    run([src, "--preset", preset_file, "--out", out], code=1)
+    got = records(out)
+    assert [r["custom_id"] for r in got] == ["a", "sgl-line-2", "nan", "big", "bytes", "nourl", "sgl-line-7",
+                                             "sgl-line-2", "z"]
+    message = {r["custom_id"] + str(i): r["error"] and r["error"]["message"] for i, r in enumerate(got)}
+    assert message["sgl-line-21"] == "line 2: 'custom_id' must be a non-empty string, got None (its output line " \
+                                     "has custom_id 'sgl-line-2')"
+    assert message["nan2"] == "line 3: not valid JSON: NaN is not JSON"
+    assert message["big3"] == "line 4: not valid JSON: an integer with too many digits"
+    assert message["bytes4"].startswith("line 5: not UTF-8")
+    assert message["nourl5"] == "line 6: missing field 'url': sgl answers POST /v1/chat/completions"
+    assert message["sgl-line-76"].startswith("line 7: not valid JSON")
+    assert message["sgl-line-27"] == "line 8: custom_id 'sgl-line-2' repeats line 2's; custom_ids must be unique"
+    assert got[0]["error"] is None and got[-1]["error"] is None
+    whole = out.read_bytes().splitlines(keepends=True)
+    for cut in (2, 7):  # interrupted after the unnamed line, and after the unparseable one
+        out.write_bytes(b"".join(whole[:cut]))
+        run([src, "--preset", preset_file, "--out", out, "--resume"], code=1)
+        assert out.read_bytes().splitlines(keepends=True)[:cut] == whole[:cut]
+        assert [r["custom_id"] for r in records(out)] == [r["custom_id"] for r in got]
+    # An output of an sgl before this fix: the unnamed line's record says custom_id null; it still resumes.
+    old = json.loads(whole[1])
+    old["custom_id"] = None
+    out.write_bytes(whole[0] + (json.dumps(old) + "\n").encode())
+    run([src, "--preset", preset_file, "--out", out, "--resume"], code=1)
+    again = records(out)
+    assert [r["custom_id"] for r in again[2:]] == [r["custom_id"] for r in got[2:]]
+    assert again[1]["custom_id"] is None and len(again) == len(got)
 
 
 # -- image references -------------------------------------------------------------------------------------------
@@ -299,6 +347,92 @@ def test_parquet_rows_are_items(tmp_path, images, preset_file, reference):
     assert len(records(tmp_path / "two.jsonl")) == 2
     res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 2 and "no column 'image' or 'question' (columns: picture, query, label, key)" in res.stderr
+
+
+def _corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrite the second half of the question column's chunk in row group `group` (its data page's payload)."""
+    import pyarrow.parquet as pq
+
+    col = pq.ParquetFile(path).metadata.row_group(group).column(1)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    end = start + col.total_compressed_size
+    data[start + col.total_compressed_size // 2:end] = b"\xab" * (end - start - col.total_compressed_size // 2)
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_row_group_gives_one_error_per_row_and_the_run_goes_on(tmp_path, images, preset_file):
+    """Issue 24: a corrupt data page mid-file killed the run (rows after it never got a record, and --resume died
+    on the same page). Each row of the unreadable row group is an error record naming its row; the rest run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20
+    src = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"image": [images[i % 2].name for i in range(n)],
+                             "question": [f"{Q} (item {i}, asked in some more words)" for i in range(n)]}),
+                   src, row_group_size=4)
+    _corrupt_row_group(src, 2)  # rows 9-12
+    pf = pq.ParquetFile(src)
+    with pytest.raises(OSError):
+        pf.read_row_group(2)
+    assert [pf.read_row_group(g).num_rows for g in (0, 1, 3, 4)] == [4, 4, 4, 4]
+    out = tmp_path / "out.jsonl"
+    run([src, "--preset", preset_file, "--out", out, "--max-new-tokens", "2"], code=1)
+    got = records(out)
+    assert [r["line"] for r in got] == list(range(1, n + 1))
+    for r in got:
+        if 9 <= r["line"] <= 12:
+            assert r["error"].startswith(f"row {r['line']}: items.parquet: row group 3 of 5 cannot be read ("), r
+            assert len(r["error"]) < 300 and "\n" not in r["error"]
+        else:
+            assert r["error"] is None and isinstance(r["answer"], str)
+    whole = out.read_text().splitlines(keepends=True)
+    for cut in (6, 10):  # interrupted before the bad row group, and inside it
+        out.write_text("".join(whole[:cut]))
+        run([src, "--preset", preset_file, "--out", out, "--max-new-tokens", "2", "--resume"], code=1)
+        again = out.read_text().splitlines(keepends=True)
+        assert again[:cut] == whole[:cut]
+        assert [{**json.loads(x), "ms": None} for x in again] == [{**json.loads(x), "ms": None} for x in whole]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage footer", "jsonl named .parquet"])
+def test_a_damaged_parquet_file_is_one_line_before_any_model_loads(tmp_path, images, preset_file, monkeypatch,
+                                                                   damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    src = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"image": [images[0].name] * 8, "question": [Q] * 8}), src, row_group_size=4)
+    data = src.read_bytes()
+    src.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                     "garbage footer": data[:-40] + b"\x07" * 36 + data[-4:],
+                     "jsonl named .parquet": b'{"image": "a.png", "question": "q"}\n'}[damage])
+    res = runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith(f"sgl: error: {src}: not a Parquet file sgl can read (") and \
+        res.stderr.count("\n") == 1, res.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_arrow_file_in_a_dataset_is_one_line(tmp_path, images, preset_file, monkeypatch, damage):
+    datasets = pytest.importorskip("datasets")
+    from sgl_cli.engine.core import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    datasets.Dataset.from_dict({"image": [str(images[0])] * 30, "question": [Q] * 30}).save_to_disk(
+        str(tmp_path / "ds"))
+    (arrow,) = (tmp_path / "ds").glob("*.arrow")
+    data = arrow.read_bytes()
+    arrow.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x13" * len(data), "empty": b""}[damage])
+    res = runner.invoke(app, ["run", str(tmp_path / "ds"), "--preset", str(preset_file)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"sgl: error: {arrow}: not an Arrow file sgl can read (") and \
+        res.stderr.count("\n") == 1, res.output
 
 
 def test_a_saved_dataset_and_its_splits(tmp_path, images, preset_file, reference):

@@ -81,6 +81,31 @@ def test_ray_backend_resumes_like_the_local_backend(ray_cluster, job):
     assert res.exit_code == 2 and "cannot resume: settings differ" in res.output
 
 
+def test_ray_records_carry_the_input_fingerprint_and_resume_checks_it(ray_cluster, job):
+    """The Ray backend's records carry the local backend's input_sha, and a resumed Ray run refuses an input whose
+    answered lines changed (an item inserted at the top), naming the first one, before any worker starts."""
+    src, preset, folder = job
+    local = records(folder / "local.jsonl")
+    assert all(isinstance(r["input_sha"], str) and len(r["input_sha"]) == 16 for r in local)
+    assert len({r["input_sha"] for r in local}) == len(local)  # every item's content differs
+    out = folder / "edited-ray.jsonl"
+    res = runner.invoke(app, ["run", str(src), "-p", str(preset), "-o", str(out), "--backend", "ray",
+                              "--num-workers", "2", "-q"])
+    assert res.exit_code == 1, res.output
+    assert [r["input_sha"] for r in records(out)] == [r["input_sha"] for r in local]
+    lines = (folder / "edited-ray.jsonl").read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))
+    edited = folder / "edited.jsonl"
+    first = json.loads(src.read_text().splitlines()[0])
+    edited.write_text(json.dumps({**first, "question": "What is in the corner?"}) + "\n" + src.read_text())
+    res = runner.invoke(app, ["run", str(edited), "-p", str(preset), "-o", str(out), "--resume", "--backend", "ray",
+                              "--num-workers", "2"])
+    assert res.exit_code == 2, res.output
+    assert (f"sgl: error: cannot resume: line 1 of {edited} is not the item record 1 of {out} answered: the input "
+            "changed since the interrupted run; write to a new --out") in res.output
+    assert out.read_text() == "".join(lines[:3])
+
+
 def test_a_worker_that_cannot_load_its_model_fails_the_run_in_one_line(ray_cluster, tmp_path, tiny_pair):
     preset = write_preset(tmp_path, {"small": tiny_pair["small"], "large": tmp_path / "no-such-model"})
     src = write_jsonl(tmp_path / "in.jsonl", [{"image": p.name, "question": "q"}

@@ -180,10 +180,11 @@ def _typed(cls, data: Any, where: str, source: str):
                               f"{_quote(value)}")
         values[key] = float(value) if "float" in str(expected) and isinstance(value, int) and not isinstance(
             value, bool) else value
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required key is missing
-        raise PresetError(f"{source}: {where or 'preset'}: {exc}") from None
+    missing = [f.name for f in known.values() if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise PresetError(f"{source}: missing key {(where + '.' if where else '') + missing[0]!r}")
+    return cls(**values)
 
 
 _NOT_KEYS = ("source", "overridden", "calibration_applied")
@@ -276,9 +277,9 @@ def load_preset(name_or_path: str | None = None) -> Preset:
         path = shipped[name_or_path]
     elif not (path.suffix in (".yaml", ".yml") or path.exists()):
         raise PresetError(f"unknown preset {name_or_path!r}; available: {', '.join(shipped) or 'none'}")
-    if not path.is_file():
+    if not path.exists():
         raise PresetError(f"preset file {path} not found")
-    try:
+    try:  # load_yaml says what a path that is no regular file is (a folder, a FIFO, a device), never waiting on it
         data = load_yaml(path)
     except YamlError as exc:
         raise PresetError(str(exc)) from None

@@ -42,6 +42,7 @@ from ..io.items import Item
 from ..preset import Preset, Settings
 from .capture import ImportanceCapture
 from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
+from .limits import check_text
 from .models import LoadedModel, load_model
 from .prune import PruneAtLayer
 from .record import make_record
@@ -327,6 +328,8 @@ class Engine:
         if fam.max_images is not None and len(w.item.images) > fam.max_images:
             raise ItemError(w.item.fail(f"{fam.name} models take {fam.max_images} image per item; this item has "
                                         f"{len(w.item.images)}"))
+        check_text(w.item, getattr(self.large.processor, "tokenizer", self.large.processor), self.context(),
+                   self.settings)  # before tokenizing it whole
         images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor))
         prompt = w.item.messages(self.settings.prompt_suffix.strip())
         large = fam.encode(self.large.processor, images, prompt)

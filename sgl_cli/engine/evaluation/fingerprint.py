@@ -97,7 +97,7 @@ def fingerprint_differences(calibrated: dict[str, Any], current: dict[str, Any])
 
 def read_calibration(path: Path) -> dict:
     """An `sgl calibrate` file, or a CalibrationError naming it."""
-    if not Path(path).is_file():
+    if not Path(path).exists():  # anything else that is no regular file, load_yaml names (never waiting on it)
         raise CalibrationError(f"calibration file {path} not found")
     try:
         return load_calibration(path)

@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -49,8 +50,34 @@ def load_image(item: Item, ref: ImageRef | None = None, fetcher=None, max_pixels
     except _Refused as exc:
         raise ItemError(item.fail(f"image '{ref.label}' {exc}")) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's, not the run's
+        if type(exc).__name__ == "UnidentifiedImageError":
+            raise ItemError(item.fail(f"image '{ref.label}' {_not_an_image(source)}")) from None
         detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image bytes", detail)
         raise ItemError(item.fail(f"image '{ref.label}' cannot be read ({type(exc).__name__}: {detail})")) from None
+
+
+def _not_an_image(source) -> str:
+    """What bytes that no decoder recognises are: their size and how they begin (completes "image 'x' ...")."""
+    if isinstance(source, io.BytesIO):
+        data = source.getvalue()
+        size, head = len(data), data[:24]
+    else:
+        try:
+            size = os.stat(source).st_size
+            with open(source, "rb") as f:
+                head = f.read(24)
+        except OSError:
+            size, head = -1, b""
+    if size == 0:
+        return "cannot be read: it is empty (0 bytes)"
+    try:
+        text = head.decode("utf-8")
+        printable = all(c.isprintable() or c in "\t\r\n" for c in text)
+    except UnicodeDecodeError:
+        printable = False
+    begins = f"text {' '.join(text.split())[:20]!r}" if printable else f"bytes {head[:8].hex(' ')}"
+    return f"cannot be read: its {size:,} bytes are not an image in a format sgl reads (they begin with {begins})"
 
 
 def _source(item: Item, ref: ImageRef, fetcher):
@@ -70,6 +97,10 @@ def _source(item: Item, ref: ImageRef, fetcher):
             data = fetcher.get(ref.value)
         except FetchError as exc:
             raise ItemError(item.fail(f"image '{ref.label}' could not be fetched: {exc}")) from None
+    elif ref.kind == "unsupported":
+        scheme = ref.value.split(":", 1)[0].lower()
+        raise ItemError(item.fail(f"image '{ref.label}': {scheme}:// URLs are not supported (sgl reads files, "
+                                  "file:// and data: URIs, and http(s) URLs)"))
     else:
         raise ItemError(item.fail(f"image '{ref.label}': unknown kind {ref.kind!r}"))
     if len(data) > MAX_IMAGE_BYTES:

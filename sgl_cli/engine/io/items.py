@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM co
 class ImageRef:
     """Where one image of an item comes from: a file, a URL, a data URI or bytes (inline base64, a Parquet cell)."""
 
-    kind: str  # "path", "url", "data" (a data: URI) or "bytes"
+    kind: str  # "path", "url", "data" (a data: URI), "bytes", or "unsupported" (a URL of another scheme)
     value: Any  # Path, URL string, data-URI string, bytes
     label: str  # how messages name it: 'cat.png', 'https://...', 'data URI', 'inline bytes'
 
@@ -38,6 +39,9 @@ class ImageRef:
             return cls("data", text, "data URI")
         if low.startswith(("http://", "https://")):
             return cls("url", text, _short(text))
+        scheme = re.match(r"([a-z][a-z0-9+.-]*)://", text[:40].lower())
+        if scheme and scheme.group(1) != "file":  # ftp://, s3://...: a URL sgl does not fetch, not a path
+            return cls("unsupported", text, _short(text))
         if low.startswith("file://"):
             from urllib.parse import unquote, urlparse
 
@@ -81,13 +85,19 @@ class Item:
 
 
 def bad_strings(value: Any) -> bool:
-    """Whether a JSON value holds a lone surrogate (json.loads accepts "\\ud800"; no UTF-8 output can carry it)."""
-    if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
-    if isinstance(value, dict):
-        return any(bad_strings(k) or bad_strings(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(bad_strings(v) for v in value)
+    """Whether a JSON value holds a lone surrogate (json.loads accepts "\\ud800"; no UTF-8 output can carry it).
+    Iterative: json.loads accepts nesting deeper than Python's recursion limit leaves room for."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
     return False
 
 
@@ -111,7 +121,9 @@ def load_json_line(raw: bytes | str, item: Item) -> dict | None:
     try:
         obj = loads_strict(text)
     except json.JSONDecodeError as exc:
-        item.error = item.fail(f"not valid JSON ({exc.msg} at column {exc.colno})")
+        # Some of json's messages end in "at" ("Unterminated string starting at"): say the place once.
+        msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+        item.error = item.fail(f"not valid JSON ({msg} at column {exc.colno})")
         return None
     except RecursionError:
         item.error = item.fail("not valid JSON: nested too deeply")
@@ -145,8 +157,12 @@ def is_reference(value: Any) -> bool:
 
 
 def describe(value: Any, limit: int = 60) -> str:
-    """A value for an error message: its repr, cut to `limit` characters."""
-    text = repr(value)
+    """A value for an error message: its repr, cut to `limit` characters (a value nested too deeply for repr is
+    named by its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply"
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 

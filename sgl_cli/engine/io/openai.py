@@ -6,17 +6,22 @@ in order; the last message must be the user's, and its text is the question; ear
 into the chat template as they are. `max_tokens` / `max_completion_tokens` cap the answer. sgl decodes greedily: a
 request for anything else (sampling, n > 1, stop sequences, tools, ...) is an error line, never a silent change of
 meaning. The output line is OpenAI's, with sgl's own fields under `response.body.sgl`.
+
+Every request line gets an output line with a `custom_id`, so that a run can resume from its own output: the
+request's own, when the line holds a usable one (even a line refused for a NaN, a huge integer or bad bytes
+elsewhere keeps it), else `sgl-line-N` (N the input line; an error line).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .items import ImageRef, Item, describe, load_json_line
+from .items import ImageRef, Item, bad_strings, describe, load_json_line
 
 URL = "/v1/chat/completions"
 # Body fields that leave greedy decoding's meaning unchanged at these values (None: any value is fine).
@@ -34,6 +39,25 @@ class Duplicate:
     first_line: int
 
 
+def line_custom_id(line: int) -> str:
+    """The custom_id sgl gives the output line of a request that has no usable one of its own."""
+    return f"sgl-line-{line}"
+
+
+def recover_custom_id(raw: Any) -> str | None:
+    """The custom_id a request line holds, read leniently (NaN, an integer over Python's digit limit, bytes that
+    are not UTF-8 elsewhere in the line are let through), or None when it holds no non-empty string one."""
+    if not isinstance(raw, (bytes, str)):
+        return None
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    try:
+        obj = json.loads(text, parse_constant=lambda _: None, parse_int=lambda _: 0)
+    except (ValueError, RecursionError):
+        return None
+    value = obj.get("custom_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) and value and not bad_strings(value) else None
+
+
 def parse_request(raw: Any, line: int, base: Path) -> Item:
     """One request line as an item (relative image paths resolve against `base`, the file's folder; `item.error`
     says what is wrong; never raises)."""
@@ -43,20 +67,29 @@ def parse_request(raw: Any, line: int, base: Path) -> Item:
         item.error = item.fail(f"custom_id {raw.custom_id!r} repeats line {raw.first_line}'s; custom_ids must be "
                                "unique")
         return item
+    item.custom_id = line_custom_id(line)  # until the line's own is read
     if not isinstance(raw, (bytes, str)):  # an oversized line
         item.error = item.fail(f"the line is {raw.size:,} bytes, too large a request")
         return item
     obj = load_json_line(raw, item)
     if obj is None:
+        recovered = recover_custom_id(raw)
+        if recovered is not None:
+            item.custom_id = item.id = recovered
         return item
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        item.error = item.fail(f"'custom_id' must be a non-empty string, got {describe(custom_id)}")
+        item.error = item.fail(f"'custom_id' must be a non-empty string, got {describe(custom_id)} (its output line "
+                               f"has custom_id {item.custom_id!r})")
         return item
     item.custom_id = item.id = custom_id
-    if obj.get("method", "POST") != "POST" or obj.get("url") != URL:
-        item.error = item.fail(f"{obj.get('method')} {describe(obj.get('url'))} is not supported: sgl answers POST "
-                               f"{URL}")
+    method, url = obj.get("method", "POST"), obj.get("url")
+    if url is None:
+        item.error = item.fail(f"missing field 'url': sgl answers POST {URL}")
+        return item
+    if method != "POST" or url != URL:
+        shown = method if isinstance(method, str) and len(method) <= 20 else describe(method)
+        item.error = item.fail(f"{shown} {describe(url)} is not supported: sgl answers POST {URL}")
         return item
     body = obj.get("body")
     if not isinstance(body, dict):

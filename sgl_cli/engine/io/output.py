@@ -2,9 +2,11 @@
 
 - **Strict JSON.** Records are written with `allow_nan=False`: any reader accepts every line.
 - **One writer.** An OS-level lock (`OutputLock`, beside the output) is taken before anything is checked or
-  written, and dies with its process: a second run on the same output is refused at once, naming the first.
+  written, and dies with its process: a second run on the same output is refused at once, naming the first,
+  whatever name it reaches the file by (a symlink, a hard link).
 - **Resume.** Records are in input order, so a resumed run skips as many items as the file holds whole records,
-  checking that each one is the item's. Only the piece after the last newline can be torn by a kill; it is cut
+  checking that each one is the item's: its line (or custom_id) and its `input_sha`, a fingerprint of the
+  item's input content. Only the piece after the last newline can be torn by a kill; it is cut
   off in place (or completed, when it is a whole record whose newline was lost): the records before it are never
   rewritten, so no kill at any moment can lose them.
 - **Full disk.** A write that fails stops the run with one line; the records before it stay whole, and the same
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -46,6 +49,12 @@ def scan_output(out: Path) -> list:
     """The identity of every whole record in `out`, in order (an sgl record's `line`, an OpenAI output line's
     `custom_id`), after repairing a torn last record in place. A line that is neither means the file is not an
     sgl output: refuse rather than touch it."""
+    return [identity for identity, _ in scan_records(out)]
+
+
+def scan_records(out: Path) -> list[tuple]:
+    """(identity, input fingerprint) of every whole record in `out`, in order, after the same repair as
+    `scan_output`; the fingerprint is None in a record written before sgl recorded it (`input_sha`)."""
     ids: list = []
     with out.open("rb") as f:
         number = 0
@@ -76,16 +85,63 @@ def completed_lines(out: Path) -> set[int]:
     return {i for i in scan_output(out) if isinstance(i, int)}
 
 
-def _identity(raw: bytes, out: Path, number: int):
+def _identity(raw: bytes, out: Path, number: int) -> tuple:
     try:
         rec = json.loads(raw)
     except (ValueError, RecursionError):
         rec = None
     if isinstance(rec, dict) and isinstance(rec.get("line"), int):
-        return rec["line"]
-    if isinstance(rec, dict) and isinstance(rec.get("custom_id"), str) and "response" in rec:
-        return rec["custom_id"]
+        return rec["line"], _sha(rec)
+    # custom_id null: an error line of an sgl before 0.3 for a request without a usable id (one sgl wrote, so
+    # resumable; checked by position only)
+    if isinstance(rec, dict) and (isinstance(rec.get("custom_id"), str) or rec.get("custom_id", 0) is None) \
+            and "response" in rec:
+        response, error = rec["response"], rec.get("error")
+        body = response.get("body") if isinstance(response, dict) else None
+        sgl = body.get("sgl") if isinstance(body, dict) else error.get("sgl") if isinstance(error, dict) else None
+        return rec["custom_id"], _sha(sgl)
     raise OutputError(f"{out}: line {number} is not an sgl record; refusing to resume into this file")
+
+
+def _sha(rec) -> str | None:
+    sha = rec.get("input_sha") if isinstance(rec, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+def input_fingerprint(payload, item) -> str:
+    """`input_sha`: the first 16 hex digits of a SHA-256 of an input item's content as read (a JSONL line's bytes,
+    a table row's values) and of where its images resolve (a relative path means another file once the input
+    moves). `--resume` compares it with each record's, so an edited input is noticed."""
+    h = hashlib.sha256()
+    _feed(h, payload)
+    for ref in item.images:
+        if ref.kind in ("path", "url"):  # bytes and data URIs are in the payload already
+            h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + str(ref.value).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def _feed(h, value) -> None:
+    """Hash a payload (bytes, or a row's plain values), each value tagged with its type and length; iterative, so
+    no nesting is too deep."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            data = bytes(v)
+            h.update(b"b%d:" % len(data) + data)
+        elif isinstance(v, str):
+            data = v.encode("utf-8", "surrogatepass")
+            h.update(b"s%d:" % len(data) + data)
+        elif isinstance(v, dict):
+            h.update(b"d%d:" % len(v))
+            for key, item in reversed(list(v.items())):
+                stack += [item, key]
+        elif isinstance(v, (list, tuple)):
+            h.update(b"l%d:" % len(v))
+            stack += reversed(v)
+        else:  # numbers, None, a payload that is a note (an oversized line, a repeated custom_id)
+            data = f"{type(v).__name__}:{v!r}".encode("utf-8", "surrogatepass")
+            h.update(b"o%d:" % len(data) + data)
 
 
 class RecordWriter:
@@ -126,20 +182,29 @@ class RecordWriter:
 
 
 class OutputLock:
-    """An exclusive OS-level lock on an output file (`.<name>.lock` beside it), held while a run writes it; the
-    operating system drops it when the process ends, however it ends."""
+    """An exclusive OS-level lock on an output file, held while a run writes it; the operating system drops it
+    when the process ends, however it ends. It locks the file, not the name it was given: a lock file named
+    after the resolved path (`.<name>.lock` beside the real file, so a symlink finds it), and, once the output
+    exists, the output file itself (its inode, so a hard link finds it too; not on Windows, whose locks forbid
+    the writes)."""
 
     def __init__(self, out: Path):
-        self.out = out
-        self.path = out.with_name(f".{out.name}.lock")
         self._fd: int | None = None
+        self._file_fd: int | None = None
+        self.out = out
+        try:
+            real = out.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise OutputError(f"--out {out} cannot be resolved ({exc})") from None
+        self.path = real.with_name(f".{real.name}.lock")
 
     def acquire(self) -> "OutputLock":
+        folder = self.path.parent
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise OutputError(f"cannot write in {self.out.parent} ({exc.strerror or exc})") from None
+                raise OutputError(f"cannot write in {folder} ({exc.strerror or exc})") from None
             if not _try_lock(fd):
                 holder = _read(fd)
                 os.close(fd)
@@ -152,14 +217,41 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}: "
-                     f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]}".encode("utf-8", "replace"))
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            started = datetime.datetime.now().isoformat(timespec="seconds")
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}: "
+                         f"{' '.join(sys.argv[:1] + sys.argv[1:])[:500]}".encode("utf-8", "replace"))
+        except OSError as exc:  # a full disk: no lock file left behind
+            self.release()
+            raise OutputError(f"cannot write in {folder} ({exc.strerror or exc})") from None
+        if self.out.exists():
+            try:
+                self.cover()
+            except OutputError:
+                self.release()
+                raise
         return self
 
+    def cover(self) -> None:
+        """Lock the output file itself (once it exists): a run that reaches it through a hard link is refused."""
+        if self._file_fd is not None or sys.platform == "win32":
+            return
+        try:
+            fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait
+        except OSError as exc:
+            raise OutputError(f"cannot read {self.out} ({exc.strerror or exc})") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise OutputError(f"{self.out} is being written by another sgl run, through another name for the same "
+                              "file (a link); wait for it to end, or write to another --out")
+        self._file_fd = fd
+
     def release(self) -> None:
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._fd is None:
             return
         try:

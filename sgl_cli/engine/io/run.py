@@ -14,6 +14,7 @@ record is ready: a backend that fails to start leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -24,7 +25,8 @@ from typing import Callable, Iterator
 from ..errors import SglError
 from ..preset import ModelSpec, Preset, Settings
 from .fetch import FetchPolicy
-from .output import OutputError, OutputLock, RecordWriter, default_output, scan_output, settings_path
+from .output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, scan_records,
+                     settings_path)
 
 
 @dataclass
@@ -76,7 +78,8 @@ class Run:
     (`FetchPolicy(enabled=False)`: none). `save_scores` also writes each item's visual-token ranking beside the
     output (`io/scores.py`). `notify` receives one-line notes, `warn` one-line warnings (default: notify). An OpenAI
     batch input gets an OpenAI batch output file. Beside the output, `<out stem>.run.json` says what was run (the
-    input, its format), for `sgl report`."""
+    input, its format), for `sgl report`. Each record gets `input_sha`, its item's fingerprint
+    (`input_fingerprint`), which `resume` checks: an input edited since the interrupted run is refused."""
 
     def __init__(self, input: str | Path, preset: Preset, *, out: str | Path | None = "default", resume: bool = False,
                  overwrite: bool = False, calibration: str | Path | None = None, backend: str = "local",
@@ -107,6 +110,7 @@ class Run:
         if self.out is None and save_scores:
             raise SglError("--save-scores needs an output file, not stdout")
         self.done: list = []  # the identities of the records `out` holds (resume)
+        self.done_shas: list = []  # their input fingerprints (None: written before sgl recorded them)
         self.done_lines: set[int] = set()  # their items' lines
         if self.out is not None:
             self._check_output(resume, overwrite)
@@ -125,6 +129,8 @@ class Run:
             raise OutputError(f"--out {out}: folder {out.parent} does not exist")
         if _same_file(out, self.input):
             raise OutputError(f"--out {out} is the input file itself; write the records to another file")
+        for path in self._side_files():  # written once the first record is ready: a mistake costs no model load
+            _check_writable(path)
         self.lock = OutputLock(out).acquire()  # a second run on this output is refused here, at once
         if out.exists():
             if not (resume or overwrite):
@@ -135,12 +141,29 @@ class Run:
                 raise OutputError(f"{out} is not writable")
             if resume:
                 try:
-                    _check_same_settings(settings_path(out), self.preset.to_dict())
-                    self.done = scan_output(out)
-                    self._verify_done(self.source.parse(line, payload) for line, payload in self.source)
+                    _check_same_settings(settings_path(self._real_out), self.preset.to_dict())
+                    recorded = scan_records(out)
+                    self.done = [identity for identity, _ in recorded]
+                    self.done_shas = [sha for _, sha in recorded]
+                    self._verify_done(iter(self.source))
                 except SglError:
                     self.release()
                     raise
+
+    @property
+    def _real_out(self) -> Path:
+        """The output's real path: the files beside it belong to the file, whatever name it was given by."""
+        try:
+            return self.out.resolve()
+        except (OSError, RuntimeError):
+            return self.out
+
+    def _side_files(self) -> list[Path]:
+        """The files written beside the output: the settings, what was run, and the scores when saved."""
+        from .scores import scores_path
+
+        real = self._real_out
+        return [settings_path(real), run_info_path(real), *([scores_path(real)] if self.save_scores else [])]
 
     def release(self) -> None:
         """Let another run write the output (done when the records end)."""
@@ -162,7 +185,9 @@ class Run:
         """Input items not yet recorded (for a progress bar)."""
         return max(0, self.source.count() - len(self.done))
 
-    def _records(self) -> Iterator[dict]:
+    def _records(self) -> tuple[Iterator[dict], Callable[[], tuple[int, str]]]:
+        """The records of the items after those `out` holds, and a function giving the next record's (line,
+        input fingerprint)."""
         def warn_random() -> None:
             self.warn("warning: a model of this preset has random weights: its answers are noise; use a trained "
                       "pair (the default preset, or real checkpoints) for real answers.")
@@ -172,8 +197,10 @@ class Run:
             from .ray_backend import run_records
 
             # Models load in the workers; the records come back in input order, so writing them is shared.
+            pending = ((item.line, sha) for item, sha in self._pending())
             return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
-                               on_random_weights=warn_random, notify=self.notify, save_scores=self.save_scores)
+                               on_random_weights=warn_random, notify=self.notify,
+                               save_scores=self.save_scores), lambda: next(pending)
         from ..core.engine import Engine
 
         if self.threads is not None:
@@ -184,39 +211,72 @@ class Run:
         engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
-        return engine.run(self._items())
+        shas: collections.deque = collections.deque()  # the engine reads a few batches ahead of its records
 
-    def _verify_done(self, items: Iterator) -> None:
-        """Read as many items as `out` holds records, checking that each record is the item's (an input edited
-        since the interrupted run is refused, not answered into the wrong place)."""
-        for n, recorded in enumerate(self.done):
-            item = next(items, None)
-            if item is None:
+        def items() -> Iterator:
+            for item, sha in self._pending():
+                shas.append((item.line, sha))
+                yield item
+
+        return engine.run(items()), shas.popleft
+
+    def _verify_done(self, pairs: Iterator) -> None:
+        """Read as many items as `out` holds records, checking that each record is the item's: its line (or
+        custom_id) and the fingerprint of its content (an input edited since the interrupted run is refused, not
+        answered into the wrong place)."""
+        seen: dict = {}
+        unchecked = 0
+        unit = self.source.unit
+        for n, (recorded, sha) in enumerate(zip(self.done, self.done_shas)):
+            pair = next(pairs, None)
+            if pair is None:
                 raise SglError(f"cannot resume: {self.out} holds {len(self.done)} records but the input has only {n} "
                                "items; write to a new --out")
+            line, payload = pair
+            item = self.source.parse(line, payload)
             expected = item.custom_id if self.openai else item.line
             self.done_lines.add(item.line)
+            if recorded is not None and recorded in seen:
+                what = f"custom_id {recorded!r}" if self.openai else f"{unit} {recorded}"
+                raise SglError(f"cannot resume: {self.out} holds a duplicate record for {what} (records "
+                               f"{seen[recorded]} and {n + 1}); it was not written by one sgl run alone; write to a "
+                               "new --out")
+            seen[recorded] = n + 1
             if recorded is not None and recorded != expected:
                 raise SglError(f"cannot resume: record {n + 1} of {self.out} is for {recorded!r}, but the input's "
                                f"item {n + 1} is {expected!r}: the input changed since the interrupted run; write to "
                                "a new --out")
+            if sha is None:
+                unchecked += 1
+            elif sha != input_fingerprint(payload, item):
+                raise SglError(f"cannot resume: {unit} {line} of {self.input} is not the item record {n + 1} of "
+                               f"{self.out} answered: the input changed since the interrupted run; write to a new "
+                               "--out")
+        if unchecked:
+            self.warn(f"warning: {unchecked} record(s) of {self.out} carry no input_sha (written by an older sgl): "
+                      "resuming checks their lines, not their content")
 
-    def _items(self) -> Iterator:
-        """The input's items after those `out` already records (checked when the Run was made)."""
+    def _pending(self) -> Iterator[tuple]:
+        """(item, input fingerprint) of the input's items after those `out` already records."""
         for n, (line, payload) in enumerate(self.source):
             if n >= len(self.done):
-                yield self.source.parse(line, payload)
+                item = self.source.parse(line, payload)
+                yield item, input_fingerprint(payload, item)
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
         from ..core.record import SCORES_KEY
 
-        records = self._records()
+        records, next_sha = self._records()
         writer: RecordWriter | None = None
         scores = None
         try:
             for record in records:
                 payload = record.pop(SCORES_KEY, None)
+                line, record["input_sha"] = next_sha()
+                if line != record["line"]:  # records come in input order, one per item: never
+                    raise SglError(f"internal error: the record of line {record['line']} came where line {line}'s "
+                                   "was due")
                 if self.out is not None:
                     writer = writer or self._open()
                     writer.write(record)
@@ -243,7 +303,10 @@ class Run:
             return record
         from .openai import output_line
 
-        return output_line(record, self.preset.name)
+        line = output_line(record, self.preset.name)
+        if isinstance(line.get("error"), dict):  # an answered line carries sgl's fields under response.body.sgl
+            line["error"]["sgl"] = {"line": record["line"], "input_sha": record.get("input_sha")}
+        return line
 
     def _open(self) -> RecordWriter:
         import json
@@ -253,18 +316,32 @@ class Run:
         from ... import __version__
         from .scores import scores_path
 
-        settings_path(self.out).write_text(yaml.safe_dump(self.preset.to_dict(), sort_keys=False))
+        real = self._real_out
         about = {"input": str(self.input.resolve()), "format": self.source.kind,
                  "columns": dataclasses.asdict(self.source.columns), "split": self.source.split,
                  "limit": self.source.limit, "preset": self.preset.name, "threshold": self.preset.settings.threshold,
-                 "scores": scores_path(self.out).name if self.save_scores else None, "sgl": __version__}
-        run_info_path(self.out).write_text(json.dumps(about, indent=1) + "\n")
-        return RecordWriter(self.out, append=bool(self.done), shape=self.shape)
+                 "scores": scores_path(real).name if self.save_scores else None, "sgl": __version__}
+        for path, text in ((settings_path(real), yaml.safe_dump(self.preset.to_dict(), sort_keys=False)),
+                           (run_info_path(real), json.dumps(about, indent=1) + "\n")):
+            try:
+                path.write_text(text)
+            except OSError as exc:  # checked before the models loaded; changed since, or a full disk
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if self.lock is not None and self.out.exists():  # made since the lock was taken: lock it before writing
+            self.lock.cover()
+        writer = RecordWriter(self.out, append=bool(self.done), shape=self.shape)
+        if self.lock is not None:
+            self.lock.cover()  # the output exists now: a run that reaches it through a hard link is refused
+        return writer
 
     def _open_scores(self):
         from .scores import ScoreWriter, scores_path
 
-        return ScoreWriter(scores_path(self.out), append=bool(self.done), keep_lines=self.done_lines)
+        path = scores_path(self._real_out)
+        try:
+            return ScoreWriter(path, append=bool(self.done), keep_lines=self.done_lines)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def execute(self) -> RunSummary:
         """Run to the end; the summary."""
@@ -280,6 +357,26 @@ def run_info_path(out: Path) -> Path:
     """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(stem + ".run.json")
+
+
+def _check_writable(path: Path) -> None:
+    """That `path` can be written: a regular file that is writable, or a new file in a writable folder."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.access(path.parent, os.W_OK):
+            raise OutputError(f"cannot write {path}: its folder is not writable") from None
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"cannot write {path}: it is a folder; move it away or write to another --out")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"cannot write {path}: it is not a regular file; move it away or write to another --out")
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: it is not writable")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -40,6 +40,13 @@ class Oversized:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """The payload of a table row whose data cannot be read (a corrupt Parquet page): why, naming where."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Columns:
     """Which table columns hold an item's fields (`--image-column` and the like)."""
 
@@ -122,8 +129,9 @@ def open_source(path: Path, *, columns: Columns | None = None, split: str | None
     elif split is not None or columns is not None and columns != Columns():
         raise InputError("--split and the column options apply to Parquet files and dataset folders, not JSONL")
     source = Source(path, kind, columns or Columns(), split, limit)
-    if kind == "dataset":
-        table_files(source)  # a folder that is not a dataset, or an unknown split, is said now
+    if kind in ("parquet", "dataset"):
+        for path in table_files(source):  # a folder that is not a dataset, an unknown split, a damaged file: now
+            _table_names(path)
     return source
 
 
@@ -155,29 +163,19 @@ def jsonl_lines(path: Path, keep: bool = True) -> Iterator[tuple[int, Any]]:
 
 
 def _unique_custom_ids(pairs):
-    """OpenAI requests with a custom_id an earlier line used become `Duplicate` payloads (an error each)."""
-    from .openai import Duplicate
+    """OpenAI requests with a custom_id an earlier line used become `Duplicate` payloads (an error each). A line
+    without a usable custom_id takes `sgl-line-N` (`openai.line_custom_id`): a later request naming that id is a
+    duplicate too, so that no two output lines share one."""
+    from .openai import Duplicate, line_custom_id, recover_custom_id
 
     seen: dict[str, int] = {}
     for line, raw in pairs:
-        custom_id = _custom_id(raw)
-        if custom_id is not None:
-            if custom_id in seen:
-                yield line, Duplicate(custom_id, seen[custom_id])
-                continue
-            seen[custom_id] = line
+        custom_id = recover_custom_id(raw)
+        if custom_id is not None and custom_id in seen:
+            yield line, Duplicate(custom_id, seen[custom_id])
+            continue
+        seen.setdefault(custom_id or line_custom_id(line), line)
         yield line, raw
-
-
-def _custom_id(raw: Any) -> str | None:
-    if isinstance(raw, Oversized):
-        return None
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    value = obj.get("custom_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) and value else None
 
 
 def _looks_openai(path: Path) -> bool:
@@ -244,77 +242,125 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _batches(path: Path, columns: list[str] | None):
-    """Record batches of a Parquet or Arrow (datasets: IPC stream, else file) table."""
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def _parquet(path: Path):
+    """The ParquetFile of `path` (its footer read), or an InputError naming the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{path}: not a Parquet file sgl can read ({exc})") from None
-        names = set(pf.schema_arrow.names)
-        yield from pf.iter_batches(batch_size=TABLE_BATCH_ROWS,
-                                   columns=[c for c in columns or names if c in names] or None)
-        return
     try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-        return
-    yield from reader
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a Parquet file sgl can read ({_reason(exc)})") from None
 
 
-def _schema_names(path: Path) -> list[str]:
+def _arrow_batches(path: Path):
+    """The record batches of an Arrow file (datasets write the IPC stream format; the file format is read too),
+    each checked whole: an InputError naming the file if any part cannot be read (a stream has no footer saying
+    how many rows it holds, so a damaged one cannot be read past row by row)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            return list(pq.ParquetFile(path).schema_arrow.names)
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{path}: not a Parquet file sgl can read ({exc})") from None
     try:
-        return list(pa.ipc.open_stream(pa.memory_map(str(path))).schema.names)
-    except pa.ArrowInvalid:
-        return list(pa.ipc.open_file(pa.memory_map(str(path))).schema.names)
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for batch in batches:
+            batch.validate(full=True)
+            yield batch
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not an Arrow file sgl can read ({_reason(exc)})") from None
+
+
+def _arrow_schema(path: Path):
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            return pa.ipc.open_stream(source).schema
+        except pa.ArrowInvalid:
+            return pa.ipc.open_file(source).schema
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not an Arrow file sgl can read ({_reason(exc)})") from None
+
+
+def _table_names(path: Path) -> list[str]:
+    """The columns of a Parquet or Arrow file, checking that it can be read (a Parquet file's footer; an Arrow
+    file whole, its batches memory-mapped)."""
+    if _is_parquet(path):
+        return list(_parquet(path).schema_arrow.names)
+    for _ in _arrow_batches(path):
+        pass
+    return list(_arrow_schema(path).names)
 
 
 def _table_rows_count(path: Path) -> int:
+    if _is_parquet(path):
+        return _parquet(path).metadata.num_rows
+    return sum(b.num_rows for b in _arrow_batches(path))
+
+
+def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict | Unreadable]:
+    """The rows of a Parquet file a row group at a time. A row group that cannot be read (a corrupt page) gives
+    an `Unreadable` for each of its rows it did not give (its row count is in the footer), and the file reads on."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pq.ParquetFile(path).metadata.num_rows
-    try:
-        return sum(b.num_rows for b in pa.ipc.open_stream(pa.memory_map(str(path))))
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(pa.memory_map(str(path))).count_rows()
+    pf = _parquet(path)
+    names = set(pf.schema_arrow.names)
+    wanted = [c for c in columns if c in names] or None
+    groups = pf.metadata.num_row_groups
+    for g in range(groups):
+        size = pf.metadata.row_group(g).num_rows
+        given = 0
+        try:
+            for batch in pf.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=[g], columns=wanted):
+                for values in batch.to_pylist():
+                    given += 1
+                    yield values
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            why = Unreadable(f"{path.name}: row group {g + 1} of {groups} cannot be read ({_reason(exc)})")
+            for _ in range(size - given):
+                yield why
 
 
-def table_rows(source: Source) -> Iterator[tuple[int, dict]]:
+def table_rows(source: Source) -> Iterator[tuple[int, dict | Unreadable]]:
     """(row number from 1, the row's fields) for every row, a record batch at a time."""
     c = source.columns
     wanted = [c.image, c.question, c.id, c.answer, c.type]
     row = 0
     for path in table_files(source):
-        names = _schema_names(path)
+        names = _table_names(path)
         missing = [name for name in (c.image, c.question) if name not in names]
         if missing:
             raise InputError(f"{path}: no column {' or '.join(map(repr, missing))} (columns: {', '.join(names)}); "
                              "name them with --image-column / --question-column")
-        for batch in _batches(path, wanted):
-            for values in batch.to_pylist():
-                row += 1
-                yield row, values
+        if _is_parquet(path):
+            rows = _parquet_rows(path, wanted)
+        else:
+            rows = (values for batch in _arrow_batches(path) for values in batch.to_pylist())
+        for values in rows:
+            row += 1
+            yield row, values
 
 
-def parse_row(values: dict, row: int, base: Path, columns: Columns) -> Item:
+def parse_row(values: dict | Unreadable, row: int, base: Path, columns: Columns) -> Item:
     """One table row as an item: its columns mapped to sgl's fields, the image cell to an ImageRef."""
     item = Item(line=row, id=row, unit="row")
+    if isinstance(values, Unreadable):
+        item.error = item.fail(values.reason)
+        return item
     obj: dict[str, Any] = {}
     for name, col in (("question", columns.question), ("id", columns.id), ("answer", columns.answer),
                       ("type", columns.type)):
