@@ -455,3 +455,19 @@ def test_it_never_exits_early_and_calibrate_refuses_it(pair, tmp_path):
                               "0.9"])
     assert res.exit_code == 2
     assert "only the sgl guide, with a small model, exits early" in res.output and "downsample" in res.output
+
+
+def test_saved_scores_carry_the_grid_the_large_model_saw(pair, tmp_path):
+    import pyarrow.ipc
+
+    items_for(tmp_path, ((336, 224), (168, 280)))
+    preset = write_preset(tmp_path, pair.paths, guide="downsample", retain=0.25)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["run", str(tmp_path / "batch.jsonl"), "-p", str(preset), "-o", str(out), "-q",
+                              "--save-scores"])
+    assert res.exit_code == 0, res.output
+    rows = pyarrow.ipc.open_stream(tmp_path / "out.scores.arrow").read_all().to_pylist()
+    for row, (r, c) in zip(rows, [(4, 6), (5, 3)]):
+        (grid,) = row["grids"]
+        assert (grid["rows"], grid["cols"]) == (r, c) and sorted(grid["tokens"]) == list(range(r * c))
+        assert row["kept"] == list(range(r * c)) and len(row["scores"]) == r * c
