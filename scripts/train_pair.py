@@ -94,7 +94,7 @@ def vision_batch(rng, processor, n, grids):
     images, labels = [], []
     for _ in range(n):
         rows, cols = rng.choice(grids)
-        objs = shapes._random_objs(rng, rows, cols, rng.randint(1, max(1, rows * cols // 3)), set())
+        objs = shapes.random_objects(rng, rows, cols, rng.randint(1, max(1, rows * cols // 3)), set())
         images.append(jpeg(shapes.draw(objs, rows, cols, rng)))
         labels.append(cell_labels(objs, rows, cols))
     enc = processor.image_processor(images=images, return_tensors="pt")
@@ -168,7 +168,7 @@ def all_questions(ex: "shapes.Example") -> list[tuple[str, str, str]]:
         qs.append((f"How many {shapes.plural(s)} are there?", str(sum(o.shape == s for o in objs)), "count"))
     at = {(o.row, o.col): o for o in objs}
     for o in objs:
-        name = shapes._name(o, objs)
+        name = shapes.object_name(o, objs)
         if name is None:
             continue
         near = [at[(o.row + i, o.col + j)] for i in (-1, 0, 1) for j in (-1, 0, 1)

@@ -74,8 +74,8 @@ def batch(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def engine_factory(tiny_pair):
     """Engines over one pair of loaded tiny models, with settings varied per test (models loaded once)."""
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")

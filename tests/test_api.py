@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 from sgl_cli.engine import Engine, Run, load_preset
-from sgl_cli.engine.evaluation.calibration import save_calibration
-from sgl_cli.engine.evaluation.fingerprint import fingerprint
+from sgl_cli.engine.evaluation.calibration_file import save_calibration
+from sgl_cli.engine.calibration import fingerprint
 from tests.conftest import write_preset
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sgl_cli"

@@ -64,13 +64,14 @@ def test_counts_by_hand_qwen25_vl_3b():
 def test_pairs_are_real_pairs(name, tmp_path):
     """Both models built (on meta) behind one processor: identical input_ids, visual tokens where the config says,
     the family's special tokens at their published ids, every model id decodable."""
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.evaluation.bench_setup import write_noise_items
-    from sgl_cli.engine.io.items import read_items
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.evaluation.bench import write_noise_items
+    from sgl_cli.engine.io.formats import read_items
+    from sgl_cli.engine.pipeline.models import from_arch
     from sgl_cli.engine.preset import Settings
 
     pair = arch.PAIRS[name]
-    small, large = arch.build(pair, layers=2, device="meta")
+    small, large = from_arch(pair, layers=2, device="meta")
     assert small.processor is large.processor and small.random_weights
     assert small.num_layers == large.num_layers == 2
     tok = small.processor.tokenizer
@@ -93,7 +94,7 @@ def test_pairs_are_real_pairs(name, tmp_path):
 def test_image_size_for_gives_exactly_that_many_visual_tokens(spec, tokens, tmp_path):
     from PIL import Image
 
-    from sgl_cli.engine.core.models import from_memory
+    from sgl_cli.engine.pipeline.models import from_memory
     from sgl_cli.engine.preset import ModelSpec
 
     w, h = arch.image_size_for(spec, tokens)
@@ -134,7 +135,7 @@ def test_cut_model_weights_on_the_device_in_the_dtype():
 def test_nf4_in_memory_quantizes_the_language_model_like_bitsandbytes():
     import bitsandbytes as bnb
 
-    from sgl_cli.engine.core.models import from_memory
+    from sgl_cli.engine.pipeline.models import from_memory
     from sgl_cli.engine.preset import ModelSpec
 
     spec = arch.INTERNVL3_1B

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 from sgl_cli.engine.builtin import arch
-from sgl_cli.engine.evaluation.bench import forced_threshold, lm_macs
+from sgl_cli.engine.evaluation.bench_report import forced_threshold, lm_macs
 
 STAGES = {"small", "small_capture", "vision", "large", "pipeline"}
 

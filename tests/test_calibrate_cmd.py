@@ -19,9 +19,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.evaluation.metrics import exact
+from sgl_cli.engine.metrics import exact
 from sgl_cli.engine.guides.base import n_keep
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import write_jsonl, write_preset
 
 runner = CliRunner()
@@ -35,7 +35,7 @@ def records(path: Path) -> list[dict]:
 
 def no_models(monkeypatch) -> None:
     """Make any model load fail the test."""
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -46,7 +46,7 @@ def no_models(monkeypatch) -> None:
 def count_calls(monkeypatch) -> dict[str, list]:
     """Record each model pass: the lines the small model answers, and (retain, lines) of each large-model pass
     (retain 1.0: the large model alone)."""
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
 
     seen: dict[str, list] = {"small": [], "large": []}
     small, large = Engine.small_answer, Engine.large_pass
@@ -368,14 +368,14 @@ def test_the_cache_runs_only_what_it_lacks(tmp_path, tiny_pair, engine_factory, 
     # parts; a cached run does not retry it; --retry-failed runs only what it lacks, once.
     from sgl_cli.engine.evaluation.compare import Comparison
 
-    original = Comparison.run
+    original = Comparison.batch
 
     def flaky(self, items, **kwargs):
         if any(i.line == 2 for i in items) and kwargs.get("small") is not None:
             raise RuntimeError("CUDA out of memory")
         return original(self, items, **kwargs)
 
-    monkeypatch.setattr(Comparison, "run", flaky)
+    monkeypatch.setattr(Comparison, "batch", flaky)
     reset(seen)
     res = runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"])
     assert res.exit_code == 1 and "left out line 2: model pass failed: RuntimeError: CUDA out of memory" in res.stderr
@@ -385,7 +385,7 @@ def test_the_cache_runs_only_what_it_lacks(tmp_path, tiny_pair, engine_factory, 
     reset(seen)
     assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1"]).exit_code == 1
     assert seen == {"small": [], "large": []}
-    monkeypatch.setattr(Comparison, "run", original)
+    monkeypatch.setattr(Comparison, "batch", original)
     assert runner.invoke(app, [*args, "--retain", "0.5,0.2,0.1", "--retry-failed"]).exit_code == 0
     assert seen == {"small": [], "large": [(0.1, [2])]}
     assert merged_cache(cache)[2]["error"] is None

@@ -5,18 +5,11 @@ import struct
 import pytest
 import yaml
 
-from sgl_cli.engine.evaluation.calibration import (
-    VERSION,
-    Costs,
-    Outcome,
-    choose,
-    load_calibration,
-    operating_points,
-    parse_retains,
-    save_calibration,
-    to_yaml_dict,
-)
-from sgl_cli.engine.evaluation.fingerprint import (
+from sgl_cli.engine.calibration import VERSION, load_calibration
+from sgl_cli.engine.evaluation.calibration_file import save_calibration, to_yaml_dict
+from sgl_cli.engine.evaluation.operating_points import Costs, Outcome, choose, operating_points
+from sgl_cli.engine.evaluation.retains import parse_retains
+from sgl_cli.engine.calibration import (
     apply_calibration,
     calibration_fingerprint,
     calibration_point,
@@ -26,7 +19,7 @@ from sgl_cli.engine.evaluation.fingerprint import (
 )
 from sgl_cli.engine.evaluation.operating_points import bootstrap_counts
 from sgl_cli.engine.preset import ModelSpec, Preset, Settings
-from sgl_cli.engine.views.plots import plot_calibration
+from sgl_cli.engine.evaluation.plots import plot_calibration
 
 # Ten items; the large model alone is always right (large accuracy 1.0, so relative accuracy equals accuracy),
 # and so is the large model at retain 0.5; at retain 0.1 it gets the two least confident items wrong. Scores with

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 from sgl_cli.engine.io.images import load_image
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl, write_preset
 from tests.families import FAMILIES, build_family
 
@@ -44,7 +44,7 @@ def n_keep(n: int, retain: float) -> int:
 
 
 def engine(large, small=None, **settings):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.preset import Settings
 
     base = dict(threshold=None, max_new_tokens=MAX_NEW, prompt_suffix=SUFFIX, guide="downsample")
@@ -105,7 +105,7 @@ def items_for(folder, sizes):
 # -- the built-in pair (Qwen2-VL: patch 14, merge 2) ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair(tiny_pair):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32"), "large")
@@ -138,7 +138,7 @@ def test_builtin_pair_tokens_equal_the_hand_arithmetic(pair, tmp_path, size, ret
 
 def test_builtin_pair_records_field_by_field_and_no_small_model(pair, tmp_path):
     items = items_for(tmp_path, ((336, 224), (168, 280)))
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.preset import load_preset
 
     preset = load_preset(str(write_preset(tmp_path, pair.paths, guide="downsample", retain=0.25)))
@@ -189,7 +189,7 @@ def test_builtin_pair_batch_equals_batch_one_with_mixed_sizes(pair, tmp_path):
 # -- every family ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family(request.param, tmp_path_factory.mktemp(f"ds-{request.param}"))
@@ -281,7 +281,7 @@ def test_every_family_batch_equals_batch_one(fam, tmp_path):
 
 
 def test_internvl_budget_below_one_tile_gives_one_tile(tmp_path):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("internvl", tmp_path / "m")
@@ -295,7 +295,7 @@ def test_internvl_budget_below_one_tile_gives_one_tile(tmp_path):
 # -- LLaVA-1.5: the projected grid pooled -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("llava", tmp_path_factory.mktemp("ds-llava"))
@@ -383,7 +383,7 @@ def test_eval_row_equals_the_engine_records(pair, tmp_path):
     assert row["retained_tokens"] == round(sum(r["retained_tokens"] for r in recs) / 3, 1) == round(47 / 3, 1)
     assert row["visual_tokens"] == round((96 + 60 + 75) / 3, 1) and row["exit_rate"] == 0.0
     assert row["large_calls"] == 3 and row["prune_layer"] == 0
-    from sgl_cli.engine.evaluation.metrics import get_metric
+    from sgl_cli.engine.metrics import get_metric
 
     metric = get_metric("vqa")
     assert row["accuracy"] == round(sum(metric(r["answer"], ["red"]) for r in recs) / 3, 4)

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.guides.base import n_keep
 from sgl_cli.engine.io.images import load_image
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 
 
 def _encode(loaded, item, suffix="Answer with one word."):
@@ -60,7 +60,7 @@ def test_retain_one_equals_plain_generate_on_large(engine_factory, batch):
 
 def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
     """Token for token (not only decoded text) for the large model's generation at retain 1.0."""
-    import sgl_cli.engine.core.engine as engine_mod
+    import sgl_cli.engine.pipeline.engine as engine_mod
 
     seen = []
     real = engine_mod.greedy

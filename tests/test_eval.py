@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.evaluation.metrics import vqa
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.metrics import vqa
+from sgl_cli.engine.io.formats import read_items
 
 from .conftest import write_jsonl, write_preset
 
@@ -208,7 +208,7 @@ def test_eval_save_scores_equal_sgl_run_per_setting(tmp_path, tiny_pair, engine_
     import numpy as np
     import pyarrow as pa
 
-    from sgl_cli.engine.core.record import SCORES_KEY
+    from sgl_cli.engine.pipeline.record import SCORES_KEY
 
     items = list(read_items(labelled))
     exit_scores = sorted(r["exit_score"] for r in engine_factory(threshold=None).process(items))

@@ -292,7 +292,7 @@ def test_every_way_of_naming_an_image_gives_the_same_answer(tmp_path, images, pr
 
 def test_urls_are_fetched_ahead_of_the_batch_being_computed(tmp_path, images, engine_factory, server, monkeypatch):
     """While the first batch computes, the next items' URLs are already being fetched."""
-    from sgl_cli.engine.io.items import read_items
+    from sgl_cli.engine.io.formats import read_items
 
     url, _ = server
     src = write_jsonl(tmp_path / "u.jsonl", [{"image": f"{url}/ok?{i}", "question": Q} for i in range(3)])
@@ -402,7 +402,7 @@ def test_a_damaged_parquet_file_is_one_line_before_any_model_loads(tmp_path, ima
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     src = tmp_path / "items.parquet"
@@ -421,7 +421,7 @@ def test_a_damaged_parquet_file_is_one_line_before_any_model_loads(tmp_path, ima
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_arrow_file_in_a_dataset_is_one_line(tmp_path, images, preset_file, monkeypatch, damage):
     datasets = pytest.importorskip("datasets")
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     datasets.Dataset.from_dict({"image": [str(images[0])] * 30, "question": [Q] * 30}).save_to_disk(
@@ -461,8 +461,8 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
     of both; visual tokens are both images' together; the budget is over all of them."""
     from PIL import Image
 
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.guides.base import n_keep
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
@@ -502,8 +502,8 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
 
 
 def test_a_one_image_family_refuses_several_images_per_item(tmp_path_factory):
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
     from tests.families import build_family

@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl
 from tests.test_engine import _encode
 from tests.test_prune_layer import reference_generate
@@ -33,7 +33,7 @@ SINGLE_MODEL_GUIDES = ("cls", "fastv", "random")
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
 def _load(path):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     return load_model(ModelSpec(str(path), dtype="float32"), "small" if path.name == "small" else "large")
@@ -51,7 +51,7 @@ class Pair:
     eager_large: object
 
     def engine(self, with_small: bool = False, **settings):
-        from sgl_cli.engine.core.engine import Engine
+        from sgl_cli.engine.pipeline.engine import Engine
         from sgl_cli.engine.preset import Settings
 
         base = dict(threshold=None, max_new_tokens=MAX_NEW, prompt_suffix=SUFFIX)
@@ -366,7 +366,7 @@ def test_preset_without_small_parses_and_keeps_a_closed_schema(tmp_path, tiny_pa
 
 @pytest.mark.parametrize("guide", SINGLE_MODEL_GUIDES)
 def test_large_only_preset_runs_single_model_guides(tmp_path, tiny_pair, items, guide):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.preset import load_preset
 
     preset = load_preset(str(_large_only_preset(tmp_path, tiny_pair))).with_settings(guide=guide, threshold=0.0,
@@ -384,7 +384,7 @@ def test_large_only_preset_runs_single_model_guides(tmp_path, tiny_pair, items, 
 
 
 def test_large_only_preset_refuses_the_sgl_guide(tmp_path, tiny_pair):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.errors import ModelLoadError
     from sgl_cli.engine.preset import load_preset
 
@@ -452,7 +452,7 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         _assert_clean(pair.small.model)
 
     # Also when a stage fails half-way, with the hooks in place: the items fail, the model is restored.
-    import sgl_cli.engine.core.engine as engine_mod
+    import sgl_cli.engine.pipeline.engine as engine_mod
     from sgl_cli.engine.families import QwenVL
 
     def boom(*a, **k):

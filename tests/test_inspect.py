@@ -151,7 +151,7 @@ def large_only(folder: Path, pair: dict[str, Path], **settings) -> Path:
 @pytest.fixture
 def loaded_roles(monkeypatch) -> list[str]:
     """The roles of the models the command loads, in order."""
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     roles: list[str] = []
     real = models.load_model
@@ -185,7 +185,7 @@ def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list
 
 @pytest.mark.parametrize("guide", ["cls", "fastv", "random"])
 def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_factory, loaded_roles, guide):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.io.items import ImageRef, Item
 
     image = make_images(tmp_path, sizes=((168, 280),))[0]

@@ -43,7 +43,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     name, options, size = VARIANTS[request.param]
@@ -193,7 +193,7 @@ def test_terminal_and_png_draw_every_crop_in_its_place(fam):
 def engine_guides(fam, retain: float) -> dict[str, tuple[list[float], list[int]]]:
     """Each guide's (importance, kept) as `sgl run` computes them: the large model's stage of the engine, whose
     `kept` is what the large model really keeps (cls: the top `retain` of each crop)."""
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import Settings
 
@@ -335,8 +335,8 @@ def test_several_grids_pool_each_within_its_crops_to_fit_80_columns():
 
 # -- the exit line honours the preset's calibration, as `sgl run` does ---------------------------------------------
 def write_calibration(path: Path, preset: Path, threshold: float, **changed) -> Path:
-    from sgl_cli.engine.evaluation.calibration import VERSION
-    from sgl_cli.engine.evaluation.fingerprint import fingerprint
+    from sgl_cli.engine.calibration import VERSION
+    from sgl_cli.engine.calibration import fingerprint
     from sgl_cli.engine.preset import load_preset
 
     fp = {**fingerprint(load_preset(str(preset))), **changed}

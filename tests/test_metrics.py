@@ -1,6 +1,6 @@
 import pytest
 
-from sgl_cli.engine.evaluation.metrics import (
+from sgl_cli.engine.metrics import (
     DEFAULT_METRIC,
     METRICS,
     contains,

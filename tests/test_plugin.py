@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 from sgl_cli.engine import guides
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sgl_cli.engine.io.images import load_image
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl
 
 
@@ -17,8 +17,8 @@ from tests.conftest import make_images, write_jsonl
 def deep_engine_factory(tmp_path_factory):
     """A pair whose large model has 4 layers, so that K = 2 has layers on both sides."""
     from sgl_cli.engine.builtin.pair import TINY_SPEC, LMSize, PairSpec, build_pair
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     spec = PairSpec(small=TINY_SPEC.small, large=LMSize(128, 4, 4, 2, 256), vision_embed=32)
@@ -76,7 +76,7 @@ def reference_generate(loaded, work, k: int, max_new: int) -> list[int]:
 
 
 def _large_tokens(engine, items, monkeypatch):
-    import sgl_cli.engine.core.engine as engine_mod
+    import sgl_cli.engine.pipeline.engine as engine_mod
 
     seen = []
     real = engine_mod.greedy

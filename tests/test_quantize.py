@@ -26,14 +26,14 @@ def records(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def small(tiny_pair):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
 
     return load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")
 
 
 @pytest.fixture(scope="module")
 def large_nf4(tiny_pair):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
 
     return load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32", quantize="4bit"), "large")
 
@@ -62,7 +62,7 @@ def _generate(m, item) -> list[int]:
 
 
 def _engine_answers(small, large, images, **settings):
-    from sgl_cli.engine.core.engine import Engine
+    from sgl_cli.engine.pipeline.engine import Engine
 
     engine = Engine(Settings(threshold=None, max_new_tokens=5, prompt_suffix=SUFFIX, **settings), small, large)
     return list(engine.run(_items(images)))
@@ -98,7 +98,7 @@ def test_nf4_pruned_run_completes_below_retain_1(small, large_nf4, images, engin
 
 
 def test_8bit_pruned_at_retain_1_equals_unpruned_generate(tiny_pair, small, images):
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.models import load_model
 
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32", quantize="8bit"), "large")
     assert any(type(m).__name__ == "Linear8bitLt" for m in large.model.modules())
@@ -166,7 +166,7 @@ def test_preset_quantize_errors_name_key_and_file():
 def test_4bit_on_cpu_needs_widths_in_blocks_of_64():
     import bitsandbytes as bnb
 
-    from sgl_cli.engine.core.models import _check_quantized_on_cpu
+    from sgl_cli.engine.pipeline.models import _check_quantized_on_cpu
 
     model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64), bnb.nn.Linear4bit(96, 64))
     for layer in model:

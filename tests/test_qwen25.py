@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.io.formats import read_items
 from tests.test_engine import _encode, reference_importance
 
 
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
     from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
-    from sgl_cli.engine.core.engine import Engine
-    from sgl_cli.engine.core.models import load_model
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.pipeline.models import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     pair = build_pair(dataclasses.replace(TINY_SPEC, arch="qwen2_5_vl"), tmp_path_factory.mktemp("q25"))

@@ -107,7 +107,7 @@ def test_fuzzed_lines_give_one_strict_record_each_in_order(tmp_path, preset_file
 
 
 def test_a_question_longer_than_the_context_fails_before_model_work(tmp_path, preset_file, monkeypatch):
-    from sgl_cli.engine.core import engine as engine_mod
+    from sgl_cli.engine.pipeline import engine as engine_mod
 
     calls = []
     real = engine_mod.greedy
@@ -244,7 +244,7 @@ def test_out_equal_to_the_input_is_refused_also_through_a_link(tmp_path, batch, 
 
 @pytest.mark.parametrize("case", ["missing folder", "folder", "read-only"])
 def test_bad_out_paths_fail_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch, case):
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     out = {"missing folder": tmp_path / "nope" / "o.jsonl", "folder": tmp_path, "read-only": tmp_path / "o.jsonl"}[case]
@@ -340,7 +340,7 @@ def test_a_link_to_the_output_is_refused_while_a_run_writes_it(tmp_path, batch, 
 
 
 def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch, preset_file, monkeypatch):
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
 
@@ -360,7 +360,7 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch,
                                   "preset fifo"])
 def test_every_file_a_run_writes_is_checked_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch,
                                                                      case):
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     out = tmp_path / "out.jsonl"
@@ -472,7 +472,7 @@ def test_the_writer_turns_a_full_disk_into_one_line(tmp_path):
 
 
 def test_the_interrupt_hint_is_the_exact_command_that_continues(tmp_path, batch, preset_file, monkeypatch):
-    from sgl_cli.engine.core import engine as engine_mod
+    from sgl_cli.engine.pipeline import engine as engine_mod
 
     out = tmp_path / "answers.jsonl"
     real = engine_mod.Engine.process
@@ -683,7 +683,7 @@ def _sha(rec: dict):
 def test_resume_refuses_an_input_whose_answered_items_changed(tmp_path, preset_file, monkeypatch, fmt, edit):
     """Insert an item at the top, delete one, edit one in place, or move the input away from its images: the
     resumed run is refused in one line naming the first line (or row) that differs, before any model loads."""
-    from sgl_cli.engine.core import models
+    from sgl_cli.engine.pipeline import models
 
     rows, src, out = _interrupted_run(fmt, tmp_path, preset_file)
     assert all(isinstance(_sha(r), str) and len(_sha(r)) == 16 for r in strict_records(out))
@@ -987,7 +987,7 @@ def test_deep_nesting_anywhere_never_raises(deep, field):
 @given(deep_values, st.sampled_from(["custom_id", "x", "body", "body.messages", "body.metadata", "content", "url"]))
 def test_openai_lines_nested_deep_never_raise_and_keep_a_custom_id(deep, where):
     """Whatever a request line holds, its item has a non-empty custom_id an output line can carry and resume by."""
-    from sgl_cli.engine.io.openai import parse_request
+    from sgl_cli.engine.io.formats.openai import parse_request
 
     parts = {"content": '[{"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "q"}]'}
     if where == "content":
@@ -1018,7 +1018,7 @@ def test_openai_lines_nested_deep_never_raise_and_keep_a_custom_id(deep, where):
 def test_an_openai_line_keeps_its_recoverable_custom_id(raw):
     """A request line sgl refuses keeps the custom_id it holds (NaN, a huge integer or bad bytes elsewhere), else
     gets sgl-line-N: never null, so sgl can resume from every line it writes."""
-    from sgl_cli.engine.io.openai import parse_request
+    from sgl_cli.engine.io.formats.openai import parse_request
 
     item = parse_request(raw, 2, Path("/tmp"))
     try:
@@ -1041,7 +1041,7 @@ def test_a_damaged_parquet_page_gives_every_row_one_item_in_order(tmp_path, grou
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sgl_cli.engine.io.sources import open_source
+    from sgl_cli.engine.io.formats import open_source
 
     path = tmp_path / "d.parquet"
     rows = [{"image": f"img{i}.png", "question": f"question {i} " * (1 + i % 3)} for i in range(20)]

@@ -10,9 +10,9 @@ import torch
 
 from sgl_cli.engine.builtin.pair import SHIPPED, is_random
 from sgl_cli.engine.builtin.shapes import CELL, write_items
-from sgl_cli.engine.core.engine import Engine
-from sgl_cli.engine.evaluation.metrics import vqa
-from sgl_cli.engine.io.items import read_items
+from sgl_cli.engine.pipeline.engine import Engine
+from sgl_cli.engine.metrics import vqa
+from sgl_cli.engine.io.formats import read_items
 from sgl_cli.engine.preset import load_preset
 
 

@@ -29,15 +29,24 @@ def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+# The library names settings (`SettingError`); the command line calls them by these flags. The one table.
+FLAGS = {
+    "backend": "--backend", "calibration": "--calibration", "confidence": "--confidence", "details": "--details",
+    "exit_rate": "--exit-rate", "overwrite": "--overwrite", "question": "--question", "resume": "--resume",
+    "retain": "--retain", "save_scores": "--save-scores", "target_accuracy": "--target-accuracy",
+    "threshold": "--threshold",
+}
+
+
 @contextlib.contextmanager
 def domain_errors() -> Iterator[None]:
     """A preset, settings or model problem ends the command with one line on stderr and exit code 2."""
-    from ..engine.errors import SglError
+    from ..engine.errors import SettingError, SglError
 
     try:
         yield
     except SglError as exc:
-        err(f"sgl: error: {exc}")
+        err(f"sgl: error: {exc.worded(FLAGS) if isinstance(exc, SettingError) else exc}")
         raise typer.Exit(USAGE_ERROR) from None
 
 

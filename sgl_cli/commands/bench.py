@@ -64,7 +64,7 @@ def bench(
     """
     with domain_errors():
         from ..engine.errors import SglError
-        from ..engine.evaluation.bench_setup import Bench, parse_sizes
+        from ..engine.evaluation.bench import Bench, parse_sizes
 
         set_threads(threads)
         sizes = parse_sizes(batch_sizes, "--batch-sizes")

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
 from ._common import domain_errors, err, progress_bar, set_threads, stderr_is_tty, warn_random_weights, with_help
 from .options import (
@@ -99,17 +99,16 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
                threads: Optional[int], quiet: bool) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
-    from ..engine.evaluation.calibration import validate_target
-    from ..engine.evaluation.metrics import get_metric
+    from ..engine.evaluation.operating_points import validate_target
+    from ..engine.metrics import get_metric
     from ..engine.preset import load_preset
 
     # Every usage error before the first model call.
+    validate_target(target_accuracy, exit_rate, confidence)  # a SettingError: the CLI names the flags
     try:
-        validate_target(target_accuracy, exit_rate, confidence)
         get_metric(metric)
     except ValueError as exc:
-        raise SglError(str(exc).replace("target_accuracy", "--target-accuracy").replace("exit_rate", "--exit-rate")
-                       .replace("confidence must", "--confidence must")) from None
+        raise SglError(str(exc)) from None
     if confidence is not None and target_accuracy is None:
         raise SglError("--confidence applies to --target-accuracy (an exit rate is exact on the items)")
     cal = Calibrator(input, load_preset(preset_name).with_settings(**overrides), retains, out=out, resume=resume,
@@ -125,10 +124,8 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
     if pending:
         if not quiet:
             err(f"sgl: computing {cal.plan()} (cache {cal.cache})")
-        from ..engine.core.engine import Engine
-
         set_threads(threads)
-        engine = Engine.from_preset(cal.preset)
+        engine = cal.load_engine()
         if engine.random_weights:
             warn_random_weights("answers, and so this calibration,")
         done = 0
@@ -160,7 +157,9 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
         err(f"sgl: {n} items, metric {metric}: large model alone {choice.large_accuracy:.3f}, small model "
             f"{choice.small_accuracy:.3f}; measured per item: the large model alone {ms['large']:.1f} ms, the small "
             f"model {ms['small']:.1f} ms ({result.costs.small:.2f} of the large model's time, item by item)")
-        _table(choice, result.costs)
+        from ..engine.views.tables import calibration_table
+
+        calibration_table(choice, result.costs, stderr_is_tty())
     err(("sgl: " if choice.met else "sgl: warning: ") + choice.message)
     if choice.point.relative_compute >= 1:
         err(f"sgl: warning: the chosen point costs {choice.point.relative_compute:.2f} x the large model alone: the "
@@ -189,28 +188,3 @@ def _report(what: str, messages: list[str]) -> None:
         err(f"sgl: {what} {message}")
     if len(messages) > _MAX_LISTED:
         err(f"sgl: {what} {len(messages) - _MAX_LISTED} more line(s) like these")
-
-
-def _table(choice, costs) -> None:
-    """Per retain, its best point for the target (the chosen one marked)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    lower = choice.point.relative_accuracy_lower is not None
-    table = Table(title="best threshold per retain", title_justify="left",
-                  caption="x large: accuracy / the large model alone's; compute (1: the large model alone on every "
-                          "item) = small model + (1 - exit rate) x large at retain, each measured relative to the "
-                          "large model alone", caption_justify="left")
-    names = ["", "retain", "threshold", "exit rate", "accuracy", "x large", *(["lower"] if lower else []),
-             "compute", "large at retain"]
-    for name in names:
-        table.add_column(name, justify="right")
-    for retain, p in choice.best.items():
-        mark = p == choice.point
-        # The exit-nothing threshold is a hair above the top score: printed, the two would look equal.
-        threshold = f"{p.threshold:.6g}" if p.n_exit else "above all"
-        table.add_row("chosen" if mark else "", f"{retain:g}", threshold, f"{p.exit_rate:.1%}", f"{p.accuracy:.3f}",
-                      f"{p.relative_accuracy:.3f}", *([f"{p.relative_accuracy_lower:.3f}"] if lower else []),
-                      f"{p.relative_compute:.2f}", f"{costs.at(retain):.2f}", style="bold" if mark else None)
-    # Redirected, rich would wrap at 80 columns; a table in a log should stay one row per line.
-    Console(stderr=True, width=None if stderr_is_tty() else 120).print(table)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
 from .options import (
     BatchSizeOption,
@@ -97,12 +97,12 @@ with_help(eval_command, EXAMPLE)
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
           limit, json_out: bool, plot: Optional[Path], details: Optional[Path], save_scores: bool, threads,
           quiet: bool) -> int:
-    from ..engine.errors import SglError
+    from ..engine.errors import SettingError, SglError
     from ..engine.evaluation.calibrate import read_labelled
-    from ..engine.evaluation.fingerprint import calibration_point
-    from ..engine.evaluation.metrics import get_metric
+    from ..engine.evaluation.evaluate import EvaluationPlan
+    from ..engine.metrics import get_metric
     from ..engine.evaluation.retains import parse_retains
-    from ..engine.guides import guide_class
+    from ..engine.io.scores import scores_path
     from ..engine.preset import load_preset
 
     # Every usage error before the first model call.
@@ -113,44 +113,21 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     try:
         retains = parse_retains(split_list(retains_opt or [DEFAULT_RETAINS]))
     except ValueError as exc:
-        raise SglError(f"--retain: {exc}") from None
+        raise SettingError.about("retain", exc) from None
     if threshold is not None and calibration is not None:
-        raise SglError("give --threshold or --calibration, not both")
+        raise SettingError("give {} or {}, not both", "threshold", "calibration")
     if save_scores and details is None:
-        raise SglError("--save-scores writes beside --details FILE: give both")
+        raise SettingError("{} writes beside {} FILE: give both", "save_scores", "details")
     if not input.is_file():
         raise SglError(f"input file {input} not found")
     for path in (plot, details):
         if path is not None and not path.parent.is_dir():
             raise SglError(f"folder {path.parent} (for {path.name}) does not exist")
-    preset = load_preset(preset_name).with_settings(**overrides, no_exit=True)
-    from ..engine.guides import guide_names
-
-    guides = check_guides(split_list(guides_opt)) if guides_opt else [
-        g for g in guide_names() if preset.small is not None or not guide_class(g).needs_small]
-    needs_small = [g for g in guides if guide_class(g).needs_small]
-    if needs_small and preset.small is None:
-        raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")
-    point = None
-    if calibration is not None:
-        point = calibration_point(preset, calibration, None if quiet else note)
-        threshold = point.threshold
-        if point.retain is None:
-            err(f"sgl: {calibration} names no retain: only its threshold is used")
-            point = None
-    if point is not None:  # its operating point is among the settings
-        retains = sorted({*retains, point.retain}, reverse=True)
-        guides = guides if "sgl" in guides else ["sgl", *guides]
-        k = point.prune_layer
-        if k is not None and k != preset.settings.prune_layer:
-            if overrides.get("prune_layer") is None:
-                preset = preset.with_settings(prune_layer=k)
-            else:
-                err(f"sgl: warning: the calibration chose prune layer {k}; --prune-layer "
-                    f"{preset.settings.prune_layer} checks another operating point")
-    if threshold is not None and preset.small is None:
-        raise SglError("early exit (--threshold/--calibration) needs a small model")
-
+    preset = load_preset(preset_name).with_settings(**overrides)
+    guides = check_guides(split_list(guides_opt)) if guides_opt else None
+    plan = EvaluationPlan.make(preset, guides, retains, metric,
+                               threshold, calibration, save_scores=save_scores, notify=None if quiet else note,
+                               warn=note)
     data = read_labelled(input)
     for message in data.invalid[:10]:
         err(f"sgl: skipped {message}")
@@ -160,117 +137,30 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     if not items:
         raise SglError(f"{input}: no line has an 'answer'; eval needs reference answers")
 
-    from ..engine.core.engine import Engine
-    from ..engine.core.models import load_model
-    from ..engine.evaluation.evaluate import evaluate
-    from ..engine.views.plots import plot_eval
+    from ..engine.views.tables import calibration_check_table, eval_table
+    from ..engine.evaluation.plots import plot_eval
 
     set_threads(threads)
-    small = load_model(preset.small, "small") if preset.small is not None else None
-    large = load_model(preset.large, "large")
-    preset = preset.with_settings(guide=guides[0])
-    engine = Engine(preset.settings, small, large, preset)
-    if engine.random_weights:
+    evaluation = plan.load()
+    if evaluation.random_weights:
         warn_random_weights("answers and accuracy")
-    from ..engine.core.record import SCORES_KEY
-    from ..engine.io.scores import ScoreWriter, scores_path
-
-    sink = details.open("w", encoding="utf-8") if details else None
-    scores = ScoreWriter(scores_path(details), append=False, settings=True) if save_scores else None
     try:
         with progress_bar("sgl eval", quiet, len(items)) as advance:
-            def on_batch(rows: list[dict], n: int) -> None:
-                for r in rows:
-                    payloads = r.pop(SCORES_KEY, {})
-                    if sink:
-                        sink.write(json.dumps(r) + "\n")
-                    for setting, payload in payloads.items():
-                        scores.write(r["line"], payload, setting)
-                if sink:
-                    sink.flush()
-                advance(n)
-
-            result = evaluate(engine, items, guides, retains, metric, threshold, on_batch, calibration=point,
-                              save_scores=save_scores)
+            result = evaluation.run(items, lambda rows, n: advance(n), details=details)
     except ValueError as exc:
         raise SglError(str(exc)) from None
-    finally:
-        if sink:
-            sink.close()
-        if scores:
-            scores.close()
-    result["preset"] = preset.name
     for message in result["errors"][:10]:
         err(f"sgl: left out {message}")
     if plot:
-        plot_eval(result, plot, title=f"{input.name}: {result['items']} items, preset {preset.name}")
+        plot_eval(result, plot, title=f"{input.name}: {result['items']} items, preset {plan.preset.name}")
     if json_out:
         typer.echo(json.dumps(result, indent=1))
     else:
-        _table(result)
+        eval_table(result)
         if result.get("calibration"):
-            _check(result["calibration"])
+            calibration_check_table(result["calibration"])
     if not quiet:
         written = [str(p) for p in (plot, details, scores_path(details) if save_scores else None) if p]
         if written:
             err(f"sgl: wrote {', '.join(written)}")
     return 1 if result["errors"] else 0
-
-
-def _table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    types = sorted({t for r in [result["large_alone"], *result["results"]] for t in r["per_type"]})
-    large_acc = result["large_alone"]["accuracy"]
-    exit_note = f", threshold {result['threshold']:.4g}" if result["threshold"] is not None else ", no early exit"
-    table = Table(title=f"{result['items']} items, metric {result['metric']}{exit_note}", title_justify="left",
-                  caption="rel: accuracy / large alone's; kept: mean visual tokens the large model kept",
-                  caption_justify="left")
-    for name in ("setting", "retain", "K", "accuracy", "rel", *types, "exit", "compute", "large calls", "kept",
-                 "items/s"):
-        table.add_column(name, justify="left" if name == "setting" else "right")
-
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    def row(name, r, retain="1", k="", rel=None, exit_rate=None, kept=None, compute=None, style=None):
-        table.add_row(name, retain, k, fmt(r["accuracy"]), fmt(rel), *(fmt(r["per_type"].get(t)) for t in types),
-                      fmt(exit_rate, ".1%"), fmt(compute, ".2f"), str(r["large_calls"]), fmt(kept, ".1f"),
-                      fmt(r["items_per_s"], ".2f"), style=style)
-
-    if result["small_alone"]:
-        s = result["small_alone"]
-        row("small alone", s, rel=s["accuracy"] / large_acc if large_acc else None, style="dim")
-    la = result["large_alone"]
-    row("large alone", la, rel=1.0 if large_acc else None, kept=la["visual_tokens"], compute=1.0, style="bold")
-    for r in result["results"]:
-        row(r["guide"], r, retain=f"{r['retain']:g}", k=str(r["prune_layer"]), rel=r["relative_accuracy"],
-            exit_rate=r["exit_rate"], kept=r["retained_tokens"], compute=r["relative_compute"])
-    import sys
-
-    # Piped or redirected, rich would wrap at 80 columns; a table in a file should stay one row per line.
-    Console(width=None if sys.stdout.isatty() else 110 + 8 * len(types)).print(table)
-
-
-def _check(check: dict) -> None:
-    """The calibrated operating point: predicted by its file, measured on these items."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"calibrated operating point ({check['file']}): sgl, retain {check['retain']:g}, prune layer "
-                        f"{check['prune_layer']}, threshold {check['threshold']:.6g}", title_justify="left",
-                  caption="x large: accuracy / the large model alone's; compute: 1 = the large model alone",
-                  caption_justify="left")
-    for name in ("", "items", "exit rate", "accuracy", "x large", "compute"):
-        table.add_column(name, justify="left" if not name else "right")
-
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-
-    for name, values, n in (("predicted (its items)", check["predicted"], check["predicted_items"]),
-                            ("measured (these items)", check["measured"], check["measured_items"])):
-        values = values or {}
-        table.add_row(name, str(n), fmt(values.get("exit_rate"), ".1%"), fmt(values.get("accuracy"), ".3f"),
-                      fmt(values.get("relative_accuracy"), ".3f"), fmt(values.get("relative_compute"), ".2f"))
-    Console(width=120).print(table)

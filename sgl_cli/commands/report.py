@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..engine.evaluation.metrics import DEFAULT_METRIC, METRICS  # light: no torch
+from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ._common import domain_errors, err, with_help
 
 
@@ -38,7 +38,7 @@ def report(
         import time
 
         from ..engine.errors import SglError
-        from ..engine.evaluation.metrics import get_metric
+        from ..engine.metrics import get_metric
         from ..engine.views.report import write_report
         from ..engine.views.report_data import gather
 

@@ -91,7 +91,7 @@ def run(
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
 ) -> None:
     """Answer every item of an input file with small-model guidance and early exit."""
-    from ..engine.io.sources import Columns
+    from ..engine.io.formats import Columns
 
     with domain_errors():
         code = _run(input, out, preset, dict(
@@ -136,7 +136,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
          again: str = "", save_scores: bool = False) -> int:
     from ..engine.errors import SglError
     from ..engine.io.fetch import FetchPolicy
-    from ..engine.io.run import Run
+    from ..engine.runs.run import Run
     from ..engine.preset import load_preset
 
     if overrides.get("guide") is not None:
@@ -147,7 +147,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         if given:
             raise SglError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --backend ray")
     elif backend == "ray":
-        from ..engine.io.ray_backend import RayOptions
+        from ..engine.runs.ray_backend import RayOptions
 
         ray_options = RayOptions(num_workers, gpus_per_worker, threads)
     preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize)

@@ -23,32 +23,33 @@ from typing import TYPE_CHECKING
 
 from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
-from .io.items import Item, read_items
+from .io.formats import read_items
+from .io.items import Item
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:
-    from .core.engine import Engine, LargeInputs
-    from .core.stages import Encoded, LargeAnswer, SmallPass, Work
-    from .evaluation.bench_setup import Bench
+    from .calibration import PURPOSES, apply_calibration, resolve_calibration
+    from .pipeline.engine import Engine, LargeInputs
+    from .pipeline.stages import Encoded, LargeAnswer, SmallPass, Work
+    from .evaluation.bench import Bench
     from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
-    from .evaluation.fingerprint import apply_calibration
     from .guides.base import Guide, GuideBatch, GuideItem
-    from .io.run import Run, RunSummary
+    from .runs.run import Run, RunSummary
 
 # Loaded on first use (they import torch).
 _LAZY = {
-    "Engine": ".core.engine", "LargeInputs": ".core.engine",
-    "Encoded": ".core.stages", "LargeAnswer": ".core.stages", "SmallPass": ".core.stages", "Work": ".core.stages",
-    "Bench": ".evaluation.bench_setup", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
-    "apply_calibration": ".evaluation.fingerprint",
+    "Engine": ".pipeline.engine", "LargeInputs": ".pipeline.engine",
+    "Encoded": ".pipeline.stages", "LargeAnswer": ".pipeline.stages", "SmallPass": ".pipeline.stages", "Work": ".pipeline.stages",
+    "Bench": ".evaluation.bench", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
+    "apply_calibration": ".calibration", "resolve_calibration": ".calibration", "PURPOSES": ".calibration",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
-    "Run": ".io.run", "RunSummary": ".io.run",
+    "Run": ".runs.run", "RunSummary": ".runs.run",
 }
 
-__all__ = ["Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
+__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
            "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
-           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names",
+           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names", "resolve_calibration",
            "load_preset", "make_guide", "read_items"]
 
 

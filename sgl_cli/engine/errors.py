@@ -6,6 +6,30 @@ class SglError(Exception):
     """A problem with the user's settings, preset or models: the run cannot start."""
 
 
+class SettingError(SglError, ValueError):
+    """A setting's value (or a combination of settings) that cannot be used. `settings` are the settings' names,
+    in the order `template`'s `{}` fields name them: the library says the names, the CLI its flags for them
+    (`commands/_common.py`'s FLAGS), so that no layer rewords another's message."""
+
+    def __init__(self, template: str, *settings: str):
+        self.template = template
+        self.settings = settings
+        super().__init__(template.format(*settings))
+
+    @property
+    def setting(self) -> str:
+        return self.settings[0]
+
+    def worded(self, names: dict[str, str]) -> str:
+        """The message with each setting called by `names` (a setting missing from it: by its own name)."""
+        return self.template.format(*(names.get(s, s) for s in self.settings))
+
+    @classmethod
+    def about(cls, setting: str, exc: Exception) -> "SettingError":
+        """`setting: <exc's message>` (a message from below that does not name the setting)."""
+        return cls("{}: " + str(exc).replace("{", "{{").replace("}", "}}"), setting)
+
+
 class PresetError(SglError):
     """A preset file or name that cannot be used."""
 

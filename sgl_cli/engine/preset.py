@@ -135,7 +135,6 @@ class Preset:
     source: str = ""  # the file it was read from; not written back
     # The settings given explicitly over the file's (with_settings): a calibration file does not override them.
     overridden: frozenset[str] = frozenset()
-    calibration_applied: bool = False  # its calibration file's settings are in `settings` (apply_calibration)
 
     def with_settings(self, **overrides: Any) -> "Preset":
         """A copy with the non-None overrides applied (`threshold=None` is spelled `no_exit=True`)."""
@@ -187,7 +186,7 @@ def _typed(cls, data: Any, where: str, source: str):
     return cls(**values)
 
 
-_NOT_KEYS = ("source", "overridden", "calibration_applied")
+_NOT_KEYS = ("source", "overridden")
 
 
 def _quote(value: Any, limit: int = 60) -> str:

@@ -1,7 +1,7 @@
 """Published VLM architectures, built offline with random weights at their exact sizes (`sgl bench --arch`).
 
 Each `ModelArch` holds the values of one checkpoint's published `config.json` (language model, vision tower,
-projector) and its published parameter count; `build(pair, ...)` turns a pair of them into two `LoadedModel`s
+projector) and its published parameter count; `pipeline/models.py`'s `from_arch(pair, ...)` turns a pair of them into two `LoadedModel`s
 with random weights created directly on the target device and dtype (the model is laid out on the `meta` device
 first, so no fp32 copy of 7B parameters is ever made on the CPU), a byte-level tokenizer holding the family's
 special tokens at their published ids and sized to the published vocabulary, and the family's own processor with
@@ -322,24 +322,6 @@ def _normal(t, std: float, gen) -> None:
     flat, k = t.view(-1), n // _BLOCK
     flat[: k * _BLOCK].view(k, _BLOCK).copy_(block.expand(k, _BLOCK))
     flat[k * _BLOCK:].copy_(block[: n - k * _BLOCK])
-
-
-def build(pair: ArchPair, *, layers: int | None = None, vision_layers: int | None = None,
-          dtype: str = "bfloat16", device: str = "cpu", quantize: str | None = None, seed: int = 0):
-    """(small, large) `LoadedModel`s of `pair` with random weights, sharing one processor; `quantize` ("nf4")
-    applies to the large model, as in `sgl run --quantize`."""
-    from ..core.models import from_memory
-    from ..preset import ModelSpec
-
-    processor = build_processor(pair.small, max(pair.small.text.vocab, pair.large.text.vocab))
-    loaded = []
-    for i, (role, arch) in enumerate((("small", pair.small), ("large", pair.large))):
-        model = build_model(arch, processor, layers=layers, vision_layers=vision_layers, dtype=dtype, device=device,
-                            seed=seed + i)
-        spec = ModelSpec(f"arch:{pair.name}/{role}", dtype=dtype, device=device,
-                         quantize=quantize if role == "large" else None)
-        loaded.append(from_memory(model, processor, spec, role, random_weights=True))
-    return tuple(loaded)
 
 
 def describe(arch: ModelArch, model: Any = None) -> dict:

@@ -77,12 +77,13 @@ def _n_objects(rng: random.Random, rows: int, cols: int) -> int:
     return rng.randint(1, 3) if cells <= 16 else rng.randint(2, 5) if cells <= 64 else rng.randint(4, 8)
 
 
-def _random_objs(rng: random.Random, rows: int, cols: int, n: int, taken: set) -> list[Obj]:
+def random_objects(rng: random.Random, rows: int, cols: int, n: int, taken: set) -> list[Obj]:
+    """`n` objects of random shape and colour on distinct free cells of the grid (not in `taken`)."""
     free = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in taken]
     return [Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), r, c) for r, c in rng.sample(free, min(n, len(free)))]
 
 
-def _name(o: Obj, objs: list[Obj]) -> str | None:
+def object_name(o: Obj, objs: list[Obj]) -> str | None:
     """The shortest unique description of `o` among `objs`: its shape, or its colour and shape."""
     if sum(p.shape == o.shape for p in objs) == 1:
         return o.shape
@@ -101,10 +102,10 @@ def _relation(rng: random.Random, rows: int, cols: int) -> Example | None:
     target = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), tr, tc)
     # Keep every other object off the anchor's eight neighbours, so "next to the anchor" is one object.
     near = {(r + i, c + j) for i in (-1, 0, 1) for j in (-1, 0, 1)}
-    others = _random_objs(rng, rows, cols, max(0, _n_objects(rng, rows, cols) - 2), near | {(tr, tc)})
+    others = random_objects(rng, rows, cols, max(0, _n_objects(rng, rows, cols) - 2), near | {(tr, tc)})
     objs = [anchor, target, *others]
     rng.shuffle(objs)
-    name = _name(anchor, objs)
+    name = object_name(anchor, objs)
     if name is None:
         return None
     if rng.random() < 0.5:
@@ -122,7 +123,7 @@ def make_example(rng: random.Random, rows: int, cols: int, kind: str | None = No
             if ex:
                 return ex
             continue
-        objs = _random_objs(rng, rows, cols, _n_objects(rng, rows, cols), set())
+        objs = random_objects(rng, rows, cols, _n_objects(rng, rows, cols), set())
         if kind == "count":
             shape = rng.choice(SHAPES)
             n = sum(o.shape == shape for o in objs)

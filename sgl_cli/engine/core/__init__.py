@@ -1,1 +1,1 @@
-"""The inference core: loading models, the transformers seam, generation, importance capture, pruning, the Engine."""
+"""The inference primitives: the transformers seam, processors, generation, importance capture, pruning."""

@@ -37,13 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SglError
-from ..io.items import Item, read_items
+from ..errors import SettingError, SglError
+from ..io.batches import batches
+from ..io.formats import read_items
+from ..io.items import Item
 from ..io.output import RecordWriter, completed_lines
 from ..preset import Preset
-from .calibration import Choice, Costs, Outcome, choose, parse_retains, save_calibration, to_yaml_dict
-from .fingerprint import calibration_fingerprint
-from .metrics import get_metric
+from ..calibration import calibration_fingerprint, resolve_calibration
+from .calibration_file import save_calibration, to_yaml_dict
+from .operating_points import Choice, Costs, Outcome, choose
+from .retains import parse_retains
+from ..metrics import get_metric
 
 CACHE_FORMAT = 2  # part of the cache's name: a cache of another format is never read
 SMALL_SET = 200  # fewer labelled items than this: the choice fits them closely (say so)
@@ -129,7 +133,7 @@ def decode_small(entry: dict):
     import numpy as np
     import torch
 
-    from ..core.stages import SmallPass
+    from ..pipeline.stages import SmallPass
 
     importance = np.frombuffer(base64.b64decode(entry["importance"]), dtype="<f4").copy()
     return SmallPass(entry["tokens"], entry["probs"], entry["answer"], torch.from_numpy(importance),
@@ -177,9 +181,9 @@ class Calibrator:
         try:
             self.retains = parse_retains(list(retains))
         except ValueError as exc:
-            raise SglError(f"--retain: {exc}") from None
+            raise SettingError.about("retain", exc) from None
         # Both models on every item; the preset's own calibration file is not applied to its calibration.
-        self.preset = dataclasses.replace(preset.with_settings(no_exit=True), calibration_applied=True)
+        self.preset = resolve_calibration(preset.with_settings(no_exit=True), "calibrate").preset
         self.fingerprint = calibration_fingerprint(self.preset)
         self.out = Path(out) if out is not None else self.input.with_name(f"{self.input.stem}.calibration.yaml")
         if not self.out.parent.is_dir():
@@ -227,6 +231,13 @@ class Calibrator:
         return "; ".join(parts) or "nothing: every item is cached"
 
     # -- computing -------------------------------------------------------------------------------------------
+    def load_engine(self):
+        """The engine `compute` runs on: both models of `self.preset` (which names no calibration file: its own is
+        not applied to its calibration)."""
+        from ..pipeline.engine import Engine
+
+        return Engine.from_preset(self.preset)
+
     def compute(self, engine) -> Iterator[int]:
         """Run what the cache lacks on `engine` (loaded from `self.preset`), appending to the cache as each
         batch completes; yields the number of items of each batch."""
@@ -240,9 +251,7 @@ class Calibrator:
             for need, items in groups.items():
                 retains = [r for r in (self.retains if need is None else need) if r < 1.0]
                 comparison = Comparison(engine, [("sgl", r) for r in retains])
-                size = engine.settings.batch_size
-                for start in range(0, len(items), size):
-                    batch = items[start:start + size]
+                for batch in batches(items, engine.settings.batch_size):
                     for rec in self._batch(comparison, retains, batch, full=need is None):
                         writer.write(rec)
                         merge(self.records.setdefault(rec["line"], {"line": rec["line"], "pruned": {}}), rec)
@@ -263,7 +272,7 @@ class Calibrator:
     def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
         known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
         try:
-            res = comparison.run(items, large_alone=full, small=known)
+            res = comparison.batch(items, large_alone=full, small=known)
         except Exception as exc:  # noqa: BLE001 - a model failure fails its items (one by one), not the calibration
             if len(items) > 1:
                 return [r for item in items for r in self._batch(comparison, retains, [item], full)]
@@ -338,6 +347,6 @@ class Calibrator:
                                       prune_layer=self.preset.settings.prune_layer, costs=result.costs,
                                       retains=self.retains, stage_ms=result.stage_ms), self.out)
         if plot is not None:
-            from ..views.plots import plot_calibration
+            from .plots import plot_calibration
 
             plot_calibration(result.choice, plot, title=title)

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.engine import Engine, exits
-from ..core.stages import Reduced, SmallPass, Work
+from ..pipeline.engine import Engine, exits
+from ..pipeline.reduce import reduced_rows
+from ..pipeline.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
 from ..io.items import Item
 
 
 @dataclass
-class Outcome:
+class SettingOutcome:
     """One setting's result for one item."""
 
     exit: str  # "small" (the small answer was returned; nothing was pruned) or "large"
@@ -43,7 +44,7 @@ class BatchResult:
     works: list[Work]  # every item of the batch, failed ones included (`error` set)
     live: list[Work]  # the items that went through, in order; every list below is aligned with it
     large_alone: list[str] | None = None  # the large model's unpruned answers, when asked for
-    outcomes: dict[tuple[str, float], list[Outcome]] = field(default_factory=dict)
+    outcomes: dict[tuple[str, float], list[SettingOutcome]] = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # per setting, "large_alone", "small_alone": stage time it needs
     # Per setting: the large model's share of its time alone (vision tower and pruned pass, for the items it ran).
     large_seconds: dict = field(default_factory=dict)
@@ -70,8 +71,8 @@ class Comparison:
         return self.engine.prune_layer(self.guides[guide])
 
     @torch.inference_mode()
-    def run(self, items: list[Item], *, answers: bool = True, large_alone: bool = True,
-            small: list[SmallPass | None] | None = None) -> BatchResult:
+    def batch(self, items: list[Item], *, answers: bool = True, large_alone: bool = True,
+              small: list[SmallPass | None] | None = None) -> BatchResult:
         """One batch. Without `answers`, the large model runs only where a guide ranks inside it (one token).
         `small`, aligned with `items`: each item's small pass when it is known already (None: run it); those
         items skip the small model, and their `ms["small"]` stays 0."""
@@ -112,20 +113,21 @@ class Comparison:
             # where the unpruned answer is its answer.
             own_rows = guide.reduces_input and not (retain >= 1.0 and full is not None)
             seconds = 0.0 if own_rows else t_rows * len(todo)
-            results: dict[int, Outcome] = {}
+            results: dict[int, SettingOutcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
                 ranked = inputs.scores.get(name)  # `inputs` is aligned with `live`; a prefill ranker has none
                 for i, w in enumerate(live):
                     if not exited[i]:
-                        results[i] = Outcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
+                        results[i] = SettingOutcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
             elif todo and guide.reduces_input and not answers:  # what the large model would see, no answer
-                _, seen = eng.reduced_rows(todo, guide, retain)
+                _, seen = reduced_rows(eng.large, todo, guide, retain, eng.settings.prompt_suffix.strip())
                 index = iter(seen)
                 for i in range(len(live)):
                     if not exited[i]:
                         r = next(index)
-                        results[i] = Outcome("large", None, torch.ones(r.n_visual), torch.arange(r.n_visual), k, r)
+                        n = r.n_visual
+                        results[i] = SettingOutcome("large", None, torch.ones(n), torch.arange(n), k, r)
             elif todo and (answers or guide.ranks_in_prefill or guide.reduces_input):
                 t0 = time.perf_counter()
                 got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
@@ -134,18 +136,22 @@ class Comparison:
                 for i in range(len(live)):
                     if not exited[i]:
                         a = next(index)
-                        results[i] = Outcome("large", a.answer if answers else None, a.scores, a.kept, k, a.reduced)
+                        results[i] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept, k,
+                                                    a.reduced)
             elif todo:
                 sub = inputs.select(todo)
                 for i, w, item, s in zip([i for i, e in enumerate(exited) if not e], todo, sub.items,
                                          sub.scores[name]):
-                    results[i] = Outcome("large", None, s, guide.keep(eng.large, item, s, retain), k)
+                    results[i] = SettingOutcome("large", None, s, guide.keep(eng.large, item, s, retain), k)
             out.outcomes[(name, retain)] = [
-                results[i] if i in results else Outcome("small", w.small.answer, None, None, k)
+                results[i] if i in results else SettingOutcome("small", w.small.answer, None, None, k)
                 for i, w in enumerate(live)]
             out.large_seconds[(name, retain)] = seconds
             out.seconds[(name, retain)] = seconds + (t_small if guide.needs_small else 0.0)
         return out
+
+
+    run = batch  # its name before 0.3 (one batch, not a run)
 
 
 class _Everything(Guide):

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
-from ..core.engine import Engine
-from ..core.stages import Work
+from ..calibration import resolve_calibration
+from ..pipeline.engine import Engine
+from ..errors import SettingError, SglError
+from ..io.batches import batches
+from ..preset import Preset
+from ..pipeline.stages import Work
 from ..io.items import Item
 from .calibrate import reference_strings
 from .compare import Comparison
-from .fingerprint import CalibratedPoint
-from .metrics import get_metric
+from ..calibration import CalibratedPoint
+from ..metrics import get_metric
 from .operating_points import Costs
 
 
@@ -85,6 +90,9 @@ class Tally:
         }
 
 
+DEFAULT_RETAINS = (1.0, 0.5, 0.25, 0.09)
+
+
 def _r(x, nd: int = 4):
     return None if x is None else round(x, nd)
 
@@ -112,10 +120,56 @@ class Evaluation:
         self.small_ms: list[float] = []  # per item: the small model's pass
         self.alone_ms: list[float] = []  # per item: the large model alone
         self.needs_small = {g: self.comparison.guides[g].needs_small for g, _ in self.settings}
+        self.preset: Preset | None = None  # set by from_preset: the result names it
+
+    @classmethod
+    def from_preset(cls, preset: Preset, guides: list[str] | None = None, retains: Iterable[float] = DEFAULT_RETAINS,
+                    metric: str = "vqa", threshold: float | None = None, calibration: str | Path | None = None, *,
+                    save_scores: bool = False, notify: Callable[[str], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> "Evaluation":
+        """Load `preset`'s models for `guides` at `retains` and evaluate with them (`EvaluationPlan`)."""
+        return EvaluationPlan.make(preset, guides, retains, metric, threshold, calibration, save_scores=save_scores,
+                                   notify=notify, warn=warn).load()
+
+    @property
+    def random_weights(self) -> bool:
+        return self.comparison.engine.random_weights
+
+    def run(self, items: Iterable[Item], on_batch: Callable[[list[dict], int], None] | None = None,
+            details: Path | None = None) -> dict:
+        """Evaluate `items` (labelled) in batches of the engine's batch size and give `result()`. `details`: a JSONL
+        file of every item's answers per setting (with `save_scores`, the rankings beside it:
+        `io/scores.py`'s `scores_path`); `on_batch(details, n_items)` after each batch."""
+        import json
+
+        from ..pipeline.record import SCORES_KEY
+        from ..io.scores import ScoreWriter, scores_path
+
+        sink = details.open("w", encoding="utf-8") if details else None
+        scores = ScoreWriter(scores_path(details), append=False, settings=True) if self.save_scores else None
+        try:
+            for batch in batches(items, self.comparison.engine.settings.batch_size):
+                rows = self.add_batch(batch)
+                for r in rows:
+                    payloads = r.pop(SCORES_KEY, {})
+                    if sink:
+                        sink.write(json.dumps(r) + "\n")
+                    for setting, payload in payloads.items():
+                        scores.write(r["line"], payload, setting)
+                if sink:
+                    sink.flush()
+                if on_batch:
+                    on_batch(rows, len(batch))
+        finally:
+            if sink:
+                sink.close()
+            if scores:
+                scores.close()
+        return self.result()
 
     def add_batch(self, items: list[Item]) -> list[dict]:
         """Evaluate one batch; returns per-item detail records (answers and correctness per setting)."""
-        batch = self.comparison.run(items)
+        batch = self.comparison.batch(items)
         live = batch.live
         self.errors += [w.error for w in batch.works if w.error is not None]
         if not live:
@@ -148,7 +202,7 @@ class Evaluation:
     def _attach_scores(self, batch, details: list[dict]) -> None:
         """Each detail record carries, under SCORES_KEY, its ranking and kept tokens per setting (the guide's
         scores; after an exit, the small model's SGP importance and nothing kept; at retain 1, every token kept)."""
-        from ..core.record import SCORES_KEY, token_grids
+        from ..pipeline.record import SCORES_KEY, token_grids
         from ..io.scores import score_payload
 
         for i, (w, d) in enumerate(zip(batch.live, details)):
@@ -200,6 +254,8 @@ class Evaluation:
         }
         if self.calibration is not None:
             out["calibration"] = self.check(out)
+        if self.preset is not None:
+            out["preset"] = self.preset.name
         return out
 
     def check(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +269,57 @@ class Evaluation:
                 "measured": {k: row[k] for k in keys}, "measured_items": row["n"]}
 
 
+@dataclass
+class EvaluationPlan:
+    """What an evaluation will run, settled before any model loads (`make`), then `load`ed."""
+
+    preset: Preset
+    guides: list[str]
+    retains: list[float]
+    metric: str
+    threshold: float | None
+    calibration: CalibratedPoint | None
+    save_scores: bool = False
+
+    @classmethod
+    def make(cls, preset: Preset, guides: list[str] | None = None, retains: Iterable[float] = DEFAULT_RETAINS,
+             metric: str = "vqa", threshold: float | None = None, calibration: str | Path | None = None, *,
+             save_scores: bool = False, notify: Callable[[str], None] | None = None,
+             warn: Callable[[str], None] | None = None) -> "EvaluationPlan":
+        """`guides` (default: every guide the preset can run) at `retains`. Nothing exits early unless
+        `threshold`, or `calibration` (a file whose point is then measured too: the sgl guide at its retain, prune
+        layer and threshold; `engine/calibration.py`, purpose "eval")."""
+        from ..guides import guide_class, guide_names
+
+        get_metric(metric)
+        if threshold is not None and calibration is not None:
+            raise SettingError("give {} or {}, not both", "threshold", "calibration")
+        preset = preset.with_settings(no_exit=True)
+        guides = list(guides) if guides else [
+            g for g in guide_names() if preset.small is not None or not guide_class(g).needs_small]
+        needs_small = [g for g in guides if guide_class(g).needs_small]
+        if needs_small and preset.small is None:
+            raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")
+        retains = list(retains)
+        point = None
+        if calibration is not None:
+            resolved = resolve_calibration(preset, "eval", calibration, notify=notify, warn=warn or notify)
+            preset, point, threshold = resolved.preset, resolved.point, resolved.threshold
+        if point is not None:  # its operating point is among the settings
+            retains = sorted({*retains, point.retain}, reverse=True)
+            guides = guides if "sgl" in guides else ["sgl", *guides]
+        if threshold is not None and preset.small is None:
+            raise SettingError("early exit ({}/{}) needs a small model", "threshold", "calibration")
+        return cls(preset.with_settings(guide=guides[0]), guides, retains, metric, threshold, point, save_scores)
+
+    def load(self) -> Evaluation:
+        """The models loaded (the small one whenever the preset names one: it is also measured alone)."""
+        ev = Evaluation(Engine.load(self.preset, small=True), self.guides, self.retains, self.metric,
+                        self.threshold, self.calibration, self.save_scores)
+        ev.preset = self.preset
+        return ev
+
+
 def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: list[float], metric: str,
              threshold: float | None = None, on_batch: Callable[[list[dict], int], None] | None = None,
              calibration: CalibratedPoint | None = None, save_scores: bool = False) -> dict:
@@ -221,19 +328,4 @@ def evaluate(engine: Engine, items: Iterable[Item], guides: list[str], retains: 
     among the settings), the result's `calibration` checks its operating point. With `save_scores`, each detail
     record carries its rankings per setting under `SCORES_KEY` (core/record.py)."""
     ev = Evaluation(engine, guides, retains, metric, threshold, calibration, save_scores)
-    batch: list[Item] = []
-    size = engine.settings.batch_size
-
-    def flush():
-        details = ev.add_batch(batch)
-        if on_batch:
-            on_batch(details, len(batch))
-
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            flush()
-            batch = []
-    if batch:
-        flush()
-    return ev.result()
+    return ev.run(items, on_batch)

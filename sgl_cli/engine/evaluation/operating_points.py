@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .retains import AUTO_RETAINS, parse_retains  # noqa: F401 - importable from here too
 
 # Relative accuracy reported when the large model gets nothing right but the mixed system does: the ratio is
 # unbounded, so use the largest accepted target, which such a point meets (an unbounded improvement meets any).
@@ -214,16 +213,18 @@ def describe(p: Point) -> str:
 
 def validate_target(target_accuracy: float | None, exit_rate: float | None,
                     confidence: float | None = None) -> None:
-    """ValueError unless exactly one valid target is given (checked before any model runs)."""
+    """A SettingError (a ValueError) unless exactly one valid target is given (checked before any model runs)."""
+    from ..errors import SettingError
+
     if (target_accuracy is None) == (exit_rate is None):
-        raise ValueError("give exactly one of target_accuracy or exit_rate")
+        raise SettingError("give exactly one of {} or {}", "target_accuracy", "exit_rate")
     if target_accuracy is not None and not 0 < target_accuracy <= MAX_TARGET_ACCURACY:
-        raise ValueError(f"target_accuracy is a fraction of the large model's accuracy and must be in "
-                         f"(0, {MAX_TARGET_ACCURACY:g}], got {target_accuracy!r}")
+        raise SettingError(f"{{}} is a fraction of the large model's accuracy and must be in "
+                           f"(0, {MAX_TARGET_ACCURACY:g}], got {target_accuracy!r}", "target_accuracy")
     if exit_rate is not None and not 0 <= exit_rate <= 1:
-        raise ValueError(f"exit_rate must be in [0, 1], got {exit_rate!r}")
+        raise SettingError(f"{{}} must be in [0, 1], got {exit_rate!r}", "exit_rate")
     if confidence is not None and not 0.5 <= confidence < 1:
-        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
+        raise SettingError(f"{{}} must be in [0.5, 1), got {confidence!r}", "confidence")
 
 
 def choose(outcomes: Sequence[Outcome], costs: Costs, retains: Sequence[float], *,

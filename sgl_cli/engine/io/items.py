@@ -1,6 +1,6 @@
 """Input items, and sgl's own JSONL format: one JSON object per line.
 
-Whatever the input format (sgl JSONL, an OpenAI batch file, Parquet, a saved dataset: `io/sources.py`), every
+Whatever the input format (sgl JSONL, an OpenAI batch file, Parquet, a saved dataset: `io/formats/`), every
 input item becomes one `Item`, and every item yields exactly one output record: an item that cannot be run carries
 its `error` ("line 17: ..." or "row 17: ...") and the run goes on. Parsing never raises.
 """
@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM context holds
 
@@ -247,13 +247,3 @@ def _images(obj: dict, item: Item, base: Path) -> list[ImageRef] | None:
         else:
             refs.append(ImageRef.parse(value.strip(), base))
     return refs
-
-
-def read_items(path: str | Path, skip: int = 0, **options) -> Iterator[Item]:
-    """Stream the items of an input file of any format sgl reads (`io/sources.py`), from the `skip`-th on."""
-    from .sources import open_source
-
-    source = open_source(Path(path), **options)
-    for n, (line, payload) in enumerate(source):
-        if n >= skip:
-            yield source.parse(line, payload)

@@ -78,7 +78,7 @@ def load_records(out: Path) -> list[dict]:
 
 def _items_by_line(about: dict, input_override: Path | None, notes: list[str]) -> dict[int, Any]:
     from ..errors import SglError
-    from ..io.sources import Columns, open_source
+    from ..io.formats import Columns, open_source
 
     path = input_override or (Path(about["input"]) if about.get("input") else None)
     if path is None:
@@ -147,8 +147,8 @@ def _quantiles(values: list[float]) -> dict:
 def gather(out: Path, input: Path | None = None, metric: str = "vqa", fetch: bool = False) -> ReportData:
     """Everything the report shows, from the output file and what lies beside it."""
     from ..evaluation.calibrate import reference_strings
-    from ..evaluation.metrics import get_metric
-    from ..io.run import run_info_path
+    from ..metrics import get_metric
+    from ..runs.run import run_info_path
     from ..io.scores import read_scores, scores_path
 
     notes: list[str] = []

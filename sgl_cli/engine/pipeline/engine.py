@@ -9,7 +9,7 @@ fraction of visual tokens as the guide ranks them, in original order with their 
     for record in engine.run(read_items(Path("batch.jsonl"))):
         print(record["answer"])
 
-The stages are public, each with a typed result (`core.stages`), so that other drivers (`sgl eval`'s comparison
+The stages are public, each with a typed result (`pipeline.stages`), so that other drivers (`sgl eval`'s comparison
 of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models:
 
     works = engine.prepare(items)            # Work.encoded
@@ -36,18 +36,19 @@ import torch
 from ..errors import ItemError, ModelLoadError
 from ..guides import guide_class, make_guide
 from ..guides.base import Guide, GuideBatch, GuideItem, n_keep, top_k_in_order
+from ..io.batches import batches
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
 from ..preset import Preset, Settings
-from .capture import ImportanceCapture
-from .generate import Generation, Row, answer_probs, collate, greedy, rows_device
-from .limits import check_text
-from .models import LoadedModel, load_model
-from .prune import PruneAtLayer
+from ..core.capture import ImportanceCapture
+from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
+from ..core.limits import check_text
+from ..core.prune import PruneAtLayer
+from .models import LoadedModel
 from .record import make_record
 from .reduce import reduced_rows
-from .stages import Encoded, LargeAnswer, Reduced, SmallPass, Work
+from .stages import Encoded, LargeAnswer, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
 
@@ -105,15 +106,32 @@ class Engine:
                     fetch: FetchPolicy | None = None) -> "Engine":
         """Load the preset's models (the small one only when the guide needs it). A preset that names a
         `calibration:` file runs with its settings, as `sgl run` does (`notify` receives what was taken)."""
-        from ..evaluation.fingerprint import apply_calibration
+        from ..calibration import resolve_calibration
 
-        preset = apply_calibration(preset, notify=notify)
-        if guide_class(preset.settings.guide).needs_small and preset.small is None:
+        return cls.load(resolve_calibration(preset, "run", notify=notify).preset, fetch)
+
+    @classmethod
+    def load(cls, preset: Preset, fetch: FetchPolicy | None = None, *, small: bool | None = None,
+             large: bool = True) -> "Engine":
+        """Load the models of a preset whose calibration is resolved already (`resolve_calibration`), as it is.
+        `small`: None loads the small model when the guide needs it, True whenever the preset names one.
+        `large=False` loads no large model: the small one encodes and lays out the tokens in its place (for
+        rankings that need no large model, `sgl inspect`'s); the prune layer is then 0, it cannot be checked."""
+        from . import models  # looked up at call time (tests count the loads)
+
+        needs_small = guide_class(preset.settings.guide).needs_small
+        if needs_small and preset.small is None:
             raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
                                  "guide needs (use --guide cls, fastv or random)")
-        small = load_model(preset.small, "small") if guide_class(preset.settings.guide).needs_small else None
-        large = load_model(preset.large, "large")
-        return cls(preset.settings, small, large, preset, fetch)
+        want_small = preset.small is not None and (needs_small or small is True or not large)
+        small_model = models.load_model(preset.small, "small") if want_small else None
+        settings = preset.settings
+        if large or small_model is None:
+            large_model = models.load_model(preset.large, "large")
+        else:
+            large_model = small_model  # stands in: same family, same processor and token layout
+            settings = dataclasses.replace(settings, prune_layer=0)
+        return cls(settings, small_model, large_model, preset, fetch)
 
     def with_settings(self, **changes: Any) -> "Engine":
         """An engine over the same loaded models with other settings (another guide, retain, threshold...)."""
@@ -130,16 +148,8 @@ class Engine:
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
         Image URLs of the items ahead are fetched while the current batch computes."""
-        pending: list[Item] = []
-        runnable = 0
-        for item in self._prefetching(items):
-            pending.append(item)
-            runnable += item.error is None
-            if runnable >= self.settings.batch_size:
-                yield from self.process(pending)
-                pending, runnable = [], 0
-        if pending:
-            yield from self.process(pending)
+        for batch in batches(self._prefetching(items), self.settings.batch_size, lambda item: item.error is None):
+            yield from self.process(batch)
 
     def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
@@ -220,8 +230,7 @@ class Engine:
         """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
         (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
         and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone).
-        A guide that reduces the large model's input (`reduces_input`) needs no `inputs`: each item is encoded
-        as the guide reduces it (`reduced_rows`) and every token of it is kept."""
+        A guide that reduces the input (`reduces_input`) needs no `inputs`: all of its input is kept (reduce.py)."""
         own = guide is None and retain is None
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
@@ -229,7 +238,7 @@ class Engine:
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
         if guide.reduces_input:
-            rows, seen = self.reduced_rows(works, guide, retain)
+            rows, seen = reduced_rows(m, works, guide, retain, self.settings.prompt_suffix.strip())
             gen = greedy(m.model, collate(rows, m.pad_id, rows_device(m.model)), limits, m.eos_ids, m.pad_id)
             answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, torch.ones(r.n_visual),
                                    torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
@@ -256,10 +265,6 @@ class Engine:
             for w, a in zip(works, answers):
                 w.large = a
         return answers
-
-    def reduced_rows(self, works: list[Work], guide: Guide, retain: float) -> tuple[list[Row], list[Reduced]]:
-        """The large model's rows of `works` as a guide that reduces its input makes them (`core.reduce`)."""
-        return reduced_rows(self.large, works, guide, retain, self.settings.prompt_suffix.strip())
 
     def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
                       limits: list[int]) -> Generation:

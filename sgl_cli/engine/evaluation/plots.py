@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluation.operating_points import Choice
+from .operating_points import Choice
 
 
 def plot_calibration(choice: Choice, path: str | Path, *, title: str = "") -> None:

@@ -1,6 +1,6 @@
 """`sgl run --backend ray`: the local backend's records, computed by a pool of Ray actors (one or many machines).
 
-The input (any format: `io/sources.py`) is turned into a Ray dataset of its items' (`line`, `payload`): the
+The input (any format: `io/formats/`) is turned into a Ray dataset of its items' (`line`, `payload`): the
 items an interrupted run already recorded are left out, as for the local backend. Its blocks
 are cut where the local engine cuts its batches (after every `batch_size` runnable items), so every model call
 sees the same rows, padding included, and the records are the local backend's to the last bit. A pool of
@@ -59,20 +59,14 @@ class RayOptions:
 def input_batches(source, skip: int, batch_size: int) -> list[list[tuple[int, bytes]]]:
     """The source's items from the `skip`-th on as (line, pickled payload), in the batches `Engine.run` makes of
     them: each ends at its `batch_size`-th runnable (parseable) item."""
-    batches: list[list[tuple[int, bytes]]] = []
-    pending: list[tuple[int, bytes]] = []
-    runnable = 0
-    for n, (line, payload) in enumerate(source):
-        if n < skip:
-            continue
-        pending.append((line, pickle.dumps(payload)))
-        runnable += source.parse(line, payload).error is None
-        if runnable >= batch_size:
-            batches.append(pending)
-            pending, runnable = [], 0
-    if pending:
-        batches.append(pending)
-    return batches
+    from ..io.batches import batches
+
+    def runnable(pair) -> bool:
+        return source.parse(*pair).error is None
+
+    pairs = ((line, payload) for n, (line, payload) in enumerate(source) if n >= skip)
+    return [[(line, pickle.dumps(payload)) for line, payload in batch]
+            for batch in batches(pairs, batch_size, runnable)]
 
 
 def blocks(batches: list[list[tuple[int, bytes]]], max_blocks: int = MAX_BLOCKS) -> list[list[tuple[int, bytes]]]:
@@ -90,10 +84,10 @@ class EngineWorker:
         torch.set_num_threads(threads)
         if os.path.isdir(cwd):  # relative paths (images, the input's folder) resolve as on the driver
             os.chdir(cwd)
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
 
         self.source = source
-        self.engine = Engine.from_preset(preset, fetch=fetch)
+        self.engine = Engine.load(preset, fetch=fetch)  # the Run resolved its calibration
         self.engine.save_scores = save_scores
 
     def __call__(self, block: dict) -> dict:

@@ -7,7 +7,7 @@ towers). Every token of the result is kept: nothing is ranked or dropped.
 
 from __future__ import annotations
 
-from .generate import Row
+from ..core.generate import Row
 from .stages import Reduced, Work
 
 

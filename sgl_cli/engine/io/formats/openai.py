@@ -19,9 +19,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .items import ImageRef, Item, bad_strings, describe, load_json_line
+from ..items import ImageRef, Item, bad_strings, describe, load_json_line
+from . import Format
+from .jsonl import Oversized, jsonl_lines
 
 URL = "/v1/chat/completions"
 # Body fields that leave greedy decoding's meaning unchanged at these values (None: any value is fine).
@@ -29,6 +31,7 @@ _NEUTRAL = {"model": None, "messages": None, "max_tokens": None, "max_completion
             "user": None, "metadata": None, "store": None, "temperature": 0, "top_p": 1, "n": 1,
             "frequency_penalty": 0, "presence_penalty": 0, "stream": False, "logprobs": False}
 _ROLES = ("system", "developer", "user", "assistant")
+_DETECT_LINES = 20  # lines looked at to tell an OpenAI batch file from sgl JSONL
 
 
 @dataclass(frozen=True)
@@ -206,3 +209,65 @@ def output_line(record: dict, item_model: str) -> dict:
     }
     out["error"] = None
     return out
+
+
+class OpenAIBatch(Format):
+    """Recognised from the content: the first JSON object of the file is a request (`custom_id` and `body`)."""
+
+    name = "openai"
+
+    def recognise(self, path: Path) -> bool:
+        return path.is_file() and _looks_openai(path)
+
+    def pairs(self, source) -> Iterator[tuple[int, Any]]:
+        return _unique_custom_ids(jsonl_lines(source.path))
+
+    def count(self, source) -> int:
+        return sum(1 for _ in jsonl_lines(source.path, keep=False))
+
+    def parse(self, source, number: int, payload: Any) -> Item:
+        return parse_request(payload, number, source.base)
+
+    def identity(self, item: Item) -> Any:
+        return item.custom_id
+
+    def name_identity(self, identity: Any) -> str:
+        return f"custom_id {identity!r}"
+
+    def output(self, record: dict, model: str) -> dict:
+        line = output_line(record, model)
+        if isinstance(line.get("error"), dict):  # an answered line carries sgl's fields under response.body.sgl
+            line["error"]["sgl"] = {"line": record["line"], "input_sha": record.get("input_sha")}
+        return line
+
+
+def _unique_custom_ids(pairs):
+    """OpenAI requests with a custom_id an earlier line used become `Duplicate` payloads (an error each). A line
+    without a usable custom_id takes `sgl-line-N` (`openai.line_custom_id`): a later request naming that id is a
+    duplicate too, so that no two output lines share one."""
+    seen: dict[str, int] = {}
+    for line, raw in pairs:
+        custom_id = recover_custom_id(raw)
+        if custom_id is not None and custom_id in seen:
+            yield line, Duplicate(custom_id, seen[custom_id])
+            continue
+        seen.setdefault(custom_id or line_custom_id(line), line)
+        yield line, raw
+
+
+def _looks_openai(path: Path) -> bool:
+    """Whether the first JSON objects of a JSONL file are OpenAI batch requests (`custom_id` and `body`)."""
+    seen = 0
+    for _, raw in jsonl_lines(path):
+        if isinstance(raw, Oversized):
+            continue
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return "custom_id" in obj and "body" in obj
+        seen += 1
+        if seen >= _DETECT_LINES:
+            break
+    return False

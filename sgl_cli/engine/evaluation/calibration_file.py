@@ -1,5 +1,5 @@
-"""The calibration file `sgl calibrate` writes and `sgl run --calibration` reads (the choice it records is made
-in `operating_points`, whose names are importable from here too).
+"""The calibration file `sgl calibrate` writes (the choice it records is made in `operating_points`; reading a file
+and resolving it for a run is `engine/calibration.py`).
 
 Version 2 (this one) names the chosen operating point: `retain`, `prune_layer` and `threshold` at the top, the
 `chosen` row, and a `table` of (retain, threshold) rows: per retain, the thresholds nearest each whole
@@ -12,34 +12,14 @@ is made from their top-level statistics.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .metrics import METRICS
-from .operating_points import (
-    AUTO_RETAINS,
-    MAX_TARGET_ACCURACY,
-    Choice,
-    Costs,
-    Outcome,
-    Point,
-    choose,
-    operating_points,
-    parse_retains,
-    validate_target,
-)
+from ..calibration import VERSION
+from .operating_points import Choice, Costs, Point
 
-__all__ = ["AUTO_RETAINS", "MAX_TARGET_ACCURACY", "VERSION", "Choice", "Costs", "Outcome", "Point",
-           "calibrated_retain", "choose", "load_calibration", "operating_points", "parse_retains", "row",
-           "save_calibration", "to_yaml_dict", "validate_target"]
-
-VERSION = 2
-# Keys a calibration file must have for a run to apply it; the rest is reporting.
-REQUIRED_KEYS = ("version", "threshold", "metric", "target", "n_items", "fingerprint")
-ROW_KEYS = ("retain", "threshold", "exit_rate", "accuracy", "relative_accuracy", "relative_compute")
 _DECIMALS = 6  # rounding of reported statistics (not thresholds or retains)
 
 
@@ -98,55 +78,6 @@ def file_points(choice: Choice, steps: int = 100) -> list[Point]:
     nearest = np.abs(rates[None, :] - np.linspace(0, 1, steps + 1)[:, None]).argmin(axis=1)
     keep = {choice.point.threshold, *(same[i].threshold for i in nearest.tolist())}
     return [p for p in choice.points if p.threshold in keep]
-
-
-def load_calibration(path: str | Path) -> dict[str, Any]:
-    """Read a calibration file (version 1 or 2), checking what a run needs; version 1 gains `chosen`."""
-    from ..safe_yaml import load_yaml
-
-    data = load_yaml(path)  # bounded; YamlError is a ValueError naming the file
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a calibration file must be a mapping of keys")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing key(s): {', '.join(missing)}")
-
-    def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{path}: bad value for key {key!r}: expected {expected}, got {data[key]!r}")
-
-    def number(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-    if data["version"] not in (1, VERSION):
-        raise bad("version", f"1 or {VERSION} (a newer sgl wrote it? upgrade sgl, or run `sgl calibrate` again)")
-    if not number(data["threshold"]):
-        raise bad("threshold", "a finite number")
-    if data.get("retain") is not None and not (number(data["retain"]) and 0 < data["retain"] <= 1):
-        raise bad("retain", "a number in (0, 1]")
-    if data.get("prune_layer") is not None and (isinstance(data["prune_layer"], bool)
-                                                 or not isinstance(data["prune_layer"], int)
-                                                 or data["prune_layer"] < 0):
-        raise bad("prune_layer", "an integer >= 0")
-    if data["metric"] not in METRICS:
-        raise bad("metric", f"one of {', '.join(sorted(METRICS))}")
-    if not isinstance(data["target"], dict):
-        raise bad("target", "a mapping")
-    if isinstance(data["n_items"], bool) or not isinstance(data["n_items"], int) or data["n_items"] < 1:
-        raise bad("n_items", "a positive integer")
-    if not isinstance(data["fingerprint"], dict):
-        raise bad("fingerprint", "a mapping")
-    if "chosen" in data and not isinstance(data["chosen"], dict):
-        raise bad("chosen", "a mapping (a table row)")
-    if data["version"] == 1 and "chosen" not in data and "exit_rate" in data:
-        # Version 1 kept the chosen point's statistics at the top, relative to the large model at its retain.
-        data["chosen"] = {"retain": data["fingerprint"].get("retain"), "threshold": data["threshold"],
-                          **{k: data[k] for k in ROW_KEYS[2:] if k in data}}
-    return data
-
-
-def calibrated_retain(data: dict[str, Any]) -> float | None:
-    """The retain a calibration was chosen for: its `retain`, or a version-1 file's fingerprint's."""
-    return data.get("retain", data["fingerprint"].get("retain"))
 
 
 # Written above the YAML so that the file explains itself to whoever opens it.

@@ -7,7 +7,7 @@
 
 Everything that needs no model is checked when the Run is made (the input, the output path, a resumed run's
 settings, the calibration), so a mistake costs no model load. The preset's calibration (or `calibration`) is
-applied as `Engine.from_preset` applies it. Records are written as they complete, each flushed whole, with the
+resolved once, here (`engine/calibration.py`, purpose "run"). Records are written as they complete, each flushed whole, with the
 resolved settings beside them (`<out stem>.preset.yaml`), and the output file is created only when the first
 record is ready: a backend that fails to start leaves nothing behind.
 """
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import SglError
+from ..errors import SettingError, SglError
 from ..preset import ModelSpec, Preset, Settings
-from .fetch import FetchPolicy
-from .output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, scan_records,
-                     settings_path)
+from ..io.fetch import FetchPolicy
+from ..io.output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, scan_records,
+                         settings_path)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RunSummary:
 
 
 class Run:
-    """Answer every item of `input` (any format sgl reads: `io/sources.py`) with `preset` into `out` (default
+    """Answer every item of `input` (any format sgl reads: `io/formats/`) with `preset` into `out` (default
     `<input stem>.sgl.jsonl` beside the input; None: records are only yielded). `resume` skips the items `out`
     already records (refusing other settings); `overwrite` replaces it. `backend` is "local" or "ray"
     (`ray_options`). `columns`, `split`, `limit` select what a table input holds; `fetch` bounds image URL fetches
@@ -86,8 +86,8 @@ class Run:
                  ray_options=None, threads: int | None = None, columns=None, split: str | None = None,
                  limit: int | None = None, fetch: FetchPolicy | None = None, save_scores: bool = False,
                  notify: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
-        from ..evaluation.fingerprint import apply_calibration
-        from .sources import open_source
+        from ..calibration import resolve_calibration
+        from ..io.formats import open_source
 
         self.lock: OutputLock | None = None
         self.input = Path(input)
@@ -99,26 +99,22 @@ class Run:
         self.fetch = fetch or FetchPolicy()
         self.save_scores = save_scores
         if resume and overwrite:
-            raise SglError("--resume and --overwrite contradict each other")
+            raise SettingError("{} and {} contradict each other", "resume", "overwrite")
         self.source = open_source(self.input, columns=columns, split=split, limit=limit)
         self._check_backend()
-        self.preset = apply_calibration(preset, Path(calibration) if calibration else None, notify=self.notify,
-                                        warn=self.warn)
+        self.preset = resolve_calibration(preset, "run", calibration or None, notify=self.notify,
+                                          warn=self.warn).preset
         self.out = default_output(self.input) if out == "default" else (Path(out) if out is not None else None)
         if self.out is None and resume:
-            raise SglError("--resume needs an output file, not stdout")
+            raise SettingError("{} needs an output file, not stdout", "resume")
         if self.out is None and save_scores:
-            raise SglError("--save-scores needs an output file, not stdout")
+            raise SettingError("{} needs an output file, not stdout", "save_scores")
         self.done: list = []  # the identities of the records `out` holds (resume)
         self.done_shas: list = []  # their input fingerprints (None: written before sgl recorded them)
         self.done_lines: set[int] = set()  # their items' lines
         if self.out is not None:
             self._check_output(resume, overwrite)
         self.summary = RunSummary(skipped=len(self.done), out=self.out)
-
-    @property
-    def openai(self) -> bool:
-        return self.source.kind == "openai"
 
     def _check_output(self, resume: bool, overwrite: bool) -> None:
         """Everything about `out` that can be wrong, before a model loads; then the lock, then the existing file."""
@@ -160,7 +156,7 @@ class Run:
 
     def _side_files(self) -> list[Path]:
         """The files written beside the output: the settings, what was run, and the scores when saved."""
-        from .scores import scores_path
+        from ..io.scores import scores_path
 
         real = self._real_out
         return [settings_path(real), run_info_path(real), *([scores_path(real)] if self.save_scores else [])]
@@ -173,7 +169,7 @@ class Run:
 
     def _check_backend(self) -> None:
         if self.backend not in ("local", "ray"):
-            raise SglError(f"--backend must be local or ray, got {self.backend!r}")
+            raise SettingError(f"{{}} must be local or ray, got {self.backend!r}", "backend")
         if self.backend == "ray":
             from .ray_backend import RayOptions, import_ray
 
@@ -201,13 +197,13 @@ class Run:
             return run_records(self.source, self.preset, skip, self.ray_options, self.fetch,
                                on_random_weights=warn_random, notify=self.notify,
                                save_scores=self.save_scores), lambda: next(pending)
-        from ..core.engine import Engine
+        from ..pipeline.engine import Engine
 
         if self.threads is not None:
             import torch
 
             torch.set_num_threads(self.threads)
-        engine = Engine.from_preset(self.preset, fetch=self.fetch)
+        engine = Engine.load(self.preset, fetch=self.fetch)  # resolved above
         engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
@@ -234,10 +230,10 @@ class Run:
                                "items; write to a new --out")
             line, payload = pair
             item = self.source.parse(line, payload)
-            expected = item.custom_id if self.openai else item.line
+            expected = self.source.identity(item)
             self.done_lines.add(item.line)
             if recorded is not None and recorded in seen:
-                what = f"custom_id {recorded!r}" if self.openai else f"{unit} {recorded}"
+                what = self.source.format.name_identity(recorded)
                 raise SglError(f"cannot resume: {self.out} holds a duplicate record for {what} (records "
                                f"{seen[recorded]} and {n + 1}); it was not written by one sgl run alone; write to a "
                                "new --out")
@@ -265,7 +261,7 @@ class Run:
 
     def __iter__(self) -> Iterator[dict]:
         """Yield each record as it is written (in input order)."""
-        from ..core.record import SCORES_KEY
+        from ..pipeline.record import SCORES_KEY
 
         records, next_sha = self._records()
         writer: RecordWriter | None = None
@@ -298,15 +294,9 @@ class Run:
             self.release()
 
     def shape(self, record: dict) -> dict:
-        """A record as its output line's object: itself, or an OpenAI batch output line for an OpenAI input."""
-        if not self.openai:
-            return record
-        from .openai import output_line
-
-        line = output_line(record, self.preset.name)
-        if isinstance(line.get("error"), dict):  # an answered line carries sgl's fields under response.body.sgl
-            line["error"]["sgl"] = {"line": record["line"], "input_sha": record.get("input_sha")}
-        return line
+        """A record as its output line's object, as the input's format shapes it (an OpenAI batch input: an OpenAI
+        batch output line; sgl JSONL: the record itself)."""
+        return self.source.output(record, self.preset.name)
 
     def _open(self) -> RecordWriter:
         import json
@@ -314,7 +304,7 @@ class Run:
         import yaml
 
         from ... import __version__
-        from .scores import scores_path
+        from ..io.scores import scores_path
 
         real = self._real_out
         about = {"input": str(self.input.resolve()), "format": self.source.kind,
@@ -335,7 +325,7 @@ class Run:
         return writer
 
     def _open_scores(self):
-        from .scores import ScoreWriter, scores_path
+        from ..io.scores import ScoreWriter, scores_path
 
         path = scores_path(self._real_out)
         try:

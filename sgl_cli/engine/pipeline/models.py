@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ModelLoadError
 from ..families import family_for
 from ..preset import ModelSpec
-from . import hf
+from ..core import hf
 
 
 @dataclass
@@ -141,7 +141,7 @@ def load_model(spec: ModelSpec, role: str) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     from ..builtin.pair import is_random
-    from .processors import load_processor
+    from ..core.processors import load_processor
 
     hf_logging.disable_progress_bar()  # data and progress of our own only
     path = resolve_path(spec.model)
@@ -225,3 +225,20 @@ def quantize_in_memory(model, spec: ModelSpec) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, new)
         del module, w
     model.config.quantization_config = config
+
+
+def from_arch(pair, *, layers: int | None = None, vision_layers: int | None = None,
+              dtype: str = "bfloat16", device: str = "cpu", quantize: str | None = None, seed: int = 0):
+    """(small, large) `LoadedModel`s of `pair` (a `builtin/arch.py` ArchPair) with random weights, sharing one
+    processor; `quantize` ("nf4") applies to the large model, as in `sgl run --quantize`."""
+    from ..builtin.arch import build_model, build_processor
+
+    processor = build_processor(pair.small, max(pair.small.text.vocab, pair.large.text.vocab))
+    loaded = []
+    for i, (role, arch) in enumerate((("small", pair.small), ("large", pair.large))):
+        model = build_model(arch, processor, layers=layers, vision_layers=vision_layers, dtype=dtype, device=device,
+                            seed=seed + i)
+        spec = ModelSpec(f"arch:{pair.name}/{role}", dtype=dtype, device=device,
+                         quantize=quantize if role == "large" else None)
+        loaded.append(from_memory(model, processor, spec, role, random_weights=True))
+    return tuple(loaded)

@@ -1,0 +1,214 @@
+"""Input formats: the one place that says which formats sgl reads and which one a file is. One module per format.
+
+- **sgl JSONL** (`jsonl.py`; `*.jsonl`, anything else that is text): one item object per line (`io/items.py`).
+- **OpenAI Batch API** files (`openai.py`): JSONL whose lines are requests with `custom_id`, `method`, `url` and
+  `body`, recognised from the content; their output is an OpenAI batch output file.
+- **Parquet** (`parquet.py`; `*.parquet`) and **Hugging Face datasets saved with `save_to_disk`** (`dataset.py`; a
+  folder): one item per row, with columns `image`, `question` and optionally `id`, `answer`, `type` (renamed with
+  `Columns`), read in record batches with pyarrow: a table is never in memory whole.
+
+A format is a `Format`: it recognises a path, yields `(number, payload)` pairs (a line or row number from 1, and a
+plain payload the Ray backend can ship to its workers as it is), parses one into an `Item`, and shapes the output
+record of an item. Every input item yields exactly one pair, whatever is wrong with it. An installed package adds a
+format under the entry-point group `sgl.formats` (`name = "module:FormatClass"`), as guides are added
+(examples/format-plugin); it is tried after the formats known by name (a folder, `.parquet`) and before those known
+by content (OpenAI, and sgl JSONL, the fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ...errors import SglError
+from ..items import Item
+
+ENTRY_POINT_GROUP = "sgl.formats"
+BUILTIN = {
+    "dataset": "sgl_cli.engine.io.formats.dataset:Dataset",
+    "parquet": "sgl_cli.engine.io.formats.parquet:Parquet",
+    "openai": "sgl_cli.engine.io.formats.openai:OpenAIBatch",
+    "sgl": "sgl_cli.engine.io.formats.jsonl:SglJsonl",  # the fallback: recognised last, whatever the file
+}
+
+
+class InputError(SglError):
+    """An input file that cannot be read at all (missing, not a format sgl reads)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which table columns hold an item's fields (`--image-column` and the like)."""
+
+    image: str = "image"
+    question: str = "question"
+    id: str = "id"
+    answer: str = "answer"
+    type: str = "type"
+
+
+class Format:
+    """One input format. Subclass it, set `name`, and implement `recognise`, `pairs` and `parse`."""
+
+    name: str = ""
+    unit: str = "line"  # what an item's number counts: "line" or "row" (it names the item in error messages)
+    tables: bool = False  # a table of rows: the column options and --split apply
+
+    def recognise(self, path: Path) -> bool:
+        """Whether `path` (an existing file or folder) is in this format."""
+        raise NotImplementedError
+
+    def check(self, source: "Source") -> None:
+        """What can be said about the input before any item is read (an InputError); nothing by default."""
+
+    def pairs(self, source: "Source") -> Iterator[tuple[int, Any]]:
+        """(number from 1, payload) for every item, in order; payloads are plain (picklable) values."""
+        raise NotImplementedError
+
+    def count(self, source: "Source") -> int:
+        """How many items the input holds, without parsing them."""
+        return sum(1 for _ in self.pairs(source))
+
+    def parse(self, source: "Source", number: int, payload: Any) -> Item:
+        """One pair as an item; what is wrong with it goes in `item.error` (never raises)."""
+        raise NotImplementedError
+
+    def identity(self, item: Item) -> Any:
+        """What an output record is matched with its item by when a run resumes (output.py's `scan_output`)."""
+        return item.line
+
+    def name_identity(self, identity: Any) -> str:
+        """An identity (`identity`'s value) in a message: `line 3`, `custom_id 'a'`."""
+        return f"{self.unit} {identity}"
+
+    def output(self, record: dict, model: str) -> dict:
+        """The output line of an item's record (`model`: the preset's name)."""
+        return record
+
+
+@functools.cache
+def _registry() -> dict[str, str]:
+    """name -> "module:attr" in the order formats are recognised: those known by their name (a folder, a
+    suffix), then plugins, then those known by their content (OpenAI, and the sgl JSONL fallback)."""
+    from importlib.metadata import entry_points
+
+    by_content = ("openai", "sgl")
+    found = {k: v for k, v in BUILTIN.items() if k not in by_content}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name not in BUILTIN:
+            found.setdefault(ep.name, ep.value)
+    return {**found, **{k: BUILTIN[k] for k in by_content}}
+
+
+def refresh() -> None:
+    """Look the installed formats up again (after installing a plugin in this process)."""
+    _registry.cache_clear()
+    get_format.cache_clear()
+
+
+def format_names() -> list[str]:
+    """Every format this installation reads, in the order they are recognised."""
+    return list(_registry())
+
+
+@functools.cache
+def get_format(name: str) -> Format:
+    registry = _registry()
+    if name not in registry:
+        raise InputError(f"unknown input format {name!r}; known: {', '.join(registry)}")
+    module, _, attr = registry[name].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
+        raise InputError(f"input format {name!r} ({registry[name]}) cannot be loaded: {type(exc).__name__}: "
+                         f"{exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Format)):
+        raise InputError(f"input format {name!r} ({registry[name]}) is not a subclass of "
+                         "sgl_cli.engine.io.formats.Format")
+    fmt = cls()
+    fmt.name = fmt.name or name
+    return fmt
+
+
+@dataclass
+class Source:
+    """One input file in one format; iterate it for (number, payload) pairs, `parse` each. Picklable (the Ray
+    backend ships it; a worker looks its format up by name)."""
+
+    path: Path
+    kind: str  # the format's name: "sgl", "openai", "parquet", "dataset" or a plugin's
+    columns: Columns = field(default_factory=Columns)
+    split: str | None = None
+    limit: int | None = None
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.kind)
+
+    @property
+    def base(self) -> Path:
+        """Where relative image paths resolve: the input file's folder (a dataset's own folder)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def unit(self) -> str:
+        return self.format.unit
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for n, pair in enumerate(self.format.pairs(self)):
+            if self.limit is not None and n >= self.limit:
+                return
+            yield pair
+
+    def count(self) -> int:
+        """How many items the source holds (after `limit`), without parsing them."""
+        n = self.format.count(self)
+        return n if self.limit is None else min(n, self.limit)
+
+    def parse(self, line: int, payload: Any) -> Item:
+        return self.format.parse(self, line, payload)
+
+    def identity(self, item: Item) -> Any:
+        return self.format.identity(item)
+
+    def output(self, record: dict, model: str) -> dict:
+        return self.format.output(record, model)
+
+
+def open_source(path: Path, *, columns: Columns | None = None, split: str | None = None,
+                limit: int | None = None) -> Source:
+    """The source for `path`: the first format that recognises it (built-ins, plugins, then sgl JSONL)."""
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if not path.is_dir():
+        if not path.exists():
+            raise InputError(f"input {path} not found")
+        if not path.is_file():
+            raise InputError(f"input {path} is not a regular file or a dataset folder")
+    fmt = next(get_format(name) for name in _registry() if get_format(name).recognise(path))
+    if fmt.tables:
+        import_pyarrow()
+    elif split is not None or columns is not None and columns != Columns():
+        raise InputError("--split and the column options apply to Parquet files and dataset folders, not JSONL")
+    source = Source(path, fmt.name, columns or Columns(), split, limit)
+    fmt.check(source)  # a folder that is not a dataset, or an unknown split, is said now
+    return source
+
+
+def read_items(path: str | Path, skip: int = 0, **options) -> Iterator[Item]:
+    """Stream the items of an input file of any format sgl reads, from the `skip`-th on."""
+    source = open_source(Path(path), **options)
+    for n, (line, payload) in enumerate(source):
+        if n >= skip:
+            yield source.parse(line, payload)
+
+
+def import_pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise InputError("reading Parquet and datasets needs pyarrow: pip install pyarrow") from None

@@ -1,0 +1,1 @@
+"""The staged engine: models loaded (transformers), the typed stage results, the `Engine`, its records."""

@@ -1,0 +1,162 @@
+"""`sgl inspect` as a library function: one image (or several) and a question, ranked by each guide.
+
+    inspection, images = inspect_item(load_preset("default"), [Path("photo.jpg")], "What is blue?", guide="all")
+
+It resolves the preset's calibration for inspection (`engine/calibration.py`, purpose "inspect"), loads only what
+the guides need (no large model for rankings that need none: the small model lays out the tokens), runs the
+comparison `sgl eval` runs on the one item, and gives the `Inspection` the views draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ItemError, SettingError, SglError
+from ..guides import guide_class, guide_names
+from ..io.items import ImageRef, Item
+from ..preset import Preset
+
+
+def inspect_item(preset: Preset, image_paths: list[Path], question: str, guide: str = "sgl", *,
+                 answer_large: bool = False, notify: Callable[[str], None] | None = None,
+                 on_random_weights: Callable[[], None] | None = None, before_load: Callable[[], None] | None = None):
+    """The `Inspection` of `question` about the images under `guide` (a guide's name, or "all"), and the images.
+    Every usage error (an empty question, a guide the preset cannot run, a bad image) is raised before a model
+    loads; `before_load` is called just before (threads, say)."""
+    from ..calibration import resolve_calibration
+
+    if not question.strip():
+        raise SettingError("{} must not be empty", "question")
+    # `all` compares rankings of the image's own tokens; a guide that reduces the input has other tokens.
+    guides = [g for g in guide_names() if not guide_class(g).reduces_input] if guide == "all" else [guide]
+    resolved = resolve_calibration(preset, "inspect", notify=notify)
+    preset = resolved.preset
+    skipped: dict[str, str] = {}
+    if preset.small is None:
+        for g in [g for g in guides if guide_class(g).needs_small]:
+            if guide != "all":
+                raise SglError(f"preset {preset.name!r} names no small model, which the {g} guide needs "
+                               "(use --guide cls, fastv, random or all)")
+            guides.remove(g)
+            skipped[g] = f"preset {preset.name} names no small model, which it needs"
+    item = CommandLineItem(line=1, id=image_paths[0].name, images=[ImageRef.path(p) for p in image_paths],
+                           question=question.strip())
+    from ..io.images import load_images
+
+    try:  # before the models load: a bad image fails at once
+        images = load_images(item)
+    except ItemError as exc:
+        raise SglError(str(exc)) from None
+    if before_load is not None:
+        before_load()
+    result = _analyze(preset, item, images, guides, skipped, guide, answer_large, on_random_weights)
+    result.calibration = None if resolved.point is None else str(resolved.point.path)
+    return result, images
+
+
+def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[str, str], asked: str,
+             answer_large: bool, on_random_weights):
+    """Load what the guides need, run them on the one item (the comparison `sgl eval` runs) and return the
+    Inspection."""
+    from ..pipeline.engine import Engine
+    from ..evaluation.compare import Comparison
+    from ..guides import make_guide
+    from ..guides.base import n_keep, top_k_in_order
+    from .inspection import GuideMap, Inspection
+
+    settings = preset.settings
+    made = {g: make_guide(g, settings) for g in guides}
+    # The large model loads only when a guide ranks with it, its answer is asked for, or there is no small model
+    # to read the token grid with: a 72B checkpoint is not loaded just to look at the sgl heatmap.
+    real_large = preset.small is None or answer_large or any(g.uses_large for g in made.values())
+    engine = Engine.load(dataclasses.replace(preset, settings=dataclasses.replace(settings, guide=guides[0])),
+                         small=True, large=real_large)
+    small, large = engine.small, engine.large
+    if engine.random_weights and on_random_weights is not None:
+        on_random_weights()
+    comparison = Comparison(engine, [(g, settings.retain) for g in guides])
+    batch = _guarded("the large model", lambda: comparison.batch([item], answers=answer_large, large_alone=False))
+    (work,) = batch.works
+    if work.error:
+        raise SglError(work.error)
+    (first,) = batch.outcomes[(guides[0], settings.retain)]
+    reduced = first.reduced if made[guides[0]].reduces_input else None  # one guide alone (`all` has none)
+    if reduced is not None:  # the grid of what the large model saw
+        grids = _guarded("the large model", lambda: reduced.grids(large))
+        n = reduced.n_visual
+    else:
+        grids = _grids(large, work.encoded.large, [im.size for im in images])
+        n = work.encoded.n_visual
+    cells = sorted(int(t) for g in grids for t in g.tokens.flat)
+    if cells != list(range(n)):
+        shapes = " + ".join(g.label for g in grids)
+        raise SglError(f"the token grids {shapes} do not match the {n} visual tokens")
+    sgl_kept = set(top_k_in_order(work.small.importance, n_keep(n, settings.retain)).tolist()) \
+        if small is not None else None
+    maps = []
+    for g, guide in made.items():
+        (outcome,) = batch.outcomes[(g, settings.retain)]
+        # (A stand-in large model runs only guides that do not rank with the large model; their K is the preset's.)
+        k = guide.prune_layer(settings, large.num_layers)
+        kept = outcome.kept.tolist()
+        maps.append(GuideMap(
+            name=g, importance=outcome.scores.tolist(), kept=kept, prune_layer=k,
+            what=_describe(guide, k, settings.seed), large_answer=outcome.answer if answer_large else None,
+            sgl_overlap=None if sgl_kept is None or g == "sgl" or reduced is not None
+            else len(sgl_kept.intersection(kept)),
+            can_exit=guide.needs_small, noun=guide.score_noun,
+        ))
+    s = work.small
+    return Inspection(
+        image=item.images[0].value, image_size=images[0].size, question=item.question, guide=asked, preset=preset.name,
+        threshold=settings.threshold, retain=settings.retain, grids=grids, maps=maps, skipped=skipped,
+        small_answer=s.answer if s else None, confidence=s.confidence if s else None,
+        consistency=s.consistency if s else None, exit_score=s.exit_score if s else None,
+        images=[ref.value for ref in item.images], image_sizes=[im.size for im in images],
+        full_tokens=work.encoded.n_visual if reduced is not None else None,
+        seen_sizes=list(reduced.image_sizes) if reduced is not None and reduced.pooled is None else [],
+        pooled_from=reduced.pooled_from if reduced is not None else None,
+    )
+
+
+def _describe(guide, k: int, seed: int) -> str:
+    """The guide's description with its prune layer and seed filled in (unknown fields left as written)."""
+
+    class Keep(dict):
+        def __missing__(self, key):
+            return "{" + key + "}"
+
+    return string.Formatter().vformat(guide.description, (), Keep(k=k, k_1=k - 1, seed=seed))
+
+
+def _grids(model, enc: dict, image_sizes: list[tuple[int, int]]):
+    """The images' token grids as the family lays them out, for drawing."""
+
+    try:
+        return model.family.token_grids(model.model, enc, image_sizes, model.processor)
+    except ValueError as exc:
+        raise SglError(f"cannot lay out the image's visual tokens: {exc}") from None
+
+
+def _guarded(what: str, fn):
+    """`fn()`, its failure one line: a preset setting it cannot run with, or a model error."""
+    try:
+        return fn()
+    except SglError:
+        raise
+    except (ValueError, NotImplementedError) as exc:  # a setting or family the guide cannot run with: it says
+        raise SglError(str(exc)) from None
+    except (RuntimeError, IndexError) as exc:
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise SglError(f"{what} failed: {detail}") from None
+
+
+class CommandLineItem(Item):
+    """The item is the command line itself: its errors need no line number."""
+
+    def fail(self, message: str) -> str:
+        return message
