@@ -76,7 +76,7 @@ def test_the_plugin_is_registered_after_the_built_ins(echo):
     cls = backends.backend_class("echo")
     assert cls.__module__ == "sgl_echo_backend" and cls.name == "echo" and cls.offers == frozenset()
     assert backends.backend_class("transformers").offers == {"large_features", "vision_attention", "lm_attention",
-                                                               "prune_inside_lm"}
+                                                               "prune_inside_lm", "reduced_input"}
 
 
 def test_an_unknown_backend_is_one_line_exit_2(echo, items, preset_file, no_model_loads):

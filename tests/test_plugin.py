@@ -50,7 +50,7 @@ def items(tmp_path):
 
 
 def test_the_plugin_is_registered_after_the_built_ins(plugin):
-    assert guides.guide_names() == ["sgl", "cls", "fastv", "random", "norm"]
+    assert guides.guide_names() == ["sgl", "cls", "fastv", "random", "downsample", "norm"]
     guide = guides.make_guide("norm")
     assert type(guide).__module__ == "sgl_norm_guide" and not guide.needs_small and guide.prune_layer(
         type("S", (), {"prune_layer": 0})(), 4) == 0
@@ -103,7 +103,7 @@ def test_help_lists_the_plugin(plugin):
         res = subprocess.run([sys.executable, "-m", "sgl_cli", command, "--help"], capture_output=True, text=True,
                              env={**env, "COLUMNS": "200"})
         assert res.returncode == 0, res.stderr
-        assert "random, norm" in res.stdout, (command, res.stdout)
+        assert "random, downsample, norm" in res.stdout, (command, res.stdout)
 
 
 def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ class EchoBackend(LargeBackend):
         items = [GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,
                            features=None, encoding=w.encoded.large,
                            small_importance=w.small.importance if w.small is not None else None) for w in works]
-        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides}
+        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if not g.reduces_input}
         return LargeInputs(list(works), [None] * len(works), items, scores)
 
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Generation:

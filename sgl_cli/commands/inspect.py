@@ -32,9 +32,14 @@ Guides and what they load and run:
           layer K-1: runs the large model's language model on the prompt
           (its prefill), by nature.
   random  uniform scores, seeded per image (the preset's seed).
+  downsample  no ranking: shows the token grid of what the large model sees,
+          the image resized to the budget before its vision tower (or, for
+          LLaVA-1.5, its feature grid average-pooled), every token kept.
+          Loads the large model and runs its vision tower only.
   others  guides installed plugins register (see `sgl inspect --help`'s
           --guide list).
-  all     every guide, side by side when the maps fit 80 columns (else one
+  all     every guide that ranks the image's tokens (not downsample, whose
+          grid is another), side by side when the maps fit 80 columns (else one
           after another), each with its own kept set, and how many of sgl's
           kept tokens each guide keeps too. Without a small model in the
           preset, sgl is skipped and says why.

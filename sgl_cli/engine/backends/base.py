@@ -24,6 +24,7 @@ CAPABILITIES = frozenset({
     "vision_attention",  # hooks inside its vision tower (the cls guide's [CLS] attention)
     "lm_attention",  # hooks inside its language model's prefill (fastv)
     "prune_inside_lm",  # dropping tokens at a decoder layer K > 0
+    "reduced_input",  # answering from an input a guide reduced (downsample: images resized, LLaVA-1.5 rows pooled)
 })
 
 
@@ -55,7 +56,6 @@ class LargeBackend:
 
     name: ClassVar[str] = ""
     offers: ClassVar[frozenset[str]] = frozenset()
-    wants_images: ClassVar[bool] = False  # `Work.encoded.images` (the decoded images) kept for `generate`
 
     @classmethod
     def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":

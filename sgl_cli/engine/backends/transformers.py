@@ -274,7 +274,7 @@ class TransformersLarge(LargeBackend):
                                    features=row.feats[visual[slots]], encoding=w.encoded.large,
                                    small_importance=w.small.importance if w.small is not None else None))
         scores = {g.name: g.scores(GuideBatch(self, items, vision=watched[g.name]))
-                  for g in guides if not g.ranks_in_prefill}
+                  for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
         return LargeInputs(list(works), rows, items, scores)
 
     def check_prune_layer(self, k: int) -> None:

@@ -31,6 +31,8 @@ class Row:
     slots: torch.Tensor | None = None
     deepstack: tuple = ()
     pack: Callable | None = None
+    # (rows, cols) of the image's visual tokens when they no longer follow the model's own layout (a pooled grid)
+    grid: tuple[int, int] | None = None
 
     @staticmethod
     def columns(visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ class Calibrator:
             raise SglError(f"input file {self.input} not found")
         if preset.settings.guide != "sgl" or preset.small is None:
             raise SglError(f"preset {preset.name!r}: only the sgl guide, with a small model, exits early; there is "
-                           "no threshold to calibrate for the cls, fastv or random guides")
+                           "no threshold to calibrate for the cls, fastv, random or downsample guides")
         try:
             self.retains = parse_retains(list(retains))
         except ValueError as exc:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pipeline.engine import Engine, exits
-from ..pipeline.stages import SmallPass, Work
+from ..pipeline.reduce import reduced_rows
+from ..pipeline.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
 from ..io.items import Item
@@ -35,6 +36,7 @@ class SettingOutcome:
     # ranks inside the large model's prefill, which the unpruned answer does not run)
     kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit)
     prune_layer: int = 0
+    reduced: Reduced | None = None  # what the large model saw, for a guide that reduces its input (downsample)
 
 
 @dataclass
@@ -107,7 +109,10 @@ class Comparison:
             k = self.prune_layer(name)
             exited = [exits(w, guide, self.threshold) for w in live]
             todo = [w for w, e in zip(live, exited) if not e]
-            seconds = t_rows * len(todo)
+            # A guide that reduces the input runs the vision tower on its own images (timed in its pass), except
+            # where the unpruned answer is its answer.
+            own_rows = guide.reduces_input and not (retain >= 1.0 and full is not None)
+            seconds = 0.0 if own_rows else t_rows * len(todo)
             results: dict[int, SettingOutcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
                 ranked = inputs.scores.get(name)  # `inputs` is aligned with `live`; a prefill ranker has none
@@ -115,7 +120,15 @@ class Comparison:
                     if not exited[i]:
                         results[i] = SettingOutcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
-            elif todo and (answers or guide.ranks_in_prefill):
+            elif todo and guide.reduces_input and not answers:  # what the large model would see, no answer
+                _, seen = reduced_rows(eng.large, todo, guide, retain, eng.settings.prompt_suffix.strip())
+                index = iter(seen)
+                for i in range(len(live)):
+                    if not exited[i]:
+                        r = next(index)
+                        n = r.n_visual
+                        results[i] = SettingOutcome("large", None, torch.ones(n), torch.arange(n), k, r)
+            elif todo and (answers or guide.ranks_in_prefill or guide.reduces_input):
                 t0 = time.perf_counter()
                 got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
                 seconds += time.perf_counter() - t0
@@ -123,7 +136,8 @@ class Comparison:
                 for i in range(len(live)):
                     if not exited[i]:
                         a = next(index)
-                        results[i] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept, k)
+                        results[i] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept, k,
+                                                    a.reduced)
             elif todo:
                 sub = inputs.select(todo)
                 for i, w, item, s in zip([i for i, e in enumerate(exited) if not e], todo, sub.items,

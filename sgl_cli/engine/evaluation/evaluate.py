@@ -215,7 +215,8 @@ class Evaluation:
                 else:
                     scores = o.scores if o.scores is not None else torch.empty(0)
                     kept = o.kept
-                payloads[f"{guide}@{retain:g}"] = score_payload(scores.float(), kept, grids)
+                seen = grids if o.reduced is None else token_grids(self.comparison.engine, w, o.reduced)
+                payloads[f"{guide}@{retain:g}"] = score_payload(scores.float(), kept, seen)
             d[SCORES_KEY] = payloads
 
     def _tally(self, tally: Tally, key: str, live: list[Work], refs, answers, details, large, kept, visual,

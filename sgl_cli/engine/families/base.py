@@ -29,6 +29,10 @@ import torch
 from ..core import hf
 
 
+def image_processor(processor):
+    return getattr(processor, "image_processor", processor)
+
+
 def cat_pixels(encs: list[dict], device) -> torch.Tensor:
     """Every item's crops (tiles) as one (crops, C, H, W) batch; one image per item."""
     return torch.cat([e["pixel_values"].flatten(0, e["pixel_values"].dim() - 4) for e in encs]).to(device)
@@ -91,6 +95,17 @@ def one_grid(name: str, rows: int, cols: int, about: str, first: int = 0, crop: 
     """A grid of one crop: `tokens` (rows, cols), by default the indices from `first` on in raster order."""
     tokens = torch.arange(first, first + rows * cols).view(rows, cols) if tokens is None else tokens
     return TokenGrid(name, tokens, torch.full((rows, cols), crop, dtype=torch.long), about, image=image)
+
+
+def pooled_shape(rows: int, cols: int, budget: int) -> tuple[int, int]:
+    """The largest grid of at most `budget` cells whose sides differ by at most one, within rows x cols (the
+    squarest pooling of a square grid; a 1 x 1 grid at the least)."""
+    best = (1, 1)
+    for r in range(1, rows + 1):
+        for c in (r - 1, r, r + 1):
+            if 1 <= c <= cols and best[0] * best[1] < r * c <= budget:
+                best = (r, c)
+    return best
 
 
 def per_item(per_image: list, counts: list[int]) -> list[list]:
@@ -168,6 +183,25 @@ class Family:
         image by default."""
         rows, cols = self.token_grid(model, enc)
         return [one_grid("image", rows, cols, "the image's merged patches in raster order")]
+
+    # -- the downsample guide: fewer visual tokens by a smaller image (or a pooled feature grid), chosen by no model
+    # A fixed-resolution tower (LLaVA-1.5) gives every image the same tokens: the guide pools its features instead.
+    fixed_resolution = False
+
+    def image_tokens(self, model, processor, size: tuple[int, int]) -> int:
+        """The visual tokens one image of `size` (width, height) becomes, by the processor's and the model's own
+        arithmetic (no pixels processed)."""
+        raise NotImplementedError(f"the downsample guide cannot count {self.name} image tokens")
+
+    def smaller_sizes(self, model, processor, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Sizes (width, height) the downsample guide may resize an image of `size` to, for fewer visual tokens
+        (it takes the one whose `image_tokens` come closest to its budget from below)."""
+        raise NotImplementedError(f"the downsample guide cannot resize {self.name} images")
+
+    def pool_row(self, model, row, budget: int):
+        """`row` (one image through a fixed-resolution tower) with its feature grid average-pooled to at most
+        `budget` tokens (`pooled_shape`): fewer placeholders, the grid's shape in `row.grid`."""
+        raise NotImplementedError(f"the downsample guide cannot pool {self.name} image features")
 
     # The methods of `model.model` this family calls (probed at load time by `check`).
     model_methods: tuple[str, ...] = ("get_image_features",)

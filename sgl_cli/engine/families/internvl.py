@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core import hf
-from .base import Family, TokenGrid, cat_pixels, one_grid
+from .base import Family, TokenGrid, cat_pixels, image_processor, one_grid
 
 
 class InternVL(Family):
@@ -146,6 +146,21 @@ class InternVL(Family):
             first_tile += tiles
             first += n
         return grids
+
+    def image_tokens(self, model, processor, size: tuple[int, int]) -> int:
+        """Tiles (the processor's tiling, the thumbnail included) x tokens per tile."""
+        w, h = size
+        return int(image_processor(processor).get_number_of_image_patches(h, w, {})) * self._tokens_per_tile(model)
+
+    def smaller_sizes(self, model, processor, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Every tile grid the processor may choose, as the canvas it resizes the image to before cutting it into
+        tiles (cols x tile width, rows x tile height): the token count only falls in whole tiles, so the image
+        is given the smaller canvas the processor would otherwise resize it to itself (one tile at the least)."""
+        ip = image_processor(processor)
+        tile = ip.size if isinstance(ip.size, dict) else getattr(ip.size, "__dict__", {})
+        th, tw = int(tile["height"]), int(tile["width"])
+        most = int(ip.max_patches) if getattr(ip, "crop_to_patches", False) else 1
+        return [(cols * tw, rows * th) for rows in range(1, most + 1) for cols in range(1, most // rows + 1)]
 
     def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
         n = model.config.vision_config.num_hidden_layers

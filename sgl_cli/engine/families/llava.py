@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..core import hf
-from .base import Family, TokenGrid, cat_pixels, one_grid, per_item
+from .base import Family, TokenGrid, cat_pixels, one_grid, per_item, pooled_shape
 
 
 def _feature_layer(model) -> int:
@@ -31,6 +31,7 @@ class Llava(Family):
     name = "llava"
     model_types = ("llava",)
     max_images = 1  # one image per prompt, as the model was trained
+    fixed_resolution = True
 
     def max_image_pixels(self, processor) -> int | None:
         vc = getattr(getattr(processor, "image_processor", processor), "crop_size", None)
@@ -51,6 +52,29 @@ class Llava(Family):
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         side = self._side(model)
         return side, side
+
+    def image_tokens(self, model, processor, size: tuple[int, int]) -> int:
+        return self._side(model) ** 2  # every image is resized and cropped to the tower's one resolution
+
+    def pool_row(self, model, row, budget: int):
+        """The side x side grid of projected features (placeholder order is raster order) average-pooled
+        (adaptive, 2-D) to the squarest grid of at most `budget` tokens; the placeholders shrink to rows x cols
+        and the positions are renumbered 0..S'-1, as the processor lays out a prompt whose image has that many
+        tokens (LLaVA's 1-D positions)."""
+        from ..core.generate import Row
+
+        side = self._side(model)
+        rows, cols = pooled_shape(side, side, budget)
+        slots = row.ids == self.image_token_id(model)
+        where = slots.nonzero().flatten()
+        if len(where) != side * side or int(where[-1] - where[0]) + 1 != side * side:
+            raise ValueError(f"{self.name}: pooling needs one image of {side * side} consecutive placeholders")
+        grid = row.feats.float().t().reshape(1, -1, side, side)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (rows, cols)).reshape(-1, rows * cols).t()
+        first, last = int(where[0]), int(where[-1]) + 1
+        ids = torch.cat([row.ids[:first], torch.full((rows * cols,), self.image_token_id(model), dtype=row.ids.dtype),
+                         row.ids[last:]])
+        return Row(ids, torch.arange(len(ids))[None], pooled.to(row.feats.dtype), None, (), row.pack, (rows, cols))
 
     def _encoder_layers(self, model):
         tower = model.model.vision_tower
@@ -82,6 +106,7 @@ class LlavaNext(Llava):
 
     name = "llava-next"
     model_types = ("llava_next",)
+    fixed_resolution = False  # anyres: the image size decides the crops
     model_methods = ("get_image_features", "pack_image_features")
 
     def check(self, model) -> None:
@@ -101,6 +126,25 @@ class LlavaNext(Llava):
         size = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
         return num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
                            patch_size=cfg.vision_config.image_size)
+
+    def image_tokens(self, model, processor, size: tuple[int, int]) -> int:
+        """Visual tokens (newlines not counted) of the layout the model packs for an image of `size`: its own
+        `pack_image_features` run on the crop coordinates of the image size the processor records."""
+        w, h = size
+        lay = self._image_layouts(model, {"image_sizes": torch.tensor([[h, w]])})[0]
+        return int((~lay[:, 0].isnan()).sum())
+
+    def smaller_sizes(self, model, processor, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The image scaled down in 5% steps, its aspect ratio kept (the processor then picks a smaller pinpoint
+        grid, and unpads it to the image's aspect), down to a shorter side of 8 pixels."""
+        w, h = size
+        out, scale = [], 1.0
+        while min(w, h) * scale >= 8:
+            candidate = (max(1, round(w * scale)), max(1, round(h * scale)))
+            if not out or out[-1] != candidate:
+                out.append(candidate)
+            scale *= 0.95
+        return out
 
     def _crops_per_image(self, model, enc: dict) -> list[int]:
         return [self._n_crops(model, size) for size in enc["image_sizes"]]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import hf
-from .base import Family, TokenGrid, one_grid, per_item
+from .base import Family, TokenGrid, image_processor, one_grid, per_item
 
 
 class QwenVL(Family):
@@ -70,6 +72,27 @@ class QwenVL(Family):
     def image_features(self, model, encs: list[dict]) -> list[torch.Tensor]:
         per_image = self._vision_output(model, encs).pooler_output  # one tensor per image, items in order
         return [torch.cat(f) for f in per_item(per_image, [self.n_images(model, e) for e in encs])]
+
+    def image_tokens(self, model, processor, size: tuple[int, int]) -> int:
+        """Merged patches of the size the processor resizes the image to (its `smart_resize`)."""
+        ip = image_processor(processor)
+        w, h = size
+        return int(ip.get_number_of_image_patches(h, w, {})) // int(ip.merge_size) ** 2
+
+    def smaller_sizes(self, model, processor, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Whole merged patches (multiples of patch x merge pixels, which the processor keeps as they are), the
+        aspect ratio kept to within one token: (cols, rows) with |cols - rows x aspect| <= 1, for every rows up to
+        the image's own."""
+        ip = image_processor(processor)
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        w, h = size
+        aspect = w / h
+        out = []
+        for rows in range(1, max(1, round(h / factor)) + 1):
+            for cols in range(max(1, math.ceil(rows * aspect - 1)), math.floor(rows * aspect + 1) + 1):
+                if max(cols, rows) / min(cols, rows) < 200:  # the processor refuses more extreme aspects
+                    out.append((cols * factor, rows * factor))
+        return out
 
     def cls_layer(self, model) -> tuple[torch.nn.Module, int | None]:
         """The vision attention module whose output feeds the merger, and its [CLS] query (None: no [CLS]).

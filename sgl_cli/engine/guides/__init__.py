@@ -1,7 +1,8 @@
 """Guides: what ranks the visual tokens the large model keeps. One module per guide; this is their registry.
 
 Built-in: `sgl` (the small model's attention, SGP), `cls` ([CLS] attention in the vision encoder, FasterVLM),
-`fastv` (the large model's own attention at layer K-1) and `random`. Any installed package can add one under the
+`fastv` (the large model's own attention at layer K-1), `random`, and `downsample` (no ranking: the image
+reduced to the token budget before the large model's vision tower, or its feature grid pooled). Any installed package can add one under the
 entry-point group `sgl.guides` (`name = "module:GuideClass"`): it then works in presets and every command's
 `--guide` like a built-in one. docs/guides.md says how to write one.
 
@@ -24,6 +25,7 @@ BUILTIN = {
     "cls": "sgl_cli.engine.guides.cls:ClsGuide",
     "fastv": "sgl_cli.engine.guides.fastv:FastVGuide",
     "random": "sgl_cli.engine.guides.random:RandomGuide",
+    "downsample": "sgl_cli.engine.guides.downsample:DownsampleGuide",
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Guide", "GuideBatch", "GuideItem", "guide_class", "guide_names",

@@ -12,6 +12,13 @@ see inside the large model scopes hooks to one of two moments, each a context ma
   that rank from its own layers < K (`ranks_in_prefill`, FastV); what it yields is `GuideBatch.prefill`, and it
   may observe every forward (`observe(step, rows, key_valid)`); `scores` is then called when layer K starts.
 
+A guide that instead reduces what the large model sees (`reduces_input`: the downsample guide) ranks nothing and
+keeps every token of the reduced input; it has two hooks, both called once per item and retain:
+
+- `prepare_images(model, images, retain)`: the images the large model encodes (resized before the vision tower);
+- `pool_rows(model, rows, retain)`: the large model's rows after its vision tower (features pooled, for
+  fixed-resolution towers).
+
 The contract every hook keeps: scoped (registered in `__enter__` on the given model instance only, removed in
 `__exit__`, also on an error; no process-wide patching), and batch-invariant (an item's scores do not depend on
 the other items of its batch or on its place in it: padding is masked, seeds are per item).
@@ -84,6 +91,9 @@ class Guide:
     # What it needs of the large model's backend (backends/base.py's CAPABILITIES), checked before any model loads:
     # "large_features" (GuideItem.features), "vision_attention" (watch_vision), "lm_attention" (watch_prefill).
     needs: ClassVar[frozenset[str]] = frozenset()
+    # The guide reduces the large model's input (`prepare_images`, `pool_rows`) instead of ranking its tokens: the
+    # large model keeps every token of the reduced input, before its language model.
+    reduces_input: ClassVar[bool] = False
 
     @classmethod
     def from_settings(cls, settings) -> "Guide":
@@ -101,6 +111,14 @@ class Guide:
     def watch_prefill(self, model, layer: int, width: int) -> ContextManager[Any]:
         """Scoped hooks on `model`'s language model while layers < `layer` read a prompt batch `width` columns wide."""
         return contextlib.nullcontext()
+
+    def prepare_images(self, model, images: list, retain: float) -> list:
+        """The images the large model (a LoadedModel) encodes for one item at `retain` (`reduces_input` guides)."""
+        return images
+
+    def pool_rows(self, model, rows: list, retain: float) -> list:
+        """The large model's rows (`core.generate.Row`, one per item) after its vision tower (`reduces_input`)."""
+        return rows
 
     def scores(self, batch: GuideBatch) -> list[torch.Tensor]:
         """(N_i,) scores per item, higher is kept first."""

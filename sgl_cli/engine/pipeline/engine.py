@@ -47,6 +47,7 @@ from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows
 from ..core.limits import check_text
 from .models import LoadedModel
 from .record import make_record
+from .reduce import reduced_rows
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
@@ -163,7 +164,10 @@ class Engine:
         todo = [w for w in works if w.ok and not self.exits(w)]
         if todo:
             t1 = time.perf_counter()
-            self._stage(todo, lambda group: self.large_pass(group, self.large_inputs(group)), "large stage")
+            # A guide that reduces the large model's input encodes it itself: the full rows are not needed.
+            reduces = self.guide.reduces_input
+            self._stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
+                        "large stage")
             _share(todo, "large", t1)
         total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
         return [self.record(w, total_ms) for w in works]
@@ -204,23 +208,33 @@ class Engine:
         return self.large.inputs(works, guides)
 
     @torch.inference_mode()
-    def large_pass(self, works: list[Work], inputs: LargeInputs, guide: Guide | None = None,
+    def large_pass(self, works: list[Work], inputs: LargeInputs | None, guide: Guide | None = None,
                    retain: float | None = None, max_new_tokens: int | None = None) -> list[LargeAnswer]:
         """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
         (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
-        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone)."""
+        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone).
+        A guide that reduces the input (`reduces_input`) needs no `inputs`: all of its input is kept (reduce.py)."""
         own = guide is None and retain is None
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
-        if [id(w) for w in inputs.works] != [id(w) for w in works]:
-            inputs = inputs.select(works)
         m = self.large
         k = self.prune_layer(guide)
         check(type(guide), type(m), k)  # another guide or layer than the engine's (sgl eval's comparison)
-        if k > 0:
-            m.check_prune_layer(k)
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
+        if guide.reduces_input:
+            rows, seen = reduced_rows(m, works, guide, retain, self.settings.prompt_suffix.strip())
+            gen = greedy(m.model, collate(rows, m.pad_id, rows_device(m.model)), limits, m.eos_ids, m.pad_id)
+            answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, torch.ones(r.n_visual),
+                                   torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
+            if own:
+                for w, a in zip(works, answers):
+                    w.large = a
+            return answers
+        if [id(w) for w in inputs.works] != [id(w) for w in works]:
+            inputs = inputs.select(works)
+        if k > 0:
+            m.check_prune_layer(k)
         if guide.ranks_in_prefill:
             gen, scores, kept = m.rank_in_prefill(guide, inputs, retain, k, limits)
         else:
@@ -290,9 +304,7 @@ class Engine:
             visual = self.small.family.visual_mask(self.small.model, small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        # Only a backend that encodes on its own side keeps the decoded images (a comparison holds every Work).
-        kept_images = images if self.large.wants_images else []
-        w.encoded = Encoded(large, small, visual, sizes, kept_images, prompt)
+        w.encoded = Encoded(large, small, visual, sizes, images, prompt)
 
     def _limits(self, works: list[Work]) -> list[int]:
         return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]

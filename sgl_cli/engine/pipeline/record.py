@@ -59,11 +59,14 @@ def make_record(engine, w: Work, total_ms: float = 0.0) -> dict:
 SCORES_KEY = "_scores"
 
 
-def token_grids(engine, w: Work) -> list:
-    """`w`'s images as the large model's token grids (as `sgl inspect` draws them); [] for a layout the family
-    cannot draw (the scores are then saved without their grid)."""
+def token_grids(engine, w: Work, reduced=None) -> list:
+    """`w`'s images as the large model's token grids (as `sgl inspect` draws them), or those of what it saw when a
+    guide reduced its input (`reduced`: a `Reduced`); [] for a layout the family cannot draw (the scores are
+    then saved without their grid)."""
     m = engine.large
     try:
+        if reduced is not None:
+            return reduced.grids(m)
         return m.family.token_grids(m.model, w.encoded.large, w.encoded.image_sizes, m.processor)
     except ValueError:
         return []
@@ -72,9 +75,9 @@ def token_grids(engine, w: Work) -> list:
 def _scores(engine, w: Work, exited: bool) -> dict:
     from ..io.scores import score_payload
 
-    grids = token_grids(engine, w)
     if exited:
-        return score_payload(w.small.importance.float(), [], grids)
+        return score_payload(w.small.importance.float(), [], token_grids(engine, w))
+    grids = token_grids(engine, w, w.large.reduced)
     return score_payload(w.large.scores.float(), w.large.kept, grids)
 
 

@@ -27,8 +27,8 @@ class Encoded:
     small: dict | None
     visual: torch.Tensor  # (S,) bool: the visual-token columns (input_ids == image token id; no marker tokens)
     image_sizes: list[tuple[int, int]]  # (width, height) of each image, as given to the processor
-    # The decoded images and the prompt (text or chat turns) they were encoded with: a large backend that encodes
-    # on its own side (vLLM) is given these with the kept indices.
+    # The decoded images as given (a guide may re-encode them reduced; a large backend that encodes on its own
+    # side, vLLM, is given them with the kept indices) and the prompt (text or chat turns) they were encoded with.
     images: list = field(default_factory=list, repr=False)
     prompt: Any = None
 
@@ -59,6 +59,27 @@ class SmallPass:
 
 
 @dataclass
+class Reduced:
+    """What the large model saw of one item under a guide that reduces its input (`Guide.reduces_input`)."""
+
+    encoding: dict  # the large model's processor output of the images it was given (the item's own when unchanged)
+    image_sizes: list[tuple[int, int]]  # (width, height) of each image as encoded
+    n_visual: int  # the visual tokens the large model received (all kept)
+    pooled: tuple[int, int] | None = None  # (rows, cols) of the pooled feature grid (fixed-resolution towers)
+    pooled_from: tuple[int, int] | None = None  # (rows, cols) of the grid it was pooled from
+
+    def grids(self, model) -> list:
+        """The token grids of what the large model saw (`model`: the large LoadedModel), as `sgl inspect` draws
+        them."""
+        from ..families.base import one_grid
+
+        if self.pooled is not None:
+            (r, c), (r0, c0) = self.pooled, self.pooled_from
+            return [one_grid("pooled", r, c, f"the {r0} x {c0} feature grid average-pooled to {r} x {c}")]
+        return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
+
+
+@dataclass
 class LargeAnswer:
     """The large model's greedy answer from the kept visual tokens."""
 
@@ -68,6 +89,7 @@ class LargeAnswer:
     scores: torch.Tensor  # (N,) the guide's scores
     kept: torch.Tensor  # indices of the kept visual tokens, in sequence order
     prune_layer: int  # where the others were dropped (0: before the language model)
+    reduced: Reduced | None = None  # what the large model saw, when the guide reduced its input
 
 
 @dataclass

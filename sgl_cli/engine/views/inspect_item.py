@@ -31,7 +31,8 @@ def inspect_item(preset: Preset, image_paths: list[Path], question: str, guide: 
 
     if not question.strip():
         raise SettingError("{} must not be empty", "question")
-    guides = guide_names() if guide == "all" else [guide]
+    # `all` compares rankings of the image's own tokens; a guide that reduces the input has other tokens.
+    guides = [g for g in guide_names() if not guide_class(g).reduces_input] if guide == "all" else [guide]
     resolved = resolve_calibration(preset, "inspect", notify=notify)
     preset = resolved.preset
     skipped: dict[str, str] = {}
@@ -89,8 +90,14 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
     (work,) = batch.works
     if work.error:
         raise SglError(work.error)
-    grids = _grids(large, work.encoded.large, [im.size for im in images])
-    n = work.encoded.n_visual
+    (first,) = batch.outcomes[(guides[0], settings.retain)]
+    reduced = first.reduced if made[guides[0]].reduces_input else None  # one guide alone (`all` has none)
+    if reduced is not None:  # the grid of what the large model saw
+        grids = _guarded("the large model", lambda: reduced.grids(large))
+        n = reduced.n_visual
+    else:
+        grids = _grids(large, work.encoded.large, [im.size for im in images])
+        n = work.encoded.n_visual
     cells = sorted(int(t) for g in grids for t in g.tokens.flat)
     if cells != list(range(n)):
         shapes = " + ".join(g.label for g in grids)
@@ -106,7 +113,8 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
         maps.append(GuideMap(
             name=g, importance=outcome.scores.tolist(), kept=kept, prune_layer=k,
             what=_describe(guide, k, settings.seed), large_answer=outcome.answer if answer_large else None,
-            sgl_overlap=None if sgl_kept is None or g == "sgl" else len(sgl_kept.intersection(kept)),
+            sgl_overlap=None if sgl_kept is None or g == "sgl" or reduced is not None
+            else len(sgl_kept.intersection(kept)),
             can_exit=guide.needs_small, noun=guide.score_noun,
         ))
     s = work.small
@@ -116,6 +124,9 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
         small_answer=s.answer if s else None, confidence=s.confidence if s else None,
         consistency=s.consistency if s else None, exit_score=s.exit_score if s else None,
         images=[ref.value for ref in item.images], image_sizes=[im.size for im in images],
+        full_tokens=work.encoded.n_visual if reduced is not None else None,
+        seen_sizes=list(reduced.image_sizes) if reduced is not None and reduced.pooled is None else [],
+        pooled_from=reduced.pooled_from if reduced is not None else None,
     )
 
 

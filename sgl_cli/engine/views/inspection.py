@@ -57,10 +57,31 @@ class Inspection:
     calibration: str | None = None  # the calibration file the threshold comes from, if any
     images: list[Path] = field(default_factory=list)  # every image of the item (default: `image` alone)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # A guide that reduces the large model's input (downsample): `grids` are what the large model saw, every
+    # token kept; `full_tokens` the image's visual tokens at full size; `seen_sizes` the images' sizes as the large
+    # model encoded them (resized), or `pooled_from` the feature grid that was pooled (fixed-resolution towers).
+    full_tokens: int | None = None
+    seen_sizes: list[tuple[int, int]] = field(default_factory=list)
+    pooled_from: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.images = self.images or [self.image]
         self.image_sizes = self.image_sizes or [self.image_size]
+
+    @property
+    def reduced_text(self) -> str:
+        """What the large model saw instead of the image (a guide that reduces its input), one line; "" else."""
+        if self.full_tokens is None:
+            return ""
+        if self.pooled_from is not None:
+            r, c = self.pooled_from
+            how = f"its {r} x {c} feature grid average-pooled"
+        else:
+            sizes = ", ".join(f"{w} x {h}" for w, h in self.seen_sizes)
+            same = list(map(tuple, self.seen_sizes)) == list(map(tuple, self.image_sizes))
+            how = "the image unchanged" if same else f"the image resized to {sizes} px"
+        return (f"the large model sees {how}: {self.n} visual tokens (the image has {self.full_tokens} at full "
+                f"size), all kept")
 
     def grid_label(self, g: TokenGrid) -> str:
         """A grid's label, with its image when the item has several."""
@@ -172,8 +193,11 @@ class Inspection:
             "threshold": self.threshold,
             "retain": self.retain,
             "calibration": self.calibration,
-            "visual_tokens": self.n,
+            # As in `sgl run`'s records: the image's own count (full size), whatever the guide gave the large model.
+            "visual_tokens": self.n if self.full_tokens is None else self.full_tokens,
             "grid": list(self.grid) if self.grid else None,  # None: several grids (see `grids`)
+            **({} if self.full_tokens is None else {"seen_image_sizes": [list(s) for s in self.seen_sizes] or None,
+                                                    "pooled_from": list(self.pooled_from) if self.pooled_from else None}),
             **self.layout_json(),
         }
         if self.guide != "all":

@@ -87,6 +87,8 @@ def _facts(insp: Inspection):
 def _exit_line(insp: Inspection) -> str:
     kept, n = insp.n_kept, insp.n
     runs = f"the large model answers from {kept} of {n} visual tokens"
+    if insp.full_tokens is not None:
+        runs = f"the large model answers from {n} visual tokens (the image's {insp.full_tokens}, reduced)"
     if insp.guide not in ("sgl", "all"):
         if not insp.has_small:
             return f"no: only the sgl guide exits early; {runs}"
@@ -109,6 +111,9 @@ def _sgl_verdict(insp: Inspection) -> str:
 
 
 def _grid_line(insp: Inspection) -> str:
+    if insp.full_tokens is not None:
+        shapes = " + ".join(insp.grid_label(g) for g in insp.grids)
+        return f"token grid{'s' if len(insp.grids) > 1 else ''} {shapes}: {insp.reduced_text}"
     count = insp.kept_count()
     if insp.grid is None:
         grids = " + ".join(insp.grid_label(g) for g in insp.grids)

@@ -32,7 +32,6 @@ def _offers(o: Offers) -> frozenset[str]:
 class VllmBackend(LargeBackend):
     name: ClassVar[str] = "vllm"
     offers: ClassVar[frozenset[str]] = _offers(VllmLarge.offers)  # pre-LM pruning only
-    wants_images: ClassVar[bool] = True
 
     def __init__(self, spec, large: VllmLarge, processor, config, family, eos_ids: frozenset[int]):
         self.spec = spec
@@ -104,7 +103,7 @@ class VllmBackend(LargeBackend):
         items = [GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,
                            features=None, encoding=w.encoded.large,
                            small_importance=w.small.importance if w.small is not None else None) for w in works]
-        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if not g.ranks_in_prefill}
+        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
         return LargeInputs(list(works), [None] * len(works), items, scores)
 
     def check_prune_layer(self, k: int) -> None:
