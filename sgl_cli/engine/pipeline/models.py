@@ -4,7 +4,7 @@ Looked up there at each use (not bound at import), so that whatever that module 
 
 from __future__ import annotations
 
-from ..backends import transformers as _loaders
+from ..backends import transformers as loaders
 from ..backends.transformers import LoadedModel  # noqa: F401 - the type, for annotations
 
 _NAMES = ("BNB_BLOCK", "NOT_QUANTIZED", "device_map_for", "finish", "from_arch", "from_memory", "load_model",
@@ -13,5 +13,5 @@ _NAMES = ("BNB_BLOCK", "NOT_QUANTIZED", "device_map_for", "finish", "from_arch",
 
 def __getattr__(name: str):
     if name in _NAMES:
-        return getattr(_loaders, name)
+        return getattr(loaders, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

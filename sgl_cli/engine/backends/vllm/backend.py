@@ -75,9 +75,9 @@ class VllmBackend(LargeBackend):
         from pathlib import Path
 
         from ...builtin.locate import resolve_path
-        from .large import _model_type, check_family, import_vllm
+        from .large import read_model_type, check_family, import_vllm
 
-        check_family(_model_type(Path(resolve_path(spec.model))), spec.model)
+        check_family(read_model_type(Path(resolve_path(spec.model))), spec.model)
         import_vllm()
 
     @property
