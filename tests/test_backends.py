@@ -335,3 +335,11 @@ def test_a_ray_worker_asks_for_its_vllm_tensor_parallel_gpus(tmp_path, tiny_pair
     assert ray_backend._plan(fake, ray_backend.RayOptions(), 10, lambda _: None, 4.0) == (2, 4.0, 1)
     cpu_only = type("Ray", (), {"cluster_resources": staticmethod(lambda: {"CPU": 16.0})})
     assert ray_backend._plan(cpu_only, ray_backend.RayOptions(), 10, lambda _: None, 4.0) == (1, 0.0, 1)
+
+
+def test_bench_refuses_a_preset_on_another_large_backend(tmp_path, tiny_pair, no_model_loads):
+    preset = write_preset(tmp_path, tiny_pair, large={"model": str(tiny_pair["large"]), "backend": "vllm"})
+    res = runner.invoke(app, ["bench", "--preset", str(preset)])
+    assert res.exit_code == 2
+    assert res.output.strip() == ("sgl: error: preset 'tiny-test' runs the large model on vllm; sgl bench measures "
+                                  "the transformers backend only (for now)")

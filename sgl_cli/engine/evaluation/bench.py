@@ -203,6 +203,9 @@ class Bench:
         p = load_preset(self.preset)
         if p.small is None:
             raise SglError(f"preset {p.name!r} names no small model; sgl bench measures a pair")
+        if p.large.backend != "transformers":  # its stages are timed on transformers modules
+            raise SglError(f"preset {p.name!r} runs the large model on {p.large.backend}; sgl bench measures the "
+                           "transformers backend only (for now)")
         large_spec = dataclasses.replace(p.large, quantize=self.quantize) if self.quantize else p.large
         return load_model(p.small, "small"), load_model(large_spec, "large"), self._image((896, 896))
 
