@@ -107,3 +107,19 @@ def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, items):
     ref_answers = ref.large_pass(ref_works, ref.large_inputs(ref_works))
     assert [a.tokens for a in answers] == [a.tokens for a in ref_answers]
     assert [a.answer for a in answers] == [a.answer for a in ref_answers]
+
+
+def test_sgl_eval_large_backend_vllm_gives_the_transformers_answers(tmp_path, vllm_preset):
+    """The comparison of guides (sgl eval: the large model alone, sgl at two retains, random) on vLLM: every item's
+    answer and correctness per setting equal the transformers backend's."""
+    src = EXAMPLES / "batch.jsonl"
+    got = {}
+    for name, preset in (("transformers", "default"), ("vllm", str(vllm_preset))):
+        details = tmp_path / f"{name}.details.jsonl"
+        res = runner.invoke(app, ["eval", str(src), "-p", preset, "--guide", "sgl,random", "--retain", "0.5,0.25",
+                                  "--details", str(details), "--json", "-q", "--large-backend", name])
+        assert res.exit_code == 0, res.output
+        got[name] = [{k: v for k, v in r.items() if "ms" not in k and "compute" not in k}
+                     for r in records(details)]
+        gc.collect()
+    assert got["vllm"] == got["transformers"] and len(got["vllm"]) == 8

@@ -2,7 +2,7 @@
 
 A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), a classmethod
 `load(spec, role, options)`, and, once loaded: `family` (sgl's family adapter for the checkpoint), `processor` (the
-checkpoint's HF processor, which sgl encodes with), `image_token_id`, `num_layers`, `context`, `visual_mask(enc)`,
+checkpoint's HF processor, which sgl encodes with), `image_token_id`, `num_layers`, `context`, `device`, `visual_mask(enc)`,
 `inputs(works, guides) -> LargeInputs`, `generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`:
 tokens per item), `decode(tokens)`, `describe()` (the record's fields) and `close()`. A backend that offers
 "lm_attention" also has `rank_in_prefill(guide, inputs, retain, k, limits)`.
@@ -64,6 +64,11 @@ class LargeBackend:
     @classmethod
     def check_spec(cls, spec) -> None:
         """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
+
+    @property
+    def device(self) -> str:
+        """Where the large model runs, as calibration caches record the conditions of their stage times."""
+        return self.name
 
     def describe(self) -> dict:
         """Fields every record of a run on this backend carries."""

@@ -254,6 +254,10 @@ class TransformersLarge(LargeBackend):
     num_layers = property(lambda self: self.loaded.num_layers)
     context = property(lambda self: self.loaded.context)
 
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
     def visual_mask(self, encoding: dict):
         return self.family.visual_mask(self.model, encoding)
 

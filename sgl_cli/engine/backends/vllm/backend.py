@@ -94,6 +94,12 @@ class VllmBackend(LargeBackend):
         cap = self.large.settings.max_model_len
         return min(n, cap) if n and cap else (n or cap or 0)
 
+    @property
+    def device(self) -> str:
+        import torch
+
+        return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
+
     def visual_mask(self, encoding: dict):
         return self.family.visual_mask(self.model, encoding)
 
