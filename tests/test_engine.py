@@ -60,6 +60,7 @@ def test_retain_one_equals_plain_generate_on_large(engine_factory, batch):
 
 def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
     """Token for token (not only decoded text) for the large model's generation at retain 1.0."""
+    import sgl_cli.engine.backends.transformers as hf_backend
     import sgl_cli.engine.pipeline.engine as engine_mod
 
     seen = []
@@ -71,6 +72,7 @@ def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
         return gen
 
     monkeypatch.setattr(engine_mod, "greedy", spy)
+    monkeypatch.setattr(hf_backend, "greedy", spy)  # the large model's generation: its backend's
     eng = engine_factory(retain=1.0, threshold=None, max_new_tokens=7)
     item = next(read_items(batch))
     eng.process([item])

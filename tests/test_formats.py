@@ -402,7 +402,7 @@ def test_a_damaged_parquet_file_is_one_line_before_any_model_loads(tmp_path, ima
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     src = tmp_path / "items.parquet"
@@ -421,7 +421,7 @@ def test_a_damaged_parquet_file_is_one_line_before_any_model_loads(tmp_path, ima
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_arrow_file_in_a_dataset_is_one_line(tmp_path, images, preset_file, monkeypatch, damage):
     datasets = pytest.importorskip("datasets")
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     datasets.Dataset.from_dict({"image": [str(images[0])] * 30, "question": [Q] * 30}).save_to_disk(

@@ -452,6 +452,7 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         _assert_clean(pair.small.model)
 
     # Also when a stage fails half-way, with the hooks in place: the items fail, the model is restored.
+    import sgl_cli.engine.backends.transformers as hf_backend
     import sgl_cli.engine.pipeline.engine as engine_mod
     from sgl_cli.engine.families import QwenVL
 
@@ -464,7 +465,7 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         real_features(self, model, encs)  # the vision tower ran (with the cls capture active), then it fails
         raise RuntimeError("boom")
 
-    phases = {"greedy": [(engine_mod, "greedy", boom)],
+    phases = {"greedy": [(engine_mod, "greedy", boom), (hf_backend, "greedy", boom)],
               "vision": [(QwenVL, "image_features", features_then_boom)]}
     for phase, patches in phases.items():
         with monkeypatch.context() as mp:

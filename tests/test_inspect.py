@@ -151,7 +151,7 @@ def large_only(folder: Path, pair: dict[str, Path], **settings) -> Path:
 @pytest.fixture
 def loaded_roles(monkeypatch) -> list[str]:
     """The roles of the models the command loads, in order."""
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     roles: list[str] = []
     real = models.load_model

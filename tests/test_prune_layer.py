@@ -76,7 +76,7 @@ def reference_generate(loaded, work, k: int, max_new: int) -> list[int]:
 
 
 def _large_tokens(engine, items, monkeypatch):
-    import sgl_cli.engine.pipeline.engine as engine_mod
+    import sgl_cli.engine.backends.transformers as engine_mod  # the large model's generation: its backend's
 
     seen = []
     real = engine_mod.greedy

@@ -166,7 +166,7 @@ def test_preset_quantize_errors_name_key_and_file():
 def test_4bit_on_cpu_needs_widths_in_blocks_of_64():
     import bitsandbytes as bnb
 
-    from sgl_cli.engine.pipeline.models import _check_quantized_on_cpu
+    from sgl_cli.engine.backends.transformers import _check_quantized_on_cpu
 
     model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64), bnb.nn.Linear4bit(96, 64))
     for layer in model:

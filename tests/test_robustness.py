@@ -107,11 +107,13 @@ def test_fuzzed_lines_give_one_strict_record_each_in_order(tmp_path, preset_file
 
 
 def test_a_question_longer_than_the_context_fails_before_model_work(tmp_path, preset_file, monkeypatch):
+    from sgl_cli.engine.backends import transformers as hf_backend
     from sgl_cli.engine.pipeline import engine as engine_mod
 
     calls = []
     real = engine_mod.greedy
     monkeypatch.setattr(engine_mod, "greedy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hf_backend, "greedy", lambda *a, **k: calls.append(1) or real(*a, **k))  # the large one
     (img,) = make_images(tmp_path, sizes=((56, 56),))
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"image": img.name, "question": "what is " * 25000}) + "\n" + _good(img.name) + "\n")
@@ -244,7 +246,7 @@ def test_out_equal_to_the_input_is_refused_also_through_a_link(tmp_path, batch, 
 
 @pytest.mark.parametrize("case", ["missing folder", "folder", "read-only"])
 def test_bad_out_paths_fail_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch, case):
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     out = {"missing folder": tmp_path / "nope" / "o.jsonl", "folder": tmp_path, "read-only": tmp_path / "o.jsonl"}[case]
@@ -340,7 +342,7 @@ def test_a_link_to_the_output_is_refused_while_a_run_writes_it(tmp_path, batch, 
 
 
 def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch, preset_file, monkeypatch):
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
 
@@ -360,7 +362,7 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, batch,
                                   "preset fifo"])
 def test_every_file_a_run_writes_is_checked_before_any_model_loads(tmp_path, batch, preset_file, monkeypatch,
                                                                      case):
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     out = tmp_path / "out.jsonl"
@@ -683,7 +685,7 @@ def _sha(rec: dict):
 def test_resume_refuses_an_input_whose_answered_items_changed(tmp_path, preset_file, monkeypatch, fmt, edit):
     """Insert an item at the top, delete one, edit one in place, or move the input away from its images: the
     resumed run is refused in one line naming the first line (or row) that differs, before any model loads."""
-    from sgl_cli.engine.pipeline import models
+    from sgl_cli.engine.backends import transformers as models
 
     rows, src, out = _interrupted_run(fmt, tmp_path, preset_file)
     assert all(isinstance(_sha(r), str) and len(_sha(r)) == 16 for r in strict_records(out))

@@ -15,6 +15,7 @@ from sgl_cli.engine.guides import Guide, GuideItem
 class NormGuide(Guide):
     name: ClassVar[str] = "norm"
     description: ClassVar[str] = "the L2 norm of each visual token's image features (the large model's projector)"
+    needs: ClassVar[frozenset[str]] = frozenset({"large_features"})
 
     def score(self, item: GuideItem) -> torch.Tensor:
         # fp32 on the CPU, like every guide's scores: batch-invariant (one item's features, nothing else).

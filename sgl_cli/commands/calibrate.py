@@ -12,6 +12,7 @@ from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
 from ._common import domain_errors, err, progress_bar, set_threads, stderr_is_tty, warn_random_weights, with_help
 from .options import (
+    LargeBackendOption,
     BatchSizeOption,
     ConsistencyRetainOption,
     MaxNewTokensOption,
@@ -77,6 +78,7 @@ def calibrate(
     resume: bool = typer.Option(True, "--resume/--rerun", help="Reuse the cached answers, or recompute every item."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Compute again what the items that failed "
                                       "before lack (else they stay left out and a cached run makes no model call)."),
+    large_backend: LargeBackendOption = None,
     threads: ThreadsOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (warnings still go to stderr)."),
 ) -> None:
@@ -86,7 +88,8 @@ def calibrate(
         code = _calibrate(input, target_accuracy, exit_rate, confidence, split_list(retain) or ["auto"], metric,
                           preset, dict(prune_layer=prune_layer, consistency_retain=consistency_retain,
                                        max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
-                                       batch_size=batch_size), out, plot, resume, retry_failed, threads, quiet)
+                                       batch_size=batch_size), out, plot, resume, retry_failed, threads, quiet,
+                          large_backend)
     raise typer.Exit(code)
 
 
@@ -96,7 +99,7 @@ with_help(calibrate, EXAMPLE)
 def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optional[float],
                confidence: Optional[float], retains: list[str], metric: str, preset_name: Optional[str],
                overrides: dict, out: Optional[Path], plot: Optional[Path], resume: bool, retry_failed: bool,
-               threads: Optional[int], quiet: bool) -> int:
+               threads: Optional[int], quiet: bool, large_backend: Optional[str] = None) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
     from ..engine.evaluation.operating_points import validate_target
@@ -111,7 +114,8 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
         raise SglError(str(exc)) from None
     if confidence is not None and target_accuracy is None:
         raise SglError("--confidence applies to --target-accuracy (an exit rate is exact on the items)")
-    cal = Calibrator(input, load_preset(preset_name).with_settings(**overrides), retains, out=out, resume=resume,
+    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(large_backend)
+    cal = Calibrator(input, preset, retains, out=out, resume=resume,
                      retry_failed=retry_failed)
     plot = plot or cal.out.with_suffix(".png")
     if not plot.parent.is_dir():

@@ -11,6 +11,7 @@ import typer
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
 from .options import (
+    LargeBackendOption,
     BatchSizeOption,
     CalibrationOption,
     GuidesOption,
@@ -79,6 +80,7 @@ def eval_command(
     save_scores: bool = typer.Option(False, "--save-scores", help="With --details: also each item's visual-token "
                                      "ranking and kept tokens per setting, in <details stem>.scores.arrow (float16; "
                                      "`setting` names guide@retain, as in the details)."),
+    large_backend: LargeBackendOption = None,
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -87,7 +89,7 @@ def eval_command(
         code = _eval(input, guide, retain, metric, preset, threshold, calibration, dict(
             prune_layer=prune_layer, max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
             batch_size=batch_size, seed=seed,
-        ), limit, json_out, plot, details, save_scores, threads, quiet)
+        ), limit, json_out, plot, details, save_scores, threads, quiet, large_backend)
     raise typer.Exit(code)
 
 
@@ -96,7 +98,7 @@ with_help(eval_command, EXAMPLE)
 
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
           limit, json_out: bool, plot: Optional[Path], details: Optional[Path], save_scores: bool, threads,
-          quiet: bool) -> int:
+          quiet: bool, large_backend: Optional[str] = None) -> int:
     from ..engine.errors import SettingError, SglError
     from ..engine.evaluation.calibrate import read_labelled
     from ..engine.evaluation.evaluate import EvaluationPlan
@@ -123,7 +125,7 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     for path in (plot, details):
         if path is not None and not path.parent.is_dir():
             raise SglError(f"folder {path.parent} (for {path.name}) does not exist")
-    preset = load_preset(preset_name).with_settings(**overrides)
+    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(large_backend)
     guides = check_guides(split_list(guides_opt)) if guides_opt else None
     plan = EvaluationPlan.make(preset, guides, retains, metric,
                                threshold, calibration, save_scores=save_scores, notify=None if quiet else note,

@@ -64,3 +64,15 @@ def check_guides(names: list[str]) -> list[str]:
     if unknown:
         raise SglError(f"--guide: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return list(dict.fromkeys(names))
+
+
+def _backends_help() -> str:
+    from ..engine.backends import backend_names  # light: entry-point metadata, no torch
+
+    return ", ".join(backend_names())
+
+
+LargeBackendOption = Annotated[Optional[str], typer.Option(
+    "--large-backend", help=f"What runs the large model: {_backends_help()} (default: the preset's, else "
+    "transformers; vllm needs the vllm extra). Not --backend (local or ray: where the pair runs).",
+    show_default=False)]

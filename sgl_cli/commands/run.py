@@ -10,6 +10,7 @@ import typer
 
 from ._common import domain_errors, err, note, progress_bar, with_help
 from .options import (
+    LargeBackendOption,
     BatchSizeOption,
     CalibrationOption,
     ConsistencyRetainOption,
@@ -86,6 +87,7 @@ def run(
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the preset's)."),
+    large_backend: LargeBackendOption = None,
     backend: str = typer.Option("local", "--backend", help="local: models in this process; ray: a pool of Ray actors, on this machine or a cluster (needs the ray extra of sgl-cli)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the pair once (default: one per --gpus-per-worker GPUs of the cluster, else 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
@@ -100,7 +102,7 @@ def run(
             prompt_suffix=prompt_suffix, batch_size=batch_size, guide=guide, seed=seed,
         ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize,
             dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column), split=split,
-                 limit=limit), no_fetch, resume_command(ctx), save_scores)
+                 limit=limit), no_fetch, resume_command(ctx), save_scores, large_backend)
     raise typer.Exit(code)
 
 
@@ -133,7 +135,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
          resume: bool, overwrite: bool, threads: Optional[int], quiet: bool, backend: str = "local",
          num_workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
          quantize: Optional[str] = None, table: Optional[dict] = None, no_fetch: bool = False,
-         again: str = "", save_scores: bool = False) -> int:
+         again: str = "", save_scores: bool = False, large_backend: Optional[str] = None) -> int:
     from ..engine.errors import SglError
     from ..engine.io.fetch import FetchPolicy
     from ..engine.runs.run import Run
@@ -150,7 +152,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         from ..engine.runs.ray_backend import RayOptions
 
         ray_options = RayOptions(num_workers, gpus_per_worker, threads)
-    preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize)
+    preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize).with_large_backend(large_backend)
     to_stdout = out is not None and str(out) == "-"
     job = Run(input, preset, out=None if to_stdout else (out or "default"), resume=resume, overwrite=overwrite,
               calibration=calibration, backend=backend, ray_options=ray_options, threads=threads,

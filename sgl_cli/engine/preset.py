@@ -47,6 +47,10 @@ class ModelSpec:
     # None: `device` decides (with several GPUs visible, the large model is spread by "auto"). Else one of
     # DEVICE_MAP_STRATEGIES, or a mapping of module name -> device ("" is the whole model) placed by accelerate.
     device_map: str | dict | None = field(default=None, hash=False)
+    # What runs the model (the large one; the small model always runs on transformers): a registered backend's name
+    # (sgl_cli.engine.backends), and `vllm`, that backend's engine options (VLLM_KEYS).
+    backend: str = "transformers"
+    vllm: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantize", normalize_quantize(self.quantize))
@@ -59,6 +63,12 @@ class ModelSpec:
         if self.quantize not in (None, "nf4", "8bit"):
             raise PresetError(f"{where}.quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
         self._validate_device_map(where)
+        if not isinstance(self.backend, str) or not self.backend.strip():
+            raise PresetError(f"{where}.backend: must name a large-model backend (transformers, vllm, or a plugin's)")
+        if self.vllm is not None:
+            if self.backend != "vllm":
+                raise PresetError(f"{where}.vllm: vLLM options apply with backend: vllm, not {self.backend!r}")
+            _validate_vllm(self.vllm, f"{where}.vllm")
 
     def _validate_device_map(self, where: str) -> None:
         dm = self.device_map
@@ -84,6 +94,30 @@ class ModelSpec:
                 raise PresetError(
                     f"{where}.device_map[{name!r}]: {device!r} is not a device (a GPU index such as 0, cuda:1, cpu, "
                     "mps, xpu:0)")
+
+
+# The vLLM engine options a preset's `large.vllm` may give: key -> (types, the condition on a value, said as).
+VLLM_KEYS = {
+    "tensor_parallel_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "gpu_memory_utilization": ((int, float), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "max_model_len": ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "max_num_seqs": ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "enforce_eager": ((bool,), lambda v: True, "true or false"),
+    "dtype": ((str,), lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
+    "seed": ((int,), lambda v: True, "an integer"),
+}
+
+
+def _validate_vllm(options: dict, where: str) -> None:
+    if not isinstance(options, dict):
+        raise PresetError(f"{where}: must be a mapping of vLLM options ({', '.join(VLLM_KEYS)})")
+    for key, value in options.items():
+        if key not in VLLM_KEYS:
+            raise PresetError(f"{where}: unknown key {_quote(key)}{_nearest(key, VLLM_KEYS)}; known keys: "
+                              f"{', '.join(VLLM_KEYS)}")
+        types, ok, said = VLLM_KEYS[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types) or not ok(value):
+            raise PresetError(f"{where}.{key}: must be {said}, got {_quote(value)}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +186,14 @@ class Preset:
         if normalize_quantize(quantize) not in (None, "nf4", "8bit"):
             raise PresetError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
         return dataclasses.replace(self, large=dataclasses.replace(self.large, quantize=quantize))
+
+    def with_large_backend(self, backend: str | None) -> "Preset":
+        """A copy whose large model runs on `backend` (`--large-backend`); None leaves the preset's. The preset's
+        `vllm` options stay only when the backend is vllm."""
+        if backend is None or backend == self.large.backend:
+            return self
+        large = dataclasses.replace(self.large, backend=backend, vllm=self.large.vllm if backend == "vllm" else None)
+        return dataclasses.replace(self, large=large)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}
@@ -234,6 +276,9 @@ def parse_preset(data: Any, source: str) -> Preset:
     rest = _typed(_Header, data, "", source)
     if small is not None:
         small.validate(f"{source}: small")
+        if small.backend != "transformers":
+            raise PresetError(f"{source}: small.backend: the small model runs on transformers (its attention is "
+                              f"SGP's guidance), not {small.backend!r}; `backend` is the large model's")
     large.validate(f"{source}: large")
     settings.validate(source)
     return Preset(name=rest.name, description=rest.description, small=small, large=large, settings=settings,

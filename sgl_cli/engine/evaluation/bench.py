@@ -142,7 +142,7 @@ class Bench:
 
     def _arch(self):
         from ..builtin import arch as archs
-        from ..pipeline.models import from_arch
+        from ..backends.transformers import from_arch
 
         pair = archs.PAIRS.get(self.arch)
         if pair is None:
@@ -197,18 +197,21 @@ class Bench:
                            f"--quantize), {device} has {free / 2**30:.1f} GiB free; cut it with --layers N")
 
     def _preset(self):
-        from ..pipeline.models import load_model
+        from ..backends.transformers import load_model
         from ..preset import load_preset
 
         p = load_preset(self.preset)
         if p.small is None:
             raise SglError(f"preset {p.name!r} names no small model; sgl bench measures a pair")
+        if p.large.backend != "transformers":  # its stages are timed on transformers modules
+            raise SglError(f"preset {p.name!r} runs the large model on {p.large.backend}; sgl bench measures the "
+                           "transformers backend only (for now)")
         large_spec = dataclasses.replace(p.large, quantize=self.quantize) if self.quantize else p.large
         return load_model(p.small, "small"), load_model(large_spec, "large"), self._image((896, 896))
 
     def _size(self):
         from ..builtin.pair import SPECS, build_pair
-        from ..pipeline.models import load_model
+        from ..backends.transformers import load_model
         from ..preset import ModelSpec
         specs = {"realistic": _realistic(), **SPECS}
         if self.size not in specs:

@@ -266,7 +266,7 @@ class Calibrator:
 
         import torch
 
-        return {"host": socket.gethostname(), "device": str(engine.large.model.device),
+        return {"host": socket.gethostname(), "device": engine.large.device,
                 "threads": torch.get_num_threads(), "batch_size": engine.settings.batch_size}
 
     def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:

@@ -289,14 +289,17 @@ class EvaluationPlan:
         """`guides` (default: every guide the preset can run) at `retains`. Nothing exits early unless
         `threshold`, or `calibration` (a file whose point is then measured too: the sgl guide at its retain, prune
         layer and threshold; `engine/calibration.py`, purpose "eval")."""
+        from ..backends import check_preset, missing
         from ..guides import guide_class, guide_names
 
         get_metric(metric)
         if threshold is not None and calibration is not None:
             raise SettingError("give {} or {}, not both", "threshold", "calibration")
         preset = preset.with_settings(no_exit=True)
-        guides = list(guides) if guides else [
-            g for g in guide_names() if preset.small is not None or not guide_class(g).needs_small]
+        guides = list(guides) if guides else [  # by default every guide the pair and its large backend can run
+            g for g in guide_names() if (preset.small is not None or not guide_class(g).needs_small)
+            and not missing(preset, g)]
+        check_preset(preset, guides)
         needs_small = [g for g in guides if guide_class(g).needs_small]
         if needs_small and preset.small is None:
             raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")

@@ -70,7 +70,8 @@ class GuideItem:
 
 @dataclass
 class GuideBatch:
-    """A batch of items being ranked on the large model `model` (a LoadedModel)."""
+    """A batch of items being ranked on the large model `model` (its backend: `family`, `processor`, and on the
+    transformers backend `model`, the transformers module, for the hooks)."""
 
     model: Any
     items: list[GuideItem]
@@ -87,6 +88,9 @@ class Guide:
     uses_large: ClassVar[bool] = True  # ranking reads the large model (its features, vision tower or layers)
     score_noun: ClassVar[str] = "score"  # what its scores are called in `sgl inspect`'s legends
     ranks_in_prefill: ClassVar[bool] = False  # scores come from the large model's own layers < K, during its prefill
+    # What it needs of the large model's backend (backends/base.py's CAPABILITIES), checked before any model loads:
+    # "large_features" (GuideItem.features), "vision_attention" (watch_vision), "lm_attention" (watch_prefill).
+    needs: ClassVar[frozenset[str]] = frozenset()
     # The guide reduces the large model's input (`prepare_images`, `pool_rows`) instead of ranking its tokens: the
     # large model keeps every token of the reduced input, before its language model.
     reduces_input: ClassVar[bool] = False
@@ -101,7 +105,7 @@ class Guide:
         return settings.prune_layer
 
     def watch_vision(self, model) -> ContextManager[Any]:
-        """Scoped hooks on `model` (the large LoadedModel) while its vision tower encodes a batch."""
+        """Scoped hooks on `model` (the large model's backend) while its vision tower encodes a batch."""
         return contextlib.nullcontext()
 
     def watch_prefill(self, model, layer: int, width: int) -> ContextManager[Any]:

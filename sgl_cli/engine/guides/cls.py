@@ -76,6 +76,7 @@ class ClsGuide(Guide):
     name: ClassVar[str] = "cls"
     description: ClassVar[str] = "the large model's vision-encoder attention (the layer feeding the projector)"
     score_noun: ClassVar[str] = "attention"
+    needs: ClassVar[frozenset[str]] = frozenset({"vision_attention"})
 
     def prune_layer(self, settings, num_layers: int) -> int:
         return 0  # FasterVLM prunes before the language model

@@ -51,6 +51,9 @@ class DownsampleGuide(Guide):
     name: ClassVar[str] = "downsample"
     description: ClassVar[str] = "no ranking: the image reduced to the token budget before the large model"
     reduces_input: ClassVar[bool] = True
+    # The backend answers from the reduced input (the engine re-encodes and pools on the transformers backend). The
+    # resize happens before a request, so vLLM could offer it; LLaVA-1.5's pooling is transformers' only.
+    needs: ClassVar[frozenset[str]] = frozenset({"reduced_input"})
 
     def prune_layer(self, settings, num_layers: int) -> int:
         return 0  # nothing is dropped inside the language model: it reads the reduced input

@@ -24,6 +24,7 @@ class FastVGuide(Guide):
     description: ClassVar[str] = "the large model's attention from the last prompt token at layer {k_1} (pruned at layer {k})"
     score_noun: ClassVar[str] = "attention"
     ranks_in_prefill: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"lm_attention", "prune_inside_lm"})
 
     def prune_layer(self, settings, num_layers: int) -> int:
         # At least one layer must run on the kept tokens, so K < L (a 2-layer test model prunes at 1).

@@ -23,19 +23,20 @@ of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate t
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from ..errors import ItemError, ModelLoadError
+from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class
+from ..backends.base import LargeBackend, LargeInputs, check
+from ..backends.transformers import TransformersLarge
 from ..guides import guide_class, make_guide
-from ..guides.base import Guide, GuideBatch, GuideItem, n_keep, top_k_in_order
+from ..guides.base import Guide, GuideBatch, n_keep, top_k_in_order
 from ..io.batches import batches
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
@@ -44,7 +45,6 @@ from ..preset import Preset, Settings
 from ..core.capture import ImportanceCapture
 from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
 from ..core.limits import check_text
-from ..core.prune import PruneAtLayer
 from .models import LoadedModel
 from .record import make_record
 from .reduce import reduced_rows
@@ -60,35 +60,20 @@ def exits(work: Work, guide: Guide, threshold: float | None) -> bool:
         and work.small.exit_score >= threshold
 
 
-@dataclass
-class LargeInputs:
-    """What the large model's pass needs for a batch: its rows (ids, positions, image features: the vision tower
-    ran once) and, per guide that ranks before the language model, each item's scores."""
-
-    works: list[Work]
-    rows: list[Row]
-    items: list[GuideItem]
-    scores: dict[str, list[torch.Tensor]]  # guide name -> per item (guides that rank in the prefill: absent)
-
-    def select(self, works: list[Work]) -> "LargeInputs":
-        """The inputs of a subset of the works (same objects), in the subset's order."""
-        index = {id(w): i for i, w in enumerate(self.works)}
-        picked = [index[id(w)] for w in works]
-        return LargeInputs(list(works), [self.rows[i] for i in picked], [self.items[i] for i in picked],
-                           {g: [s[i] for i in picked] for g, s in self.scores.items()})
-
-
 class Engine:
-    def __init__(self, settings: Settings, small: LoadedModel | None, large: LoadedModel,
+    def __init__(self, settings: Settings, small: LoadedModel | None, large: LargeBackend | LoadedModel,
                  preset: Preset | None = None, fetch: FetchPolicy | None = None):
         self.settings = settings
         self.small = small
-        self.large = large
+        # The large model is a backend (backends/); a transformers model loaded by hand is put behind its own.
+        self.large: LargeBackend = large if isinstance(large, LargeBackend) else TransformersLarge(large)
+        large = self.large
         self.preset = preset
         self.fetch = fetch or FetchPolicy()
         self.fetcher = Fetcher(self.fetch)
         self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
         self.guide: Guide = make_guide(settings.guide, settings)
+        check(type(self.guide), type(large), settings.prune_layer)
         if self.guide.needs_small and small is None:
             raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "
                                  "(use --guide cls, fastv or random, or add a small model)")
@@ -117,9 +102,14 @@ class Engine:
         `small`: None loads the small model when the guide needs it, True whenever the preset names one.
         `large=False` loads no large model: the small one encodes and lays out the tokens in its place (for
         rankings that need no large model, `sgl inspect`'s); the prune layer is then 0, it cannot be checked."""
-        from . import models  # looked up at call time (tests count the loads)
+        from ..backends import transformers as models  # looked up at call time (tests count the loads)
 
-        needs_small = guide_class(preset.settings.guide).needs_small
+        guide_cls = guide_class(preset.settings.guide)
+        backend = backend_class(preset.large.backend or DEFAULT_BACKEND)
+        check(guide_cls, backend, preset.settings.prune_layer)  # before any model loads
+        if large:
+            backend.check_spec(preset.large)
+        needs_small = guide_cls.needs_small
         if needs_small and preset.small is None:
             raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
                                  "guide needs (use --guide cls, fastv or random)")
@@ -127,9 +117,9 @@ class Engine:
         small_model = models.load_model(preset.small, "small") if want_small else None
         settings = preset.settings
         if large or small_model is None:
-            large_model = models.load_model(preset.large, "large")
+            large_model = backend.load(preset.large, "large", preset.large.vllm)
         else:
-            large_model = small_model  # stands in: same family, same processor and token layout
+            large_model = TransformersLarge(small_model)  # stands in: same family, same processor and token layout
             settings = dataclasses.replace(settings, prune_layer=0)
         return cls(settings, small_model, large_model, preset, fetch)
 
@@ -215,14 +205,7 @@ class Engine:
         """The large model's rows for `works` (one vision-tower call, under each guide's `watch_vision`), and the
         scores of every guide in `guides` (default: the engine's) that ranks before the language model."""
         guides = list(guides) if guides is not None else [self.guide]
-        m = self.large
-        with contextlib.ExitStack() as stack:
-            watched = {g.name: stack.enter_context(g.watch_vision(m)) for g in guides}
-            rows = m.family.rows(m.model, [w.encoded.large for w in works])
-        items = [self._guide_item(w, row) for w, row in zip(works, rows)]
-        scores = {g.name: g.scores(GuideBatch(m, items, vision=watched[g.name]))
-                  for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
-        return LargeInputs(list(works), rows, items, scores)
+        return self.large.inputs(works, guides)
 
     @torch.inference_mode()
     def large_pass(self, works: list[Work], inputs: LargeInputs | None, guide: Guide | None = None,
@@ -235,6 +218,8 @@ class Engine:
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
         m = self.large
+        k = self.prune_layer(guide)
+        check(type(guide), type(m), k)  # another guide or layer than the engine's (sgl eval's comparison)
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
         if guide.reduces_input:
@@ -248,18 +233,17 @@ class Engine:
             return answers
         if [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
-        k = self.prune_layer(guide)
         if k > 0:
-            m.family.check_prune_layer(m.model, k)
+            m.check_prune_layer(k)
         if guide.ranks_in_prefill:
-            gen, scores, kept = self._rank_in_prefill(guide, inputs, retain, k, limits)
+            gen, scores, kept = m.rank_in_prefill(guide, inputs, retain, k, limits)
         else:
             scores = inputs.scores.get(guide.name)
             if scores is None:  # a guide large_inputs was not asked for (it must not need watch_vision)
                 scores = guide.scores(GuideBatch(m, inputs.items))
             kept = [guide.keep(m, item, s, retain) for item, s in zip(inputs.items, scores)]
-            gen = self.generate_kept(works, inputs.rows, kept, k, limits)
-        answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, s, idx, k)
+            gen = m.generate(works, inputs, kept, k, limits)
+        answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, s, idx, k)
                    for tokens, s, idx in zip(gen.tokens, scores, kept)]
         if own:
             for w, a in zip(works, answers):
@@ -268,52 +252,15 @@ class Engine:
 
     def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
                       limits: list[int]) -> Generation:
-        """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k."""
-        m = self.large
-        device = rows_device(m.model)
-        if k == 0:  # dropped tokens never enter the language model
-            batch = collate([row.keep(w.encoded.visual, idx) for w, row, idx in zip(works, rows, kept)], m.pad_id,
-                            device)
-            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
-        # Layers < k see every token; hooks drop the rest at layer k.
-        batch = collate(rows, m.pad_id, device)
-        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
-            keep[i, keep.shape[1] - len(row.ids):] = Row.columns(w.encoded.visual, idx)
-        with PruneAtLayer(m.model, k, keep.to(device)):
-            return greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
-
-    def _rank_in_prefill(self, guide: Guide, inputs: LargeInputs, retain: float, k: int, limits: list[int]):
-        """A guide that ranks from the large model's own layers < k: its scores are read when layer k starts, and
-        the unkept tokens dropped there, in the same forward."""
-        m = self.large
-        device = rows_device(m.model)
-        batch = collate(inputs.rows, m.pad_id, device)
-        width = batch.input_ids.shape[1]
-        items = [dataclasses.replace(item, offset=width - len(row.ids)) for item, row in zip(inputs.items, inputs.rows)]
-        ranked: dict[str, list] = {}
-
-        def select() -> torch.Tensor:  # called by PruneAtLayer when layer k's prefill starts
-            scores = guide.scores(GuideBatch(m, items, prefill=watch))
-            kept = [guide.keep(m, item, s, retain) for item, s in zip(items, scores)]
-            ranked.update(scores=scores, kept=kept)
-            keep = torch.zeros((len(items), width), dtype=torch.bool)
-            for i, (item, idx) in enumerate(zip(items, kept)):
-                keep[i, item.offset:] = Row.columns(item.visual, idx)
-            return keep.to(device)
-
-        with PruneAtLayer(m.model, k, select=select), guide.watch_prefill(m, k, width) as watch:
-            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, observe=getattr(watch, "observe", None))
-        if len(ranked.get("kept", ())) != len(items):
-            raise RuntimeError(f"the {guide.name} guide selected tokens for {len(ranked.get('kept', ()))} of "
-                               f"{len(items)} rows")
-        return gen, ranked["scores"], ranked["kept"]
+        """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k (the backend's
+        `generate`, for drivers that hold rows of their own: `sgl bench`)."""
+        return self.large.generate(works, LargeInputs(list(works), list(rows), [None] * len(works), {}), kept, k,
+                                   limits)
 
     # -- the stages' work ------------------------------------------------------------------------------------
     def context(self) -> int:
         """The models' context: the longest prompt plus answer both can take (`max_position_embeddings`)."""
-        limits = [int(getattr(m.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
-                  for m in (self.small, self.large) if m is not None]
+        limits = [m.context for m in (self.small, self.large) if m is not None]
         return min([n for n in limits if n > 0] or [1 << 31])
 
     def _check_length(self, item: Item, enc: dict) -> None:
@@ -341,7 +288,7 @@ class Engine:
         self._check_length(w.item, large)
         sizes = [im.size for im in images]
         if self.small is None:
-            visual = self.large.family.visual_mask(self.large.model, large)
+            visual = self.large.visual_mask(large)
             small = None
         else:
             small = large if self.large.processor is self.small.processor \
@@ -357,7 +304,7 @@ class Engine:
             visual = self.small.family.visual_mask(self.small.model, small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        w.encoded = Encoded(large, small, visual, sizes, images)
+        w.encoded = Encoded(large, small, visual, sizes, images, prompt)
 
     def _limits(self, works: list[Work]) -> list[int]:
         return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
@@ -402,13 +349,6 @@ class Engine:
             w.small.consistency = float(math.prod(p))
         _share(works, "small", t0)
         _share(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
-
-    def _guide_item(self, w: Work, row: Row) -> GuideItem:
-        visual = w.encoded.visual
-        slots = visual if row.slots is None else row.slots
-        return GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=visual,
-                         features=row.feats[visual[slots]], encoding=w.encoded.large,
-                         small_importance=w.small.importance if w.small is not None else None)
 
     def _stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str) -> None:
         """Run `fn` on the live works; a failure fails its items (one by one, so one bad item does not fail its

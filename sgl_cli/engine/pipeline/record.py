@@ -42,6 +42,7 @@ def make_record(engine, w: Work, total_ms: float = 0.0) -> dict:
                    small_answer=None, visual_tokens=None, retained_tokens=None, prune_layer=k,
                    token_ratio=None, finish_reason=None, usage=None)
     rec["large_quantize"] = engine.large.spec.quantize  # "nf4", "8bit" or None: how the large model's weights ran
+    rec.update(engine.large.describe())  # large_backend: what ran the large model
     rec["ms"] = {"small": round(w.ms["small"], 1), "large": round(w.ms["large"], 1),
                  "total": round(total_ms, 1)}
     if item.has_reference:

@@ -27,7 +27,10 @@ class Encoded:
     small: dict | None
     visual: torch.Tensor  # (S,) bool: the visual-token columns (input_ids == image token id; no marker tokens)
     image_sizes: list[tuple[int, int]]  # (width, height) of each image, as given to the processor
-    images: list = field(default_factory=list, repr=False)  # the images as given (a guide may re-encode them reduced)
+    # The decoded images as given (a guide may re-encode them reduced; a large backend that encodes on its own
+    # side, vLLM, is given them with the kept indices) and the prompt (text or chat turns) they were encoded with.
+    images: list = field(default_factory=list, repr=False)
+    prompt: Any = None
 
     @property
     def n_visual(self) -> int:

@@ -104,11 +104,21 @@ class EngineWorker:
         }
 
 
-def _plan(ray, options: RayOptions, n_blocks: int, notify: Callable[[str], None]) -> tuple[int, float, int]:
-    """(workers, GPUs per worker, CPUs per worker) for this cluster."""
+def worker_gpus(preset) -> float:
+    """The GPUs one worker's pair needs on a cluster with GPUs: one, or a vLLM large model's tensor-parallel size
+    (each worker holds one vLLM engine)."""
+    if preset.large.backend == "vllm":
+        return float((preset.large.vllm or {}).get("tensor_parallel_size", 1))
+    return 1.0
+
+
+def _plan(ray, options: RayOptions, n_blocks: int, notify: Callable[[str], None],
+          per_worker: float = 1.0) -> tuple[int, float, int]:
+    """(workers, GPUs per worker, CPUs per worker) for this cluster; `per_worker`: the GPUs a worker's pair needs
+    (`worker_gpus`), the default where --gpus-per-worker is not given."""
     resources = ray.cluster_resources()
     cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if cluster_gpus else 0.0)
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (per_worker if cluster_gpus else 0.0)
     cpus = options.threads or 1
     workers = min(options.num_workers or (max(1, int(cluster_gpus // gpus)) if gpus else 1), max(1, n_blocks))
     notify(f"sgl: ray: {workers} worker{'s' * (workers != 1)} x {cpus} CPU{'s' * (cpus != 1)}, {gpus:g} GPU; "
@@ -177,7 +187,7 @@ def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
             raise SglError(f"cannot join or start a Ray cluster: {type(exc).__name__}: {detail}") from None
     try:
         _quiet_ray(ray)
-        workers, gpus, cpus = _plan(ray, options, len(parts), notify or (lambda _: None))
+        workers, gpus, cpus = _plan(ray, options, len(parts), notify or (lambda _: None), worker_gpus(preset))
         # One block per batch (small blocks stream back, are written and survive a kill as soon as they are done).
         import pyarrow as pa
 

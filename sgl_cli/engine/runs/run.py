@@ -104,6 +104,9 @@ class Run:
         self._check_backend()
         self.preset = resolve_calibration(preset, "run", calibration or None, notify=self.notify,
                                           warn=self.warn).preset
+        from ..backends import check_preset
+
+        check_preset(self.preset)  # a guide or prune layer the large backend cannot run: before anything else
         self.out = default_output(self.input) if out == "default" else (Path(out) if out is not None else None)
         if self.out is None and resume:
             raise SettingError("{} needs an output file, not stdout", "resume")

@@ -43,6 +43,13 @@ def inspect_item(preset: Preset, image_paths: list[Path], question: str, guide: 
                                "(use --guide cls, fastv, random or all)")
             guides.remove(g)
             skipped[g] = f"preset {preset.name} names no small model, which it needs"
+    from ..backends import check_preset, missing
+
+    if guide == "all":  # every guide the large backend can run; each one asked for by name must
+        for g in [g for g in guides if missing(preset, g)]:
+            guides.remove(g)
+            skipped[g] = f"the {preset.large.backend} large backend lacks {', '.join(sorted(missing(preset, g)))}"
+    check_preset(preset, guides)
     item = CommandLineItem(line=1, id=image_paths[0].name, images=[ImageRef.path(p) for p in image_paths],
                            question=question.strip())
     from ..io.images import load_images

@@ -92,7 +92,7 @@ class VllmSettings:
     extra: dict = field(default_factory=dict)  # more vLLM `LLM` keyword arguments, passed as they are
 
 
-def _model_type(path: Path) -> str:
+def read_model_type(path: Path) -> str:
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{path} has no config.json; the vLLM backend takes a local checkpoint folder")
@@ -140,7 +140,7 @@ class VllmLarge:
                                      dtype, seed, enforce_eager, dict(extra))
         _validate(self.settings)
         self.path = Path(resolve_path(str(name)))
-        self.model_type = _model_type(self.path)
+        self.model_type = read_model_type(self.path)
         self.architecture = check_family(self.model_type, str(name))
         self.family = FAMILY_NAMES[self.model_type]
         vllm = import_vllm()

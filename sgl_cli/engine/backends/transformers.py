@@ -1,0 +1,340 @@
+"""The transformers backend: the large model as a transformers `from_pretrained` model in this process (sgl's own
+forward, `core/generate.py`'s greedy loop, hooks for every guide). Also how either model of a pair is loaded
+(`load_model`: safetensors only), since the small model always runs on transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+from ..families import family_for
+from ..preset import ModelSpec
+from ..core import hf
+from ..core.generate import Row, collate, greedy, rows_device
+from ..core.prune import PruneAtLayer
+from ..builtin.locate import looks_like_path, resolve_path  # noqa: F401 - public here too
+from .base import CAPABILITIES, LargeBackend, LargeInputs
+
+
+@dataclass
+class LoadedModel:
+    role: str  # "small" or "large"
+    spec: ModelSpec
+    path: str
+    model: Any
+    processor: Any
+    family: Any
+    eos_ids: frozenset[int]
+    pad_id: int
+    random_weights: bool = False
+
+    @property
+    def image_token_id(self) -> int:
+        return self.family.image_token_id(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def context(self) -> int:
+        """The longest prompt plus answer the model takes (`max_position_embeddings`; 0: not said)."""
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+
+def _dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_map_for(spec: ModelSpec, role: str, gpus: int | None = None) -> str | dict:
+    """Where the model's modules go, as a `from_pretrained` device_map (accelerate places them).
+
+    An explicit `device_map` wins (a strategy such as "auto" spreads over the visible GPUs; without a GPU it is
+    the CPU). Else `device`: "auto" is the first GPU, the CPU without one, and, with several GPUs visible, the
+    large model is spread over all of them ("auto") while the small one stays on the first.
+    """
+    gpus = _gpu_count() if gpus is None else gpus
+    if spec.device_map is not None:
+        if isinstance(spec.device_map, str) and gpus == 0:
+            return {"": "cpu"}
+        return dict(spec.device_map) if isinstance(spec.device_map, dict) else spec.device_map
+    if spec.device != "auto":
+        return {"": spec.device}
+    if gpus == 0:
+        return {"": "cpu"}
+    return "auto" if gpus > 1 and role == "large" else {"": "cuda:0"}
+
+
+# Only the language model is quantized: the vision tower and its projector are ~1% of a large VLM's weights but
+# feed every visual token, and the output head is what transformers leaves unquantized by default. Patterns
+# are matched from the start of a module name (transformers' `should_convert_module`).
+NOT_QUANTIZED = (r".*\.visual", r".*vision_tower", r".*multi_modal_projector", "lm_head")
+BNB_BLOCK = 64  # bitsandbytes' 4-bit block: on CPU, quantized layers need input widths that are multiples of it
+
+
+def quantization_config(spec: ModelSpec):
+    """transformers' BitsAndBytesConfig for `spec.quantize` (NF4 with bf16 compute, or LLM.int8), or None."""
+    if spec.quantize is None:
+        return None
+    import logging
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional faster kernel package is missing.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # LLM.int8 casts float32 inputs to float16 and warns on every matmul; once in the docs is enough.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    skip = list(NOT_QUANTIZED)
+    if spec.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = torch.float16 if spec.dtype == "float16" else torch.bfloat16  # fp16 for GPUs without bf16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                              llm_int8_skip_modules=skip)
+
+
+def _check_quantized_on_cpu(model, spec: ModelSpec, role: str) -> None:
+    """bitsandbytes' packed CPU 4-bit kernels (CPUs with AVX512-BF16) fail on the first forward for input widths
+    that are not a multiple of 64: say so at load time, naming the layer."""
+    if spec.quantize != "nf4":
+        return
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Linear4bit" and weight is not None and weight.device.type == "cpu" \
+                and getattr(module, "support_avx512bf16_for_cpu", True) and module.in_features % BNB_BLOCK:
+            raise ModelLoadError(
+                f"the {role} model {spec.model!r} cannot run 4-bit on the CPU: layer {name} has input width "
+                f"{module.in_features}, not a multiple of {BNB_BLOCK} (bitsandbytes' block); use a GPU or quantize: none"
+            )
+
+
+def load_model(spec: ModelSpec, role: str) -> LoadedModel:
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    from ..builtin.pair import is_random
+    from ..core.processors import load_processor
+
+    hf_logging.disable_progress_bar()  # data and progress of our own only
+    path = resolve_path(spec.model)
+    processor = load_processor(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=_dtype(spec.dtype),
+            attn_implementation=spec.attn,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+            device_map=device_map_for(spec, role),  # accelerate places (and, across devices, moves) everything
+            quantization_config=quantization_config(spec),
+        )
+    except Exception as exc:  # noqa: BLE001 - surfaced as one line naming the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"cannot load the {role} model {spec.model!r}: {type(exc).__name__}: {first}") from exc
+    return finish(model.eval(), processor, spec, role, path, is_random(Path(path)))
+
+
+def from_memory(model, processor, spec: ModelSpec, role: str, *, random_weights: bool = False) -> LoadedModel:
+    """A model and processor built in memory (`sgl bench --arch`) through the same post-load steps as
+    `load_model`: `spec.quantize` applied to its weights, the probes, the family, EOS and pad."""
+    if spec.quantize is not None:
+        quantize_in_memory(model, spec)
+    return finish(model.eval(), processor, spec, role, spec.model, random_weights)
+
+
+def finish(model, processor, spec: ModelSpec, role: str, path: str, random_weights: bool) -> LoadedModel:
+    """What every loaded model goes through: the 4-bit width check, the family, the probes, EOS and pad."""
+    _check_quantized_on_cpu(model, spec, role)
+    family = family_for(model)
+    # Every transformers internal sgl uses on this model, probed now: a release that moved one fails here in one
+    # line, not per item mid-run.
+    hf.check_model(model)
+    family.check(model)
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.get_text_config().eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    if not eos_ids:
+        raise ModelLoadError(f"the {role} model {spec.model!r} names no EOS token in its generation config")
+    pad = gen.pad_token_id if gen.pad_token_id is not None else processor.tokenizer.pad_token_id
+    pad_id = int(pad if pad is not None else min(eos_ids))
+    return LoadedModel(role, spec, path, model, processor, family, eos_ids, pad_id, random_weights)
+
+
+def quantize_in_memory(model, spec: ModelSpec) -> None:
+    """Quantize the weights of a model built in memory as `from_pretrained` would with `quantization_config(spec)`:
+    each language-model `nn.Linear` (not NOT_QUANTIZED) becomes a bitsandbytes layer made from its own weights,
+    on its own device, one layer at a time (peak memory: the unquantized model)."""
+    import re
+
+    import bitsandbytes as bnb
+    import torch
+
+    config = quantization_config(spec)
+    skip = [re.compile(p) for p in config.llm_int8_skip_modules]
+    names = [name for name, module in model.named_modules()
+             if type(module) is torch.nn.Linear and not any(p.match(name) for p in skip)]
+    for name in names:  # by name, so that each replaced layer's unquantized weight is freed at once
+        module = model.get_submodule(name)
+        w = module.weight.data
+        if spec.quantize == "8bit":
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                      has_fp16_weights=False, threshold=config.llm_int8_threshold, device="meta")
+            new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                    compute_dtype=config.bnb_4bit_compute_dtype,
+                                    compress_statistics=config.bnb_4bit_use_double_quant,
+                                    quant_type=config.bnb_4bit_quant_type,
+                                    quant_storage=config.bnb_4bit_quant_storage, device="meta")
+            new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=config.bnb_4bit_quant_type,
+                                           compress_statistics=config.bnb_4bit_use_double_quant,
+                                           quant_storage=config.bnb_4bit_quant_storage, module=new)
+        if module.bias is not None:
+            new.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        new = new.to(w.device)  # moving bitsandbytes weights to a device is what quantizes them
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        del module, w
+    model.config.quantization_config = config
+
+
+def from_arch(pair, *, layers: int | None = None, vision_layers: int | None = None,
+              dtype: str = "bfloat16", device: str = "cpu", quantize: str | None = None, seed: int = 0):
+    """(small, large) `LoadedModel`s of `pair` (a `builtin/arch.py` ArchPair) with random weights, sharing one
+    processor; `quantize` ("nf4") applies to the large model, as in `sgl run --quantize`."""
+    from ..builtin.arch import build_model, build_processor
+
+    processor = build_processor(pair.small, max(pair.small.text.vocab, pair.large.text.vocab))
+    loaded = []
+    for i, (role, arch) in enumerate((("small", pair.small), ("large", pair.large))):
+        model = build_model(arch, processor, layers=layers, vision_layers=vision_layers, dtype=dtype, device=device,
+                            seed=seed + i)
+        spec = ModelSpec(f"arch:{pair.name}/{role}", dtype=dtype, device=device,
+                         quantize=quantize if role == "large" else None)
+        loaded.append(from_memory(model, processor, spec, role, random_weights=True))
+    return tuple(loaded)
+
+
+class TransformersLarge(LargeBackend):
+    """The large model on transformers: every capability (the vision tower runs here, so its features and its
+    attention are there to read; the language model is sgl's, so tokens can be dropped and read at any layer)."""
+
+    name = "transformers"
+    offers = CAPABILITIES
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    @classmethod
+    def load(cls, spec: ModelSpec, role: str = "large", options: Any = None) -> "TransformersLarge":
+        return cls(load_model(spec, role))
+
+    # What guides and records read of the large model (a guide's `model`): the same names as a LoadedModel's.
+    model = property(lambda self: self.loaded.model)
+    processor = property(lambda self: self.loaded.processor)
+    family = property(lambda self: self.loaded.family)
+    spec = property(lambda self: self.loaded.spec)
+    path = property(lambda self: self.loaded.path)
+    role = property(lambda self: self.loaded.role)
+    eos_ids = property(lambda self: self.loaded.eos_ids)
+    pad_id = property(lambda self: self.loaded.pad_id)
+    random_weights = property(lambda self: self.loaded.random_weights)
+    image_token_id = property(lambda self: self.loaded.image_token_id)
+    num_layers = property(lambda self: self.loaded.num_layers)
+    context = property(lambda self: self.loaded.context)
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def visual_mask(self, encoding: dict):
+        return self.family.visual_mask(self.model, encoding)
+
+    def inputs(self, works: list, guides: list) -> LargeInputs:
+        """One vision-tower call for the batch, under each guide's `watch_vision`; every pre-LM guide's scores."""
+        import contextlib
+
+        from ..guides.base import GuideBatch, GuideItem
+
+        with contextlib.ExitStack() as stack:
+            watched = {g.name: stack.enter_context(g.watch_vision(self)) for g in guides}
+            rows = self.family.rows(self.model, [w.encoded.large for w in works])
+        items = []
+        for w, row in zip(works, rows):
+            visual = w.encoded.visual
+            slots = visual if row.slots is None else row.slots
+            items.append(GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=visual,
+                                   features=row.feats[visual[slots]], encoding=w.encoded.large,
+                                   small_importance=w.small.importance if w.small is not None else None))
+        scores = {g.name: g.scores(GuideBatch(self, items, vision=watched[g.name]))
+                  for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
+        return LargeInputs(list(works), rows, items, scores)
+
+    def check_prune_layer(self, k: int) -> None:
+        self.family.check_prune_layer(self.model, k)
+
+    def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]):
+        """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k."""
+        import torch
+
+        rows = inputs.rows
+        device = rows_device(self.model)
+        if k == 0:  # dropped tokens never enter the language model
+            batch = collate([row.keep(w.encoded.visual, idx) for w, row, idx in zip(works, rows, kept)],
+                            self.pad_id, device)
+            return greedy(self.model, batch, limits, self.eos_ids, self.pad_id)
+        # Layers < k see every token; hooks drop the rest at layer k.
+        batch = collate(rows, self.pad_id, device)
+        keep = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        for i, (w, row, idx) in enumerate(zip(works, rows, kept)):
+            keep[i, keep.shape[1] - len(row.ids):] = Row.columns(w.encoded.visual, idx)
+        with PruneAtLayer(self.model, k, keep.to(device)):
+            return greedy(self.model, batch, limits, self.eos_ids, self.pad_id)
+
+    def rank_in_prefill(self, guide, inputs: LargeInputs, retain: float, k: int, limits: list[int]):
+        """A guide that ranks from the large model's own layers < k: its scores are read when layer k starts, and
+        the unkept tokens dropped there, in the same forward. Returns (generation, scores, kept)."""
+        import dataclasses
+
+        import torch
+
+        from ..guides.base import GuideBatch
+
+        device = rows_device(self.model)
+        batch = collate(inputs.rows, self.pad_id, device)
+        width = batch.input_ids.shape[1]
+        items = [dataclasses.replace(item, offset=width - len(row.ids)) for item, row in zip(inputs.items, inputs.rows)]
+        ranked: dict[str, list] = {}
+
+        def select() -> torch.Tensor:  # called by PruneAtLayer when layer k's prefill starts
+            scores = guide.scores(GuideBatch(self, items, prefill=watch))
+            kept = [guide.keep(self, item, s, retain) for item, s in zip(items, scores)]
+            ranked.update(scores=scores, kept=kept)
+            keep = torch.zeros((len(items), width), dtype=torch.bool)
+            for i, (item, idx) in enumerate(zip(items, kept)):
+                keep[i, item.offset:] = Row.columns(item.visual, idx)
+            return keep.to(device)
+
+        with PruneAtLayer(self.model, k, select=select), guide.watch_prefill(self, k, width) as watch:
+            gen = greedy(self.model, batch, limits, self.eos_ids, self.pad_id, observe=getattr(watch, "observe", None))
+        if len(ranked.get("kept", ())) != len(items):
+            raise RuntimeError(f"the {guide.name} guide selected tokens for {len(ranked.get('kept', ()))} of "
+                               f"{len(items)} rows")
+        return gen, ranked["scores"], ranked["kept"]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def describe(self) -> dict:
+        return {"large_backend": self.name}

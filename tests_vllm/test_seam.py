@@ -1,0 +1,125 @@
+"""The vLLM backend behind the seam: `sgl run examples/batch.jsonl --large-backend vllm` writes the transformers
+backend's records (answers, exits, kept tokens, finish reasons; timings and `large_backend` aside), and the backend
+contract of tests/test_backends.py holds on vLLM: batch equals batch 1, the same image with two questions equals two
+runs, the kept set is the top `retain` of the small model's importance and vLLM answers from exactly it."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ENGINE
+from typer.testing import CliRunner
+
+from sgl_cli.cli import app
+from sgl_cli.engine.preset import load_preset, presets_dir
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+runner = CliRunner()
+VLLM = {k: v for k, v in ENGINE.items()}  # dtype float32, a small memory share, eager
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def comparable(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("ms", "large_backend", "input_sha")} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def vllm_preset(tmp_path_factory) -> Path:
+    data = yaml.safe_load((presets_dir() / "default.yaml").read_text())
+    data["large"].update(backend="vllm", vllm=VLLM)
+    path = tmp_path_factory.mktemp("preset") / "vllm.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sgl_run_large_backend_vllm_gives_the_transformers_records(tmp_path, vllm_preset):
+    src = EXAMPLES / "batch.jsonl"
+    t, v = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    res = runner.invoke(app, ["run", str(src), "-o", str(t), "-q", "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    # The flag over the default preset, with the vLLM options of a preset that names them.
+    res = runner.invoke(app, ["run", str(src), "-p", str(vllm_preset), "-o", str(v), "-q", "--large-backend", "vllm"])
+    assert res.exit_code == 0, res.output
+    gc.collect()
+    tr, vr = records(t), records(v)
+    assert [r["large_backend"] for r in tr] == ["transformers"] * 8 and [r["large_backend"] for r in vr] == ["vllm"] * 8
+    assert comparable(vr) == comparable(tr)
+    assert {r["exit"] for r in tr} == {"small", "large"}  # both paths are in the comparison
+    assert yaml.safe_load(v.with_name("v.preset.yaml").read_text())["large"]["backend"] == "vllm"
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_preset):
+    from sgl_cli.engine import Engine
+
+    engine = Engine.load(load_preset(str(vllm_preset)).with_settings(no_exit=True, retain=0.25))
+    yield engine
+    engine.large.close()
+    gc.collect()
+
+
+@pytest.fixture
+def items(tmp_path):
+    from sgl_cli.engine import read_items
+
+    rows = [json.loads(line) for line in (EXAMPLES / "batch.jsonl").read_text().splitlines()[:3]]
+    rows.append({**rows[0], "id": "again", "question": "What shape is red?"})  # the first image, another question
+    for r in rows:
+        r["image"] = str(EXAMPLES / r["image"])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return lambda: list(read_items(tmp_path / "b.jsonl"))
+
+
+def test_contract_batch_equals_batch_one_on_vllm(vllm_engine, items):
+    together = [{k: v for k, v in r.items() if k != "ms"} for r in vllm_engine.with_settings(batch_size=4).run(items())]
+    alone = [{k: v for k, v in vllm_engine.with_settings(batch_size=1).process([it])[0].items() if k != "ms"}
+             for it in items()]
+    assert [r["id"] for r in together] == ["shapes-7-0", "shapes-7-1", "shapes-7-2", "again"]
+    for a, b in zip(together, alone):  # the small model's float scores may move in their last bits with padding
+        assert {k: v for k, v in a.items() if k not in ("exit_score", "confidence", "consistency")} == \
+            {k: v for k, v in b.items() if k not in ("exit_score", "confidence", "consistency")}
+    assert together[0]["visual_tokens"] == together[3]["visual_tokens"]
+    assert all(r["large_backend"] == "vllm" and r["exit"] == "large" and r["error"] is None for r in together)
+
+
+def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, items):
+    """The kept set is the top 0.25 of the small model's importance; vLLM's answers from it equal sgl's
+    transformers large model's from the same kept tokens."""
+    from sgl_cli.engine.backends.transformers import TransformersLarge
+    from sgl_cli.engine.guides.base import n_keep, top_k_in_order
+    from sgl_cli.engine.pipeline.engine import Engine
+
+    works = vllm_engine.analyze(items())
+    answers = vllm_engine.large_pass(works, vllm_engine.large_inputs(works))
+    for w, a in zip(works, answers):
+        assert torch.equal(a.kept, top_k_in_order(w.small.importance, n_keep(len(w.small.importance), 0.25)))
+    hf = TransformersLarge.load(vllm_engine.preset.large)
+    ref = Engine(vllm_engine.settings, vllm_engine.small, hf)
+    ref_works = ref.analyze(items())
+    ref_answers = ref.large_pass(ref_works, ref.large_inputs(ref_works))
+    assert [a.tokens for a in answers] == [a.tokens for a in ref_answers]
+    assert [a.answer for a in answers] == [a.answer for a in ref_answers]
+
+
+def test_sgl_eval_large_backend_vllm_gives_the_transformers_answers(tmp_path, vllm_preset):
+    """The comparison of guides (sgl eval: the large model alone, sgl at two retains, random) on vLLM: every item's
+    answer and correctness per setting equal the transformers backend's."""
+    src = EXAMPLES / "batch.jsonl"
+    got = {}
+    for name, preset in (("transformers", "default"), ("vllm", str(vllm_preset))):
+        details = tmp_path / f"{name}.details.jsonl"
+        res = runner.invoke(app, ["eval", str(src), "-p", preset, "--guide", "sgl,random", "--retain", "0.5,0.25",
+                                  "--details", str(details), "--json", "-q", "--large-backend", name])
+        assert res.exit_code == 0, res.output
+        got[name] = [{k: v for k, v in r.items() if "ms" not in k and "compute" not in k}
+                     for r in records(details)]
+        gc.collect()
+    assert got["vllm"] == got["transformers"] and len(got["vllm"]) == 8
