@@ -1,5 +1,7 @@
-"""The vLLM backend's parts that need no vLLM (this environment has none): its refusals, its option checks, and
-the pruned M-RoPE numbering against the transformers path. The tests that run vLLM are in tests_vllm/, run in the
+"""The vLLM backend's parts that need no vLLM (this environment has none): its refusals, its option checks, the
+pruned M-RoPE numbering against the transformers path, the seam's defaults (image_token_id, num_layers, context)
+against the LoadedModel's, and the downsample guide's requests (the resized images, every token kept) against the
+transformers backend's reduced input, on an engine whose vLLM is a stand-in that records what it is sent. The tests that run vLLM are in tests_vllm/, run in the
 vLLM environment (scripts/vllm_env.sh)."""
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -122,3 +125,127 @@ def test_pruned_positions_equal_the_transformers_path(tiny_large, retain):
         positions, delta = pruned_mrope_positions(len(pruned_ids), spans)
         assert torch.equal(positions, full[:, columns])
         assert delta == int(full.max()) + 1 - len(pruned_ids)
+
+
+# -- the seam's defaults and the downsample guide, with a stand-in for vLLM's engine ---------------------------------
+class RecordingLarge:
+    """Stands in for `VllmLarge`: its settings, a prompt that shows what it was given, and answers that record the
+    requests (tokens [5, 6, EOS])."""
+
+    def __init__(self, settings, eos: int):
+        self.settings = settings
+        self.eos = eos
+        self.requests = []
+
+    def prompt(self, images, prompt) -> str:
+        return f"{len(images)} image(s) | {json.dumps(prompt)}"
+
+    def generate(self, requests):
+        from sgl_cli.engine.backends.vllm import LargeReply
+
+        self.requests += list(requests)
+        return [LargeReply([5, 6, self.eos], "", "stop") for _ in requests]
+
+
+def config_only(m, max_model_len=None):
+    """The vLLM backend as `VllmBackend.load` makes it (the checkpoint's processor, its config alone, the family
+    read from the config) over a LoadedModel's checkpoint, its engine the recording stand-in."""
+    from sgl_cli.engine.backends.vllm.backend import VllmBackend
+    from sgl_cli.engine.backends.vllm.large import VllmSettings
+    from sgl_cli.engine.families import family_for
+
+    large = RecordingLarge(VllmSettings(max_model_len=max_model_len), min(m.eos_ids))
+    return VllmBackend(m.spec, large, m.processor, m.model.config, family_for(SimpleNamespace(config=m.model.config)),
+                       m.eos_ids)
+
+
+def test_the_backends_defaults_give_the_loaded_models_values(tiny_large):
+    from sgl_cli.engine.backends.transformers import TransformersLarge
+
+    m = tiny_large
+    assert m.context > 64
+    for backend in (TransformersLarge(m), config_only(m)):
+        assert (backend.image_token_id, backend.num_layers, backend.context) == (m.image_token_id, m.num_layers,
+                                                                                 m.context)
+    assert config_only(m, max_model_len=64).context == 64  # vLLM's cap, its one override
+    assert config_only(m, max_model_len=1 << 30).context == m.context
+
+
+def test_vllm_offers_downsample_and_still_refuses_cls_fastv_and_a_prune_layer():
+    from sgl_cli.engine.backends.base import CapabilityError, check
+    from sgl_cli.engine.backends.vllm.backend import VllmBackend
+    from sgl_cli.engine.guides import guide_class
+
+    assert VllmBackend.offers == {"reduced_input"}
+    check(guide_class("downsample"), VllmBackend, 0)
+    check(guide_class("sgl"), VllmBackend, 0)
+    for guide, k, what in (("cls", 0, "vision_attention"), ("fastv", 0, "lm_attention, prune_inside_lm"),
+                           ("sgl", 1, "prune_inside_lm"), ("downsample", 2, "prune_inside_lm")):
+        with pytest.raises(CapabilityError) as err:
+            check(guide_class(guide), VllmBackend, k)
+        at = f" at prune_layer {k}" if k else ""
+        assert str(err.value) == f"the {guide} guide{at} needs {what}, which the vllm large backend " \
+                                 "(large_backend) does not offer"
+
+
+@pytest.mark.parametrize("retain", [0.25, 0.09])
+def test_downsample_on_vllm_sends_the_transformers_reduced_images_with_every_token_kept(tiny_large, tmp_path, retain):
+    """On the engine, `sgl eval`'s comparison (with and without answers): what vLLM is sent is the image the
+    transformers backend reduces (its size and, encoded, its ids and pixels), every token kept, the item's prompt;
+    the records count what it received."""
+    from sgl_cli.engine.backends.transformers import TransformersLarge
+    from sgl_cli.engine.evaluation.compare import Comparison
+    from sgl_cli.engine.guides import make_guide
+    from sgl_cli.engine.io.formats import read_items
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.preset import Settings
+
+    from .conftest import make_images, write_jsonl
+
+    m = tiny_large
+    sizes = ((336, 224), (168, 280), (700, 90), (56, 56))
+    rows = [{"id": f"q{i}", "image": str(p), "question": "What color?", "max_new_tokens": 3 + i}
+            for i, p in enumerate(make_images(tmp_path, sizes=sizes))]
+    items = list(read_items(write_jsonl(tmp_path / "b.jsonl", rows)))
+    settings = Settings(guide="downsample", retain=retain, threshold=None, max_new_tokens=8, prompt_suffix="One word.")
+    ref = Engine(settings, None, TransformersLarge(m))
+    ref_works = ref.prepare(items)
+    want = TransformersLarge(m).reduced(ref_works, make_guide("downsample", settings), retain)
+    assert any(r.image_sizes != [w.encoded.image_sizes[0]] for r, w in zip(want, ref_works))  # some were resized
+
+    backend = config_only(m)
+    eng = Engine(settings, None, backend)  # refused before reduced_input was offered
+    records = eng.process(items)
+    sent = backend.large.requests
+    assert len(sent) == len(items)
+    for it, rec, r, w, req in zip(items, records, want, ref_works, sent):
+        assert req.kept is None and req.max_new_tokens == it.max_new_tokens
+        assert [im.size for im in req.images] == r.image_sizes
+        assert req.prompt == f"1 image(s) | {json.dumps(it.messages('One word.'))}"
+        enc = m.family.encode(m.processor, list(req.images), it.messages("One word."))
+        assert torch.equal(enc["input_ids"], r.encoding["input_ids"])
+        assert torch.equal(enc["pixel_values"], r.encoding["pixel_values"])
+        assert (rec["retained_tokens"], rec["visual_tokens"]) == (r.n_visual, w.encoded.n_visual)
+        assert rec["error"] is None and rec["exit"] == "large" and rec["finish_reason"] == "stop"
+
+    comparison = Comparison(eng, [("downsample", retain)])
+    backend.large.requests.clear()
+    (quiet,) = comparison.batch(items, answers=False, large_alone=False).outcomes.values()
+    assert backend.large.requests == []  # what the large model would see, with no request
+    (answered,) = comparison.batch(items, answers=True, large_alone=False).outcomes.values()
+    assert len(backend.large.requests) == len(items)
+    for q, a, r in zip(quiet, answered, want):
+        assert q.answer is None and q.reduced.n_visual == a.reduced.n_visual == r.n_visual
+        assert q.reduced.image_sizes == a.reduced.image_sizes == r.image_sizes
+        assert torch.equal(a.kept, torch.arange(r.n_visual))
+
+
+def test_downsample_on_vllm_refuses_a_fixed_resolution_tower(tiny_large):
+    backend = config_only(tiny_large)
+    backend.family = SimpleNamespace(fixed_resolution=True, name="llava-1.5")
+    guide = SimpleNamespace(name="downsample")
+    for call in (lambda: backend.reduced([], guide, 0.25), lambda: backend.generate_reduced([], guide, 0.25, [])):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == ("the vLLM backend cannot pool llava-1.5 image features (the downsample guide on a "
+                                  "fixed-resolution tower): use the transformers backend")

@@ -45,20 +45,7 @@ class EchoBackend(LargeBackend):
         config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         return cls(spec, processor, config, family_for(SimpleNamespace(config=config)))
 
-    @property
-    def image_token_id(self) -> int:
-        return self.family.image_token_id(self.model)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
-    @property
-    def context(self) -> int:
-        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
-
-    def visual_mask(self, encoding: dict):
-        return self.family.visual_mask(self.model, encoding)
+    # image_token_id, num_layers, context and visual_mask: LargeBackend's defaults, read from the family and config.
 
     def inputs(self, works: list, guides: list) -> LargeInputs:
         items = [GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,

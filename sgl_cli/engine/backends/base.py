@@ -2,10 +2,18 @@
 
 A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), a classmethod
 `load(spec, role, options)`, and, once loaded: `family` (sgl's family adapter for the checkpoint), `processor` (the
-checkpoint's HF processor, which sgl encodes with), `image_token_id`, `num_layers`, `context`, `device`, `visual_mask(enc)`,
-`inputs(works, guides) -> LargeInputs`, `generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`:
-tokens per item), `decode(tokens)`, `describe()` (the record's fields) and `close()`. A backend that offers
-"lm_attention" also has `rank_in_prefill(guide, inputs, retain, k, limits)`.
+checkpoint's HF processor, which sgl encodes with), `model` (what the family's methods take: the transformers
+module, or an object with its `config` only), `device`, `inputs(works, guides) -> LargeInputs`,
+`generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`: tokens per item), `decode(tokens)`,
+`describe()` (the record's fields) and `close()`. `image_token_id`, `num_layers`, `context` and `visual_mask(enc)`
+have defaults here, read from `family` and `model.config`.
+
+A backend that offers "lm_attention" also has `rank_in_prefill(guide, inputs, retain, k, limits)`. One that offers
+"reduced_input" also has, for a guide that reduces the large model's input (`Guide.reduces_input`: downsample),
+`reduced(works, guide, retain) -> list[Reduced]` (what the large model would see of each item, no answer: `sgl
+inspect` and `sgl eval` without answers) and `generate_reduced(works, guide, retain, limits) -> (Generation,
+list[Reduced])` (its greedy answers from that input, every token of it kept). Each item's images and prompt are
+`Work.encoded.images` and `.prompt`.
 
 Capabilities are declared, not inferred: a guide declares what it `needs` (guides/base.py), a backend what it
 `offers`, and `check` refuses a mismatch before any model loads.
@@ -51,11 +59,34 @@ class LargeInputs:
                            {g: [s[i] for i in picked] for g, s in self.scores.items()})
 
 
+@dataclass
+class Reduced:
+    """What the large model saw of one item under a guide that reduces its input (`Guide.reduces_input`)."""
+
+    encoding: dict  # the large model's processor output of the images it was given (the item's own when unchanged)
+    image_sizes: list[tuple[int, int]]  # (width, height) of each image as encoded
+    n_visual: int  # the visual tokens the large model received (all kept)
+    pooled: tuple[int, int] | None = None  # (rows, cols) of the pooled feature grid (fixed-resolution towers)
+    pooled_from: tuple[int, int] | None = None  # (rows, cols) of the grid it was pooled from
+
+    def grids(self, model) -> list:
+        """The token grids of what the large model saw (`model`: the large backend), as `sgl inspect` draws
+        them."""
+        from ..families.base import one_grid
+
+        if self.pooled is not None:
+            (r, c), (r0, c0) = self.pooled, self.pooled_from
+            return [one_grid("pooled", r, c, f"the {r0} x {c0} feature grid average-pooled to {r} x {c}")]
+        return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
+
+
 class LargeBackend:
     """Base class of large-model backends (see the module's docstring for the interface)."""
 
     name: ClassVar[str] = ""
     offers: ClassVar[frozenset[str]] = frozenset()
+    family: Any
+    model: Any  # what the family's methods read (at least `.config`)
 
     @classmethod
     def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
@@ -64,6 +95,23 @@ class LargeBackend:
     @classmethod
     def check_spec(cls, spec) -> None:
         """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
+
+    @property
+    def image_token_id(self) -> int:
+        return self.family.image_token_id(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def context(self) -> int:
+        """The longest prompt plus answer the model takes (`max_position_embeddings`; 0: not said)."""
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+    def visual_mask(self, encoding: dict):
+        """(S,) bool: the visual-token columns of one encoded item."""
+        return self.family.visual_mask(self.model, encoding)
 
     @property
     def device(self) -> str:

@@ -15,7 +15,7 @@ from ..core import hf
 from ..core.generate import Row, collate, greedy, rows_device
 from ..core.prune import PruneAtLayer
 from ..builtin.locate import looks_like_path, resolve_path  # noqa: F401 - public here too
-from .base import CAPABILITIES, LargeBackend, LargeInputs
+from .base import CAPABILITIES, LargeBackend, LargeInputs, Reduced
 
 
 @dataclass
@@ -250,16 +250,11 @@ class TransformersLarge(LargeBackend):
     eos_ids = property(lambda self: self.loaded.eos_ids)
     pad_id = property(lambda self: self.loaded.pad_id)
     random_weights = property(lambda self: self.loaded.random_weights)
-    image_token_id = property(lambda self: self.loaded.image_token_id)
-    num_layers = property(lambda self: self.loaded.num_layers)
-    context = property(lambda self: self.loaded.context)
+    # image_token_id, num_layers, context, visual_mask: LargeBackend's, the LoadedModel's formulas on its model.
 
     @property
     def device(self) -> str:
         return str(self.model.device)
-
-    def visual_mask(self, encoding: dict):
-        return self.family.visual_mask(self.model, encoding)
 
     def inputs(self, works: list, guides: list) -> LargeInputs:
         """One vision-tower call for the batch, under each guide's `watch_vision`; every pre-LM guide's scores."""
@@ -332,6 +327,36 @@ class TransformersLarge(LargeBackend):
             raise RuntimeError(f"the {guide.name} guide selected tokens for {len(ranked.get('kept', ()))} of "
                                f"{len(items)} rows")
         return gen, ranked["scores"], ranked["kept"]
+
+    def reduced(self, works: list, guide, retain: float) -> list[Reduced]:
+        """What the large model would see of each item under `guide` (`reduces_input`) at `retain`."""
+        return self._reduced_rows(works, guide, retain)[1]
+
+    def generate_reduced(self, works: list, guide, retain: float, limits: list[int]):
+        """Greedy answers from the input `guide` reduced, every token of it kept; and what was seen of each item."""
+        rows, seen = self._reduced_rows(works, guide, retain)
+        gen = greedy(self.model, collate(rows, self.pad_id, rows_device(self.model)), limits, self.eos_ids, self.pad_id)
+        return gen, seen
+
+    def _reduced_rows(self, works: list, guide, retain: float) -> tuple[list[Row], list[Reduced]]:
+        """Each item's images through `guide.prepare_images` (resized before the vision tower), encoded again when
+        they changed; one vision-tower call; then `guide.pool_rows` (features pooled after it, for
+        fixed-resolution towers). The rows, and what the model saw of each item."""
+        encs, sizes = [], []
+        for w in works:
+            images = guide.prepare_images(self, list(w.encoded.images), retain)
+            same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
+            encs.append(w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt))
+            sizes.append([im.size for im in images])
+        rows = guide.pool_rows(self, self.family.rows(self.model, encs), retain)
+        seen = []
+        for enc, size, row in zip(encs, sizes, rows):
+            if row.grid is not None:  # pooled: from the item's own grid
+                n = row.grid[0] * row.grid[1]
+                seen.append(Reduced(enc, size, n, row.grid, tuple(self.family.token_grid(self.model, enc))))
+            else:
+                seen.append(Reduced(enc, size, int(self.visual_mask(enc).sum())))
+        return rows, seen
 
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pipeline.engine import Engine, exits
-from ..pipeline.reduce import reduced_rows
 from ..pipeline.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
 from ..guides.base import Guide
@@ -121,7 +120,7 @@ class Comparison:
                         results[i] = SettingOutcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
             elif todo and guide.reduces_input and not answers:  # what the large model would see, no answer
-                _, seen = reduced_rows(eng.large, todo, guide, retain, eng.settings.prompt_suffix.strip())
+                seen = eng.large.reduced(todo, guide, retain)
                 index = iter(seen)
                 for i in range(len(live)):
                     if not exited[i]:

@@ -17,7 +17,7 @@ keeps every token of the reduced input; it has two hooks, both called once per i
 
 - `prepare_images(model, images, retain)`: the images the large model encodes (resized before the vision tower);
 - `pool_rows(model, rows, retain)`: the large model's rows after its vision tower (features pooled, for
-  fixed-resolution towers).
+  fixed-resolution towers; the transformers backend only).
 
 The contract every hook keeps: scoped (registered in `__enter__` on the given model instance only, removed in
 `__exit__`, also on an error; no process-wide patching), and batch-invariant (an item's scores do not depend on
@@ -113,11 +113,13 @@ class Guide:
         return contextlib.nullcontext()
 
     def prepare_images(self, model, images: list, retain: float) -> list:
-        """The images the large model (a LoadedModel) encodes for one item at `retain` (`reduces_input` guides)."""
+        """The images the large model (its backend: `family`, `processor`, `model.config`) encodes for one item at
+        `retain` (`reduces_input` guides)."""
         return images
 
     def pool_rows(self, model, rows: list, retain: float) -> list:
-        """The large model's rows (`core.generate.Row`, one per item) after its vision tower (`reduces_input`)."""
+        """The large model's rows (`core.generate.Row`, one per item) after its vision tower (`reduces_input`; a
+        backend whose vision tower runs elsewhere, vLLM, never calls it)."""
         return rows
 
     def scores(self, batch: GuideBatch) -> list[torch.Tensor]:

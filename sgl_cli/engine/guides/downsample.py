@@ -28,7 +28,7 @@ from .base import Guide, GuideItem, n_keep
 
 
 def target_size(model, size: tuple[int, int], retain: float) -> tuple[int, int] | None:
-    """The size (width, height) an image of `size` is resized to for the large model (a LoadedModel), or None
+    """The size (width, height) an image of `size` is resized to for the large model (its backend), or None
     when it stays as it is (the budget is its own token count, or the tower takes a fixed resolution)."""
     fam, proc = model.family, model.processor
     if fam.fixed_resolution:
@@ -51,8 +51,8 @@ class DownsampleGuide(Guide):
     name: ClassVar[str] = "downsample"
     description: ClassVar[str] = "no ranking: the image reduced to the token budget before the large model"
     reduces_input: ClassVar[bool] = True
-    # The backend answers from the reduced input (the engine re-encodes and pools on the transformers backend). The
-    # resize happens before a request, so vLLM could offer it; LLaVA-1.5's pooling is transformers' only.
+    # The backend answers from the reduced input (its `generate_reduced`): transformers re-encodes and pools; vLLM
+    # is sent the resized images (LLaVA-1.5's pooling, after the vision tower, is transformers' only).
     needs: ClassVar[frozenset[str]] = frozenset({"reduced_input"})
 
     def prune_layer(self, settings, num_layers: int) -> int:

@@ -47,7 +47,6 @@ from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows
 from ..core.limits import check_text
 from .models import LoadedModel
 from .record import make_record
-from .reduce import reduced_rows
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
 __all__ = ["Engine", "LargeInputs", "exits"]
@@ -213,7 +212,8 @@ class Engine:
         """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
         (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
         and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone).
-        A guide that reduces the input (`reduces_input`) needs no `inputs`: all of its input is kept (reduce.py)."""
+        A guide that reduces the input (`reduces_input`) needs no `inputs`: the backend's `generate_reduced`
+        answers from all of its input."""
         own = guide is None and retain is None
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
@@ -223,9 +223,8 @@ class Engine:
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
         if guide.reduces_input:
-            rows, seen = reduced_rows(m, works, guide, retain, self.settings.prompt_suffix.strip())
-            gen = greedy(m.model, collate(rows, m.pad_id, rows_device(m.model)), limits, m.eos_ids, m.pad_id)
-            answers = [LargeAnswer(tokens, self.decode(m, tokens), guide.name, torch.ones(r.n_visual),
+            gen, seen = m.generate_reduced(works, guide, retain, limits)
+            answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, torch.ones(r.n_visual),
                                    torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
             if own:
                 for w, a in zip(works, answers):

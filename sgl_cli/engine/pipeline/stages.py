@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..backends.base import Reduced  # noqa: F401 - what a backend returns; imported from here too
 from ..io.items import Item
 
 
@@ -56,27 +57,6 @@ class SmallPass:
     @property
     def exit_score(self) -> float:
         return (self.confidence + self.consistency) / 2
-
-
-@dataclass
-class Reduced:
-    """What the large model saw of one item under a guide that reduces its input (`Guide.reduces_input`)."""
-
-    encoding: dict  # the large model's processor output of the images it was given (the item's own when unchanged)
-    image_sizes: list[tuple[int, int]]  # (width, height) of each image as encoded
-    n_visual: int  # the visual tokens the large model received (all kept)
-    pooled: tuple[int, int] | None = None  # (rows, cols) of the pooled feature grid (fixed-resolution towers)
-    pooled_from: tuple[int, int] | None = None  # (rows, cols) of the grid it was pooled from
-
-    def grids(self, model) -> list:
-        """The token grids of what the large model saw (`model`: the large LoadedModel), as `sgl inspect` draws
-        them."""
-        from ..families.base import one_grid
-
-        if self.pooled is not None:
-            (r, c), (r0, c0) = self.pooled, self.pooled_from
-            return [one_grid("pooled", r, c, f"the {r0} x {c0} feature grid average-pooled to {r} x {c}")]
-        return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
 
 
 @dataclass

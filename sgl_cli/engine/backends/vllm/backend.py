@@ -6,6 +6,11 @@ lengths checked against the context), but runs no large vision tower: `inputs` g
 check), and `generate` sends vLLM each item's decoded images, its chat-template prompt and the kept indices.
 Items that exit early never reach vLLM; the small model stays on transformers.
 
+A guide that reduces the input (downsample) resizes each image before the request (`guide.prepare_images`, on the
+processor's arithmetic): vLLM is sent the resized images with every token kept, and the `Reduced` record counts the
+visual tokens from sgl's encoding of them. Pooling rows after the vision tower (a fixed-resolution tower,
+LLaVA-1.5) cannot be done before a request: refused (no such family runs on vLLM today).
+
 Every image must keep at least one visual token (vLLM's plugin has no way to drop an image whole). One image per
 item (Qwen-VL's usual case) always does (`n_keep` >= 1); an item of several images whose kept set leaves one out
 fails alone, with an error record naming it (`large stage failed: ...`), the rest of its batch answered.
@@ -17,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from ...errors import ItemError
-from ..base import LargeBackend, LargeInputs
+from ..base import LargeBackend, LargeInputs, Reduced
 from .large import Offers, VllmLarge
 
 OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager", "dtype",
@@ -26,12 +31,13 @@ OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "m
 
 def _offers(o: Offers) -> frozenset[str]:
     return frozenset(name for name, on in (("vision_attention", o.vision_attention), ("lm_attention", o.lm_attention),
-                                           ("prune_inside_lm", o.prune_inside_lm)) if on)
+                                           ("prune_inside_lm", o.prune_inside_lm), ("reduced_input", o.reduced_input))
+                     if on)
 
 
 class VllmBackend(LargeBackend):
     name: ClassVar[str] = "vllm"
-    offers: ClassVar[frozenset[str]] = _offers(VllmLarge.offers)  # pre-LM pruning only
+    offers: ClassVar[frozenset[str]] = _offers(VllmLarge.offers)  # pre-LM pruning and downsample's images
 
     def __init__(self, spec, large: VllmLarge, processor, config, family, eos_ids: frozenset[int]):
         self.spec = spec
@@ -81,16 +87,9 @@ class VllmBackend(LargeBackend):
         import_vllm()
 
     @property
-    def image_token_id(self) -> int:
-        return self.family.image_token_id(self.model)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
-    @property
     def context(self) -> int:
-        n = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+        """The config's context, capped by vLLM's `max_model_len` when one is set."""
+        n = super().context
         cap = self.large.settings.max_model_len
         return min(n, cap) if n and cap else (n or cap or 0)
 
@@ -99,9 +98,6 @@ class VllmBackend(LargeBackend):
         import torch
 
         return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
-
-    def visual_mask(self, encoding: dict):
-        return self.family.visual_mask(self.model, encoding)
 
     def inputs(self, works: list, guides: list) -> LargeInputs:
         from ...guides.base import GuideBatch, GuideItem
@@ -130,6 +126,39 @@ class VllmBackend(LargeBackend):
             # Not an ItemError: the engine then retries the batch item by item, so that only this item fails.
             raise ValueError(str(exc)) from None
         return Generation([r.tokens for r in replies], [[1.0] * len(r.tokens) for r in replies])
+
+    def reduced(self, works: list, guide, retain: float) -> list[Reduced]:
+        """What the large model would see of each item under `guide` (`reduces_input`) at `retain`."""
+        return [seen for _, seen in self._reduce(works, guide, retain)]
+
+    def generate_reduced(self, works: list, guide, retain: float, limits: list[int]) -> tuple[Any, list[Reduced]]:
+        """Greedy answers from each item's images as `guide` reduced them, every visual token kept."""
+        from ...core.generate import Generation
+        from .large import LargeRequest
+
+        reduced = self._reduce(works, guide, retain)
+        requests = [LargeRequest(images, self.large.prompt(images, w.encoded.prompt), kept=None, max_new_tokens=limit)
+                    for w, (images, _), limit in zip(works, reduced, limits)]
+        try:
+            replies = self.large.generate(requests)
+        except ItemError as exc:
+            raise ValueError(str(exc)) from None  # as in `generate`: retried item by item
+        return (Generation([r.tokens for r in replies], [[1.0] * len(r.tokens) for r in replies]),
+                [seen for _, seen in reduced])
+
+    def _reduce(self, works: list, guide, retain: float) -> list[tuple[list, Reduced]]:
+        """Per item, the images `guide.prepare_images` gives (the item's own where unchanged) and what the large
+        model receives of them (sgl's encoding: the same processor as vLLM's)."""
+        if self.family.fixed_resolution:  # pooling happens after the vision tower, inside vLLM
+            raise ValueError(f"the vLLM backend cannot pool {self.family.name} image features (the {guide.name} "
+                             "guide on a fixed-resolution tower): use the transformers backend")
+        out = []
+        for w in works:
+            images = guide.prepare_images(self, list(w.encoded.images), retain)
+            same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
+            enc = w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt)
+            out.append((images, Reduced(enc, [im.size for im in images], int(self.visual_mask(enc).sum()))))
+        return out
 
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -39,6 +39,7 @@ class Offers:
     vision_attention: bool = False  # the large vision tower's attention (the cls guide): not captured
     lm_attention: bool = False  # the large LM's attention at layer K-1 (fastv): not captured
     prune_inside_lm: bool = False  # dropping tokens at a decoder layer K > 0: stock vLLM cannot
+    reduced_input: bool = True  # the downsample guide's resized images (resized before the request)
 
 
 @dataclass(frozen=True)
