@@ -37,11 +37,11 @@ def echo(tmp_path_factory):
     assert list(target.glob("sgl_echo_backend-*.dist-info/entry_points.txt"))
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
-    backends._registry.cache_clear()
+    backends.refresh()
     yield target
     sys.path.remove(str(target))
     sys.modules.pop("sgl_echo_backend", None)
-    backends._registry.cache_clear()
+    backends.refresh()
 
 
 @pytest.fixture

@@ -34,11 +34,11 @@ def plugin(tmp_path_factory):
     assert list(target.glob("sgl_norm_guide-*.dist-info/entry_points.txt"))
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
-    guides._registry.cache_clear()
+    guides.refresh()
     yield target
     sys.path.remove(str(target))
     sys.modules.pop("sgl_norm_guide", None)
-    guides._registry.cache_clear()
+    guides.refresh()
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch):
                                                                      "Version: 0.1\n")
     (tmp_path / "broken_guide-0.1.dist-info" / "entry_points.txt").write_text("[sgl.guides]\nbroken = nowhere:Guide\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    guides._registry.cache_clear()
+    guides.refresh()
     try:
         assert "broken" in guides.guide_names()
         from sgl_cli.engine.errors import PresetError
@@ -121,4 +121,4 @@ def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch):
         with pytest.raises(PresetError, match=r"guide 'broken' \(nowhere:Guide\) cannot be loaded: ModuleNotFound"):
             guides.make_guide("broken")
     finally:
-        guides._registry.cache_clear()
+        guides.refresh()
