@@ -142,15 +142,19 @@ def echo(example_site) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for every test that needs one (starting it takes seconds)."""
+def ray_cluster(example_site):
+    """One local Ray instance for every test that needs one (starting it takes seconds). Its workers have
+    examples/backend-plugin (`echo`) installed, as every node of a cluster needs the plugins a run names: Ray's
+    runtime environment for the job puts its folder first on their PYTHONPATH. The driver (this process) sees it
+    only where a test puts it on sys.path."""
     ray = pytest.importorskip("ray", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
     pytest.importorskip("ray.data", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
+    runtime_env = {"py_modules": [f"local://{example_site('backend-plugin')}"]}
     for attempt in range(3):
         # Ray 2.60's raylet gives its helper processes 15 s to start; on a loaded 2-core machine they can miss
         # it (the raylet aborts). A second try finds their imports in the page cache.
         try:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
             break
         except Exception:
             ray.shutdown()
