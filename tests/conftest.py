@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # 2-core machines: one thread per process is fastest and stable
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -90,15 +96,65 @@ def engine_factory(tiny_pair):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for every test that needs one (starting it takes seconds)."""
+def example_site(tmp_path_factory) -> Callable[[str], Path]:
+    """`example_site("backend-plugin")`: examples/backend-plugin installed with pip, offline, into a folder of its
+    own (its dist-info carries the entry point, as a real install does), once per session; nothing is put on
+    sys.path (`plugin_on_path` does that)."""
+    sites: dict[str, Path] = {}
+
+    def install(example: str) -> Path:
+        if example not in sites:
+            target = tmp_path_factory.mktemp(f"site-{example}")
+            res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                                  "--no-index", "--target", str(target), str(ROOT / "examples" / example)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+            sites[example] = target
+        return sites[example]
+
+    return install
+
+
+@contextlib.contextmanager
+def plugin_on_path(site: Path, module: str, refresh: Callable[[], None]) -> Iterator[Path]:
+    """An installed example plugin (`site`, holding the distribution named like its `module`) put on sys.path with
+    its registry looked up again (`refresh`: guides.refresh and the like); removed again afterwards."""
+    assert list(site.glob(f"{module}-*.dist-info/entry_points.txt"))
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    refresh()
+    try:
+        yield site
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop(module, None)
+        refresh()
+
+
+@pytest.fixture(scope="module")
+def echo(example_site) -> Iterator[Path]:
+    """examples/backend-plugin (the `echo` large backend: answers from the kept tokens, no model) on sys.path for
+    the module that asks for it."""
+    from sgl_cli.engine import backends
+
+    with plugin_on_path(example_site("backend-plugin"), "sgl_echo_backend", backends.refresh) as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(example_site):
+    """One local Ray instance for every test that needs one (starting it takes seconds). Its workers have
+    examples/backend-plugin (`echo`) installed, as every node of a cluster needs the plugins a run names: Ray's
+    runtime environment for the job puts its folder first on their PYTHONPATH. The driver (this process) sees it
+    only where a test puts it on sys.path."""
     ray = pytest.importorskip("ray", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
     pytest.importorskip("ray.data", reason="the Ray backend needs Ray Data: pip install 'sgl-cli[ray]'")
+    runtime_env = {"py_modules": [f"local://{example_site('backend-plugin')}"]}
     for attempt in range(3):
         # Ray 2.60's raylet gives its helper processes 15 s to start; on a loaded 2-core machine they can miss
         # it (the raylet aborts). A second try finds their imports in the page cache.
         try:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=runtime_env)
             break
         except Exception:
             ray.shutdown()

@@ -6,9 +6,7 @@ kept set is what the large model answers from. Run, the CLI and resume are teste
 
 from __future__ import annotations
 
-import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,27 +19,7 @@ from sgl_cli.engine import backends
 from sgl_cli.engine.io.formats import read_items
 from tests.conftest import make_images, write_jsonl, write_preset
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory):
-    """examples/backend-plugin installed with pip into a folder put on sys.path (its dist-info carries the entry
-    point, as a real install does); removed again afterwards."""
-    target = tmp_path_factory.mktemp("site")
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(ROOT / "examples" / "backend-plugin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert list(target.glob("sgl_echo_backend-*.dist-info/entry_points.txt"))
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    backends._registry.cache_clear()
-    yield target
-    sys.path.remove(str(target))
-    sys.modules.pop("sgl_echo_backend", None)
-    backends._registry.cache_clear()
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ items written as sgl JSONL, field by field."""
 from __future__ import annotations
 
 import csv
-import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,29 +14,17 @@ from typer.testing import CliRunner
 from sgl_cli.cli import app
 from sgl_cli.engine.io import formats
 from sgl_cli.engine.io.formats import format_names, open_source, read_items
-from tests.conftest import make_images, write_jsonl, write_preset
+from tests.conftest import make_images, plugin_on_path, write_jsonl, write_preset
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What color is the square?", "How many circles?", "What shape is red?"]
 
 
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory):
-    """examples/format-plugin installed with pip into a folder put on sys.path (its dist-info carries the entry
-    point, as a real install does); removed again afterwards."""
-    target = tmp_path_factory.mktemp("site")
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(ROOT / "examples" / "format-plugin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert list(target.glob("sgl_csv_format-*.dist-info/entry_points.txt"))
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    formats.refresh()
-    yield target
-    sys.path.remove(str(target))
-    sys.modules.pop("sgl_csv_format", None)
-    formats.refresh()
+def plugin(example_site):
+    """examples/format-plugin installed by pip (its dist-info carries the entry point, as a real install does), on
+    sys.path for this module."""
+    with plugin_on_path(example_site("format-plugin"), "sgl_csv_format", formats.refresh) as site:
+        yield site
 
 
 @pytest.fixture

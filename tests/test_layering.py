@@ -11,7 +11,7 @@ ENGINE = Path(__file__).resolve().parents[1] / "sgl_cli" / "engine"
 # Lowest first. A folder is named by itself; the modules at the top of sgl_cli/engine by their stem. The package's
 # own __init__.py (the public API, lazy) may import anything.
 LAYERS = [
-    ("base", {"errors", "safe_yaml"}),
+    ("base", {"errors", "safe_yaml", "plugins"}),  # domain errors, YAML, the plugin registries
     ("io", {"io"}),  # what the engine reads and writes: items, formats, images, URL fetching, records, scores
     ("core", {"core"}),  # the transformers seam, processors, generation, importance capture, pruning
     ("families", {"families"}),

@@ -3,7 +3,6 @@ inspect and presets like a built-in guide, and ranks exactly by the L2 norm of t
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -17,28 +16,17 @@ from typer.testing import CliRunner
 from sgl_cli.cli import app
 from sgl_cli.engine import guides
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, write_jsonl, write_preset
+from tests.conftest import make_images, plugin_on_path, write_jsonl, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory):
-    """examples/guide-plugin installed with pip into a folder put on sys.path (its dist-info carries the entry
-    point, as a real install does); removed again afterwards."""
-    target = tmp_path_factory.mktemp("site")
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(ROOT / "examples" / "guide-plugin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert list(target.glob("sgl_norm_guide-*.dist-info/entry_points.txt"))
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    guides._registry.cache_clear()
-    yield target
-    sys.path.remove(str(target))
-    sys.modules.pop("sgl_norm_guide", None)
-    guides._registry.cache_clear()
+def plugin(example_site):
+    """examples/guide-plugin installed by pip (its dist-info carries the entry point, as a real install does), on
+    sys.path for this module."""
+    with plugin_on_path(example_site("guide-plugin"), "sgl_norm_guide", guides.refresh) as site:
+        yield site
 
 
 @pytest.fixture
@@ -113,7 +101,7 @@ def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch):
                                                                      "Version: 0.1\n")
     (tmp_path / "broken_guide-0.1.dist-info" / "entry_points.txt").write_text("[sgl.guides]\nbroken = nowhere:Guide\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    guides._registry.cache_clear()
+    guides.refresh()
     try:
         assert "broken" in guides.guide_names()
         from sgl_cli.engine.errors import PresetError
@@ -121,4 +109,4 @@ def test_a_broken_plugin_is_one_line(tmp_path, monkeypatch):
         with pytest.raises(PresetError, match=r"guide 'broken' \(nowhere:Guide\) cannot be loaded: ModuleNotFound"):
             guides.make_guide("broken")
     finally:
-        guides._registry.cache_clear()
+        guides.refresh()

@@ -106,6 +106,32 @@ def test_ray_records_carry_the_input_fingerprint_and_resume_checks_it(ray_cluste
     assert out.read_text() == "".join(lines[:3])
 
 
+def test_ray_workers_run_a_plugin_backend_as_the_local_run_does(ray_cluster, echo, job, tiny_pair):
+    """The seam through Ray, with neither engine: `--large-backend echo` (examples/backend-plugin: it answers from
+    the kept tokens and loads no large model's weights) gives the local run's records through 2 Ray workers. The
+    workers find the plugin by its entry point, as the driver does: it is installed where they run (ray_cluster's
+    runtime environment), not only on the driver's sys.path."""
+    src, _, folder = job
+    (folder / "echo").mkdir()
+    preset = write_preset(folder / "echo", tiny_pair, batch_size=2, retain=0.2, max_new_tokens=40)
+    got = {}
+    for backend in ("local", "ray"):
+        out = folder / "echo" / f"{backend}.jsonl"
+        res = runner.invoke(app, ["run", str(src), "-p", str(preset), "-o", str(out), "--large-backend", "echo",
+                                  "--backend", backend, *(["--num-workers", "2"] if backend == "ray" else []), "-q"])
+        assert res.exit_code == 1, res.output  # the two bad lines
+        got[backend] = records(out)
+    assert without_ms(got["ray"]) == without_ms(got["local"])
+    answered = [r for r in got["ray"] if r["error"] is None]
+    assert len(answered) == 9 and len(got["ray"]) == 11
+    for r in answered:  # echo answered, from the kept set the guide chose
+        assert r["large_backend"] == "echo" and r["exit"] == "large"
+        assert r["answer"].startswith(f"kept {r['retained_tokens']} of {r['visual_tokens']}: ")
+    # the same kept counts as the transformers backend's local run (the guide runs on the small model either way)
+    transformers = {r["line"]: r for r in records(folder / "local.jsonl")}
+    assert [r["retained_tokens"] for r in answered] == [transformers[r["line"]]["retained_tokens"] for r in answered]
+
+
 def test_a_worker_that_cannot_load_its_model_fails_the_run_in_one_line(ray_cluster, tmp_path, tiny_pair):
     preset = write_preset(tmp_path, {"small": tiny_pair["small"], "large": tmp_path / "no-such-model"})
     src = write_jsonl(tmp_path / "in.jsonl", [{"image": p.name, "question": "q"}

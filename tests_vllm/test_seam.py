@@ -1,7 +1,8 @@
 """The vLLM backend behind the seam: `sgl run examples/batch.jsonl --large-backend vllm` writes the transformers
 backend's records (answers, exits, kept tokens, finish reasons; timings and `large_backend` aside), and the backend
 contract of tests/test_backends.py holds on vLLM: batch equals batch 1, the same image with two questions equals two
-runs, the kept set is the top `retain` of the small model's importance and vLLM answers from exactly it."""
+runs, the kept set is the top `retain` of the small model's importance and vLLM answers from exactly it; with two
+images per item too (kept sets over both images' tokens, answers and records equal to the transformers backend's)."""
 
 from __future__ import annotations
 
@@ -90,10 +91,19 @@ def test_contract_batch_equals_batch_one_on_vllm(vllm_engine, items):
     assert all(r["large_backend"] == "vllm" and r["exit"] == "large" and r["error"] is None for r in together)
 
 
-def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, items):
+@pytest.fixture(scope="module")
+def hf_large(vllm_engine):
+    """The same large model on the transformers backend (loaded once for the module's contract tests)."""
+    from sgl_cli.engine.backends.transformers import TransformersLarge
+
+    large = TransformersLarge.load(vllm_engine.preset.large)
+    yield large
+    large.close()
+
+
+def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, hf_large, items):
     """The kept set is the top 0.25 of the small model's importance; vLLM's answers from it equal sgl's
     transformers large model's from the same kept tokens."""
-    from sgl_cli.engine.backends.transformers import TransformersLarge
     from sgl_cli.engine.guides.base import n_keep, top_k_in_order
     from sgl_cli.engine.pipeline.engine import Engine
 
@@ -101,12 +111,76 @@ def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, items):
     answers = vllm_engine.large_pass(works, vllm_engine.large_inputs(works))
     for w, a in zip(works, answers):
         assert torch.equal(a.kept, top_k_in_order(w.small.importance, n_keep(len(w.small.importance), 0.25)))
-    hf = TransformersLarge.load(vllm_engine.preset.large)
-    ref = Engine(vllm_engine.settings, vllm_engine.small, hf)
+    ref = Engine(vllm_engine.settings, vllm_engine.small, hf_large)
     ref_works = ref.analyze(items())
     ref_answers = ref.large_pass(ref_works, ref.large_inputs(ref_works))
     assert [a.tokens for a in answers] == [a.tokens for a in ref_answers]
     assert [a.answer for a in answers] == [a.answer for a in ref_answers]
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """Four items of two images each: the example images two by two (sizes differ within and across items)."""
+    from sgl_cli.engine import read_items
+
+    rows = [json.loads(line) for line in (EXAMPLES / "batch.jsonl").read_text().splitlines()]
+    pairs = [{"id": f"pair-{i}", "question": rows[2 * i]["question"],
+              "images": [str(EXAMPLES / rows[2 * i]["image"]), str(EXAMPLES / rows[2 * i + 1]["image"])]}
+             for i in range(len(rows) // 2)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return lambda: list(read_items(tmp_path / "pairs.jsonl"))
+
+
+def per_image_counts(engine, work) -> list[int]:
+    """Each image's visual tokens in the item's sequence (its grid over the merge)."""
+    merge = int(engine.large.model.config.vision_config.spatial_merge_size)
+    return [int(n) for n in work.encoded.large["image_grid_thw"].prod(-1) // merge**2]
+
+
+@pytest.mark.parametrize("retain", [1.0, 0.25])
+def test_contract_two_images_per_item_on_vllm_equals_transformers(vllm_engine, hf_large, pairs, retain):
+    """Items of two images each through the seam: the sgl guide's kept set (over both images' visual tokens,
+    concatenated) and the answer from it on vLLM are the transformers backend's, item by item; at 1.0 every token
+    is kept, at 0.25 the top quarter of the small model's importance, with tokens of both images."""
+    from sgl_cli.engine.guides.base import n_keep, top_k_in_order
+    from sgl_cli.engine.pipeline.engine import Engine
+
+    v = vllm_engine.with_settings(retain=retain)
+    got = {}
+    for name, engine in (("vllm", v), ("transformers", Engine(v.settings, v.small, hf_large))):
+        works = engine.analyze(pairs())
+        assert all(w.ok and len(w.item.images) == 2 for w in works), [w.error for w in works]
+        got[name] = (works, engine.large_pass(works, engine.large_inputs(works)))
+    (works, va), (_, ta) = got["vllm"], got["transformers"]
+    assert len(va) == len(ta) == 4
+    for i, (w, a, b) in enumerate(zip(works, va, ta)):
+        counts = per_image_counts(v, w)
+        n = sum(counts)
+        assert len(counts) == 2 and n == int(w.encoded.visual.sum()) == len(w.small.importance), i
+        want = top_k_in_order(w.small.importance, n_keep(n, retain))
+        assert torch.equal(a.kept, want) and torch.equal(b.kept, want), i
+        if retain == 1.0:
+            assert a.kept.tolist() == list(range(n)), i
+        else:
+            assert len(a.kept) < n and 0 < int((a.kept < counts[0]).sum()) < len(a.kept), i  # both images kept
+        assert a.tokens == b.tokens and a.answer == b.answer, (i, a.answer, b.answer)
+
+
+def test_contract_two_images_per_item_batch_equals_batch_one_on_vllm(vllm_engine, hf_large, pairs):
+    """Two images per item on vLLM: a batch of 4 gives the records of 4 batches of 1, and the transformers
+    backend's records (timings, `large_backend` and the input fingerprint aside)."""
+    from sgl_cli.engine.pipeline.engine import Engine
+
+    def plain(r: dict) -> dict:  # the small model's float scores may move in their last bits with padding
+        return {k: v for k, v in r.items() if k not in ("ms", "exit_score", "confidence", "consistency")}
+
+    together = [plain(r) for r in vllm_engine.with_settings(batch_size=4).run(pairs())]
+    alone = [plain(vllm_engine.with_settings(batch_size=1).process([it])[0]) for it in pairs()]
+    assert together == alone
+    assert [r["id"] for r in together] == ["pair-0", "pair-1", "pair-2", "pair-3"]
+    assert all(r["large_backend"] == "vllm" and r["exit"] == "large" and r["error"] is None for r in together)
+    hf = Engine(vllm_engine.settings, vllm_engine.small, hf_large).with_settings(batch_size=4)
+    assert comparable(together) == comparable([plain(r) for r in hf.run(pairs())])
 
 
 def test_sgl_eval_large_backend_vllm_gives_the_transformers_answers(tmp_path, vllm_preset):

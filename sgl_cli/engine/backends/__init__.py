@@ -9,9 +9,9 @@ imported only when its class is asked for.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import TYPE_CHECKING
+
+from ..plugins import Registry
 
 if TYPE_CHECKING:
     from .base import LargeBackend
@@ -23,44 +23,46 @@ BUILTIN = {
     "vllm": "sgl_cli.engine.backends.vllm.backend:VllmBackend",
 }
 
-__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names", "check_preset", "missing"]
+__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names", "check_preset", "missing",
+           "refresh"]
 
 
-@functools.cache
-def _registry() -> dict[str, str]:
-    """name -> "module:attr", built-ins first; a plugin cannot replace a built-in."""
-    from importlib.metadata import entry_points
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN)
 
-    found = dict(BUILTIN)
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        found.setdefault(ep.name, ep.value)
-    return found
+
+def _escaped(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
+    from ..errors import SettingError
+
+    if problem == "unknown":
+        return SettingError("{}: unknown large backend " + _escaped(repr(name)) + "; choose one of "
+                            + ", ".join(backend_names()), "large_backend")
+    if problem == "import":
+        return SettingError("{}: cannot import large backend " + repr(name) + f" ({spec}): " + _escaped(str(exc)),
+                            "large_backend")
+    return SettingError("{}: large backend " + repr(name) + f" ({spec}) is not a subclass of "
+                        "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
 
 
 def backend_names() -> list[str]:
     """Every large backend this installation knows, built-ins first."""
-    return list(_registry())
+    return _REGISTRY.names()
+
+
+def refresh() -> None:
+    """Look the installed backends up again (after installing a plugin in this process)."""
+    _REGISTRY.refresh()
 
 
 def backend_class(name: str) -> type["LargeBackend"]:
     """The class of large backend `name` (imports its module, not its engine)."""
-    from ..errors import SettingError
     from .base import LargeBackend
 
-    registry = _registry()
-    if name not in registry:
-        raise SettingError("{}: unknown large backend " + repr(name).replace("{", "{{").replace("}", "}}")
-                           + "; choose one of " + ", ".join(registry), "large_backend")
-    module, _, attr = registry[name].partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SettingError("{}: cannot import large backend " + repr(name) + f" ({registry[name]}): "
-                           + str(exc).replace("{", "{{").replace("}", "}}"), "large_backend") from exc
-    if not (isinstance(cls, type) and issubclass(cls, LargeBackend)):
-        raise SettingError("{}: large backend " + repr(name) + f" ({registry[name]}) is not a subclass of "
-                           "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
-    return cls
+    # only an import that fails is worded; anything else a backend's module raises propagates as it is
+    return _REGISTRY.load(name, LargeBackend, _fail, catch=(ImportError, AttributeError))
 
 
 def check_preset(preset, guides: list[str] | None = None) -> None:

@@ -12,9 +12,9 @@ Importing this package is cheap: names come from the registry and the entry-poin
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import TYPE_CHECKING
+
+from ..plugins import Registry
 
 if TYPE_CHECKING:
     from .base import Guide
@@ -29,47 +29,37 @@ BUILTIN = {
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Guide", "GuideBatch", "GuideItem", "guide_class", "guide_names",
-           "make_guide", "n_keep", "top_k_in_order"]
+           "make_guide", "n_keep", "refresh", "top_k_in_order"]
 
 
-def _unknown(name: str, known) -> Exception:
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN)
+
+
+def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
     from ..errors import PresetError
 
-    return PresetError(f"unknown guide {name!r}; choose one of {', '.join(known)}")
-
-
-@functools.cache
-def _registry() -> dict[str, str]:
-    """name -> "module:attr", built-ins first; a plugin cannot replace a built-in."""
-    from importlib.metadata import entry_points
-
-    found = dict(BUILTIN)
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        found.setdefault(ep.name, ep.value)
-    return found
+    if problem == "unknown":
+        return PresetError(f"unknown guide {name!r}; choose one of {', '.join(guide_names())}")
+    if problem == "import":  # a broken plugin is named, not a traceback
+        return PresetError(f"guide {name!r} ({spec}) cannot be loaded: {type(exc).__name__}: {exc}")
+    return PresetError(f"guide {name!r} ({spec}) is not a subclass of sgl_cli.engine.guides.Guide")
 
 
 def guide_names() -> list[str]:
     """Every guide this installation knows, built-ins first."""
-    return list(_registry())
+    return _REGISTRY.names()
+
+
+def refresh() -> None:
+    """Look the installed guides up again (after installing a plugin in this process)."""
+    _REGISTRY.refresh()
 
 
 def guide_class(name: str) -> type["Guide"]:
     """The class of guide `name` (imports its module)."""
-    from ..errors import PresetError
     from .base import Guide
 
-    registry = _registry()
-    if name not in registry:
-        raise _unknown(name, registry)
-    module, _, attr = registry[name].partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
-        raise PresetError(f"guide {name!r} ({registry[name]}) cannot be loaded: {type(exc).__name__}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Guide)):
-        raise PresetError(f"guide {name!r} ({registry[name]}) is not a subclass of sgl_cli.engine.guides.Guide")
-    return cls
+    return _REGISTRY.load(name, Guide, _fail)
 
 
 def make_guide(name: str, settings=None) -> "Guide":

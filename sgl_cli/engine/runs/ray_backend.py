@@ -10,8 +10,9 @@ caller writes them with the same writer, so the output file, `--resume` and the 
 backend's. Records are shipped pickled, so no field is reshaped by Arrow.
 
 Where it runs: `ray.init()` joins the cluster named by `RAY_ADDRESS` or the one this machine belongs to (`ray start`),
-else it starts a local one. Every worker needs sgl installed and must see the image paths (and the model
-folders) the driver sees: shared storage, or the same paths on every node. Image URLs are fetched by the workers.
+else it starts a local one. Every worker needs sgl installed (and the plugins the run names: docs/presets.md) and
+must see the image paths (and the model folders) the driver sees: shared storage, or the same paths on every node.
+Image URLs are fetched by the workers.
 """
 
 from __future__ import annotations

@@ -235,10 +235,16 @@ def _per_image(kept, counts) -> list[torch.Tensor]:
     return [torch.as_tensor(k) for k in kept]
 
 
-class SglQwen2VLProcessingInfo(_SglInfo, Qwen2VLProcessingInfo):
-    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as _sgl_processor_class
+class _SglQwen2Info(_SglInfo):
+    """Qwen2-VL's and Qwen2.5-VL's processing info (vLLM's Qwen2.5-VL one subclasses Qwen2-VL's): both processors
+    take Qwen2-VL's video processor; each family names only its processor class."""
+
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import \
         Qwen2VLVideoProcessor as _sgl_video_processor_class
+
+
+class SglQwen2VLProcessingInfo(_SglQwen2Info, Qwen2VLProcessingInfo):
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as _sgl_processor_class
 
 
 class SglQwen2VLMultiModalProcessor(_SglProcessor, Qwen2VLMultiModalProcessor):
@@ -251,10 +257,8 @@ class SglQwen2VLForConditionalGeneration(_SglModel, Qwen2VLForConditionalGenerat
     pass
 
 
-class SglQwen2_5_VLProcessingInfo(_SglInfo, Qwen2_5_VLProcessingInfo):
+class SglQwen2_5_VLProcessingInfo(_SglQwen2Info, Qwen2_5_VLProcessingInfo):
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as _sgl_processor_class
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import \
-        Qwen2VLVideoProcessor as _sgl_video_processor_class
 
 
 class SglQwen2_5_VLMultiModalProcessor(_SglProcessor, Qwen2_5_VLMultiModalProcessor):

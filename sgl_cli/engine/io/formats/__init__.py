@@ -18,12 +18,12 @@ by content (OpenAI, and sgl JSONL, the fallback).
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ...errors import SglError
+from ...plugins import Registry
 from ..items import Item
 
 ENTRY_POINT_GROUP = "sgl.formats"
@@ -89,46 +89,33 @@ class Format:
         return record
 
 
-@functools.cache
-def _registry() -> dict[str, str]:
-    """name -> "module:attr" in the order formats are recognised: those known by their name (a folder, a
-    suffix), then plugins, then those known by their content (OpenAI, and the sgl JSONL fallback)."""
-    from importlib.metadata import entry_points
-
-    by_content = ("openai", "sgl")
-    found = {k: v for k, v in BUILTIN.items() if k not in by_content}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name not in BUILTIN:
-            found.setdefault(ep.name, ep.value)
-    return {**found, **{k: BUILTIN[k] for k in by_content}}
+# the order formats are recognised in: those known by their name (a folder, a suffix), then plugins, then those
+# known by their content (OpenAI, and the sgl JSONL fallback)
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN, last=("openai", "sgl"))
 
 
 def refresh() -> None:
     """Look the installed formats up again (after installing a plugin in this process)."""
-    _registry.cache_clear()
+    _REGISTRY.refresh()
     get_format.cache_clear()
 
 
 def format_names() -> list[str]:
     """Every format this installation reads, in the order they are recognised."""
-    return list(_registry())
+    return _REGISTRY.names()
+
+
+def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
+    if problem == "unknown":
+        return InputError(f"unknown input format {name!r}; known: {', '.join(format_names())}")
+    if problem == "import":  # a broken plugin is named, not a traceback
+        return InputError(f"input format {name!r} ({spec}) cannot be loaded: {type(exc).__name__}: {exc}")
+    return InputError(f"input format {name!r} ({spec}) is not a subclass of sgl_cli.engine.io.formats.Format")
 
 
 @functools.cache
 def get_format(name: str) -> Format:
-    registry = _registry()
-    if name not in registry:
-        raise InputError(f"unknown input format {name!r}; known: {', '.join(registry)}")
-    module, _, attr = registry[name].partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
-        raise InputError(f"input format {name!r} ({registry[name]}) cannot be loaded: {type(exc).__name__}: "
-                         f"{exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Format)):
-        raise InputError(f"input format {name!r} ({registry[name]}) is not a subclass of "
-                         "sgl_cli.engine.io.formats.Format")
-    fmt = cls()
+    fmt = _REGISTRY.load(name, Format, _fail)()
     fmt.name = fmt.name or name
     return fmt
 
@@ -189,7 +176,7 @@ def open_source(path: Path, *, columns: Columns | None = None, split: str | None
             raise InputError(f"input {path} not found")
         if not path.is_file():
             raise InputError(f"input {path} is not a regular file or a dataset folder")
-    fmt = next(get_format(name) for name in _registry() if get_format(name).recognise(path))
+    fmt = next(get_format(name) for name in format_names() if get_format(name).recognise(path))
     if fmt.tables:
         import_pyarrow()
     elif split is not None or columns is not None and columns != Columns():
