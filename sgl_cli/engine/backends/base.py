@@ -1,11 +1,12 @@
 """The large-model backend seam: what the engine asks of the large model, whatever runs it.
 
-A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), a classmethod
-`load(spec, role, options)`, and, once loaded: `family` (sgl's family adapter for the checkpoint), `processor` (the
-checkpoint's HF processor, which sgl encodes with), `image_token_id`, `num_layers`, `context`, `device`, `visual_mask(enc)`,
-`inputs(works, guides) -> LargeInputs`, `generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`:
-tokens per item), `decode(tokens)`, `describe()` (the record's fields) and `close()`. A backend that offers
-"lm_attention" also has `rank_in_prefill(guide, inputs, retain, k, limits)`.
+A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), classmethods
+`check_installed()`, `check_spec(spec)` and `load(spec, role, options)`, and, once loaded: `family` (sgl's family
+adapter for the checkpoint), `processor` (the checkpoint's HF processor, which sgl encodes with), `image_token_id`,
+`num_layers`, `context`, `device`, `visual_mask(enc)`, `inputs(works, guides) -> LargeInputs`,
+`generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`: tokens per item), `decode(tokens)`,
+`describe()` (the record's fields) and `close()`. A backend that offers "lm_attention" also has
+`rank_in_prefill(guide, inputs, retain, k, limits)`.
 
 Capabilities are declared, not inferred: a guide declares what it `needs` (guides/base.py), a backend what it
 `offers`, and `check` refuses a mismatch before any model loads.
@@ -60,6 +61,10 @@ class LargeBackend:
     @classmethod
     def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
         raise NotImplementedError
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """Refuse, before anything is built or loaded, a backend whose engine cannot be imported (one line)."""
 
     @classmethod
     def check_spec(cls, spec) -> None:
