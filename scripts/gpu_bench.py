@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The GPU benchmark in one script: `sgl bench --arch qwen2.5-vl-3b-7b` in bfloat16 at 1,024 and 2,048 visual
-tokens per image, batch 1/8/32, 50% forced exits, retain 0.09, K = 0; the batch-8 pipeline profiled once; and the
-large model in NF4 when bitsandbytes is importable. Everything it writes goes to $OUT (8 files at most).
+tokens per image, batch 1/8/32, 50% forced exits, retain 0.09, K = 0; the batch-8 pipeline profiled once; the
+large model in NF4 when bitsandbytes is importable; and the large stages on transformers and vLLM side by side
+(`--large-backend transformers,vllm` at 1,024 tokens, batch 1/8) when vllm is importable. Everything it writes goes
+to $OUT (8 files at most).
 
 Made for a machine without network that has torch, transformers and accelerate of its own: sgl runs from this
 tree (not installed), through its library (`Bench`, what `sgl bench` runs: the command-line packages there, typer
@@ -105,10 +107,13 @@ def step(spec: str) -> None:
 
     setup, run = json.loads(spec)
     bench = Bench(**setup)
-    engine, items = bench.load(None, max(run["batch_sizes"]))
-    result = bench.run(engine, items, batch_sizes=tuple(run["batch_sizes"]), repeats=run["repeats"],
-                       exit_rate=run["exit_rate"], profile=Path(run["profile"]) if run.get("profile") else None,
-                       progress=lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        engine, items = bench.load(None, max(run["batch_sizes"]))
+        result = bench.run(engine, items, batch_sizes=tuple(run["batch_sizes"]), repeats=run["repeats"],
+                           exit_rate=run["exit_rate"], profile=Path(run["profile"]) if run.get("profile") else None,
+                           progress=lambda message: print(message, file=sys.stderr, flush=True))
+    finally:
+        bench.close()  # vLLM's engine processes
     print("\n@@json\n" + json.dumps(result) + "\n@@end", flush=True)
 
 
@@ -150,11 +155,15 @@ def summarize(results: dict) -> dict:
     for name, r in results.items():
         if not r:
             continue
-        for b, row in r["batches"].items():
-            rows.append({"run": name, "visual_tokens": r["visual_tokens"], "batch": int(b),
-                         "items_per_s": row["items_per_s"], "peak_memory_mb": row["peak_memory_mb"],
-                         "ratios": row["ratios"], "identical_to_batch_1": row["identical_to_batch_1"]})
+        for backend, section in (r.get("backends") or {"transformers": r}).items():  # one per large backend
+            for b, row in section["batches"].items():
+                rows.append({"run": name, "backend": backend, "visual_tokens": r["visual_tokens"], "batch": int(b),
+                             "items_per_s": row["items_per_s"], "peak_memory_mb": row["peak_memory_mb"],
+                             "ratios": row["ratios"], "identical_to_batch_1": row["identical_to_batch_1"]})
     out = {"rows": rows, "targets": {n: r["targets"] for n, r in results.items() if r}}
+    cross = {n: r["cross_backend"] for n, r in results.items() if r and "cross_backend" in r}
+    if cross:  # vLLM's items/s over transformers', per large stage and the pipeline
+        out["cross_backend"] = cross
     bf16, nf4 = results.get("bench_2048"), results.get("bench_2048_nf4")
     if bf16 and nf4:  # NF4 large model within 1.5x of bf16 time, at batch 8 (or the nearest both measured)
         b = min(set(bf16["batches"]) & set(nf4["batches"]), key=lambda x: abs(int(x) - 8))
@@ -194,10 +203,12 @@ def main() -> None:
         run |= {"batch_sizes": [1, 8, 32], "repeats": 1}
         tokens = (1024, 2048)
     nf4 = subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=env(), capture_output=True).returncode == 0
+    vllm = subprocess.run([sys.executable, "-c", "import vllm"], env=env(), capture_output=True).returncode == 0
     results: dict = {}
 
     def save_summary() -> None:  # after every step: a later step that fails or times out loses only itself
-        summary = {"env": found, "probe": probe.stdout.strip(), "nf4_available": nf4, **summarize(
+        summary = {"env": found, "probe": probe.stdout.strip(), "nf4_available": nf4, "vllm_available": vllm,
+                   **summarize(
             {k.replace(f"_{tokens[0]}", "_1024").replace(f"_{tokens[1]}", "_2048"): v for k, v in results.items()})}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
@@ -206,16 +217,29 @@ def main() -> None:
     results[big] = bench(out, big, {**setup, "visual_tokens": tokens[1]}, {**run, "profile": str(out / "profile")},
                          deadline, reserve=0 if a.dry_run else 120)
     save_summary()
-    results[small] = bench(out, small, {**setup, "visual_tokens": tokens[0]}, run, deadline,
-                           reserve=0 if a.dry_run or not nf4 else 60)
+    reserve = 0 if a.dry_run else 60 * nf4 + 120 * vllm  # what the NF4 and vLLM steps need after it
+    results[small] = bench(out, small, {**setup, "visual_tokens": tokens[0]}, run, deadline, reserve=reserve)
     save_summary()
     if nf4:
         nf4_run = run if a.dry_run else {**run, "batch_sizes": [8]}  # the target's batch size only
         results[f"{big}_nf4"] = bench(out, f"{big}_nf4", {**setup, "visual_tokens": tokens[1], "quantize": "4bit"},
-                                      nf4_run, deadline, reserve=0)
+                                      nf4_run, deadline, reserve=0 if a.dry_run or not vllm else 120)
         save_summary()
     else:
         log(out, "NF4: skipped, bitsandbytes is not importable here (its wheel, 43 MB, does not fit what is carried)")
+    if vllm:
+        # The same arch at 1,024 tokens with the large stages on both backends, in the same rounds (vLLM gets the
+        # config and processor in a folder and makes random weights of its own: timings compare, answers do not).
+        # The dry run measures the tiny built-in pair instead: the arch twice over (in memory and in vLLM) does not
+        # fit beside other work in a small CPU machine's memory.
+        both = {"large_backend": "transformers,vllm"}
+        vllm_setup = {"size": "tiny", "max_new_tokens": 4, **both} if a.dry_run else \
+            {**setup, "visual_tokens": tokens[0], **both}
+        vllm_run = run if a.dry_run else {**run, "batch_sizes": [1, 8]}
+        results[f"{small}_vllm"] = bench(out, f"{small}_vllm", vllm_setup, vllm_run, deadline, reserve=0)
+        save_summary()
+    else:
+        log(out, "vLLM: skipped, vllm is not importable here (pip install 'sgl-cli[vllm]' on the GPU machine)")
     log(out, f"done: {', '.join(sorted(p.name for p in out.rglob('*') if p.is_file()))}")
 
 

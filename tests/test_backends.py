@@ -6,6 +6,8 @@ kept set is what the large model answers from. Run, the CLI and resume are teste
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -315,9 +317,40 @@ def test_a_ray_worker_asks_for_its_vllm_tensor_parallel_gpus(tmp_path, tiny_pair
     assert ray_backend._plan(cpu_only, ray_backend.RayOptions(), 10, lambda _: None, 4.0) == (1, 0.0, 1)
 
 
-def test_bench_refuses_a_preset_on_another_large_backend(tmp_path, tiny_pair, no_model_loads):
+def test_bench_measures_a_preset_on_its_own_large_backend(tmp_path, tiny_pair, no_model_loads):
+    """A preset on vllm is measured on vllm (no longer refused): where vLLM is not installed, that is one line
+    before any model loads."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests_vllm/test_bench.py runs bench on it)")
     preset = write_preset(tmp_path, tiny_pair, large={"model": str(tiny_pair["large"]), "backend": "vllm"})
     res = runner.invoke(app, ["bench", "--preset", str(preset)])
     assert res.exit_code == 2
-    assert res.output.strip() == ("sgl: error: preset 'tiny-test' runs the large model on vllm; sgl bench measures "
-                                  "the transformers backend only (for now)")
+    assert res.output.strip() == ("sgl: error: the vLLM backend needs vLLM, which is not installed: pip install "
+                                  "'sgl-cli[vllm]' on a GPU machine, or scripts/vllm_env.sh DIR on a CPU")
+
+
+def test_bench_measures_two_large_backends_side_by_side(echo):
+    """`sgl bench --large-backend transformers,echo`: any registered backend through the seam, in the same rounds.
+    echo answers `kept N of M`: the pipeline's large answers on it name the small model's top `retain` of the
+    visual tokens, its unpruned stage keeps all of them; it has no vision tower to time."""
+    res = runner.invoke(app, ["bench", "--size", "tiny", "--items", "4", "--batch-sizes", "1,2", "--repeats", "1",
+                              "--max-new-tokens", "24", "--retain", "0.25", "--large-backend", "transformers,echo",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["large_backends"] == ["transformers", "echo"] and list(r["backends"]) == ["transformers", "echo"]
+    t, e = r["backends"]["transformers"], r["backends"]["echo"]
+    assert r["batches"] == t["batches"] and e["device"] == "echo" and not e["vision_stage"]
+    for b in ("1", "2"):
+        assert set(t["batches"][b]["ms_per_item"]) == {"small", "small_capture", "vision", "large", "pruned_k0",
+                                                       "pipeline"}
+        assert set(e["batches"][b]["ms_per_item"]) == {"small", "small_capture", "large", "pruned_k0", "pipeline"}
+        assert e["batches"][b]["identical_to_batch_1"] and "lm_speedup_k0" not in e["batches"][b]["ratios"]
+        assert set(r["cross_backend"]["echo_over_transformers"]["items_per_s"][b]) == {"large", "pruned_k0",
+                                                                                       "pipeline"}
+    kept, visual = r["retained_tokens"], r["visual_tokens"]
+    answers = [a for a, exit in e["pipeline_answers"] if exit == "large"]
+    assert len(answers) == 2 and all(a.startswith(f"kept {kept} of {visual}:") for a in answers)
+    # The same exits on both: the small model's pass and the threshold are shared.
+    assert [x for _, x in e["pipeline_answers"]] == [x for _, x in t["pipeline_answers"]]
+    assert not r["cross_backend"]["echo_over_transformers"]["same_pipeline_answers"]

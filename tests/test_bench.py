@@ -182,6 +182,12 @@ def test_bench_tiny_pair_report():
     assert r["retained_tokens"] == max(1, int(0.25 * r["visual_tokens"]))
     x = r["batches"]["2"]["ratios"]
     assert x["large_stage_speedup_k0_flops"] > 1.2  # a quarter of the visual tokens
+    # One backend: its section is the top-level figures, and there is nothing to compare it with.
+    assert r["large_backends"] == ["transformers"] and list(r["backends"]) == ["transformers"]
+    section = r["backends"]["transformers"]
+    assert section["batches"] == r["batches"] and section["flops"] == r["flops"] and section["targets"] == r["targets"]
+    assert section["vision_stage"] and "cross_backend" not in r
+    assert section["tokens_generated"] == {"large": 3, "pruned_k0": 3, "pipeline": 3}  # random weights: no early EOS
 
 
 @pytest.mark.parametrize("args,message", [
@@ -204,3 +210,78 @@ def test_bench_refuses_a_quantization_it_would_not_apply():
     with pytest.raises(SglError, match="--quantize applies to --arch or --preset"):
         Bench(size="tiny", quantize="4bit")
     assert Bench(arch="qwen2.5-vl-3b-7b", quantize="4bit").quantize == "4bit"
+
+
+def _no_model_loads(monkeypatch):
+    """Every way bench builds or loads a model fails the test."""
+    from sgl_cli.engine.backends import transformers
+    from sgl_cli.engine.builtin import pair
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built or loaded before the refusal")
+
+    for module, name in ((transformers, "load_model"), (transformers, "from_arch"), (pair, "build_pair")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("where", [["--size", "tiny"], ["--arch", "qwen2.5-vl-3b-7b"], ["--preset", "default"]])
+@pytest.mark.parametrize("backends", ["vllm", "transformers,vllm"])
+def test_bench_refuses_vllm_where_it_is_not_installed(monkeypatch, where, backends):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests_vllm/test_bench.py runs it)")
+    _no_model_loads(monkeypatch)
+    res = CliRunner().invoke(app, ["bench", *where, "--large-backend", backends])
+    assert res.exit_code == 2, res.output
+    assert "the vLLM backend needs vLLM, which is not installed" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stdout == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--large-backend", "foo"], "--large-backend: unknown large backend 'foo'; choose one of transformers, vllm"),
+    (["--large-backend", "transformers,foo"], "--large-backend: unknown large backend 'foo'; choose one of "),
+    (["--large-backend", ","], "--large-backend: name one or more large backends"),
+    (["--large-backend", "vllm", "--prune-layer", "1"],
+     "the sgl guide at prune_layer 1 needs prune_inside_lm, which the vllm large backend (--large-backend) does not"),
+    (["--vllm", "max_num_seqs=4"], "--vllm: vLLM's options apply with --large-backend vllm"),
+    (["--large-backend", "vllm", "--vllm", "max_num_seq=4"], "--vllm: unknown key 'max_num_seq' (did you mean "),
+    (["--large-backend", "vllm", "--vllm", "max_num_seqs=0"], "--vllm.max_num_seqs: must be an integer >= 1"),
+    (["--large-backend", "vllm", "--vllm", "enforce_eager"], "--vllm: give KEY=VALUE pairs"),
+    (["--arch", "qwen2.5-vl-3b-7b", "--large-backend", "transformers,vllm", "--quantize", "4bit"],
+     "--quantize applies to the transformers large backend (bitsandbytes weights), not to vllm"),
+])
+def test_bench_backend_errors_are_one_line(monkeypatch, args, message):
+    _no_model_loads(monkeypatch)
+    res = CliRunner().invoke(app, ["bench", "--size", "tiny", *args] if "--arch" not in args else ["bench", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bench_vllm_options_parse_as_a_preset_writes_them():
+    from sgl_cli.engine.evaluation.bench import parse_options
+
+    assert parse_options("gpu_memory_utilization=0.3, enforce_eager=true,max_model_len=null,max_num_seqs=8,"
+                         "dtype=float32") == {"gpu_memory_utilization": 0.3, "enforce_eager": True,
+                                              "max_model_len": None, "max_num_seqs": 8, "dtype": "float32"}
+    assert parse_options(None) is None
+
+
+def test_vision_flops_from_the_config_equal_the_executed_count(tmp_path):
+    """The vLLM backend holds no transformers model: its tower's FLOPs are counted on a copy built from the config
+    (zero weights, the language model left on the meta device); they equal the count on the loaded model."""
+    from sgl_cli.engine import Engine, read_items
+    from sgl_cli.engine.backends.transformers import load_model
+    from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
+    from sgl_cli.engine.evaluation.bench import write_noise_items
+    from sgl_cli.engine.evaluation.bench_report import config_vision_macs, vision_macs
+    from sgl_cli.engine.preset import ModelSpec, Settings
+
+    folder = build_pair(TINY_SPEC, tmp_path / "pair")["large"]
+    large = load_model(ModelSpec(str(folder), dtype="float32"), "large")
+    items = list(read_items(write_noise_items(tmp_path / "items", 1, (140, 112))))
+    work = Engine(Settings(guide="random"), None, large).prepare(items)[0]
+    config_only = types.SimpleNamespace(model=types.SimpleNamespace(config=large.model.config), family=large.family)
+    executed = vision_macs(large, work.encoded.large)
+    assert executed > 1e6
+    assert config_vision_macs(config_only, work.encoded.large) == executed

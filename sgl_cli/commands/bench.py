@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
+from typing import Iterator
 from typing import Optional
 
 import typer
@@ -46,6 +50,16 @@ def bench(
     profile: Optional[Path] = typer.Option(None, "--profile", help="Also profile the batch-8 (or largest) pipeline "
                                            "once: top CPU and CUDA ops, GPU idle time, into this folder."),
     profile_trace: bool = typer.Option(False, "--profile-trace", help="With --profile: also the full Chrome trace."),
+    large_backend: Optional[str] = typer.Option(
+        None, "--large-backend", help="What runs the large model: transformers (default; with --preset, the "
+        "preset's own), vllm (vLLM's engine: scripts/vllm_env.sh on a CPU, the vllm extra on a GPU), or a comma list "
+        "measured side by side in the same rounds, the small model's stages shared: transformers,vllm.",
+        show_default=False),
+    vllm: Optional[str] = typer.Option(None, "--vllm", help="vLLM's engine options, KEY=VALUE comma-separated: a "
+                                       "preset's large.vllm keys (tensor_parallel_size, gpu_memory_utilization, "
+                                       "max_model_len, max_num_seqs, enforce_eager, dtype, seed). Defaults: "
+                                       "max_num_seqs the largest batch size; on a CPU also "
+                                       "gpu_memory_utilization=0.2, enforce_eager=true.", show_default=False),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
@@ -56,27 +70,42 @@ def bench(
     exit rate is forced (--exit-rate). --arch builds the pair at the published sizes with its weights directly on
     the device; on a CPU use --layers 2 --vision-layers 4 (and a small --image-size).
 
+    --large-backend transformers,vllm times each backend's large stages (large, pruned, pipeline) in the same
+    rounds, on the same weights (the built-in pair's folder, the preset's checkpoints; with --arch vLLM makes random
+    weights of its own, so the timings compare, the answers do not), and reports vLLM's items/s over transformers'.
+    The vision stage and the LM-only speed-ups need the tower timed alone: transformers only. On a CPU, vLLM's own
+    VLLM_CPU_KVCACHE_SPACE (GiB) sizes its KV cache.
+
     Examples:
 
       sgl bench --arch qwen2.5-vl-3b-7b --visual-tokens 2048 --exit-rate 0.5 --json > h200.json
       sgl bench --arch qwen2.5-vl-3b-7b --layers 2 --vision-layers 4 --image-size 224 --batch-sizes 1,4
       sgl bench --size realistic --batch-sizes 1,4 --repeats 2
+      sgl bench --size realistic --large-backend transformers,vllm --items 16 --batch-sizes 1,16 --repeats 2
     """
     with domain_errors():
         from ..engine.errors import SglError
-        from ..engine.evaluation.bench import Bench, parse_sizes
+        from ..engine.evaluation.bench import Bench, parse_options, parse_sizes
 
         set_threads(threads)
         sizes = parse_sizes(batch_sizes, "--batch-sizes")
         setup = Bench(arch=arch, preset=preset, size=size, layers=layers, vision_layers=vision_layers, dtype=dtype,
                       device=device, quantize=quantize, visual_tokens=visual_tokens, image_size=image_size,
-                      retain=retain, prune_layer=prune_layer, threshold=threshold, max_new_tokens=max_new_tokens)
-        engine, bench_items = setup.load(input, items or max(sizes))
-        try:
-            result = setup.run(engine, bench_items, batch_sizes=sizes, repeats=repeats, exit_rate=exit_rate,
-                               profile=profile, profile_trace=profile_trace)
-        except ValueError as exc:
-            raise SglError(str(exc)) from None
+                      retain=retain, prune_layer=prune_layer, threshold=threshold, max_new_tokens=max_new_tokens,
+                      large_backend=large_backend, vllm=parse_options(vllm))
+        # vLLM logs to stdout, in this process and in the engine processes it starts: while the models load and
+        # run, whatever libraries print goes to stderr, so that stdout is the report alone.
+        with _output_to_stderr():
+            try:
+                engine, bench_items = setup.load(input, items or max(sizes), max_batch=max(sizes))
+                result = setup.run(engine, bench_items, batch_sizes=sizes, repeats=repeats, exit_rate=exit_rate,
+                                   profile=profile, profile_trace=profile_trace)
+            except SglError:
+                raise
+            except ValueError as exc:
+                raise SglError(str(exc)) from None
+            finally:
+                setup.close()
         if as_json:
             typer.echo(json.dumps(result, indent=1))
         else:
@@ -87,40 +116,98 @@ def bench(
 with_help(bench)
 
 
+@contextlib.contextmanager
+def _output_to_stderr() -> Iterator[None]:
+    """sys.stdout, and file descriptor 1 (which child processes inherit), point at stderr inside."""
+    sys.stdout.flush()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptors to swap (an embedded interpreter): Python's stream alone
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     what = r.get("arch") or r.get("size") or "preset"
     console = Console()
+    sections = r.get("backends") or {"transformers": r}
+    names = list(sections)
     quantized = f", large {r['large_quantize']}" if r["large_quantize"] else ""
-    t = Table(title=f"sgl bench {what} on {r['device']} ({r['dtype']}{quantized}): "
-                    f"{r['visual_tokens']:.0f} visual tokens, retain {r['retain']} (kept {r['retained_tokens']:.0f}), "
-                    f"exit rate {r['exit_rate_target']}")
-    for c in ("batch", "stage", "ms / item", "items/s", "peak MiB"):
-        t.add_column(c, justify="left" if c == "stage" else "right")
-    for b, row in r["batches"].items():
-        for i, stage in enumerate(row["ms_per_item"]):
-            t.add_row(b if i == 0 else "", stage, f"{row['ms_per_item'][stage]:.1f}",
-                      f"{row['items_per_s'][stage]:.2f}", f"{row['peak_memory_mb'][stage]:.0f}",
-                      end_section=i == len(row["ms_per_item"]) - 1)
+    where = ", ".join(f"{name} on {x['device']} ({x['dtype']})" for name, x in sections.items())
+    t = Table(title=f"sgl bench {what}: {where}{quantized}: {r['visual_tokens']:.0f} visual tokens, retain "
+                    f"{r['retain']} (kept {r['retained_tokens']:.0f}), exit rate {r['exit_rate_target']}")
+    for c in ("batch", "stage", "backend", "ms / item", "items/s", "peak MiB"):
+        t.add_column(c, justify="left" if c in ("stage", "backend") else "right")
+    for b in map(str, r["batch_sizes"]):
+        rows = []
+        for stage in ("small", "small_capture"):  # the small model's: shared by every backend
+            rows.append((stage, "(small)", sections[names[0]]["batches"][b], stage))
+        stages = dict.fromkeys(st for x in sections.values() for st in x["batches"][b]["ms_per_item"]
+                               if st not in ("small", "small_capture"))
+        for stage in stages:
+            for name in names:
+                row = sections[name]["batches"][b]
+                if stage in row["ms_per_item"]:
+                    rows.append((stage, name, row, stage))
+        for i, (stage, name, row, key) in enumerate(rows):
+            peak = row["peak_memory_mb"].get(key)
+            t.add_row(b if i == 0 else "", stage, name, f"{row['ms_per_item'][key]:.1f}",
+                      f"{row['items_per_s'][key]:.2f}", "-" if peak is None else f"{peak:.0f}",
+                      end_section=i == len(rows) - 1)
     console.print(t)
-    ratios = Table(title="measured speed-ups, FLOPs-predicted in brackets")
+    ratios = Table(title="measured speed-ups, FLOPs-predicted in brackets (LM only: where the tower is timed alone)")
     ratios.add_column("batch")
+    ratios.add_column("backend", no_wrap=True)
     k = r["prune_layer"]
     cols = [("large stage", f"large_stage_speedup_k{k}"), ("LM only", f"lm_speedup_k{k}"),
             ("pipeline", "pipeline_speedup"), ("capture overhead", "capture_overhead"),
             ("vs batch 1", "batch_speedup")]
     for name, _ in cols:
         ratios.add_column(name, justify="right")
-    for b, row in r["batches"].items():
-        x = row["ratios"]
-        ratios.add_row(b, *(f"{x[key]:.2f}" + (f" [{x[key + '_flops']:.2f}]" if key + "_flops" in x else "")
-                            for _, key in cols))
+    for b in map(str, r["batch_sizes"]):
+        for i, name in enumerate(names):
+            x = sections[name]["batches"][b]["ratios"]
+            ratios.add_row(b if i == 0 else "", name, *(
+                "-" if key not in x else f"{x[key]:.2f}" + (f" [{x[key + '_flops']:.2f}]" if key + "_flops" in x else "")
+                for _, key in cols), end_section=i == len(names) - 1)
     console.print(ratios)
+    for pair, x in (r.get("cross_backend") or {}).items():
+        other, _, first = pair.partition("_over_")
+        cross = Table(title=f"{other} items/s over {first} items/s"
+                            + ("" if sections[other]["same_weights"] else " (different weights: answers differ)"))
+        cross.add_column("batch")
+        stages = list(next(iter(x["items_per_s"].values())))
+        for stage in stages:
+            cross.add_column(stage, justify="right")
+        for b, row in x["items_per_s"].items():
+            cross.add_row(b, *(f"{row[stage]:.2f}x" for stage in stages))
+        console.print(cross)
+        n = len(sections[other]["pipeline_answers"])
+        console.print(f"pipeline answers and exits on {other}: " + (
+            f"the same as on {first}, all {n} items" if x["same_pipeline_answers"]
+            else f"{x['pipeline_answers_differing']} of {n} items differ from those on {first}"))
+    for name in names:
+        tokens = sections[name].get("tokens_generated")
+        if tokens:
+            console.print(f"tokens generated per item on {name}: "
+                          + ", ".join(f"{st} {v:.2f}" for st, v in tokens.items() if v is not None))
     targets = Table(title="the GPU run's targets (retain 0.09, K = 0, 2,048 visual tokens, batch 8)")
-    for c in ("figure", "batch", "value", "target", "met"):
+    for c in ("figure", "backend", "batch", "value", "target", "met"):
         targets.add_column(c)
-    for x in r["targets"]:
-        targets.add_row(x["figure"], str(x["batch"]), f"{x['value']:.2f}", x["target"], "yes" if x["met"] else "no")
+    for name in names:
+        for x in sections[name]["targets"]:
+            targets.add_row(x["figure"], name, str(x["batch"]), f"{x['value']:.2f}", x["target"],
+                            "yes" if x["met"] else "no")
     console.print(targets)

@@ -68,7 +68,7 @@ class ModelSpec:
         if self.vllm is not None:
             if self.backend != "vllm":
                 raise PresetError(f"{where}.vllm: vLLM options apply with backend: vllm, not {self.backend!r}")
-            _validate_vllm(self.vllm, f"{where}.vllm")
+            validate_vllm(self.vllm, f"{where}.vllm")
 
     def _validate_device_map(self, where: str) -> None:
         dm = self.device_map
@@ -108,7 +108,8 @@ VLLM_KEYS = {
 }
 
 
-def _validate_vllm(options: dict, where: str) -> None:
+def validate_vllm(options: dict, where: str) -> None:
+    """Refuse vLLM engine options a preset's `large.vllm` could not give (also `sgl bench --vllm`), naming the key."""
     if not isinstance(options, dict):
         raise PresetError(f"{where}: must be a mapping of vLLM options ({', '.join(VLLM_KEYS)})")
     for key, value in options.items():

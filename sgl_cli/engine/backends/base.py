@@ -1,8 +1,8 @@
 """The large-model backend seam: what the engine asks of the large model, whatever runs it.
 
-A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), a classmethod
-`load(spec, role, options)`, and, once loaded: `family` (sgl's family adapter for the checkpoint), `processor` (the
-checkpoint's HF processor, which sgl encodes with), `model` (what the family's methods take: the transformers
+A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), classmethods
+`check_installed()`, `check_spec(spec)` and `load(spec, role, options)`, and, once loaded: `family` (sgl's family
+adapter for the checkpoint), `processor` (the checkpoint's HF processor, which sgl encodes with), `model` (what the family's methods take: the transformers
 module, or an object with its `config` only), `device`, `inputs(works, guides) -> LargeInputs`,
 `generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`: tokens per item), `decode(tokens)`,
 `describe()` (the record's fields) and `close()`. `image_token_id`, `num_layers`, `context` and `visual_mask(enc)`
@@ -91,6 +91,10 @@ class LargeBackend:
     @classmethod
     def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
         raise NotImplementedError
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """Refuse, before anything is built or loaded, a backend whose engine cannot be imported (one line)."""
 
     @classmethod
     def check_spec(cls, spec) -> None:

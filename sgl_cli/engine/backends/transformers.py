@@ -210,20 +210,22 @@ def quantize_in_memory(model, spec: ModelSpec) -> None:
 
 
 def from_arch(pair, *, layers: int | None = None, vision_layers: int | None = None,
-              dtype: str = "bfloat16", device: str = "cpu", quantize: str | None = None, seed: int = 0):
+              dtype: str = "bfloat16", device: str = "cpu", quantize: str | None = None, seed: int = 0,
+              large: bool = True):
     """(small, large) `LoadedModel`s of `pair` (a `builtin/arch.py` ArchPair) with random weights, sharing one
-    processor; `quantize` ("nf4") applies to the large model, as in `sgl run --quantize`."""
+    processor; `quantize` ("nf4") applies to the large model, as in `sgl run --quantize`. `large=False`: the small
+    model only, (small, None) (`sgl bench` with the large model on another backend)."""
     from ..builtin.arch import build_model, build_processor
 
     processor = build_processor(pair.small, max(pair.small.text.vocab, pair.large.text.vocab))
     loaded = []
-    for i, (role, arch) in enumerate((("small", pair.small), ("large", pair.large))):
+    for i, (role, arch) in enumerate((("small", pair.small), ("large", pair.large))[:2 if large else 1]):
         model = build_model(arch, processor, layers=layers, vision_layers=vision_layers, dtype=dtype, device=device,
                             seed=seed + i)
         spec = ModelSpec(f"arch:{pair.name}/{role}", dtype=dtype, device=device,
                          quantize=quantize if role == "large" else None)
         loaded.append(from_memory(model, processor, spec, role, random_weights=True))
-    return tuple(loaded)
+    return tuple(loaded) if large else (loaded[0], None)
 
 
 class TransformersLarge(LargeBackend):

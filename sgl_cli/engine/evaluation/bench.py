@@ -4,6 +4,12 @@ a built-in random pair (`size`); the items (generated images of a chosen size, o
     bench = Bench(arch="qwen2.5-vl-3b-7b", layers=2, image_size="224")
     engine, items = bench.load(n_items=8)
     report = bench.run(engine, items, batch_sizes=(1, 8))
+
+The large model can run on several backends side by side (`large_backend="transformers,vllm"`): each is loaded
+with the same weights (the built-in pairs are built into a folder both load; a preset's checkpoints; `--arch`
+builds its weights in memory for transformers and gives vLLM a folder with the config and processor only, which
+vLLM fills with random weights of its own: the timings compare, the answers do not), `engine.large` is the first,
+and `run` measures them all in the same rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +23,54 @@ from typing import Callable
 from ..errors import SglError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# vLLM's engine options on a CPU unless given: vLLM reserves `gpu_memory_utilization` of the machine's RAM there
+# (its default 0.92 fails beside anything else; vLLM's own VLLM_CPU_KVCACHE_SPACE, in GiB, sizes the KV cache
+# instead), and eager mode loads in about half the time (no compile). Everywhere, `max_num_seqs` defaults to the
+# largest batch: bench never sends more at once.
+VLLM_CPU = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+
+
+def parse_backends(text: str | None) -> tuple[str, ...] | None:
+    """`--large-backend`: one registered backend name or a comma list of them (None: not given)."""
+    from ..backends import backend_class
+
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
+    if not names:
+        raise SglError(f"--large-backend: name one or more large backends, comma-separated, not {text!r}")
+    for name in names:
+        backend_class(name)  # an unknown name: one line naming those there are
+    return names
+
+
+def parse_options(text: str | None) -> dict | None:
+    """`--vllm KEY=VALUE,...`: vLLM engine options with YAML-like scalars (true, null, 0.3, 8)."""
+    if text is None:
+        return None
+    out: dict = {}
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise SglError(f"--vllm: give KEY=VALUE pairs, comma-separated (e.g. max_num_seqs=8), not {part!r}")
+        out[key.strip()] = _scalar(value.strip())
+    return out
+
+
+def _scalar(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _realistic():
@@ -86,16 +140,33 @@ class Bench:
     prune_layer: int = 0
     threshold: float | None = 0.9
     max_new_tokens: int = 8
+    # What runs the large model: a backend name or a comma list measured side by side (None: a preset's own, else
+    # transformers); `vllm`: vLLM's engine options (a preset's `large.vllm` keys) over the preset's and VLLM_CPU.
+    large_backend: str | tuple[str, ...] | None = None
+    vllm: dict | None = None
     described: dict = dataclasses.field(default_factory=dict)
+    larges: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # name -> loaded backend
+    same_weights: bool = dataclasses.field(default=True, init=False, repr=False)
+    _max_batch: int = dataclasses.field(default=8, init=False, repr=False)
     _folders: list = dataclasses.field(default_factory=list, init=False, repr=False)  # removed with this object
 
     def __post_init__(self) -> None:
-        from ..preset import QUANTIZE, normalize_quantize
+        from ..preset import QUANTIZE, normalize_quantize, validate_vllm
 
         if self.quantize is not None and normalize_quantize(self.quantize) not in (None, "nf4", "8bit"):
             raise SglError(f"--quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
         if self.quantize is not None and self.arch is None and self.preset is None:
             raise SglError("--quantize applies to --arch or --preset, not to the built-in random pairs")
+        if not isinstance(self.large_backend, (str, type(None))):
+            self.large_backend = ",".join(self.large_backend)
+        names = parse_backends(self.large_backend) or ()
+        if self.quantize is not None and any(name != "transformers" for name in names):
+            raise SglError("--quantize applies to the transformers large backend (bitsandbytes weights), not to "
+                           + ", ".join(name for name in names if name != "transformers"))
+        if self.vllm is not None:
+            validate_vllm(self.vllm, "--vllm")
+            if names and "vllm" not in names:
+                raise SglError("--vllm: vLLM's options apply with --large-backend vllm")
 
     def _scratch(self, prefix: str) -> Path:
         """A temporary folder removed with this object (or at exit): generated images and built pairs."""
@@ -111,21 +182,34 @@ class Bench:
         settings.validate("command line")
         return settings
 
-    def load(self, input: Path | None = None, n_items: int = 8):
-        """(engine, items): the models loaded or built, the items read or generated."""
+    def load(self, input: Path | None = None, n_items: int = 8, *, max_batch: int | None = None):
+        """(engine, items): the models loaded or built, the items read or generated. `engine.large` is the first
+        large backend; `larges` holds them all. `max_batch`: the largest batch `run` will measure (vLLM's
+        `max_num_seqs` unless given; default `n_items`)."""
         from ..pipeline.engine import Engine
         from ..io.formats import read_items
+        from ..preset import load_preset
 
         settings = self.settings()
         if sum(x is not None for x in (self.arch, self.preset)) > 1:
             raise SglError("give one of --arch and --preset")
+        preset = load_preset(self.preset) if self.preset else None
+        names = parse_backends(self.large_backend) or ((preset.large.backend,) if preset else ("transformers",))
+        if self.vllm is not None and "vllm" not in names:
+            raise SglError("--vllm: vLLM's options apply with --large-backend vllm")
+        if self.quantize is not None and any(name != "transformers" for name in names):  # a preset's own backend
+            raise SglError("--quantize applies to the transformers large backend (bitsandbytes weights), not to "
+                           + ", ".join(name for name in names if name != "transformers"))
+        self._check_backends(names, settings)  # before anything is built or loaded
+        self._max_batch = max_batch or n_items
         if self.arch:
-            small, large, size = self._arch()
-        elif self.preset:
-            small, large, size = self._preset()
+            small, larges, size = self._arch(names)
+        elif preset is not None:
+            small, larges, size = self._preset(preset, names)
         else:
-            small, large, size = self._size()
-        engine = Engine(settings, small, large)
+            small, larges, size = self._size(names)
+        self.larges = larges
+        engine = Engine(settings, small, next(iter(larges.values())))
         if input is None:
             input = write_noise_items(self._scratch("sgl-bench-items-"), n_items, size)
         items = list(read_items(input))
@@ -137,12 +221,74 @@ class Bench:
         self.described["image_size"] = list(size)
         return engine, items
 
+    def _check_backends(self, names: tuple[str, ...], settings) -> None:
+        """Each large backend: known, able to run the sgl guide at the prune layer, its engine importable."""
+        from ..backends import backend_class
+        from ..backends.base import check
+        from ..guides import guide_class
+
+        for name in names:
+            cls = backend_class(name)
+            check(guide_class(settings.guide), cls, settings.prune_layer)
+            cls.check_installed()
+
+    def _options(self, name: str, preset_options: dict | None) -> dict | None:
+        """The engine options backend `name` loads with: for vllm, VLLM_CPU on a CPU, the largest batch as
+        `max_num_seqs`, then the preset's `large.vllm`, then `vllm` (the command line's)."""
+        import torch
+
+        if name != "vllm":
+            return None
+        if torch.cuda.is_available():
+            # vLLM takes `gpu_memory_utilization` of the GPU's whole memory, and refuses to start with less free:
+            # leave room for what this process holds already (the small model, a transformers large one).
+            free, total = torch.cuda.mem_get_info()
+            base = {"gpu_memory_utilization": round(0.9 * free / total, 3)}
+        else:
+            base = dict(VLLM_CPU)
+        return {**base, "max_num_seqs": self._max_batch, **(preset_options or {}), **(self.vllm or {})}
+
+    def _load_larges(self, names, spec, *, preset_options: dict | None = None, extra=None) -> dict:
+        """name -> the loaded large backend for `spec` (a folder or checkpoint: every spec checked before any
+        loads); `extra`: more vLLM options."""
+        from ..backends import backend_class
+        from ..backends.transformers import TransformersLarge, load_model
+
+        specs = self._check_specs(names, spec)
+        out = {}
+        for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
+            if name == "transformers":
+                out[name] = TransformersLarge(load_model(specs[name], "large"))
+            else:
+                options = self._options(name, preset_options)
+                if name == "vllm" and extra:
+                    options.update(extra)
+                out[name] = backend_class(name).load(specs[name], "large", options)
+        return {name: out[name] for name in names}
+
+    @staticmethod
+    def _check_specs(names, spec) -> dict:
+        """name -> `spec` on that backend, each refused (family, engine) before any model loads."""
+        from ..backends import backend_class
+
+        specs = {name: dataclasses.replace(spec, backend=name, vllm=None) for name in names}
+        for spec in specs.values():
+            backend_class(spec.backend).check_spec(spec)
+        return specs
+
+    def close(self) -> None:
+        """Stop the large backends' engines (vLLM's processes)."""
+        for m in self.larges.values():
+            m.close()
+        self.larges = {}
+
     def _image(self, default: tuple[int, int]) -> tuple[int, int]:
         return parse_image_size(self.image_size) if self.image_size else default
 
-    def _arch(self):
+    def _arch(self, names):
         from ..builtin import arch as archs
-        from ..backends.transformers import from_arch
+        from ..backends.transformers import TransformersLarge, from_arch
+        from ..preset import ModelSpec
 
         pair = archs.PAIRS.get(self.arch)
         if pair is None:
@@ -161,13 +307,44 @@ class Bench:
                 raise SglError(f"--visual-tokens: {exc}") from None
         else:
             size = self._image((896, 896))
-        self._check_fits(pair, device)
+        here = "transformers" in names
+        self._check_fits(pair, device, large=here)
+        others = [name for name in names if name != "transformers"]
+        layout = None
+        if others:  # a folder with the cut config and the processor; vLLM makes its own random weights
+            layout, folder = self._arch_folder(pair)
+            spec = ModelSpec(str(folder), dtype=self.dtype)
+            self._check_specs(others, spec)
+            self.same_weights = False
         small, large = from_arch(pair, layers=self.layers, vision_layers=self.vision_layers, dtype=self.dtype,
-                                   device=device, quantize=self.quantize)
+                                 device=device, quantize=self.quantize, large=here)
+        larges = {}
+        for name in names:
+            if name == "transformers":
+                larges[name] = TransformersLarge(large)
+            else:
+                larges[name] = self._load_larges((name,), spec, extra={"load_format": "dummy"})[name]
         self.described.update(arch=pair.name, layers=self.layers, vision_layers=self.vision_layers,
                               models={"small": archs.describe(pair.small, small.model),
-                                      "large": archs.describe(pair.large, large.model)})
-        return small, large, size
+                                      "large": archs.describe(pair.large, large.model if here else layout)})
+        return small, larges, size
+
+    def _arch_folder(self, pair):
+        """(the large model's layout on the meta device, a folder with its config, generation config and the
+        pair's processor): what vLLM loads with `load_format: dummy`."""
+        import json
+
+        from ..builtin import arch as archs
+
+        processor = archs.build_processor(pair.small, max(pair.small.text.vocab, pair.large.text.vocab))
+        layout = archs.build_model(pair.large, processor, layers=self.layers, vision_layers=self.vision_layers,
+                                   dtype=self.dtype, device="meta")
+        folder = self._scratch("sgl-bench-arch-")
+        layout.config.save_pretrained(folder)
+        layout.generation_config.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        (folder / "SGL_BUILTIN.json").write_text(json.dumps({"role": "large", "random_weights": True}))
+        return layout, folder
 
     def _device(self) -> str:
         import torch
@@ -176,15 +353,16 @@ class Bench:
             return self.device
         return "cuda:0" if torch.cuda.is_available() else "cpu"
 
-    def _check_fits(self, pair, device: str) -> None:
-        """Refuse a pair whose weights alone exceed the device's free memory, before building it."""
+    def _check_fits(self, pair, device: str, large: bool = True) -> None:
+        """Refuse a pair whose weights alone exceed the device's free memory, before building it (`large`: the
+        large model too, when it is built here)."""
         import torch
 
         from ..builtin import arch as archs
 
         processor = archs.build_processor(pair.small)
         need = 0
-        for a in (pair.small, pair.large):
+        for a in (pair.small, pair.large)[:2 if large else 1]:
             meta = archs.build_model(a, processor, layers=self.layers, vision_layers=self.vision_layers, device="meta")
             need += sum(p.numel() for p in meta.parameters()) * BYTES[self.dtype]
         if device.startswith("cuda"):
@@ -196,20 +374,21 @@ class Bench:
             raise SglError(f"--arch {pair.name} needs {need / 2**30:.1f} GiB for its {self.dtype} weights (before any "
                            f"--quantize), {device} has {free / 2**30:.1f} GiB free; cut it with --layers N")
 
-    def _preset(self):
+    def _preset(self, p, names):
         from ..backends.transformers import load_model
-        from ..preset import load_preset
 
-        p = load_preset(self.preset)
         if p.small is None:
             raise SglError(f"preset {p.name!r} names no small model; sgl bench measures a pair")
-        if p.large.backend != "transformers":  # its stages are timed on transformers modules
-            raise SglError(f"preset {p.name!r} runs the large model on {p.large.backend}; sgl bench measures the "
-                           "transformers backend only (for now)")
-        large_spec = dataclasses.replace(p.large, quantize=self.quantize) if self.quantize else p.large
-        return load_model(p.small, "small"), load_model(large_spec, "large"), self._image((896, 896))
+        spec = dataclasses.replace(p.large, quantize=self.quantize) if self.quantize else p.large
+        self._check_specs(names, spec)
+        small = load_model(p.small, "small")
+        larges = {}
+        for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
+            options = p.large.vllm if p.large.backend == name else None
+            larges[name] = self._load_larges((name,), spec, preset_options=options)[name]
+        return small, {name: larges[name] for name in names}, self._image((896, 896))
 
-    def _size(self):
+    def _size(self, names):
         from ..builtin.pair import SPECS, build_pair
         from ..backends.transformers import load_model
         from ..preset import ModelSpec
@@ -217,32 +396,42 @@ class Bench:
         if self.size not in specs:
             raise SglError(f"unknown --size {self.size!r}; one of {', '.join(specs)}")
         spec = specs[self.size]
-        pair = build_pair(spec, self._scratch("sgl-bench-"))
+        pair = build_pair(spec, self._scratch("sgl-bench-"))  # one folder: every backend loads the same weights
         side = int(spec.max_pixels ** 0.5)
+        large = ModelSpec(str(pair["large"]), dtype="float32")
+        self._check_specs(names, large)
         small = load_model(ModelSpec(str(pair["small"]), dtype="float32"), "small")
-        large = load_model(ModelSpec(str(pair["large"]), dtype="float32"), "large")
+        larges = self._load_larges(names, large)
         self.described["size"] = self.size
-        return small, large, self._image((side, side))
+        return small, larges, self._image((side, side))
 
     def run(self, engine, items: list, *, batch_sizes=(1, 8, 32), repeats: int = 3, exit_rate: float | None = None,
             profile: Path | None = None, profile_trace: bool = False,
             progress: Callable[[str], None] | None = None) -> dict:
-        """`run_bench` at K = 0 and at the chosen K, then (with `profile`) one profiled pipeline batch."""
+        """`run_bench` at K = 0 and at the chosen K on every large backend `load` loaded (or the engine's own),
+        then (with `profile`) one profiled pipeline batch on the first transformers backend."""
         from ..pipeline.engine import Engine
-        from .bench_report import run_bench
+        from .bench_report import in_process, run_bench
 
+        larges = self.larges if self.larges and engine.large is next(iter(self.larges.values())) \
+            else {engine.large.name: engine.large}
+        local = [m for m in larges.values() if in_process(m)]
+        if profile is not None and not local:
+            raise SglError("--profile: torch's profiler sees the transformers large backend only (vLLM runs in "
+                           "processes of its own); add transformers to --large-backend")
         if exit_rate is None and engine.random_weights:
             exit_rate = 0.5  # random weights cannot decide: force half to exit
         k = engine.settings.prune_layer
         report = run_bench(engine, items, batch_sizes=batch_sizes, repeats=repeats, exit_rate=exit_rate,
-                           prune_layers=(0,) if k == 0 else (0, k), progress=progress)
+                           prune_layers=(0,) if k == 0 else (0, k), progress=progress, larges=larges,
+                           same_weights=self.same_weights)
         report.update(self.described)
         if profile is not None:
             from .profile import profile_pipeline
 
             b = 8 if 8 in batch_sizes else max(batch_sizes)
             profiled = Engine(dataclasses.replace(engine.settings, batch_size=b, threshold=report["threshold"]),
-                              engine.small, engine.large)
+                              engine.small, local[0])
             report["profile"] = profile_pipeline(profiled, items[:b], profile, trace=profile_trace)
         return report
 

@@ -5,27 +5,35 @@ Each round runs every stage once at every batch size; every figure is the median
 
 Stages at batch size b (one batch of the first b items, except the pipeline):
 - `small`, `small_capture`: the small model's greedy answer without and with SGP's importance capture;
-- `vision`: the large model's vision tower alone (pruning does not reduce it);
-- `large`: the large model alone, every visual token (vision tower included);
-- `pruned_k{K}`: the large model from the top `retain` of the visual tokens as the small model ranks them, dropped
+- `vision`: the large model's vision tower alone (pruning does not reduce it); only on a backend that holds the
+  model in this process (transformers): vLLM runs its tower inside its own engine, where it cannot be timed alone;
+- `large`: the large model alone, every visual token (vision tower included): the backend's `inputs` and
+  `generate` with every visual token kept;
+- `pruned_k{K}`: the same from the top `retain` of the visual tokens as the small model ranks them, dropped
   at layer K (the ranking is given: this is the large stage of the pipeline);
 - `pipeline`: `Engine.process` on all the items in batches of b, with the exit threshold set so that the chosen
   fraction exits (random weights cannot decide; the rate is forced by choosing the threshold from the small
   pass's own exit scores).
 
-FLOPs: `lm_macs` for the language models (method.md section 6), the vision towers counted by torch's FlopCounter
-on one item; the predicted speed-ups are ratios of these, beside the measured ones.
+With several large backends (`larges`), each one's large stages and pipeline run in the same rounds, the small
+model's stages once per round for all; each backend gets its own section of the report.
+
+FLOPs: `lm_macs` for the language models (method.md section 6) from the models' configs, the vision towers counted
+by torch's FlopCounter on one item; the predicted speed-ups are ratios of these, beside the measured ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
+import types
 from typing import Callable
 
 import torch
 
+from ..backends.transformers import NOT_QUANTIZED, TransformersLarge
 from ..pipeline.engine import Engine
 from ..core.generate import collate, greedy, rows_device
 from ..guides.base import n_keep, top_k_in_order
@@ -81,12 +89,23 @@ def forced_threshold(scores: list[float], rate: float) -> float | None:
     return (ranked[k - 1] + ranked[k]) / 2
 
 
+def in_process(m) -> bool:
+    """Whether the large backend `m` holds a transformers model in this process (its vision tower can be timed
+    alone, its memory sampled, its FLOPs counted as executed)."""
+    return isinstance(m, TransformersLarge)
+
+
 def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: int = 3, exit_rate: float | None = None,
-              prune_layers=(0,), warmup: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+              prune_layers=(0,), warmup: bool = True, progress: Callable[[str], None] | None = None,
+              larges: dict | None = None, same_weights: bool = True) -> dict:
     """Every stage at every batch size, interleaved; see the module docstring. `items` (at least the largest batch
-    size) all go through the pipeline; the other stages run the first b of them."""
+    size) all go through the pipeline; the other stages run the first b of them. `larges` (name -> large backend,
+    default: the engine's own) are measured side by side, the small model's stages shared; the report's top-level
+    figures are the first backend's, `backends` has each one's, `cross_backend` their ratios to the first
+    (`same_weights`: whether the backends' large models hold the same weights, so that their answers can agree)."""
     s = engine.settings
-    small, large = engine.small, engine.large
+    small = engine.small
+    larges = dict(larges) if larges else {engine.large.name: engine.large}
     if small is None:
         raise ValueError("sgl bench needs a small model (its guidance is what it measures)")
     n, top = len(items), max(batch_sizes)
@@ -99,69 +118,85 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         raise ValueError(f"benchmark items failed: {bad[0]}")
     threshold = s.threshold if exit_rate is None else forced_threshold([w.small.exit_score for w in works], exit_rate)
     kept = [top_k_in_order(w.small.importance, n_keep(len(w.small.importance), s.retain)) for w in works]
+    every = [torch.arange(w.encoded.n_visual) for w in works]  # the unpruned large stage keeps every token
     limits = [s.max_new_tokens] * n
 
-    def rows(m, ws):
-        return m.family.rows(m.model, [w.encoded.small if m is small else w.encoded.large for w in ws])
+    def small_generate(ws):
+        rows = small.family.rows(small.model, [w.encoded.small for w in ws])
+        return greedy(small.model, collate(rows, small.pad_id, rows_device(small.model)), limits[:len(ws)],
+                      small.eos_ids, small.pad_id)
 
-    def generate(m, ws):
-        return greedy(m.model, collate(rows(m, ws), m.pad_id, rows_device(m.model)), limits[:len(ws)], m.eos_ids,
-                      m.pad_id)
+    def large_stage(m, ws, idx, k):
+        # Through the seam, as the pipeline runs it: the backend's inputs (on transformers: the vision tower), then
+        # its answers from the given visual tokens.
+        return m.generate(ws, m.inputs(ws, []), idx, k, limits[:len(ws)])
 
-    records: dict[int, list[dict]] = {}
-    engines = {b: Engine(dataclasses.replace(s, batch_size=b, threshold=threshold), small, large) for b in batch_sizes}
-    stages: dict[str, Callable[[int], object]] = {
-        "small": lambda b: generate(small, works[:b]),
+    records: dict[str, dict[int, list[dict]]] = {name: {} for name in larges}
+    engines = {(name, b): Engine(dataclasses.replace(s, batch_size=b, threshold=threshold), small, m)
+               for name, m in larges.items() for b in batch_sizes}
+    shared: dict[str, Callable[[int], object]] = {
+        "small": lambda b: small_generate(works[:b]),
         "small_capture": lambda b: engine.small_answer([dataclasses.replace(w) for w in works[:b]]),
-        "vision": lambda b: large.family.image_features(large.model, [w.encoded.large for w in works[:b]]),
-        "large": lambda b: generate(large, works[:b]),
-        **{f"pruned_k{k}": (lambda b, k=k: engine.generate_kept(works[:b], rows(large, works[:b]), kept[:b], k,
-                                                                 limits[:b])) for k in prune_layers},
-        "pipeline": lambda b: records.__setitem__(b, list(engines[b].run(items))),
     }
-    times = {(name, b): [] for name in stages for b in batch_sizes}
-    peaks: dict[tuple[str, int], float] = {}
+    own: dict[str, dict[str, Callable[[int], object]]] = {}
+    for name, m in larges.items():
+        stages = {}
+        if in_process(m):  # a backend whose tower runs elsewhere (vLLM) cannot time it alone
+            stages["vision"] = lambda b, m=m: m.family.image_features(m.model, [w.encoded.large for w in works[:b]])
+        stages["large"] = lambda b, m=m: large_stage(m, works[:b], every[:b], 0)
+        for k in prune_layers:
+            stages[f"pruned_k{k}"] = lambda b, m=m, k=k: large_stage(m, works[:b], kept[:b], k)
+        stages["pipeline"] = lambda b, name=name: records[name].__setitem__(b, list(engines[name, b].run(items)))
+        own[name] = stages
+    # Peak memory is sampled in this process: for the small model's stages on the first in-process large model's
+    # device (as the large one's stages), none for a backend whose engine runs in processes of its own.
+    local = [m for m in larges.values() if in_process(m)]
+    shared_model = local[0].model if local else small.model
+    plan = [("", name, fn, shared_model) for name, fn in shared.items()]
+    for owner, stages in own.items():
+        model = larges[owner].model if in_process(larges[owner]) else None
+        plan += [(owner, name, fn, model) for name, fn in stages.items()]
+    times = {(owner, name, b): [] for owner, name, _, _ in plan for b in batch_sizes}
+    peaks: dict[tuple[str, str, int], float] = {}
     rounds = repeats + (1 if warmup else 0)
     with torch.inference_mode():
         for r in range(rounds):  # interleaved: each round measures every stage once at every batch size
             for b in batch_sizes:
-                for name, fn in stages.items():
+                for owner, name, fn, model in plan:
                     if progress:
-                        progress(f"round {r + 1}/{rounds}: {name} at batch {b}")
-                    with StagePeak(large.model) as peak:
+                        progress(f"round {r + 1}/{rounds}: {name}{' on ' + owner if owner else ''} at batch {b}")
+                    with (StagePeak(model) if model is not None else contextlib.nullcontext()) as peak:
                         t0 = time.perf_counter()
                         fn(b)
-                        peak.synchronize()
+                        if peak is not None:
+                            peak.synchronize()
                         elapsed = time.perf_counter() - t0
-                    peaks[name, b] = max(peaks.get((name, b), 0.0), peak.mb)
+                    if peak is not None:
+                        peaks[owner, name, b] = max(peaks.get((owner, name, b), 0.0), peak.mb)
                     if r >= rounds - repeats:  # the warm-up round is not timed
-                        times[name, b].append(elapsed)
-        gen_large = generate(large, works)
-        gen_pruned = {k: engine.generate_kept(works, rows(large, works), kept, k, limits) for k in prune_layers}
+                        times[owner, name, b].append(elapsed)
+        gens = {name: {stage: large_stage(m, works, idx, k) for stage, idx, k in
+                       [("large", every, 0)] + [(f"pruned_k{k}", kept, k) for k in prune_layers]}
+                for name, m in larges.items()}
 
     ms = {key: statistics.median(v) * 1000 for key, v in times.items()}
-    per_item = {key: v / (n if key[0] == "pipeline" else key[1]) for key, v in ms.items()}
+    per_item = {key: v / (n if key[1] == "pipeline" else key[2]) for key, v in ms.items()}
     k_report = s.prune_layer if s.prune_layer in prune_layers else prune_layers[0]
-    flops = _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, k_report, records[batch_sizes[0]])
-    base = records[batch_sizes[0]]
-    batches = {}
-    for b in batch_sizes:
-        recs = records[b]
-        batches[str(b)] = {
-            "ms_per_item": {name: round(per_item[name, b], 3) for name in stages},
-            "items_per_s": {name: round(1000 / per_item[name, b], 4) for name in stages},
-            "peak_memory_mb": {name: round(peaks[name, b], 1) for name in stages},
-            "pipeline_stage_ms": {st: round(statistics.mean(r["ms"][st] for r in recs), 3)
-                                  for st in ("small", "large")},
-            "exit_rate": sum(r["exit"] == "small" for r in recs) / n,
-            "identical_to_batch_1": [(r["answer"], r["exit"]) for r in recs]
-                                    == [(r["answer"], r["exit"]) for r in base],
-            "ratios": _ratios(per_item, b, batch_sizes[0], prune_layers, flops),
-        }
-    return {
-        "device": device_name(large.model),
-        "dtype": str(next(large.model.parameters()).dtype).removeprefix("torch."),
-        "large_quantize": large.spec.quantize,
+    sections = {}
+    for name, m in larges.items():
+        vision_reference = next((x for x in local if _same_tower(x, m)), None)
+        sections[name] = _section(engine, m, works, kept, gens[name], records[name], batch_sizes, prune_layers,
+                                  k_report, {(stage, b): v for (owner, stage, b), v in per_item.items()
+                                             if owner in ("", name)},
+                                  {(stage, b): v for (owner, stage, b), v in peaks.items() if owner in ("", name)},
+                                  vision_reference)
+        sections[name]["same_weights"] = same_weights or name == next(iter(larges))
+    first = next(iter(sections.values()))
+    report = {
+        "device": first["device"],
+        "dtype": first["dtype"],
+        "large_quantize": first["large_quantize"],
+        "large_backends": list(larges),
         "items": n,
         "batch_sizes": list(batch_sizes),
         "repeats": repeats,
@@ -174,29 +209,122 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         "max_new_tokens": s.max_new_tokens,
         "exit_rate_target": exit_rate,
         "threshold": threshold,
+        "flops": first["flops"],
+        "batches": first["batches"],
+        "targets": first["targets"],
+        "backends": sections,
+    }
+    if len(sections) > 1:
+        report["cross_backend"] = _cross(sections, batch_sizes, prune_layers)
+    return report
+
+
+def _same_tower(a, b) -> bool:
+    """Whether two large backends' configs give the same vision tower (so one's FLOPs count serves both)."""
+    def tower(m):
+        c = m.model.config.to_dict()
+        return {k: v for k, v in c.items() if "vision" in k or k in ("image_token_id", "architectures")}
+
+    skip = ("dtype", "torch_dtype", "_attn_implementation", "_name_or_path", "architectures")
+
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
+
+    return a is b or clean(tower(a)) == clean(tower(b))
+
+
+def _section(engine, m, works, kept, gen, records, batch_sizes, prune_layers, k_report, per_item, peaks,
+             vision_reference) -> dict:
+    """One large backend's figures: its device, FLOPs, batches (ms, items/s, ratios), targets, tokens generated."""
+    b0 = batch_sizes[0]
+    stages = list(dict.fromkeys(stage for stage, _ in per_item))
+    flops = _flops(engine, m, works, kept, gen, prune_layers, k_report, records[b0], vision_reference)
+    base = records[b0]
+    batches = {}
+    for b in batch_sizes:
+        recs = records[b]
+        batches[str(b)] = {
+            "ms_per_item": {name: round(per_item[name, b], 3) for name in stages},
+            "items_per_s": {name: round(1000 / per_item[name, b], 4) for name in stages},
+            # Absent for the stages of a backend whose engine runs in processes of its own (vLLM).
+            "peak_memory_mb": {name: round(peaks[name, b], 1) for name in stages if (name, b) in peaks},
+            "pipeline_stage_ms": {st: round(statistics.mean(r["ms"][st] for r in recs), 3)
+                                  for st in ("small", "large")},
+            "exit_rate": sum(r["exit"] == "small" for r in recs) / len(recs),
+            "identical_to_batch_1": [(r["answer"], r["exit"]) for r in recs]
+                                    == [(r["answer"], r["exit"]) for r in base],
+            "ratios": _ratios(per_item, b, b0, prune_layers, flops),
+        }
+    large = [r for r in base if r["exit"] == "large"]
+    tokens = {stage: round(statistics.mean(len(t) for t in g.tokens), 3) for stage, g in gen.items()}
+    # The pipeline's large answers (the EOS, which usage leaves out, counted as the large stages count it).
+    tokens["pipeline"] = round(statistics.mean(
+        r["usage"]["completion_tokens"] + (r["finish_reason"] == "stop") for r in large), 3) if large else None
+    return {
+        "device": device_name(m.model) if in_process(m) else m.device,
+        "dtype": _dtype(m),
+        "large_quantize": m.spec.quantize,
+        "vision_stage": in_process(m),
+        "tokens_generated": tokens,
         "flops": flops,
         "batches": batches,
         "targets": _targets(batches, batch_sizes, k_report),
+        "pipeline_answers": [(r["answer"], r["exit"]) for r in base],
     }
 
 
-def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, k0: int, records) -> dict:
-    """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run; the pipeline's
-    large stage prunes at layer `k0`."""
-    small, large = engine.small, engine.large
+def _dtype(m) -> str | None:
+    if in_process(m):
+        return str(next(m.model.parameters()).dtype).removeprefix("torch.")
+    engine = getattr(m, "large", None)  # the vLLM backend's VllmLarge: what its engine resolved, else what it was given
+    try:
+        return str(engine.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    except AttributeError:
+        return getattr(getattr(engine, "settings", None), "dtype", None) or m.spec.dtype
+
+
+def _cross(sections: dict, batch_sizes, prune_layers) -> dict:
+    """Each other backend's items/s over the first's, per large stage and the pipeline, at each batch size; and
+    whether their pipeline answers (and exits) agree item by item."""
+    names = list(sections)
+    first = sections[names[0]]
+    stages = ["large", *(f"pruned_k{k}" for k in prune_layers), "pipeline"]
+    out = {}
+    for name in names[1:]:
+        other = sections[name]
+        ratios = {}
+        for b in map(str, batch_sizes):
+            mine, theirs = other["batches"][b]["items_per_s"], first["batches"][b]["items_per_s"]
+            ratios[b] = {stage: round(mine[stage] / theirs[stage], 4) for stage in stages
+                         if stage in mine and stage in theirs}
+        same = [tuple(a) == tuple(x) for a, x in zip(other["pipeline_answers"], first["pipeline_answers"])]
+        out[f"{name}_over_{names[0]}"] = {"items_per_s": ratios, "same_pipeline_answers": all(same),
+                                          "pipeline_answers_differing": len(same) - sum(same)}
+    return out
+
+
+def _flops(engine, large, works, kept, gen: dict, prune_layers, k0: int, records, vision_reference=None) -> dict:
+    """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run (`gen`: the large
+    stages' generations on every item); the pipeline's large stage prunes at layer `k0`. The language models'
+    come from their configs; the large vision tower is counted as executed on an in-process backend (`large`, or
+    `vision_reference`, one with the same tower), else on a copy built from the config (`config_vision_macs`)."""
+    small = engine.small
     n = len(works)
     vis_s = statistics.mean(vision_macs(small, w.encoded.small) for w in works[:1])
-    vis_l = statistics.mean(vision_macs(large, w.encoded.large) for w in works[:1])  # same size: one item tells
+    tower = large if in_process(large) else vision_reference
+    # same size: one item tells
+    vis_l = vision_macs(tower, works[0].encoded.large) if tower is not None else config_vision_macs(
+        large, works[0].encoded.large)
     lm_small = statistics.mean(lm_macs(small.model, len(w.encoded.visual), len(w.small.tokens)) for w in works)
     c = n_keep(works[0].encoded.n_visual, engine.settings.consistency_retain)
     reread = statistics.mean(lm_macs(small.model, len(w.encoded.visual) - w.encoded.n_visual + c + len(w.small.tokens)
                                      - 1, 0) for w in works)
     lm_large = statistics.mean(lm_macs(large.model, len(w.encoded.visual), len(t))
-                               for w, t in zip(works, gen_large.tokens))
+                               for w, t in zip(works, gen["large"].tokens))
     lm_pruned = {k: statistics.mean(
         pruned_macs(large.model, len(w.encoded.visual), len(w.encoded.visual) - w.encoded.n_visual + len(idx),
                     len(t), k)
-        for w, idx, t in zip(works, kept, gen_pruned[k].tokens)) for k in prune_layers}
+        for w, idx, t in zip(works, kept, gen[f"pruned_k{k}"].tokens)) for k in prune_layers}
     exit_rate = sum(r["exit"] == "small" for r in records) / n
     g = 1e9
     out = {"vision_small": vis_s / g, "vision_large": vis_l / g, "lm_small": lm_small / g, "reread": reread / g,
@@ -208,17 +336,41 @@ def _flops(engine, works, kept, gen_large, gen_pruned, prune_layers, k0: int, re
     return {key: round(v, 6) for key, v in out.items()}
 
 
+def config_vision_macs(m, enc: dict) -> float:
+    """`vision_macs` of a large backend that holds no transformers model (vLLM): its vision tower and projector
+    built from its config on the CPU with zero weights (the count does not depend on them; the language model
+    stays on the meta device), run once on `enc`."""
+    import re
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    tower = [re.compile(p) for p in NOT_QUANTIZED if p != "lm_head"]  # the tower and its projector
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(m.model.config)
+    for name, module in model.named_modules():
+        if any(p.match(name) for p in tower):
+            for sub in module.modules():
+                for pname, p in list(sub.named_parameters(recurse=False)):
+                    if p.is_meta:
+                        setattr(sub, pname, torch.nn.Parameter(torch.zeros(p.shape), requires_grad=False))
+    return vision_macs(types.SimpleNamespace(model=model.eval(), family=m.family), enc)
+
+
 def _ratios(per_item: dict, b: int, b0: int, prune_layers, flops: dict) -> dict:
-    """Measured speed-ups at batch b beside those the FLOPs predict."""
+    """Measured speed-ups at batch b beside those the FLOPs predict (the language model's alone where the vision
+    tower was timed alone)."""
     t = {name: v for (name, bb), v in per_item.items() if bb == b}
     out = {"capture_overhead": t["small_capture"] / t["small"],
            "pipeline_speedup": t["large"] / t["pipeline"],
            "pipeline_speedup_flops": flops["large"] / flops["pipeline"],
            "batch_speedup": per_item["pipeline", b0] / t["pipeline"]}
     for k in prune_layers:
-        lm_full, lm_pruned = t["large"] - t["vision"], t[f"pruned_k{k}"] - t["vision"]
         out[f"large_stage_speedup_k{k}"] = t["large"] / t[f"pruned_k{k}"]
         out[f"large_stage_speedup_k{k}_flops"] = flops["large"] / flops[f"pruned_k{k}"]
+        if "vision" not in t:
+            continue
+        lm_full, lm_pruned = t["large"] - t["vision"], t[f"pruned_k{k}"] - t["vision"]
         out[f"lm_speedup_k{k}"] = lm_full / lm_pruned if lm_pruned > 0 else float("nan")
         out[f"lm_speedup_k{k}_flops"] = flops["lm_large"] / flops[f"lm_pruned_k{k}"]
         # The pruned LM's time over what the unpruned LM's time scaled by the FLOPs ratio predicts (1: the floor).

@@ -25,8 +25,10 @@ from ...errors import ItemError
 from ..base import LargeBackend, LargeInputs, Reduced
 from .large import Offers, VllmLarge
 
+# A preset's `large.vllm` keys (preset.VLLM_KEYS), and `load_format`, which drivers give (`sgl bench --arch`: "dummy",
+# vLLM's own random weights for a folder that holds only a config and a processor).
 OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager", "dtype",
-           "seed")
+           "seed", "load_format")
 
 
 def _offers(o: Offers) -> frozenset[str]:
@@ -74,6 +76,12 @@ class VllmBackend(LargeBackend):
                       frozenset([eos] if isinstance(eos, int) else (eos or [])))
         backend.random_weights = is_random(Path(path))
         return backend
+
+    @classmethod
+    def check_installed(cls) -> None:
+        from .large import import_vllm
+
+        import_vllm()
 
     @classmethod
     def check_spec(cls, spec) -> None:
