@@ -77,3 +77,26 @@ def kept_at(n: int, retain: float, seed: int = 0) -> list[int] | None:
         return None
     k = max(1, round(retain * n))
     return sorted(random.Random(seed).sample(range(n), k))
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def comparable(recs: list[dict]) -> list[dict]:
+    """Records without what differs between backends by design: timings, `large_backend`, and `input_sha`."""
+    return [{k: v for k, v in r.items() if k not in ("ms", "large_backend", "input_sha")} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def vllm_preset(tmp_path_factory) -> Path:
+    """The default preset (the built-in pair) with its large model on vLLM, with ENGINE's options."""
+    import yaml
+
+    from sgl_cli.engine.preset import presets_dir
+
+    data = yaml.safe_load((presets_dir() / "default.yaml").read_text())
+    data["large"].update(backend="vllm", vllm=dict(ENGINE))
+    path = tmp_path_factory.mktemp("preset") / "vllm.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

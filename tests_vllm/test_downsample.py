@@ -16,32 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import ENGINE
+from conftest import ENGINE, comparable, records
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.preset import presets_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 runner = CliRunner()
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def comparable(recs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("ms", "large_backend", "input_sha")} for r in recs]
-
-
-@pytest.fixture(scope="module")
-def vllm_preset(tmp_path_factory) -> Path:
-    data = yaml.safe_load((presets_dir() / "default.yaml").read_text())
-    data["large"].update(backend="vllm", vllm=dict(ENGINE))
-    path = tmp_path_factory.mktemp("preset") / "vllm.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.mark.parametrize("retain", [0.25, 0.09])

@@ -13,32 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ENGINE
+from conftest import comparable, records
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from sgl_cli.engine.preset import load_preset, presets_dir
+from sgl_cli.engine.preset import load_preset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 runner = CliRunner()
-VLLM = {k: v for k, v in ENGINE.items()}  # dtype float32, a small memory share, eager
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def comparable(recs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("ms", "large_backend", "input_sha")} for r in recs]
-
-
-@pytest.fixture(scope="module")
-def vllm_preset(tmp_path_factory) -> Path:
-    data = yaml.safe_load((presets_dir() / "default.yaml").read_text())
-    data["large"].update(backend="vllm", vllm=VLLM)
-    path = tmp_path_factory.mktemp("preset") / "vllm.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_sgl_run_large_backend_vllm_gives_the_transformers_records(tmp_path, vllm_preset):

@@ -80,25 +80,12 @@ class Reduced:
         return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
 
 
-class LargeBackend:
-    """Base class of large-model backends (see the module's docstring for the interface)."""
+class ModelFacts:
+    """What sgl reads of a model from its `family` and `model.config`: shared by a loaded transformers model
+    (`LoadedModel`, small or large) and every large backend."""
 
-    name: ClassVar[str] = ""
-    offers: ClassVar[frozenset[str]] = frozenset()
     family: Any
     model: Any  # what the family's methods read (at least `.config`)
-
-    @classmethod
-    def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
-        raise NotImplementedError
-
-    @classmethod
-    def check_installed(cls) -> None:
-        """Refuse, before anything is built or loaded, a backend whose engine cannot be imported (one line)."""
-
-    @classmethod
-    def check_spec(cls, spec) -> None:
-        """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
 
     @property
     def image_token_id(self) -> int:
@@ -112,6 +99,25 @@ class LargeBackend:
     def context(self) -> int:
         """The longest prompt plus answer the model takes (`max_position_embeddings`; 0: not said)."""
         return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+
+class LargeBackend(ModelFacts):
+    """Base class of large-model backends (see the module's docstring for the interface)."""
+
+    name: ClassVar[str] = ""
+    offers: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
+        raise NotImplementedError
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """Refuse, before anything is built or loaded, a backend whose engine cannot be imported (one line)."""
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
 
     def visual_mask(self, encoding: dict):
         """(S,) bool: the visual-token columns of one encoded item."""

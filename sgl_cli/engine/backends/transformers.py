@@ -15,11 +15,11 @@ from ..core import hf
 from ..core.generate import Row, collate, greedy, rows_device
 from ..core.prune import PruneAtLayer
 from ..builtin.locate import looks_like_path, resolve_path  # noqa: F401 - public here too
-from .base import CAPABILITIES, LargeBackend, LargeInputs, Reduced
+from .base import CAPABILITIES, LargeBackend, LargeInputs, ModelFacts, Reduced
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(ModelFacts):
     role: str  # "small" or "large"
     spec: ModelSpec
     path: str
@@ -29,19 +29,7 @@ class LoadedModel:
     eos_ids: frozenset[int]
     pad_id: int
     random_weights: bool = False
-
-    @property
-    def image_token_id(self) -> int:
-        return self.family.image_token_id(self.model)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
-    @property
-    def context(self) -> int:
-        """The longest prompt plus answer the model takes (`max_position_embeddings`; 0: not said)."""
-        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+    # image_token_id, num_layers, context: ModelFacts' (backends/base.py), as every large backend's.
 
 
 def _dtype(name: str):
