@@ -64,6 +64,13 @@ def make_images(folder: Path, sizes=((224, 224), (168, 280), (336, 224))) -> lis
     return paths
 
 
+def analyze(engine, items: list) -> list:
+    """The small model's part for a batch, through the engine's public stages: `prepare`, then `small_pass`."""
+    works = engine.prepare(items)
+    engine.small_pass(works)
+    return works
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -81,7 +88,7 @@ def batch(tmp_path) -> Path:
 def engine_factory(tiny_pair):
     """Engines over one pair of loaded tiny models, with settings varied per test (models loaded once)."""
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")

@@ -67,7 +67,7 @@ def test_pairs_are_real_pairs(name, tmp_path):
     from sgl_cli.engine.pipeline.engine import Engine
     from sgl_cli.engine.evaluation.bench import write_noise_items
     from sgl_cli.engine.io.formats import read_items
-    from sgl_cli.engine.pipeline.models import from_arch
+    from sgl_cli.engine.backends.transformers import from_arch
     from sgl_cli.engine.preset import Settings
 
     pair = arch.PAIRS[name]
@@ -94,7 +94,7 @@ def test_pairs_are_real_pairs(name, tmp_path):
 def test_image_size_for_gives_exactly_that_many_visual_tokens(spec, tokens, tmp_path):
     from PIL import Image
 
-    from sgl_cli.engine.pipeline.models import from_memory
+    from sgl_cli.engine.backends.transformers import from_memory
     from sgl_cli.engine.preset import ModelSpec
 
     w, h = arch.image_size_for(spec, tokens)
@@ -135,7 +135,7 @@ def test_cut_model_weights_on_the_device_in_the_dtype():
 def test_nf4_in_memory_quantizes_the_language_model_like_bitsandbytes():
     import bitsandbytes as bnb
 
-    from sgl_cli.engine.pipeline.models import from_memory
+    from sgl_cli.engine.backends.transformers import from_memory
     from sgl_cli.engine.preset import ModelSpec
 
     spec = arch.INTERNVL3_1B

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from sgl_cli.cli import app
 from sgl_cli.engine import backends
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, write_jsonl, write_preset
+from tests.conftest import analyze, make_images, write_jsonl, write_preset
 
 runner = CliRunner()
 
@@ -122,23 +122,30 @@ def test_inspect_refuses_a_guide_the_backend_lacks_and_all_skips_it(echo, tmp_pa
 # -- presets -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("large, small, message", [
     ({"backend": "vllm", "vllm": {"tensor_parallel": 2}}, None,
-     "large.vllm: unknown key 'tensor_parallel' (did you mean 'tensor_parallel_size'?); known keys: "
-     "tensor_parallel_size, gpu_memory_utilization, max_model_len, max_num_seqs, enforce_eager, dtype, seed"),
-    ({"backend": "vllm", "vllm": {"gpu_memory_utilization": 1.5}}, None,
-     "large.vllm.gpu_memory_utilization: must be a fraction in (0, 1], got 1.5"),
-    ({"backend": "vllm", "vllm": {"enforce_eager": "yes"}}, None, "large.vllm.enforce_eager: must be true or false"),
+     "large.options: unknown option 'tensor_parallel' of the vllm large backend (did you mean "
+     "'tensor_parallel_size'?); it takes: tensor_parallel_size, gpu_memory_utilization, max_model_len, max_num_seqs, "
+     "enforce_eager, dtype, seed, enable_prefix_caching, load_format"),
+    ({"backend": "vllm", "options": {"gpu_memory_utilization": 1.5}}, None,
+     "large.options.gpu_memory_utilization: must be a fraction in (0, 1], got 1.5"),
+    ({"backend": "vllm", "vllm": {"enforce_eager": "yes"}}, None, "large.options.enforce_eager: must be true or false"),
     ({"vllm": {"max_num_seqs": 4}}, None, "large.vllm: vLLM options apply with backend: vllm, not 'transformers'"),
-    ({"backend": ""}, None, "large.backend: must name a large-model backend"),
-    ({}, {"backend": "vllm"}, "small.backend: the small model runs on transformers"),
+    ({"backend": "vllm", "vllm": {}, "options": {}}, None, "large: give options or vllm (its alias), not both"),
+    ({"backend": ""}, None, "large.backend: must name a backend"),
+    ({"options": {"max_num_seqs": 4}}, None, "large.options: unknown option 'max_num_seqs' of the transformers large "
+                                             "backend; it takes: none"),
+    ({}, {"backend": "vllm"}, "small.backend: unknown small backend 'vllm'; choose one of transformers"),
 ])
 def test_preset_backend_keys_are_validated(tmp_path, tiny_pair, large, small, message):
-    from sgl_cli.engine.errors import PresetError
+    """Every key of a preset's models, its backends' options (`vllm:` an alias of `options:`) among them, is checked
+    before any model loads (`check_preset`, which every command calls first), naming the file."""
+    from sgl_cli.engine.backends import check_preset
+    from sgl_cli.engine.errors import SglError
     from sgl_cli.engine.preset import load_preset
 
     path = write_preset(tmp_path, tiny_pair, large={"model": str(tiny_pair["large"]), **large},
                         small={"model": str(tiny_pair["small"]), **(small or {})})
-    with pytest.raises(PresetError) as exc:
-        load_preset(str(path))
+    with pytest.raises(SglError) as exc:
+        check_preset(load_preset(str(path)))
     assert message in str(exc.value) and str(path) in str(exc.value)
 
 
@@ -148,10 +155,13 @@ def test_preset_vllm_options_parse_and_the_flag_overrides(tmp_path, tiny_pair):
     opts = {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5, "max_model_len": 4096, "enforce_eager": True}
     p = load_preset(str(write_preset(tmp_path, tiny_pair, large={"model": str(tiny_pair["large"]), "backend": "vllm",
                                                                  "vllm": opts})))
-    assert p.large.backend == "vllm" and p.large.vllm == opts and p.small.backend == "transformers"
+    assert p.large.backend == "vllm" and p.large.options == opts and p.small.backend == "transformers"
     t = p.with_large_backend("transformers")
-    assert t.large.backend == "transformers" and t.large.vllm is None and t.large.model == p.large.model
-    assert p.with_large_backend(None) is p and t.with_large_backend("vllm").large.vllm is None
+    assert t.large.backend == "transformers" and t.large.options is None and t.large.model == p.large.model
+    assert p.with_large_backend(None) is p and t.with_large_backend("vllm").large.options is None
+    # --large-option: over the preset's own
+    o = p.with_large_backend(None, {"max_num_seqs": 8, "enforce_eager": False})
+    assert o.large.options == {**opts, "max_num_seqs": 8, "enforce_eager": False} and p.large.options == opts
 
 
 # -- the contract, on every backend ------------------------------------------------------------------------------
@@ -211,7 +221,7 @@ def test_the_kept_set_is_what_the_large_model_answers_from(engine_on, items):
 
     for retain in (0.25, 1.0):
         eng = engine_on(retain=retain, max_new_tokens=40)
-        works = eng.analyze(list(read_items(items)))
+        works = analyze(eng, list(read_items(items)))
         inputs = eng.large_inputs(works)
         answers = eng.large_pass(works, inputs)
         for w, a in zip(works, answers):

@@ -130,7 +130,7 @@ def test_bad_input_becomes_error_records_and_the_run_goes_on(tmp_path, preset_fi
 
 def test_model_failure_is_confined_to_its_item(tmp_path, tiny_pair, monkeypatch):
     """An exception inside a model fails that item's record (batch retried item by item), not the run."""
-    import sgl_cli.engine.pipeline.engine as engine_mod
+    import sgl_cli.engine.backends.transformers as engine_mod  # where both models generate
 
     imgs = make_images(tmp_path)
     src = write_jsonl(tmp_path / "b.jsonl", [{"image": p.name, "question": f"q{i}"} for i, p in enumerate(imgs)])

@@ -44,14 +44,14 @@ def without_ms(recs: list[dict]) -> list[dict]:
     (4, {"": "cuda:0"}, "auto"),  # several GPUs: the large model spread over all, the small one on the first
 ])
 def test_default_placement(gpus, small, large):
-    from sgl_cli.engine.pipeline.models import device_map_for
+    from sgl_cli.engine.backends.transformers import device_map_for
 
     assert device_map_for(ModelSpec("s"), "small", gpus=gpus) == small
     assert device_map_for(ModelSpec("l"), "large", gpus=gpus) == large
 
 
 def test_explicit_placement_wins():
-    from sgl_cli.engine.pipeline.models import device_map_for
+    from sgl_cli.engine.backends.transformers import device_map_for
 
     assert device_map_for(ModelSpec("m", device="cuda:1"), "large", gpus=4) == {"": "cuda:1"}
     assert device_map_for(ModelSpec("m", device_map="sequential"), "small", gpus=4) == "sequential"
@@ -86,7 +86,7 @@ def test_preset_device_map_errors(large, message):
 # -- results do not depend on placement --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def split_pair(tiny_pair):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
 
     small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32", device_map=SMALL_MAP), "small")
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32", device_map=LARGE_MAP), "large")
@@ -119,7 +119,7 @@ def test_accelerate_hooks_on_every_part_give_the_same_records(batch, engine_fact
     from accelerate import dispatch_model
 
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
 
     small = load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32"), "large")

@@ -105,7 +105,7 @@ def items_for(folder, sizes):
 # -- the built-in pair (Qwen2-VL: patch 14, merge 2) ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair(tiny_pair):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32"), "large")
@@ -189,7 +189,7 @@ def test_builtin_pair_batch_equals_batch_one_with_mixed_sizes(pair, tmp_path):
 # -- every family ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family(request.param, tmp_path_factory.mktemp(f"ds-{request.param}"))
@@ -281,7 +281,7 @@ def test_every_family_batch_equals_batch_one(fam, tmp_path):
 
 
 def test_internvl_budget_below_one_tile_gives_one_tile(tmp_path):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("internvl", tmp_path / "m")
@@ -295,7 +295,7 @@ def test_internvl_budget_below_one_tile_gives_one_tile(tmp_path):
 # -- LLaVA-1.5: the projected grid pooled -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("llava", tmp_path_factory.mktemp("ds-llava"))

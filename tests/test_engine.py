@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText
 from sgl_cli.engine.guides.base import n_keep
 from sgl_cli.engine.io.images import load_image
 from sgl_cli.engine.io.formats import read_items
+from tests.conftest import analyze
 
 
 def _encode(loaded, item, suffix="Answer with one word."):
@@ -61,18 +62,16 @@ def test_retain_one_equals_plain_generate_on_large(engine_factory, batch):
 def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
     """Token for token (not only decoded text) for the large model's generation at retain 1.0."""
     import sgl_cli.engine.backends.transformers as hf_backend
-    import sgl_cli.engine.pipeline.engine as engine_mod
 
     seen = []
-    real = engine_mod.greedy
+    real = hf_backend.greedy
 
     def spy(model, *a, **k):
         gen = real(model, *a, **k)
         seen.append((model, gen))
         return gen
 
-    monkeypatch.setattr(engine_mod, "greedy", spy)
-    monkeypatch.setattr(hf_backend, "greedy", spy)  # the large model's generation: its backend's
+    monkeypatch.setattr(hf_backend, "greedy", spy)  # both models' generation: their backend's
     eng = engine_factory(retain=1.0, threshold=None, max_new_tokens=7)
     item = next(read_items(batch))
     eng.process([item])
@@ -88,7 +87,7 @@ def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):
 def test_importance_equals_eager_reference(engine_factory, eager_small, batch):
     eng = engine_factory()
     items = list(read_items(batch))
-    works = eng.analyze(items)
+    works = analyze(eng, items)
     for item, w in zip(items, works):
         ref, _ = reference_importance(eager_small, _encode(eng.small, item))
         assert w.small.importance.dtype == torch.float32
@@ -125,7 +124,7 @@ def test_capture_reads_nothing_back_from_the_device_per_layer(engine_factory, ba
 
     items = list(read_items(batch))
     eng = engine_factory(guide="sgl")
-    expected = [w.small.importance for w in eng.analyze(items)]
+    expected = [w.small.importance for w in analyze(eng, items)]
 
     reads, observing = [], [False]
     for attr in ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu"):
@@ -147,7 +146,7 @@ def test_capture_reads_nothing_back_from_the_device_per_layer(engine_factory, ba
             observing[0] = False
 
     monkeypatch.setattr(ImportanceCapture, "_observe", watched)
-    got = [w.small.importance for w in eng.analyze(items)]
+    got = [w.small.importance for w in analyze(eng, items)]
     monkeypatch.undo()
     assert reads == []
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -192,7 +191,7 @@ def test_scores_equal_hand_computation(engine_factory, eager_small, batch):
     5% visual tokens; computed here from logits through an independent path (inputs_embeds, no sgl code)."""
     eng = engine_factory(consistency_retain=0.05, threshold=None)
     item = list(read_items(batch))[2]
-    (w,) = eng.analyze([item])
+    (w,) = analyze(eng, [item])
     small = eng.small.model
     enc = _encode(eng.small, item)
     ref, out = reference_importance(eager_small, enc)
@@ -282,8 +281,8 @@ def test_batch_equals_batch_one(engine_factory, batch):
 def test_batched_importance_equals_single(engine_factory, batch):
     items = list(read_items(batch))
     eng = engine_factory()
-    single = [eng.analyze([it])[0].small.importance for it in items]
-    batched = [w.small.importance for w in eng.analyze(items)]
+    single = [analyze(eng, [it])[0].small.importance for it in items]
+    batched = [w.small.importance for w in analyze(eng, items)]
     for a, b in zip(single, batched):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
         k = n_keep(len(a), 0.09)

@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.io.images import load_image
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, write_jsonl
+from tests.conftest import analyze, make_images, write_jsonl
 from tests.families import FAMILIES, PINPOINTS_MAX9, build_family
 
 SUFFIX = "Answer with one word."
@@ -39,7 +39,7 @@ VARIANTS["llava_onevision_max9"] = ("llava_onevision", {"pinpoints": PINPOINTS_M
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     name, options = VARIANTS[request.param]
@@ -79,7 +79,7 @@ def engine(fam, guide="sgl", **settings):
 
 def run_works(eng, items):
     with torch.inference_mode():
-        works = eng.analyze(items)
+        works = analyze(eng, items)
         assert all(w.error is None for w in works), [w.error for w in works]
         eng.large_pass(works, eng.large_inputs(works))
         assert all(w.error is None for w in works), [w.error for w in works]
@@ -416,7 +416,7 @@ def _perturb_patch(fam, model, pixels, crop, key, n_keys):
 @pytest.fixture(scope="module")
 def qwen3_deep(tmp_path_factory):
     """Qwen3-VL with 3 decoder layers and one deepstack level (added after layer 0): K = 1, 2 are valid."""
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     paths = build_family("qwen3_vl", tmp_path_factory.mktemp("qwen3-deep"), deepstack=(0,), layers=3)

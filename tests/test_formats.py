@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from tests.conftest import make_images, write_jsonl
+from tests.conftest import analyze, make_images, write_jsonl
 
 runner = CliRunner()
 Q = "What color is the square?"
@@ -462,7 +462,7 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
     from PIL import Image
 
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.guides.base import n_keep
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
@@ -492,7 +492,7 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
         assert rec["visual_tokens"] == sum(singles)
         assert rec["retained_tokens"] == n_keep(sum(singles), retain)
         if retain == 1.0:
-            (work,) = eng.analyze([item])
+            (work,) = analyze(eng, [item])
             eng.large_pass([work], eng.large_inputs([work]))
             assert work.large.tokens == plain
             assert len(work.small.importance) == sum(singles)
@@ -503,7 +503,7 @@ def test_several_images_per_item_equal_plain_generate(tmp_path_factory, family):
 
 def test_a_one_image_family_refuses_several_images_per_item(tmp_path_factory):
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.io.items import ImageRef, Item
     from sgl_cli.engine.preset import ModelSpec, Settings
     from tests.families import build_family

@@ -22,7 +22,7 @@ import yaml
 from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, write_jsonl
+from tests.conftest import analyze, make_images, write_jsonl
 from tests.test_engine import _encode
 from tests.test_prune_layer import reference_generate
 
@@ -33,7 +33,7 @@ SINGLE_MODEL_GUIDES = ("cls", "fastv", "random")
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
 def _load(path):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     return load_model(ModelSpec(str(path), dtype="float32"), "small" if path.name == "small" else "large")
@@ -98,7 +98,7 @@ def items(tmp_path):
 def run_works(eng, items):
     """The engine's own path (encode, then the large stage with the engine's guide); errors are raised."""
     with torch.inference_mode():
-        works = eng.analyze(items)
+        works = analyze(eng, items)
         assert all(w.error is None for w in works), [w.error for w in works]
         eng.large_pass(works, eng.large_inputs(works))
     return works
@@ -235,10 +235,10 @@ def test_fastv_scores_and_answer_equal_eager_reference(deep, items, prune_layer,
         # Hand-run, cache-free decoder that drops the unkept tokens before layer k.
         assert w.large.tokens == reference_generate(deep.large, SimpleNamespace(item=item, kept=kept), k, 6)
     # And the engine's own PruneAtLayer with the fixed keep mask from the reference scores.
-    rows = eng.large_inputs(works).rows
+    inputs = eng.large_inputs(works)
     refs = [ref_top_k(fastv_reference(deep.eager_large, _encode(deep.large, it, SUFFIX), k), 0.25) for it in items]
     with torch.inference_mode():
-        gen = eng.generate_kept(works, rows, refs, k, [6] * len(works))
+        gen = eng.large.generate(works, inputs, refs, k, [6] * len(works))
     assert gen.tokens == [w.large.tokens for w in works]
     recs = [eng.record(w, 0.0) for w in works]
     for r in recs:
@@ -453,7 +453,6 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
 
     # Also when a stage fails half-way, with the hooks in place: the items fail, the model is restored.
     import sgl_cli.engine.backends.transformers as hf_backend
-    import sgl_cli.engine.pipeline.engine as engine_mod
     from sgl_cli.engine.families import QwenVL
 
     def boom(*a, **k):
@@ -465,7 +464,7 @@ def test_no_hooks_or_backends_left_behind(deep, qwen25, items, guide, monkeypatc
         real_features(self, model, encs)  # the vision tower ran (with the cls capture active), then it fails
         raise RuntimeError("boom")
 
-    phases = {"greedy": [(engine_mod, "greedy", boom), (hf_backend, "greedy", boom)],
+    phases = {"greedy": [(hf_backend, "greedy", boom)],  # both models' generation
               "vision": [(QwenVL, "image_features", features_then_boom)]}
     for phase, patches in phases.items():
         with monkeypatch.context() as mp:

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from tests.conftest import make_images, write_preset
+from tests.conftest import analyze, make_images, write_preset
 
 # A pipe, 80 columns, whatever the terminal running the tests: the heatmap then uses shade glyphs, no colour.
 runner = CliRunner(env={"COLUMNS": "80", "FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
@@ -68,7 +68,7 @@ def test_json_equals_the_engine(tmp_path, preset_file, engine_factory):
     got = json.loads(res.stdout)  # stdout is the JSON object and nothing else
     eng = engine_factory(retain=0.3)
     item = Item(line=1, id=1, images=[ImageRef.path(image)], question="What is it?")
-    (work,) = eng.analyze([item])
+    (work,) = analyze(eng, [item])
     assert torch.equal(torch.tensor(got["importance"], dtype=torch.float32), work.small.importance)
     assert got["grid"] == [8, 12] and got["visual_tokens"] == 96
     assert got["kept"] == top_k_in_order(work.small.importance, n_keep(96, 0.3)).tolist()
@@ -170,7 +170,7 @@ def engine_scores(eng, item, retain: float) -> dict[str, tuple[list[float], list
 
     scores, kept = {}, {}
     with torch.inference_mode():
-        (work,) = eng.analyze([item])
+        (work,) = analyze(eng, [item])
         for g in ("cls", "fastv", "random"):
             e = eng.with_settings(guide=g, retain=retain)
             (answer,) = e.large_pass([work], e.large_inputs([work]))
@@ -247,7 +247,7 @@ def test_all_json_equals_each_guide_of_the_engine(tmp_path, preset_file, engine_
         assert g["kept_by_sgl_too"] == (None if guide == "sgl" else len(sgl_kept & set(kept)))
         # Each guide's large answer is the one `sgl run` gives with that guide (no exit threshold here).
         assert g["large_answer"] == engine_factory(retain=0.3, guide=guide).process([item])[0]["answer"]
-    (work,) = eng.analyze([item])
+    (work,) = analyze(eng, [item])
     assert got["exit_score"] == work.small.exit_score and got["consistency"] == work.small.consistency
 
 
@@ -313,7 +313,7 @@ def test_sgl_without_a_small_model_is_one_line_and_exit_2(tmp_path, tiny_pair):
     res = inspect(image, large_only(tmp_path, tiny_pair))
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr == ("sgl: error: preset 'large-only' names no small model, which the sgl guide needs "
-                          "(use --guide cls, fastv, random or all)\n")
+                          "(use --guide cls, fastv, random, downsample or all)\n")
 
 
 def test_fastv_at_the_last_layer_is_one_line_and_exit_2(tmp_path, tiny_pair):

@@ -24,7 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from tests.conftest import make_images, write_preset
+from tests.conftest import analyze, make_images, write_preset
 from tests.families import PINPOINTS_MAX9, build_family
 from tests.test_families import LMInputs, encode, reference_visual
 
@@ -43,7 +43,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def fam(request, tmp_path_factory):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     name, options, size = VARIANTS[request.param]
@@ -204,7 +204,7 @@ def engine_guides(fam, retain: float) -> dict[str, tuple[list[float], list[int]]
                             consistency_retain=0.05, retain=retain, guide=guide)
         eng = Engine(settings, fam.small, fam.large)
         with torch.inference_mode():
-            (w,) = eng.analyze([item])
+            (w,) = analyze(eng, [item])
             eng.large_pass([w], eng.large_inputs([w]))
         assert w.error is None, w.error
         scores = w.small.importance if guide == "sgl" else w.large.scores

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sgl_cli.cli import app
 from sgl_cli.engine import guides
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, plugin_on_path, write_jsonl, write_preset
+from tests.conftest import analyze, make_images, plugin_on_path, write_jsonl, write_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_norm_scores_are_the_feature_norms(plugin, engine_factory, items):
     eng = engine_factory(guide="norm", retain=0.25)
     m = eng.large
     with torch.inference_mode():
-        works = eng.analyze(list(read_items(items)))
+        works = analyze(eng, list(read_items(items)))
         eng.large_pass(works, eng.large_inputs(works))
         for w in works:
             enc = w.encoded.large

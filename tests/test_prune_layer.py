@@ -10,7 +10,7 @@ import torch
 
 from sgl_cli.engine.io.images import load_image
 from sgl_cli.engine.io.formats import read_items
-from tests.conftest import make_images, write_jsonl
+from tests.conftest import analyze, make_images, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def deep_engine_factory(tmp_path_factory):
     """A pair whose large model has 4 layers, so that K = 2 has layers on both sides."""
     from sgl_cli.engine.builtin.pair import TINY_SPEC, LMSize, PairSpec, build_pair
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     spec = PairSpec(small=TINY_SPEC.small, large=LMSize(128, 4, 4, 2, 256), vision_embed=32)
@@ -97,7 +97,7 @@ def _large_tokens(engine, items, monkeypatch):
 def test_prune_at_layer_k_equals_reference(deep_engine_factory, items, monkeypatch, k):
     eng = deep_engine_factory(prune_layer=k, retain=0.25)
     tokens, records = _large_tokens(eng, items[:1], monkeypatch)
-    (work,) = eng.analyze(items[:1])
+    (work,) = analyze(eng, items[:1])
     kept = torch.sort(torch.sort(work.small.importance, descending=True, stable=True).indices[
         : max(1, math.floor(0.25 * len(work.small.importance)))]).values
     assert tokens[0] == reference_generate(eng.large, SimpleNamespace(item=work.item, kept=kept), k, 6)
@@ -114,7 +114,7 @@ def test_prune_layer_zero_via_hooks_equals_pre_lm_pruning(deep_engine_factory, i
 
     eng = deep_engine_factory(prune_layer=0, retain=0.25)
     pre_lm, _ = _large_tokens(eng, items, monkeypatch)
-    works = eng.analyze(items)
+    works = analyze(eng, items)
     m = eng.large
     rows = m.family.rows(m.model, [w.encoded.large for w in works])
     batch = generate.collate(rows, m.pad_id, "cpu")

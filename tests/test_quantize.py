@@ -26,14 +26,14 @@ def records(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def small(tiny_pair):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
 
     return load_model(ModelSpec(str(tiny_pair["small"]), dtype="float32"), "small")
 
 
 @pytest.fixture(scope="module")
 def large_nf4(tiny_pair):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
 
     return load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32", quantize="4bit"), "large")
 
@@ -98,7 +98,7 @@ def test_nf4_pruned_run_completes_below_retain_1(small, large_nf4, images, engin
 
 
 def test_8bit_pruned_at_retain_1_equals_unpruned_generate(tiny_pair, small, images):
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
 
     large = load_model(ModelSpec(str(tiny_pair["large"]), dtype="float32", quantize="8bit"), "large")
     assert any(type(m).__name__ == "Linear8bitLt" for m in large.model.modules())

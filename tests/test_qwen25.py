@@ -10,13 +10,14 @@ from transformers import AutoModelForImageTextToText
 
 from sgl_cli.engine.io.formats import read_items
 from tests.test_engine import _encode, reference_importance
+from tests.conftest import analyze
 
 
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
     from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
     from sgl_cli.engine.pipeline.engine import Engine
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec, Settings
 
     pair = build_pair(dataclasses.replace(TINY_SPEC, arch="qwen2_5_vl"), tmp_path_factory.mktemp("q25"))
@@ -37,7 +38,7 @@ def test_qwen25_retain_one_equals_generate_and_importance_equals_eager(qwen25, b
     make, eager = qwen25
     eng = make(retain=1.0)
     items = list(read_items(batch))
-    works = eng.analyze(items)
+    works = analyze(eng, items)
     for item, w, rec in zip(items, works, eng.process(items)):
         enc = _encode(eng.large, item)
         with torch.no_grad():

@@ -14,6 +14,7 @@ from sgl_cli.engine.pipeline.engine import Engine
 from sgl_cli.engine.metrics import vqa
 from sgl_cli.engine.io.formats import read_items
 from sgl_cli.engine.preset import load_preset
+from tests.conftest import analyze
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_sgl_keeps_the_object_cells(engine, items):
         draw(ex.objs, 12, 12, rng).save(folder / name)
         (folder / "c.jsonl").write_text(json.dumps({"image": name, "question": ex.question,
                                                      "answer": ex.answer}) + "\n")
-        (work,) = engine.analyze(list(read_items(folder / "c.jsonl")))
+        (work,) = analyze(engine, list(read_items(folder / "c.jsonl")))
         target = next(o for o in ex.objs if f"the {o.shape}?" in ex.question)
         kept = top_k_in_order(work.small.importance, n_keep(len(work.small.importance), 0.05)).tolist()
         hits += target.row * 12 + target.col in kept

@@ -82,7 +82,7 @@ def test_split_kept():
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def tiny_large(request, tmp_path_factory):
     from sgl_cli.engine.builtin.pair import TINY_SPEC, build_pair
-    from sgl_cli.engine.pipeline.models import load_model
+    from sgl_cli.engine.backends.transformers import load_model
     from sgl_cli.engine.preset import ModelSpec
 
     from .families import build_family

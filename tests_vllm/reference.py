@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sgl_cli.engine.core.generate import Row, collate, greedy
-from sgl_cli.engine.pipeline.models import load_model
+from sgl_cli.engine.backends.transformers import load_model
 from sgl_cli.engine.preset import ModelSpec
 
 

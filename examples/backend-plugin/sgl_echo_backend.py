@@ -1,70 +1,101 @@
-"""An sgl large-model backend plugin: `echo` answers "kept N of M" (the kept visual tokens of each item, and how
-many it had), deterministically, without running a large model.
+"""An sgl backend plugin, both roles, no model run: `echo`.
 
-It shows what a backend must provide (sgl_cli/engine/backends/base.py) and lets Run, the CLI, resume and Ray be
-tested without a large model's engine: the checkpoint's processor and config are loaded (sgl encodes with them, and
-the family reads the config), never its weights. It offers no capability: no image features, no hooks inside a
-vision tower or language model, pruning only before the language model (guides that need more are refused before
-anything loads).
+- The large backend answers "kept N of M: i,j,..." (the kept visual tokens of each item, and how many it had),
+  deterministically. It offers no capability (no image features, no hooks inside a vision tower or language model,
+  pruning only before the language model: guides that need more are refused before anything loads), and takes one
+  option, `prefix` (the answer's first word), to show how a backend declares its options.
+- The small model answers "small: <the question's first word>" with token probabilities, an SGP importance and a
+  re-read all computed by a rule from the item (its line, question and visual tokens), so items differ in
+  confidence and some exit early.
+
+Both load the checkpoint's processor and config (sgl encodes with them, and the family reads the config), never its
+weights. They show what a backend must provide (sgl_cli/engine/backends/base.py) and let Run, the CLI, resume and
+Ray be tested with no model at all.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import zlib
 from typing import ClassVar
 
-from sgl_cli.engine.backends.base import LargeBackend, LargeInputs
+import torch
+
+from sgl_cli.engine.backends.base import LargeBackend, LargeInputs, Option, SmallAnswer, SmallModel
 from sgl_cli.engine.core.generate import Generation
-from sgl_cli.engine.guides.base import GuideBatch, GuideItem
 
 
 class EchoBackend(LargeBackend):
     name: ClassVar[str] = "echo"
     offers: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[dict[str, Option]] = {
+        "prefix": Option((str,), "kept", lambda v: bool(v.strip()), "a non-empty word", "the answer's first word"),
+    }
 
-    def __init__(self, spec, processor, config, family):
+    def __init__(self, spec, processor, config, family, eos_ids, prefix: str = "kept"):
+        from types import SimpleNamespace
+
         self.spec = spec
-        self.processor = processor
+        self.processor, self.family, self.eos_ids = processor, family, eos_ids
         self.model = SimpleNamespace(config=config)  # what the family's methods read: the config only
-        self.family = family
-        self.random_weights = False
-        tokenizer = processor.tokenizer
-        self.eos_ids = frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
+        self.prefix = prefix
         self.closed = False
 
     @classmethod
-    def load(cls, spec, role: str = "large", options=None) -> "EchoBackend":
-        from transformers import AutoConfig
+    def load(cls, spec, role: str = "large", options: dict | None = None) -> "EchoBackend":
+        processor, config, family, eos_ids = cls.read_checkpoint(spec)
+        return cls(spec, processor, config, family, eos_ids, **(options or {}))
 
-        from sgl_cli.engine.builtin.locate import resolve_path
-        from sgl_cli.engine.core.processors import load_processor
-        from sgl_cli.engine.families import family_for
-
-        path = resolve_path(spec.model)
-        processor = load_processor(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        return cls(spec, processor, config, family_for(SimpleNamespace(config=config)))
-
-    # image_token_id, num_layers, context and visual_mask: LargeBackend's defaults, read from the family and config.
-
-    def inputs(self, works: list, guides: list) -> LargeInputs:
-        items = [GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,
-                           features=None, encoding=w.encoded.large,
-                           small_importance=w.small.importance if w.small is not None else None) for w in works]
-        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if not g.reduces_input}
-        return LargeInputs(list(works), [None] * len(works), items, scores)
+    # image_token_id, num_layers, context, visual_mask, decode and inputs: LargeBackend's, read from the family,
+    # the config and the processor.
 
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Generation:
-        tokenizer = self.processor.tokenizer
         tokens = []
         for w, idx, limit in zip(works, kept, limits):
-            text = f"kept {len(idx)} of {int(w.encoded.visual.sum())}: " + ",".join(str(int(i)) for i in idx[:4])
-            ids = tokenizer.encode(text, add_special_tokens=False)[:limit]
-            tokens.append(ids + sorted(self.eos_ids)[:1] if len(ids) < limit else ids)
+            text = f"{self.prefix} {len(idx)} of {int(w.encoded.visual.sum())}: " + ",".join(str(int(i))
+                                                                                           for i in idx[:4])
+            tokens.append(_tokens(self.processor, text, limit, self.eos_ids))
         return Generation(tokens, [[1.0] * len(t) for t in tokens])
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def close(self) -> None:
         self.closed = True
+
+
+class EchoSmall(SmallModel):
+    name: ClassVar[str] = "echo"
+
+    def __init__(self, spec, processor, config, family, eos_ids):
+        from types import SimpleNamespace
+
+        self.spec = spec
+        self.processor, self.family, self.eos_ids = processor, family, eos_ids
+        self.model = SimpleNamespace(config=config)
+
+    @classmethod
+    def load(cls, spec, role: str = "small", options: dict | None = None) -> "EchoSmall":
+        return cls(spec, *cls.read_checkpoint(spec))
+
+    def answer(self, works: list, limits: list[int], capture: bool = True) -> list[SmallAnswer]:
+        out = []
+        for w, limit in zip(works, limits):
+            word = (w.item.question.split() or ["?"])[0]
+            tokens = _tokens(self.processor, f"small: {word}", limit, self.eos_ids)
+            sure = _unit(f"{w.item.line}:{w.item.question}")  # per item: some are sure enough to exit
+            probs = [0.5 + 0.5 * sure] * len(tokens)
+            n = int(w.encoded.visual.sum())
+            importance = torch.tensor([_unit(f"{w.item.line}:{i}") for i in range(n)]) if capture else None
+            out.append(SmallAnswer(tokens, probs, importance, sure))
+        return out
+
+    def reread(self, works: list, kept: list) -> list[list[float]]:
+        # The answer re-read: its last token as likely as the item is sure (consistency = `sure`).
+        return [[1.0] * (len(w.small.tokens) - 1) + [w.small.state] for w in works]
+
+
+def _tokens(processor, text: str, limit: int, eos_ids) -> list[int]:
+    ids = processor.tokenizer.encode(text, add_special_tokens=False)[:limit]
+    return ids + sorted(eos_ids)[:1] if len(ids) < limit else ids
+
+
+def _unit(text: str) -> float:
+    """A number in [0, 1) fixed by `text`."""
+    return (zlib.crc32(text.encode()) % 10_000) / 10_000

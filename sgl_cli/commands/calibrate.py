@@ -13,6 +13,7 @@ from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
 from ._common import domain_errors, err, progress_bar, set_threads, stderr_is_tty, warn_random_weights, with_help
 from .options import (
     LargeBackendOption,
+    LargeOptionOption,
     BatchSizeOption,
     ConsistencyRetainOption,
     MaxNewTokensOption,
@@ -79,6 +80,7 @@ def calibrate(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Compute again what the items that failed "
                                       "before lack (else they stay left out and a cached run makes no model call)."),
     large_backend: LargeBackendOption = None,
+    large_option: LargeOptionOption = None,
     threads: ThreadsOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table (warnings still go to stderr)."),
 ) -> None:
@@ -89,7 +91,7 @@ def calibrate(
                           preset, dict(prune_layer=prune_layer, consistency_retain=consistency_retain,
                                        max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
                                        batch_size=batch_size), out, plot, resume, retry_failed, threads, quiet,
-                          large_backend)
+                          large_backend, large_option)
     raise typer.Exit(code)
 
 
@@ -99,12 +101,13 @@ with_help(calibrate, EXAMPLE)
 def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optional[float],
                confidence: Optional[float], retains: list[str], metric: str, preset_name: Optional[str],
                overrides: dict, out: Optional[Path], plot: Optional[Path], resume: bool, retry_failed: bool,
-               threads: Optional[int], quiet: bool, large_backend: Optional[str] = None) -> int:
+               threads: Optional[int], quiet: bool, large_backend: Optional[str] = None,
+               large_option: Optional[list[str]] = None) -> int:
     from ..engine.errors import SglError
     from ..engine.evaluation.calibrate import Calibrator
     from ..engine.evaluation.operating_points import validate_target
     from ..engine.metrics import get_metric
-    from ..engine.preset import load_preset
+    from ..engine.preset import load_preset, parse_options
 
     # Every usage error before the first model call.
     validate_target(target_accuracy, exit_rate, confidence)  # a SettingError: the CLI names the flags
@@ -114,7 +117,8 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
         raise SglError(str(exc)) from None
     if confidence is not None and target_accuracy is None:
         raise SglError("--confidence applies to --target-accuracy (an exit rate is exact on the items)")
-    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(large_backend)
+    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(
+        large_backend, parse_options(large_option, "--large-option"))
     cal = Calibrator(input, preset, retains, out=out, resume=resume,
                      retry_failed=retry_failed)
     plot = plot or cal.out.with_suffix(".png")

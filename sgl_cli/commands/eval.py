@@ -12,6 +12,7 @@ from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
 from .options import (
     LargeBackendOption,
+    LargeOptionOption,
     BatchSizeOption,
     CalibrationOption,
     GuidesOption,
@@ -81,6 +82,7 @@ def eval_command(
                                      "ranking and kept tokens per setting, in <details stem>.scores.arrow (float16; "
                                      "`setting` names guide@retain, as in the details)."),
     large_backend: LargeBackendOption = None,
+    large_option: LargeOptionOption = None,
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -89,7 +91,8 @@ def eval_command(
         code = _eval(input, guide, retain, metric, preset, threshold, calibration, dict(
             prune_layer=prune_layer, max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
             batch_size=batch_size, seed=seed,
-        ), limit, json_out, plot, details, save_scores, threads, quiet, large_backend)
+        ), limit, json_out, plot, details, save_scores, threads, quiet, large_backend,
+        large_option)
     raise typer.Exit(code)
 
 
@@ -98,14 +101,14 @@ with_help(eval_command, EXAMPLE)
 
 def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, threshold, calibration, overrides: dict,
           limit, json_out: bool, plot: Optional[Path], details: Optional[Path], save_scores: bool, threads,
-          quiet: bool, large_backend: Optional[str] = None) -> int:
+          quiet: bool, large_backend: Optional[str] = None, large_option: Optional[list[str]] = None) -> int:
     from ..engine.errors import SettingError, SglError
     from ..engine.evaluation.calibrate import read_labelled
     from ..engine.evaluation.evaluate import EvaluationPlan
     from ..engine.metrics import get_metric
     from ..engine.evaluation.retains import parse_retains
     from ..engine.io.scores import scores_path
-    from ..engine.preset import load_preset
+    from ..engine.preset import load_preset, parse_options
 
     # Every usage error before the first model call.
     try:
@@ -125,7 +128,8 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     for path in (plot, details):
         if path is not None and not path.parent.is_dir():
             raise SglError(f"folder {path.parent} (for {path.name}) does not exist")
-    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(large_backend)
+    preset = load_preset(preset_name).with_settings(**overrides).with_large_backend(
+        large_backend, parse_options(large_option, "--large-option"))
     guides = check_guides(split_list(guides_opt)) if guides_opt else None
     plan = EvaluationPlan.make(preset, guides, retains, metric,
                                threshold, calibration, save_scores=save_scores, notify=None if quiet else note,

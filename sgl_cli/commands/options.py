@@ -72,6 +72,11 @@ def _backends_help() -> str:
     return ", ".join(backend_names())
 
 
+LargeOptionOption = Annotated[Optional[list[str]], typer.Option(
+    "--large-option", help="An engine option of the large backend, KEY=VALUE (repeat it for several; e.g. "
+    "max_num_seqs=64 for vllm): over the preset's large.options. Each backend declares the options it takes.",
+    show_default=False)]
+
 LargeBackendOption = Annotated[Optional[str], typer.Option(
     "--large-backend", help=f"What runs the large model: {_backends_help()} (default: the preset's, else "
     "transformers; vllm needs the vllm extra). Not --backend (local or ray: where the pair runs).",

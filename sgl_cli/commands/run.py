@@ -11,6 +11,7 @@ import typer
 from ._common import domain_errors, err, note, progress_bar, with_help
 from .options import (
     LargeBackendOption,
+    LargeOptionOption,
     BatchSizeOption,
     CalibrationOption,
     ConsistencyRetainOption,
@@ -88,6 +89,7 @@ def run(
     quiet: QuietOption = False,
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the preset's)."),
     large_backend: LargeBackendOption = None,
+    large_option: LargeOptionOption = None,
     backend: str = typer.Option("local", "--backend", help="local: models in this process; ray: a pool of Ray actors, on this machine or a cluster (needs the ray extra of sgl-cli)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the pair once (default: one per --gpus-per-worker GPUs of the cluster, else 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
@@ -102,7 +104,8 @@ def run(
             prompt_suffix=prompt_suffix, batch_size=batch_size, guide=guide, seed=seed,
         ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize,
             dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column), split=split,
-                 limit=limit), no_fetch, resume_command(ctx), save_scores, large_backend)
+                 limit=limit), no_fetch, resume_command(ctx), save_scores, large_backend,
+            large_option)
     raise typer.Exit(code)
 
 
@@ -135,11 +138,12 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
          resume: bool, overwrite: bool, threads: Optional[int], quiet: bool, backend: str = "local",
          num_workers: Optional[int] = None, gpus_per_worker: Optional[float] = None,
          quantize: Optional[str] = None, table: Optional[dict] = None, no_fetch: bool = False,
-         again: str = "", save_scores: bool = False, large_backend: Optional[str] = None) -> int:
+         again: str = "", save_scores: bool = False, large_backend: Optional[str] = None,
+         large_option: Optional[list[str]] = None) -> int:
     from ..engine.errors import SglError
     from ..engine.io.fetch import FetchPolicy
     from ..engine.runs.run import Run
-    from ..engine.preset import load_preset
+    from ..engine.preset import load_preset, parse_options
 
     if overrides.get("guide") is not None:
         check_guides([overrides["guide"]])
@@ -152,7 +156,8 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         from ..engine.runs.ray_backend import RayOptions
 
         ray_options = RayOptions(num_workers, gpus_per_worker, threads)
-    preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize).with_large_backend(large_backend)
+    preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize).with_large_backend(
+        large_backend, parse_options(large_option, "--large-option"))
     to_stdout = out is not None and str(out) == "-"
     job = Run(input, preset, out=None if to_stdout else (out or "default"), resume=resume, overwrite=overwrite,
               calibration=calibration, backend=backend, ray_options=ray_options, threads=threads,

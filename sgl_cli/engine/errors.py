@@ -38,5 +38,9 @@ class ModelLoadError(SglError):
     """A model or processor that cannot be loaded."""
 
 
+class NoSmallModel(SettingError, ModelLoadError):
+    """A guide that needs the small model, where the preset names none (the setting named: `guide`)."""
+
+
 class ItemError(Exception):
     """A problem with one input item; reported in that item's record."""

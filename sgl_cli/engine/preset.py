@@ -47,10 +47,11 @@ class ModelSpec:
     # None: `device` decides (with several GPUs visible, the large model is spread by "auto"). Else one of
     # DEVICE_MAP_STRATEGIES, or a mapping of module name -> device ("" is the whole model) placed by accelerate.
     device_map: str | dict | None = field(default=None, hash=False)
-    # What runs the model (the large one; the small model always runs on transformers): a registered backend's name
-    # (sgl_cli.engine.backends), and `vllm`, that backend's engine options (VLLM_KEYS).
+    # What runs the model: a registered backend's name for its role (sgl_cli.engine.backends), and that backend's
+    # engine options (each backend declares the options it takes; `backends.check_preset` validates them). A preset
+    # file's `vllm:` is an alias of `options:` (with `backend: vllm`).
     backend: str = "transformers"
-    vllm: dict | None = field(default=None, hash=False)
+    options: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantize", normalize_quantize(self.quantize))
@@ -64,11 +65,9 @@ class ModelSpec:
             raise PresetError(f"{where}.quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
         self._validate_device_map(where)
         if not isinstance(self.backend, str) or not self.backend.strip():
-            raise PresetError(f"{where}.backend: must name a large-model backend (transformers, vllm, or a plugin's)")
-        if self.vllm is not None:
-            if self.backend != "vllm":
-                raise PresetError(f"{where}.vllm: vLLM options apply with backend: vllm, not {self.backend!r}")
-            validate_vllm(self.vllm, f"{where}.vllm")
+            raise PresetError(f"{where}.backend: must name a backend (transformers, vllm, or a plugin's)")
+        if self.options is not None and not isinstance(self.options, dict):
+            raise PresetError(f"{where}.options: must be a mapping of the {self.backend} backend's options")
 
     def _validate_device_map(self, where: str) -> None:
         dm = self.device_map
@@ -94,31 +93,6 @@ class ModelSpec:
                 raise PresetError(
                     f"{where}.device_map[{name!r}]: {device!r} is not a device (a GPU index such as 0, cuda:1, cpu, "
                     "mps, xpu:0)")
-
-
-# The vLLM engine options a preset's `large.vllm` may give: key -> (types, the condition on a value, said as).
-VLLM_KEYS = {
-    "tensor_parallel_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
-    "gpu_memory_utilization": ((int, float), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "max_model_len": ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "max_num_seqs": ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "enforce_eager": ((bool,), lambda v: True, "true or false"),
-    "dtype": ((str,), lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
-    "seed": ((int,), lambda v: True, "an integer"),
-}
-
-
-def validate_vllm(options: dict, where: str) -> None:
-    """Refuse vLLM engine options a preset's `large.vllm` could not give (also `sgl bench --vllm`), naming the key."""
-    if not isinstance(options, dict):
-        raise PresetError(f"{where}: must be a mapping of vLLM options ({', '.join(VLLM_KEYS)})")
-    for key, value in options.items():
-        if key not in VLLM_KEYS:
-            raise PresetError(f"{where}: unknown key {_quote(key)}{_nearest(key, VLLM_KEYS)}; known keys: "
-                              f"{', '.join(VLLM_KEYS)}")
-        types, ok, said = VLLM_KEYS[key]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types) or not ok(value):
-            raise PresetError(f"{where}.{key}: must be {said}, got {_quote(value)}")
 
 
 @dataclass(frozen=True)
@@ -188,13 +162,16 @@ class Preset:
             raise PresetError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
         return dataclasses.replace(self, large=dataclasses.replace(self.large, quantize=quantize))
 
-    def with_large_backend(self, backend: str | None) -> "Preset":
-        """A copy whose large model runs on `backend` (`--large-backend`); None leaves the preset's. The preset's
-        `vllm` options stay only when the backend is vllm."""
-        if backend is None or backend == self.large.backend:
-            return self
-        large = dataclasses.replace(self.large, backend=backend, vllm=self.large.vllm if backend == "vllm" else None)
-        return dataclasses.replace(self, large=large)
+    def with_large_backend(self, backend: str | None, options: dict | None = None) -> "Preset":
+        """A copy whose large model runs on `backend` (`--large-backend`; None leaves the preset's), with
+        `options` (`--large-option`) over the preset's own for that backend (those of another backend are
+        dropped: they were that backend's)."""
+        large = self.large
+        if backend is not None and backend != large.backend:
+            large = dataclasses.replace(large, backend=backend, options=None)
+        if options:
+            large = dataclasses.replace(large, options={**(large.options or {}), **options})
+        return self if large is self.large else dataclasses.replace(self, large=large)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}
@@ -271,19 +248,59 @@ def parse_preset(data: Any, source: str) -> Preset:
         raise PresetError(f"{source}: missing key 'large' (the large model)")
     # `small` is optional: without it only the single-model guides run (the sgl guide says so when it loads).
     small = data.pop("small", None)
-    small = None if small is None else _local(_typed(ModelSpec, small, "small", source), source)
-    large = _local(_typed(ModelSpec, data.pop("large"), "large", source), source)
+    small = None if small is None else _local(_typed(ModelSpec, _alias(small, "small", source), "small", source),
+                                              source)
+    large = _local(_typed(ModelSpec, _alias(data.pop("large"), "large", source), "large", source), source)
     settings = _typed(Settings, {k: data.pop(k) for k in SETTINGS_KEYS if k in data}, "", source)
     rest = _typed(_Header, data, "", source)
     if small is not None:
         small.validate(f"{source}: small")
-        if small.backend != "transformers":
-            raise PresetError(f"{source}: small.backend: the small model runs on transformers (its attention is "
-                              f"SGP's guidance), not {small.backend!r}; `backend` is the large model's")
     large.validate(f"{source}: large")
     settings.validate(source)
     return Preset(name=rest.name, description=rest.description, small=small, large=large, settings=settings,
                   source=source)
+
+
+def parse_options(pairs, flag: str) -> dict | None:
+    """Backend options given on the command line (`--large-option KEY=VALUE`, repeated), with YAML's scalars: true,
+    false, null, numbers, else the text (the backend validates them). None: none given."""
+    if not pairs:
+        return None
+    out: dict = {}
+    for pair in pairs:
+        key, eq, value = str(pair).partition("=")
+        if not eq or not key.strip():
+            raise PresetError(f"{flag}: give KEY=VALUE (e.g. max_num_seqs=8), not {_quote(pair)}")
+        out[key.strip()] = _scalar(value.strip())
+    return out
+
+
+def _scalar(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _alias(data: Any, where: str, source: str) -> Any:
+    """A model's mapping with `vllm:` (sgl 0.2's key for vLLM's options) read as `options:`, with `backend: vllm`."""
+    if not isinstance(data, dict) or "vllm" not in data:
+        return data
+    data = dict(data)
+    if "options" in data:
+        raise PresetError(f"{source}: {where}: give options or vllm (its alias), not both")
+    if data.get("backend", "transformers") != "vllm" and data["vllm"] is not None:
+        raise PresetError(f"{source}: {where}.vllm: vLLM options apply with backend: vllm, not "
+                          f"{_quote(data.get('backend', 'transformers'))}")
+    data["options"] = data.pop("vllm")
+    return data
 
 
 def _local(spec: ModelSpec, source: str) -> ModelSpec:

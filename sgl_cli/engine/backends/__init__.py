@@ -1,10 +1,12 @@
-"""The large model's backends: the registry. A backend runs the large model behind the interface of `base.py`.
+"""The models' backends: the registry, by role. A backend runs a model of the pair behind the interface of
+`base.py`: `LargeBackend` for the large model, `SmallModel` for the small one.
 
-Built-in: `transformers` (the large model in this process, every capability) and `vllm` (vLLM's offline engine with
-sgl's model plugin; its module imports vLLM only when the backend loads). Any installed package can add one under the
-entry-point group `sgl.backends` (`name = "module:BackendClass"`): presets (`large: {backend: name}`) and
-`--large-backend` then choose it like a built-in one. Importing this package is cheap: a backend's module is
-imported only when its class is asked for.
+Built-in, large: `transformers` (the large model in this process, every capability) and `vllm` (vLLM's offline engine
+with sgl's model plugin; its module imports vLLM only when the backend loads); small: `transformers`. Any installed
+package can add one under the entry-point groups `sgl.backends` (large) and `sgl.small_backends` (small), `name =
+"module:Class"`: presets (`large: {backend: name}`, `small: {backend: name}`) and `--large-backend` then choose it
+like a built-in one. Importing this package is cheap: a backend's module is imported only when its class is asked
+for.
 """
 
 from __future__ import annotations
@@ -14,64 +16,108 @@ from typing import TYPE_CHECKING
 from ..plugins import Registry
 
 if TYPE_CHECKING:
-    from .base import LargeBackend
+    from .base import Model
 
 ENTRY_POINT_GROUP = "sgl.backends"
+SMALL_ENTRY_POINT_GROUP = "sgl.small_backends"
 DEFAULT = "transformers"
 BUILTIN = {
     "transformers": "sgl_cli.engine.backends.transformers:TransformersLarge",
     "vllm": "sgl_cli.engine.backends.vllm.backend:VllmBackend",
 }
+SMALL_BUILTIN = {
+    "transformers": "sgl_cli.engine.backends.transformers:TransformersSmall",
+}
 
-__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names", "check_preset", "missing",
-           "refresh"]
+__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "SMALL_BUILTIN", "SMALL_ENTRY_POINT_GROUP", "backend_class",
+           "backend_names", "check_preset", "load", "missing", "refresh", "seat"]
 
 
-_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN)
+_REGISTRIES = {"large": Registry(ENTRY_POINT_GROUP, BUILTIN), "small": Registry(SMALL_ENTRY_POINT_GROUP, SMALL_BUILTIN)}
 
 
 def _escaped(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
-    from ..errors import SettingError
+def _failing(role: str):
+    def fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
+        from ..errors import SettingError
 
-    if problem == "unknown":
-        return SettingError("{}: unknown large backend " + _escaped(repr(name)) + "; choose one of "
-                            + ", ".join(backend_names()), "large_backend")
-    if problem == "import":
-        return SettingError("{}: cannot import large backend " + repr(name) + f" ({spec}): " + _escaped(str(exc)),
-                            "large_backend")
-    return SettingError("{}: large backend " + repr(name) + f" ({spec}) is not a subclass of "
-                        "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
+        # The large backend has a flag (--large-backend); the small one is a preset's key alone.
+        setting, said = ("large_backend", "{}") if role == "large" else ("small_backend", "small.backend")
+        base = "LargeBackend" if role == "large" else "SmallModel"
+        if problem == "unknown":
+            return SettingError(said + ": unknown " + role + " backend " + _escaped(repr(name)) + "; choose one of "
+                                + ", ".join(backend_names(role)), setting)
+        if problem == "import":
+            return SettingError(said + ": cannot import " + role + " backend " + _escaped(repr(name)) + f" ({spec}): "
+                                + _escaped(str(exc)), setting)
+        return SettingError(said + ": " + role + " backend " + _escaped(repr(name)) + f" ({spec}) is not a subclass "
+                            f"of sgl_cli.engine.backends.base.{base}", setting)
+
+    return fail
 
 
-def backend_names() -> list[str]:
-    """Every large backend this installation knows, built-ins first."""
-    return _REGISTRY.names()
+def backend_names(role: str = "large") -> list[str]:
+    """Every backend of `role` ("large" or "small") this installation knows, built-ins first."""
+    return _REGISTRIES[role].names()
 
 
 def refresh() -> None:
     """Look the installed backends up again (after installing a plugin in this process)."""
-    _REGISTRY.refresh()
+    for registry in _REGISTRIES.values():
+        registry.refresh()
 
 
-def backend_class(name: str) -> type["LargeBackend"]:
-    """The class of large backend `name` (imports its module, not its engine)."""
-    from .base import LargeBackend
+def backend_class(name: str, role: str = "large") -> type["Model"]:
+    """The class of backend `name` for `role` ("large": a LargeBackend, "small": a SmallModel; imports its module,
+    not its engine)."""
+    from .base import LargeBackend, SmallModel
 
     # only an import that fails is worded; anything else a backend's module raises propagates as it is
-    return _REGISTRY.load(name, LargeBackend, _fail, catch=(ImportError, AttributeError))
+    return _REGISTRIES[role].load(name, LargeBackend if role == "large" else SmallModel, _failing(role),
+                                  catch=(ImportError, AttributeError))
+
+
+def load(spec, role: str) -> "Model":
+    """The model of `spec` in `role`, loaded by its backend with the spec's options."""
+    cls = backend_class(spec.backend or DEFAULT, role)
+    return cls.load(spec, role, cls.check_options(spec.options, f"{role}.options"))
+
+
+def seat(model, role: str) -> "Model":
+    """`model` behind the interface of its role ("small" or "large"): a backend's model as it is; a transformers
+    model loaded by hand (a `LoadedModel`: `load_model`, `from_arch`) behind the transformers backend."""
+    from .base import LargeBackend, SmallModel
+
+    want = LargeBackend if role == "large" else SmallModel
+    if isinstance(model, want):
+        return model
+    from .transformers import LoadedModel, TransformersLarge, TransformersSmall
+
+    if isinstance(model, LoadedModel):
+        return (TransformersLarge if role == "large" else TransformersSmall)(model)
+    raise TypeError(f"the {role} model must be a {want.__name__} or a LoadedModel, not {type(model).__name__}")
 
 
 def check_preset(preset, guides: list[str] | None = None) -> None:
-    """`base.check` for `preset` (its large backend and prune layer) and each of `guides` (default: the preset's
-    guide): what every command calls before any model loads."""
+    """What every command checks of `preset` before any model loads: each model's backend is known and takes the
+    options given; each of `guides` (default: the preset's guide) can run on the large backend at the prune layer.
+    """
+    from ..errors import SettingError
     from ..guides import guide_class
     from .base import check
 
+    where = f"{preset.source}: " if preset.source else ""
     backend = backend_class(preset.large.backend or DEFAULT)
+    backend.check_options(preset.large.options, f"{where}large.options")
+    if preset.small is not None:
+        try:
+            small = backend_class(preset.small.backend or DEFAULT, "small")
+        except SettingError as exc:  # said where: the preset's key
+            raise SettingError(_escaped(where) + exc.template, *exc.settings) from None
+        small.check_options(preset.small.options, f"{where}small.options")
     for name in guides or [preset.settings.guide]:
         check(guide_class(name), backend, preset.settings.prune_layer)
 

@@ -1,38 +1,46 @@
-"""The large-model backend seam: what the engine asks of the large model, whatever runs it.
+"""The model seams: what the engine asks of each model of the pair, whatever runs it.
 
-A backend is a class with a `name`, the capabilities it `offers` (a frozenset of CAPABILITIES), classmethods
-`check_installed()`, `check_spec(spec)` and `load(spec, role, options)`, and, once loaded: `family` (sgl's family
-adapter for the checkpoint), `processor` (the checkpoint's HF processor, which sgl encodes with), `model` (what the family's methods take: the transformers
-module, or an object with its `config` only), `device`, `inputs(works, guides) -> LargeInputs`,
-`generate(works, inputs, kept, k, limits)` (a `core.generate.Generation`: tokens per item), `decode(tokens)`,
-`describe()` (the record's fields) and `close()`. `image_token_id`, `num_layers`, `context` and `visual_mask(enc)`
-have defaults here, read from `family` and `model.config`.
+Two roles, two interfaces, declared here (the pipeline, the comparison of guides, the records and the bench read
+nothing else of a model: tests/test_contract.py checks that with `ast`):
 
-A backend that offers "lm_attention" also has `rank_in_prefill(guide, inputs, retain, k, limits)`. One that offers
-"reduced_input" also has, for a guide that reduces the large model's input (`Guide.reduces_input`: downsample),
-`reduced(works, guide, retain) -> list[Reduced]` (what the large model would see of each item, no answer: `sgl
-inspect` and `sgl eval` without answers) and `generate_reduced(works, guide, retain, limits) -> (Generation,
-list[Reduced])` (its greedy answers from that input, every token of it kept). Each item's images and prompt are
-`Work.encoded.images` and `.prompt`.
+- `LargeBackend`: the large model. It answers from the visual tokens a guide kept (`generate`), and, for guides of
+  the other kinds (`guides.base.Kind`), ranks inside its own prefill or answers from a reduced input; `answer` is
+  the one place a guide's kind is dispatched on.
+- `SmallModel`: the small model. It answers greedily while SGP's importance is captured (`answer`), and re-reads
+  its answer from a subset of the visual tokens (`reread`, SEE's consistency).
 
-Capabilities are declared, not inferred: a guide declares what it `needs` (guides/base.py), a backend what it
+Both are `Model`s: a `name`, declared engine `options` (validated before anything loads), classmethods
+`check_installed`, `check_spec`, `check_options` and `load(spec, role, options)`, and, once loaded, the facts sgl
+reads of a checkpoint (`ModelFacts`: family, processor, config, visual-token layout, decoding). A backend is one
+module with a subclass and one line in the registry (`backends/__init__.py`), or a package of its own under the
+entry-point groups `sgl.backends` (large) and `sgl.small_backends` (small): examples/backend-plugin has both.
+
+Capabilities are declared, not inferred: a guide declares what it `needs` (guides/base.py), a large backend what it
 `offers`, and `check` refuses a mismatch before any model loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ..errors import SettingError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..core.generate import Generation
+    from ..guides.base import Guide
+    from ..preset import ModelSpec
 
 # What a guide (or a run's settings) may need of the large model's backend.
 CAPABILITIES = frozenset({
     "large_features",  # the large model's image features after its projector (GuideItem.features)
     "vision_attention",  # hooks inside its vision tower (the cls guide's [CLS] attention)
-    "lm_attention",  # hooks inside its language model's prefill (fastv)
+    "lm_attention",  # hooks inside its language model's prefill (fastv: `rank_in_prefill`)
     "prune_inside_lm",  # dropping tokens at a decoder layer K > 0
-    "reduced_input",  # answering from an input a guide reduced (downsample: images resized, LLaVA-1.5 rows pooled)
+    "reduced_input",  # answering from an input a guide reduced (downsample: `reduced`, `generate_reduced`)
 })
 
 
@@ -40,6 +48,46 @@ class CapabilityError(SettingError):
     """A guide or setting the chosen large backend cannot run (the setting named: `large_backend`)."""
 
 
+# -- options ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One engine option a backend takes (a preset's `large.options`, `--large-option KEY=VALUE`)."""
+
+    types: tuple[type, ...]
+    default: Any = None
+    ok: Callable[[Any], bool] = lambda value: True
+    said: str = ""  # what a valid value is, for the error ("an integer >= 1")
+    help: str = ""
+
+    def valid(self, value: Any) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False  # YAML's `yes` is not a number
+        return isinstance(value, self.types) and bool(self.ok(value))
+
+
+def check_options(backend: str, declared: dict[str, Option], options: Any, where: str) -> dict:
+    """`options` as given, each key one `declared`, each value valid; else one line naming the key (and the
+    nearest known one). `where` says where they were given (a preset's `large.options`, `--large-option`)."""
+    import difflib
+
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise SettingError(f"{where}: must be a mapping of the {backend} backend's options", "large_options")
+    for key, value in options.items():
+        if key not in declared:
+            close = difflib.get_close_matches(str(key), list(declared), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(declared) if declared else "none"
+            raise SettingError(f"{where}: unknown option {str(key)!r} of the {backend} large backend{hint}; it takes: "
+                               f"{known}".replace("{", "{{").replace("}", "}}"), "large_options")
+        if not declared[key].valid(value):
+            raise SettingError(f"{where}.{key}: must be {declared[key].said}, got {value!r}"
+                               .replace("{", "{{").replace("}", "}}"), "large_options")
+    return dict(options)
+
+
+# -- typed results -----------------------------------------------------------------------------------------------
 @dataclass
 class LargeInputs:
     """What the large model's pass needs for a batch: its rows (for transformers: ids, positions, image features:
@@ -49,7 +97,7 @@ class LargeInputs:
     works: list
     rows: list
     items: list  # GuideItem per work
-    scores: dict[str, list]  # guide name -> per item (guides that rank in the prefill: absent)
+    scores: dict[str, list]  # guide name -> per item (guides of another kind: absent)
 
     def select(self, works: list) -> "LargeInputs":
         """The inputs of a subset of the works (same objects), in the subset's order."""
@@ -61,7 +109,7 @@ class LargeInputs:
 
 @dataclass
 class Reduced:
-    """What the large model saw of one item under a guide that reduces its input (`Guide.reduces_input`)."""
+    """What the large model saw of one item under a guide that reduces its input (`Kind.REDUCES`)."""
 
     encoding: dict  # the large model's processor output of the images it was given (the item's own when unchanged)
     image_sizes: list[tuple[int, int]]  # (width, height) of each image as encoded
@@ -80,12 +128,44 @@ class Reduced:
         return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
 
 
+@dataclass
+class Answer:
+    """The large model's answer to one item under one guide: from the visual tokens the guide ranked and kept
+    (`scores`, `kept`), or from the input it reduced (`reduced`, every token of it kept: no scores). `error`: the
+    item failed alone (the others of its batch are answered)."""
+
+    tokens: list[int]
+    scores: "torch.Tensor | None" = None  # (N,) the guide's scores (None for a reduced input)
+    kept: "torch.Tensor | None" = None  # kept visual-token indices in sequence order (None for a reduced input)
+    reduced: Reduced | None = None
+    error: str | None = None
+
+    @property
+    def n_kept(self) -> int:
+        return self.reduced.n_visual if self.reduced is not None else len(self.kept)
+
+
+@dataclass
+class SmallAnswer:
+    """The small model's greedy answer to one item: its tokens (EOS included when produced), each one's
+    probability, the SGP importance of the item's visual tokens ((N,) fp32 on the host; None when not captured),
+    and what `reread` needs of the item (opaque to the engine)."""
+
+    tokens: list[int]
+    probs: list[float]
+    importance: "torch.Tensor | None"
+    state: Any = field(default=None, repr=False, compare=False)
+
+
+# -- what every model is ---------------------------------------------------------------------------------------
 class ModelFacts:
-    """What sgl reads of a model from its `family` and `model.config`: shared by a loaded transformers model
-    (`LoadedModel`, small or large) and every large backend."""
+    """What sgl reads of a checkpoint from its `family` (sgl's adapter), `processor` (its own: sgl encodes every
+    item with it, whatever runs the weights) and `model` (the transformers module, or an object holding its
+    `config` alone)."""
 
     family: Any
-    model: Any  # what the family's methods read (at least `.config`)
+    processor: Any
+    model: Any
 
     @property
     def image_token_id(self) -> int:
@@ -100,47 +180,232 @@ class ModelFacts:
         """The longest prompt plus answer the model takes (`max_position_embeddings`; 0: not said)."""
         return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
 
+    def visual_mask(self, encoding: dict) -> "torch.Tensor":
+        """(S,) bool: the visual-token columns of one encoded item."""
+        return self.family.visual_mask(self.model, encoding)
 
-class LargeBackend(ModelFacts):
-    """Base class of large-model backends (see the module's docstring for the interface)."""
+    def decode(self, tokens: list[int]) -> str:
+        """Generated ids as the answer's text (special tokens skipped, stripped)."""
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+class Model(ModelFacts, abc.ABC):
+    """A loaded model of the pair, in either role."""
 
     name: ClassVar[str] = ""
-    offers: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[dict[str, Option]] = {}  # the engine options it takes, declared
+
+    spec: "ModelSpec"  # what was loaded (its quantize says how the weights ran)
+    eos_ids: frozenset[int]
+    random_weights: bool = False  # a built-in random pair's: its answers are noise
 
     @classmethod
-    def load(cls, spec, role: str = "large", options: Any = None) -> "LargeBackend":
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(cls, spec: "ModelSpec", role: str, options: dict) -> "Model":
+        """The model of `spec` in `role` ("small" or "large"), with `options` (checked by `check_options`)."""
 
     @classmethod
     def check_installed(cls) -> None:
         """Refuse, before anything is built or loaded, a backend whose engine cannot be imported (one line)."""
 
     @classmethod
-    def check_spec(cls, spec) -> None:
-        """Refuse, before any model loads, a model this backend cannot run (its family) or a missing engine."""
+    def check_spec(cls, spec: "ModelSpec") -> None:
+        """Refuse, before any model loads, a model this backend cannot run (its family, its quantization)."""
 
-    def visual_mask(self, encoding: dict):
-        """(S,) bool: the visual-token columns of one encoded item."""
-        return self.family.visual_mask(self.model, encoding)
+    @classmethod
+    def check_options(cls, options: dict | None, where: str = "options") -> dict:
+        """`options` validated against `cls.options` (an unknown key or a bad value: one line)."""
+        return check_options(cls.name, cls.options, options, where)
 
     @property
     def device(self) -> str:
-        """Where the large model runs, as calibration caches record the conditions of their stage times."""
+        """Where the model runs, as calibration caches record the conditions of their stage times."""
         return self.name
 
     def describe(self) -> dict:
         """Fields every record of a run on this backend carries."""
-        return {"large_backend": self.name}
+        return {}
 
     def close(self) -> None:
         """Free the engine's resources (a no-op where the garbage collector does it)."""
 
+    @staticmethod
+    def read_checkpoint(spec: "ModelSpec") -> tuple[Any, Any, Any, frozenset[int]]:
+        """(processor, config, family, EOS ids) of a checkpoint folder, its weights not loaded: what a backend
+        whose engine holds the weights elsewhere (vLLM, a test's stand-in) needs to encode and lay out items."""
+        from types import SimpleNamespace
 
+        from transformers import AutoConfig, GenerationConfig
+
+        from ..builtin.locate import resolve_path
+        from ..core.processors import load_processor
+        from ..families import family_for
+
+        path = resolve_path(spec.model)
+        processor = load_processor(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:  # no generation config: the text config's
+            eos = None
+        if eos is None:
+            eos = config.get_text_config().eos_token_id
+        return (processor, config, family_for(SimpleNamespace(config=config)),
+                frozenset([eos] if isinstance(eos, int) else (eos or [])))
+
+
+# -- the large model -----------------------------------------------------------------------------------------------
+class LargeBackend(Model):
+    """The large model. Subclass it: set `name`, `offers` (only what it really provides), `options`; implement
+    `load` and `generate`; and the methods of the capabilities it offers."""
+
+    offers: ClassVar[frozenset[str]] = frozenset()
+    # Its modules are in this process: `sgl bench` times its vision tower alone and samples its memory.
+    in_process: ClassVar[bool] = False
+
+    @classmethod
+    def gpus_per_worker(cls, options: dict | None) -> float:
+        """The GPUs one Ray worker holding this backend's engine asks for, on a cluster with GPUs."""
+        return 1.0
+
+    @classmethod
+    def bench_options(cls, max_batch: int) -> dict:
+        """The options `sgl bench` gives the engine unless told otherwise (`max_batch`: the most items it sends
+        at once)."""
+        return {}
+
+    def engine_options(self) -> dict:
+        """The options its engine runs with, as `sgl bench` reports them."""
+        return {}
+
+    def describe(self) -> dict:
+        """Fields every record of a run on this backend carries: `large_backend`, its name."""
+        return {"large_backend": self.name}
+
+    # -- the pass ---------------------------------------------------------------------------------------------
+    def inputs(self, works: list, guides: list["Guide"]) -> LargeInputs:
+        """The guides' view of each item and the scores of every guide that ranks before the language model. This
+        default runs nothing of the large model (no image features: `GuideItem.features` is None); a backend that
+        offers "large_features" or "vision_attention" overrides it."""
+        from ..guides.base import GuideBatch, Kind
+
+        items = [self.guide_item(w, None) for w in works]
+        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if g.kind is Kind.RANKS}
+        return LargeInputs(list(works), [None] * len(works), items, scores)
+
+    @staticmethod
+    def guide_item(w, features):
+        """A guide's view of one item (`Work` `w`), with the large model's image features or None."""
+        from ..guides.base import GuideItem
+
+        return GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,
+                         features=features, encoding=w.encoded.large,
+                         small_importance=w.small.importance if w.small is not None else None)
+
+    @abc.abstractmethod
+    def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> "Generation":
+        """Greedy tokens per item from the `kept` visual tokens of each (indices in sequence order), the others
+        dropped at decoder layer `k` (0: before the language model). A request that fails alone is that item's
+        entry in `Generation.errors`."""
+
+    def answer(self, works: list, inputs: LargeInputs | None, guide: "Guide", retain: float, k: int,
+               limits: list[int]) -> list[Answer]:
+        """Each item's answer under `guide` at `retain`, dropped at layer `k`: the one place a guide's kind is
+        dispatched on. `inputs` (aligned with `works`) is not needed by a guide that reduces the input."""
+        from ..guides.base import GuideBatch, Kind
+
+        if guide.kind is Kind.REDUCES:
+            gen, seen = self.generate_reduced(works, guide, retain, limits)
+            return [Answer(tokens, reduced=r, error=e) for tokens, r, e in zip(gen.tokens, seen, gen.item_errors)]
+        if k > 0:
+            self.check_prune_layer(k)
+        if guide.kind is Kind.PREFILL:
+            gen, scores, kept = self.rank_in_prefill(guide, inputs, retain, k, limits)
+        else:
+            scores = inputs.scores.get(guide.name)
+            if scores is None:  # a guide `inputs` was not asked for (it must not need watch_vision)
+                scores = guide.scores(GuideBatch(self, inputs.items))
+            kept = [guide.keep(self, item, s, retain) for item, s in zip(inputs.items, scores)]
+            gen = self.generate(works, inputs, kept, k, limits)
+        return [Answer(tokens, s, idx, error=e) for tokens, s, idx, e in zip(gen.tokens, scores, kept, gen.item_errors)]
+
+    def check_prune_layer(self, k: int) -> None:
+        """Refuse a decoder layer `k` > 0 the model cannot drop tokens at."""
+        if "prune_inside_lm" not in self.offers:
+            raise CapabilityError(f"the {self.name} large backend prunes before the language model only, not at "
+                                  "{} " + str(k), "prune_layer")
+        self.family.check_prune_layer(self.model, k)
+
+    # -- capability "lm_attention" ----------------------------------------------------------------------------
+    def rank_in_prefill(self, guide: "Guide", inputs: LargeInputs, retain: float, k: int,
+                        limits: list[int]) -> tuple["Generation", list, list]:
+        """A guide that ranks from the large model's own layers < k (`Kind.PREFILL`): its scores read when layer k
+        starts, the unkept tokens dropped there, in the same forward. (generation, scores, kept)."""
+        raise _lacks(self, "lm_attention", guide)
+
+    # -- capability "reduced_input" ---------------------------------------------------------------------------
+    def reduced(self, works: list, guide: "Guide", retain: float) -> list[Reduced]:
+        """What the large model would see of each item under a guide that reduces its input (`Kind.REDUCES`), no
+        answer (`sgl inspect`, `sgl eval` without answers)."""
+        raise _lacks(self, "reduced_input", guide)
+
+    def generate_reduced(self, works: list, guide: "Guide", retain: float,
+                         limits: list[int]) -> tuple["Generation", list[Reduced]]:
+        """Greedy answers from the input `guide` reduced, every token of it kept; and what was seen of each
+        item."""
+        raise _lacks(self, "reduced_input", guide)
+
+
+def _lacks(backend: LargeBackend, capability: str, guide) -> CapabilityError:
+    return CapabilityError(f"the {guide.name} guide needs {capability}, which the {backend.name} large backend "
+                           "({}) does not offer", "large_backend")
+
+
+class LayoutOnly(LargeBackend):
+    """No large model: another model of the same family (the small one) lays out and ranks the visual tokens, for
+    rankings that need no large model (`sgl inspect`'s sgl and random maps); nothing can be answered."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, facts: Model):
+        self.facts = facts
+        self.spec = facts.spec
+        self.family, self.processor, self.model = facts.family, facts.processor, facts.model
+        self.eos_ids = facts.eos_ids
+        self.random_weights = facts.random_weights
+
+    @classmethod
+    def load(cls, spec, role, options):  # noqa: D102 - made from a loaded model, never loaded
+        raise TypeError("LayoutOnly is made from a loaded model, not loaded")
+
+    def generate(self, works, inputs, kept, k, limits):
+        raise RuntimeError("no large model is loaded: nothing can be answered")
+
+
+# -- the small model -----------------------------------------------------------------------------------------------
+class SmallModel(Model):
+    """The small model: its greedy answer with the SGP importance (the attention each visual token receives, summed
+    over its layers and heads, from the prompt after the image and every generated token), and SEE's re-read."""
+
+    @abc.abstractmethod
+    def answer(self, works: list, limits: list[int], capture: bool = True) -> list[SmallAnswer]:
+        """Each item's greedy answer (`Work.encoded.small`), at most `limits[i]` tokens; with `capture`, the SGP
+        importance of its visual tokens."""
+
+    @abc.abstractmethod
+    def reread(self, works: list, kept: list) -> list[list[float]]:
+        """The probability of each token of each item's answer (`Work.small`, its `state`) when the small model
+        reads it again from only the `kept` visual tokens (indices in sequence order): one teacher-forced pass."""
+
+
+# -- checks before any model loads ---------------------------------------------------------------------------------
 def needs(guide_cls, prune_layer: int) -> frozenset[str]:
     """What running `guide_cls` at `prune_layer` needs of the large backend: the guide's own `needs`, and
     "prune_inside_lm" for a decoder layer K > 0 (a guide that ranks in the prefill always prunes inside)."""
-    extra = {"prune_inside_lm"} if prune_layer > 0 or getattr(guide_cls, "ranks_in_prefill", False) else set()
-    return frozenset(getattr(guide_cls, "needs", frozenset())) | extra
+    from ..guides.base import Kind
+
+    inside = prune_layer > 0 or getattr(guide_cls, "kind", Kind.RANKS) is Kind.PREFILL
+    return frozenset(getattr(guide_cls, "needs", frozenset())) | ({"prune_inside_lm"} if inside else set())
 
 
 def check(guide_cls, backend_cls, prune_layer: int) -> None:

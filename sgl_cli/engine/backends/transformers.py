@@ -1,21 +1,22 @@
-"""The transformers backend: the large model as a transformers `from_pretrained` model in this process (sgl's own
-forward, `core/generate.py`'s greedy loop, hooks for every guide). Also how either model of a pair is loaded
-(`load_model`: safetensors only), since the small model always runs on transformers."""
+"""The transformers backend, both roles: a transformers `from_pretrained` model in this process (sgl's own forward,
+`core/generate.py`'s greedy loop, hooks for every guide). `TransformersSmall` is the small model (its answer with
+SGP's importance captured, SEE's re-read), `TransformersLarge` the large one (every capability); `load_model`
+loads either (safetensors only)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ModelLoadError
 from ..families import family_for
 from ..preset import ModelSpec
 from ..core import hf
-from ..core.generate import Row, collate, greedy, rows_device
+from ..core.generate import Row, answer_probs, collate, greedy, rows_device
 from ..core.prune import PruneAtLayer
 from ..builtin.locate import looks_like_path, resolve_path  # noqa: F401 - public here too
-from .base import CAPABILITIES, LargeBackend, LargeInputs, ModelFacts, Reduced
+from .base import CAPABILITIES, LargeBackend, LargeInputs, ModelFacts, Reduced, SmallAnswer, SmallModel
 
 
 @dataclass
@@ -216,21 +217,14 @@ def from_arch(pair, *, layers: int | None = None, vision_layers: int | None = No
     return tuple(loaded) if large else (loaded[0], None)
 
 
-class TransformersLarge(LargeBackend):
-    """The large model on transformers: every capability (the vision tower runs here, so its features and its
-    attention are there to read; the language model is sgl's, so tokens can be dropped and read at any layer)."""
+class _Loaded:
+    """A `LoadedModel` behind a model seam: what the seam declares, read from it."""
 
-    name = "transformers"
-    offers = CAPABILITIES
+    options: ClassVar[dict] = {}  # none: a preset's model spec says it all
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
 
-    @classmethod
-    def load(cls, spec: ModelSpec, role: str = "large", options: Any = None) -> "TransformersLarge":
-        return cls(load_model(spec, role))
-
-    # What guides and records read of the large model (a guide's `model`): the same names as a LoadedModel's.
     model = property(lambda self: self.loaded.model)
     processor = property(lambda self: self.loaded.processor)
     family = property(lambda self: self.loaded.family)
@@ -240,17 +234,82 @@ class TransformersLarge(LargeBackend):
     eos_ids = property(lambda self: self.loaded.eos_ids)
     pad_id = property(lambda self: self.loaded.pad_id)
     random_weights = property(lambda self: self.loaded.random_weights)
-    # image_token_id, num_layers, context, visual_mask: LargeBackend's, the LoadedModel's formulas on its model.
 
     @property
     def device(self) -> str:
         return str(self.model.device)
 
+    def engine_options(self) -> dict:
+        import torch
+
+        return {"dtype": str(self.model.dtype).removeprefix("torch."), "attn_implementation": self.spec.attn,
+                "device": self.device, "threads": torch.get_num_threads(), "quantize": self.spec.quantize}
+
+
+class TransformersSmall(_Loaded, SmallModel):
+    """The small model on transformers: sgl's greedy loop with SGP's importance captured inside its attention
+    (`core.capture.ImportanceCapture`, scoped to this pass), and one teacher-forced re-read."""
+
+    name = "transformers"
+
+    @classmethod
+    def load(cls, spec: ModelSpec, role: str = "small", options: dict | None = None) -> "TransformersSmall":
+        return cls(load_model(spec, role))
+
+    def answer(self, works: list, limits: list[int], capture: bool = True) -> list[SmallAnswer]:
+        import torch
+
+        from ..core.capture import ImportanceCapture
+
+        m = self.loaded
+        rows = m.family.rows(m.model, [w.encoded.small for w in works])
+        batch = collate(rows, m.pad_id, rows_device(m.model))
+        if not capture:
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id)
+            return [SmallAnswer(t, p, None, row) for t, p, row in zip(gen.tokens, gen.probs, rows)]
+        width = batch.input_ids.shape[1]
+        # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
+        prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+        starts = []
+        for i, w in enumerate(works):
+            visual = w.encoded.visual
+            starts.append(width - len(visual) + int(visual.nonzero().max()) + 1)  # `visual` is on the host
+            prompt_rows[i, starts[-1]:] = True
+        span = (min(starts), width)
+
+        with ImportanceCapture(m.model, n_keys=width) as cap:
+            def observe(step: int, active: torch.Tensor, key_valid: torch.Tensor) -> None:
+                # greedy observes a decode step only while some row is active: its one query row is marked
+                cap.set_rows(prompt_rows if step == 0 else active[:, None], key_valid, span if step == 0 else (0, 1))
+
+            gen = greedy(m.model, batch, limits, m.eos_ids, m.pad_id, observe=observe)
+        scores = cap.scores.float().cpu()
+        return [SmallAnswer(gen.tokens[i], gen.probs[i], scores[i, width - len(w.encoded.visual):][w.encoded.visual],
+                            row) for i, (w, row) in enumerate(zip(works, rows))]
+
+    def reread(self, works: list, kept: list) -> list[list[float]]:
+        m = self.loaded
+        rows = [w.small.state.keep(w.encoded.visual, idx) for w, idx in zip(works, kept)]
+        return answer_probs(m.model, rows, [w.small.tokens for w in works], m.pad_id)
+
+
+class TransformersLarge(_Loaded, LargeBackend):
+    """The large model on transformers: every capability (the vision tower runs here, so its features and its
+    attention are there to read; the language model is sgl's, so tokens can be dropped and read at any layer)."""
+
+    name = "transformers"
+    offers = CAPABILITIES
+    in_process = True
+
+    @classmethod
+    def load(cls, spec: ModelSpec, role: str = "large", options: dict | None = None) -> "TransformersLarge":
+        return cls(load_model(spec, role))
+
     def inputs(self, works: list, guides: list) -> LargeInputs:
         """One vision-tower call for the batch, under each guide's `watch_vision`; every pre-LM guide's scores."""
         import contextlib
 
-        from ..guides.base import GuideBatch, GuideItem
+        from ..guides.base import GuideBatch, Kind
 
         with contextlib.ExitStack() as stack:
             watched = {g.name: stack.enter_context(g.watch_vision(self)) for g in guides}
@@ -259,15 +318,10 @@ class TransformersLarge(LargeBackend):
         for w, row in zip(works, rows):
             visual = w.encoded.visual
             slots = visual if row.slots is None else row.slots
-            items.append(GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=visual,
-                                   features=row.feats[visual[slots]], encoding=w.encoded.large,
-                                   small_importance=w.small.importance if w.small is not None else None))
+            items.append(self.guide_item(w, row.feats[visual[slots]]))
         scores = {g.name: g.scores(GuideBatch(self, items, vision=watched[g.name]))
-                  for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
+                  for g in guides if g.kind is Kind.RANKS}
         return LargeInputs(list(works), rows, items, scores)
-
-    def check_prune_layer(self, k: int) -> None:
-        self.family.check_prune_layer(self.model, k)
 
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]):
         """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k."""
@@ -347,9 +401,3 @@ class TransformersLarge(LargeBackend):
             else:
                 seen.append(Reduced(enc, size, int(self.visual_mask(enc).sum())))
         return rows, seen
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def describe(self) -> dict:
-        return {"large_backend": self.name}

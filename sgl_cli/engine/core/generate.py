@@ -91,6 +91,13 @@ def collate(rows: list[Row], pad_id: int, device) -> Batch:
 class Generation:
     tokens: list[list[int]]  # per row, generated ids including the final EOS when one was produced
     probs: list[list[float]]  # per row, probability of each generated token under the model
+    # per row, why it failed alone (None: it did not), for engines that answer each request on its own (vLLM);
+    # None: no row failed
+    errors: list[str | None] | None = None
+
+    @property
+    def item_errors(self) -> list[str | None]:
+        return self.errors if self.errors is not None else [None] * len(self.tokens)
 
 
 def _forward(model, cache=None, logits_to_keep: int = 1, use_cache: bool = True, **kwargs):

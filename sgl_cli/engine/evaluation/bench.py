@@ -151,7 +151,8 @@ class Bench:
     _folders: list = dataclasses.field(default_factory=list, init=False, repr=False)  # removed with this object
 
     def __post_init__(self) -> None:
-        from ..preset import QUANTIZE, normalize_quantize, validate_vllm
+        from ..backends import backend_class
+        from ..preset import QUANTIZE, normalize_quantize
 
         if self.quantize is not None and normalize_quantize(self.quantize) not in (None, "nf4", "8bit"):
             raise SglError(f"--quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
@@ -164,7 +165,7 @@ class Bench:
             raise SglError("--quantize applies to the transformers large backend (bitsandbytes weights), not to "
                            + ", ".join(name for name in names if name != "transformers"))
         if self.vllm is not None:
-            validate_vllm(self.vllm, "--vllm")
+            backend_class("vllm").check_options(self.vllm, "--vllm")
             if names and "vllm" not in names:
                 raise SglError("--vllm: vLLM's options apply with --large-backend vllm")
 
@@ -252,13 +253,14 @@ class Bench:
         """name -> the loaded large backend for `spec` (a folder or checkpoint: every spec checked before any
         loads); `extra`: more vLLM options."""
         from ..backends import backend_class
-        from ..backends.transformers import TransformersLarge, load_model
+        from ..backends import seat
+        from ..backends.transformers import load_model
 
         specs = self._check_specs(names, spec)
         out = {}
         for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
             if name == "transformers":
-                out[name] = TransformersLarge(load_model(specs[name], "large"))
+                out[name] = seat(load_model(specs[name], "large"), "large")
             else:
                 options = self._options(name, preset_options)
                 if name == "vllm" and extra:
@@ -271,7 +273,7 @@ class Bench:
         """name -> `spec` on that backend, each refused (family, engine) before any model loads."""
         from ..backends import backend_class
 
-        specs = {name: dataclasses.replace(spec, backend=name, vllm=None) for name in names}
+        specs = {name: dataclasses.replace(spec, backend=name, options=None) for name in names}
         for spec in specs.values():
             backend_class(spec.backend).check_spec(spec)
         return specs
@@ -287,7 +289,8 @@ class Bench:
 
     def _arch(self, names):
         from ..builtin import arch as archs
-        from ..backends.transformers import TransformersLarge, from_arch
+        from ..backends import seat
+        from ..backends.transformers import from_arch
         from ..preset import ModelSpec
 
         pair = archs.PAIRS.get(self.arch)
@@ -321,7 +324,7 @@ class Bench:
         larges = {}
         for name in names:
             if name == "transformers":
-                larges[name] = TransformersLarge(large)
+                larges[name] = seat(large, "large")
             else:
                 larges[name] = self._load_larges((name,), spec, extra={"load_format": "dummy"})[name]
         self.described.update(arch=pair.name, layers=self.layers, vision_layers=self.vision_layers,
@@ -384,7 +387,7 @@ class Bench:
         small = load_model(p.small, "small")
         larges = {}
         for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
-            options = p.large.vllm if p.large.backend == name else None
+            options = p.large.options if p.large.backend == name else None
             larges[name] = self._load_larges((name,), spec, preset_options=options)[name]
         return small, {name: larges[name] for name in names}, self._image((896, 896))
 

@@ -33,9 +33,9 @@ from typing import Callable
 
 import torch
 
-from ..backends.transformers import NOT_QUANTIZED, TransformersLarge
+from ..backends.base import LargeBackend
+from ..backends.transformers import NOT_QUANTIZED
 from ..pipeline.engine import Engine
-from ..core.generate import collate, greedy, rows_device
 from ..guides.base import n_keep, top_k_in_order
 from .profile import StagePeak, device_name
 
@@ -89,10 +89,10 @@ def forced_threshold(scores: list[float], rate: float) -> float | None:
     return (ranked[k - 1] + ranked[k]) / 2
 
 
-def in_process(m) -> bool:
+def in_process(m: LargeBackend) -> bool:
     """Whether the large backend `m` holds a transformers model in this process (its vision tower can be timed
     alone, its memory sampled, its FLOPs counted as executed)."""
-    return isinstance(m, TransformersLarge)
+    return m.in_process
 
 
 def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: int = 3, exit_rate: float | None = None,
@@ -122,11 +122,9 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     limits = [s.max_new_tokens] * n
 
     def small_generate(ws):
-        rows = small.family.rows(small.model, [w.encoded.small for w in ws])
-        return greedy(small.model, collate(rows, small.pad_id, rows_device(small.model)), limits[:len(ws)],
-                      small.eos_ids, small.pad_id)
+        return small.answer(ws, limits[:len(ws)], capture=False)
 
-    def large_stage(m, ws, idx, k):
+    def large_stage(m: LargeBackend, ws, idx, k):
         # Through the seam, as the pipeline runs it: the backend's inputs (on transformers: the vision tower), then
         # its answers from the given visual tokens.
         return m.generate(ws, m.inputs(ws, []), idx, k, limits[:len(ws)])
@@ -219,7 +217,7 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     return report
 
 
-def _same_tower(a, b) -> bool:
+def _same_tower(a: LargeBackend, b: LargeBackend) -> bool:
     """Whether two large backends' configs give the same vision tower (so one's FLOPs count serves both)."""
     def tower(m):
         c = m.model.config.to_dict()
@@ -233,7 +231,7 @@ def _same_tower(a, b) -> bool:
     return a is b or clean(tower(a)) == clean(tower(b))
 
 
-def _section(engine, m, works, kept, gen, records, batch_sizes, prune_layers, k_report, per_item, peaks,
+def _section(engine, m: LargeBackend, works, kept, gen, records, batch_sizes, prune_layers, k_report, per_item, peaks,
              vision_reference) -> dict:
     """One large backend's figures: its device, FLOPs, batches (ms, items/s, ratios), targets, tokens generated."""
     b0 = batch_sizes[0]
@@ -273,14 +271,9 @@ def _section(engine, m, works, kept, gen, records, batch_sizes, prune_layers, k_
     }
 
 
-def _dtype(m) -> str | None:
-    if in_process(m):
-        return str(next(m.model.parameters()).dtype).removeprefix("torch.")
-    engine = getattr(m, "large", None)  # the vLLM backend's VllmLarge: what its engine resolved, else what it was given
-    try:
-        return str(engine.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-    except AttributeError:
-        return getattr(getattr(engine, "settings", None), "dtype", None) or m.spec.dtype
+def _dtype(m: LargeBackend) -> str | None:
+    """The dtype the large model's engine runs in (as it resolved "auto"), else the spec's."""
+    return m.engine_options().get("dtype") or m.spec.dtype
 
 
 def _cross(sections: dict, batch_sizes, prune_layers) -> dict:
@@ -303,7 +296,7 @@ def _cross(sections: dict, batch_sizes, prune_layers) -> dict:
     return out
 
 
-def _flops(engine, large, works, kept, gen: dict, prune_layers, k0: int, records, vision_reference=None) -> dict:
+def _flops(engine, large: LargeBackend, works, kept, gen: dict, prune_layers, k0: int, records, vision_reference=None) -> dict:
     """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run (`gen`: the large
     stages' generations on every item); the pipeline's large stage prunes at layer `k0`. The language models'
     come from their configs; the large vision tower is counted as executed on an in-process backend (`large`, or
@@ -336,7 +329,7 @@ def _flops(engine, large, works, kept, gen: dict, prune_layers, k0: int, records
     return {key: round(v, 6) for key, v in out.items()}
 
 
-def config_vision_macs(m, enc: dict) -> float:
+def config_vision_macs(m: LargeBackend, enc: dict) -> float:
     """`vision_macs` of a large backend that holds no transformers model (vLLM): its vision tower and projector
     built from its config on the CPU with zero weights (the count does not depend on them; the language model
     stays on the meta device), run once on `enc`."""

@@ -292,7 +292,7 @@ class Calibrator:
                     rec["small"] = encode_small(w.small, w.ms["small"])
                     rec["large"] = {"answer": res.large_alone[i], "ms": round(res.seconds["large_alone"] * 1000 / n, 3)}
                 rec["pruned"] = {_key(r): {"answer": res.outcomes[("sgl", r)][i].answer,
-                                           "kept": len(res.outcomes[("sgl", r)][i].kept),
+                                           "kept": res.outcomes[("sgl", r)][i].n_kept,
                                            "ms": round(res.large_seconds[("sgl", r)] * 1000 / n, 3)}
                                  for r in retains}
             out.append(rec)

@@ -21,7 +21,7 @@ import torch
 from ..pipeline.engine import Engine, exits
 from ..pipeline.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
-from ..guides.base import Guide
+from ..guides.base import Guide, Kind, require_small
 from ..io.items import Item
 
 
@@ -31,11 +31,26 @@ class SettingOutcome:
 
     exit: str  # "small" (the small answer was returned; nothing was pruned) or "large"
     answer: str | None  # None when answers were not asked for (a ranking alone)
-    scores: torch.Tensor | None = None  # the guide's scores (None after an exit, or at retain 1 for a guide that
-    # ranks inside the large model's prefill, which the unpruned answer does not run)
-    kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit)
+    scores: torch.Tensor | None = None  # the guide's scores (None after an exit, for a reduced input, or at retain
+    # 1 for a guide that ranks inside the large model's prefill, which the unpruned answer does not run)
+    kept: torch.Tensor | None = None  # the kept visual tokens, in order (None after an exit or for a reduced input)
     prune_layer: int = 0
     reduced: Reduced | None = None  # what the large model saw, for a guide that reduces its input (downsample)
+
+    @property
+    def n_kept(self) -> int:
+        """The visual tokens the large model read (0 after an exit)."""
+        if self.exit == "small":
+            return 0
+        return self.reduced.n_visual if self.reduced is not None else len(self.kept)
+
+    def ranking(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scores, kept) as views draw and save them: for a reduced input, which nothing ranked, every token of
+        what the large model saw, kept, scored alike."""
+        if self.reduced is not None:
+            n = self.reduced.n_visual
+            return torch.ones(n), torch.arange(n)
+        return self.scores, self.kept
 
 
 @dataclass
@@ -60,9 +75,8 @@ class Comparison:
         self.guides: dict[str, Guide] = {}
         for name, _ in self.settings:
             self.guides.setdefault(name, make_guide(name, engine.settings))
-        needs_small = [g.name for g in self.guides.values() if g.needs_small]
-        if needs_small and engine.small is None:
-            raise ValueError(f"the {needs_small[0]} guide needs a small model; the preset names only large")
+        for guide in self.guides.values():
+            require_small(type(guide), engine.small is not None, engine.preset.name if engine.preset else "given")
         if threshold is not None and engine.small is None:
             raise ValueError("early exit (a threshold) needs a small model")
 
@@ -103,6 +117,7 @@ class Comparison:
             small = sum(w.ms["small"] for w in live)
             out.seconds["small_alone"] = t_small * sum(w.ms["small"] - w.ms["reread"] for w in live) / max(1e-9, small)
 
+        failed: dict[int, str] = {}  # index in live -> why the large model could not answer it (alone)
         for name, retain in self.settings:
             guide = self.guides[name]
             k = self.prune_layer(name)
@@ -110,7 +125,8 @@ class Comparison:
             todo = [w for w, e in zip(live, exited) if not e]
             # A guide that reduces the input runs the vision tower on its own images (timed in its pass), except
             # where the unpruned answer is its answer.
-            own_rows = guide.reduces_input and not (retain >= 1.0 and full is not None)
+            reduces = guide.kind is Kind.REDUCES
+            own_rows = reduces and not (retain >= 1.0 and full is not None)
             seconds = 0.0 if own_rows else t_rows * len(todo)
             results: dict[int, SettingOutcome] = {}
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
@@ -119,15 +135,12 @@ class Comparison:
                     if not exited[i]:
                         results[i] = SettingOutcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
                 seconds += t_full * len(todo)
-            elif todo and guide.reduces_input and not answers:  # what the large model would see, no answer
-                seen = eng.large.reduced(todo, guide, retain)
-                index = iter(seen)
+            elif todo and reduces and not answers:  # what the large model would see, no answer
+                index = iter(eng.large.reduced(todo, guide, retain))
                 for i in range(len(live)):
                     if not exited[i]:
-                        r = next(index)
-                        n = r.n_visual
-                        results[i] = SettingOutcome("large", None, torch.ones(n), torch.arange(n), k, r)
-            elif todo and (answers or guide.ranks_in_prefill or guide.reduces_input):
+                        results[i] = SettingOutcome("large", None, None, None, k, next(index))
+            elif todo and (answers or guide.kind is not Kind.RANKS):
                 t0 = time.perf_counter()
                 got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
                 seconds += time.perf_counter() - t0
@@ -135,6 +148,8 @@ class Comparison:
                 for i in range(len(live)):
                     if not exited[i]:
                         a = next(index)
+                        if a.error is not None:
+                            failed.setdefault(i, a.error)
                         results[i] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept, k,
                                                     a.reduced)
             elif todo:
@@ -147,10 +162,22 @@ class Comparison:
                 for i, w in enumerate(live)]
             out.large_seconds[(name, retain)] = seconds
             out.seconds[(name, retain)] = seconds + (t_small if guide.needs_small else 0.0)
+        return _without(out, failed)
+
+
+
+def _without(out: BatchResult, failed: dict[int, str]) -> BatchResult:
+    """`out` less the items the large model failed alone (each one's `Work.error` says why)."""
+    if not failed:
         return out
-
-
-    run = batch  # its name before 0.3 (one batch, not a run)
+    for i, why in failed.items():
+        out.live[i].error = out.live[i].item.fail(f"large stage failed: {why}")
+    keep = [i for i in range(len(out.live)) if i not in failed]
+    out.live = [out.live[i] for i in keep]
+    if out.large_alone is not None:
+        out.large_alone = [out.large_alone[i] for i in keep]
+    out.outcomes = {key: [outcomes[i] for i in keep] for key, outcomes in out.outcomes.items()}
+    return out
 
 
 class _Everything(Guide):

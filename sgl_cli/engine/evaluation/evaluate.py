@@ -24,7 +24,7 @@ import torch
 
 from ..calibration import resolve_calibration
 from ..pipeline.engine import Engine
-from ..errors import SettingError, SglError
+from ..errors import SettingError
 from ..io.batches import batches
 from ..preset import Preset
 from ..pipeline.stages import Work
@@ -189,7 +189,7 @@ class Evaluation:
         for guide, retain in self.settings:
             outcomes = batch.outcomes[(guide, retain)]
             large = [o.exit == "large" for o in outcomes]
-            kept = [len(o.kept) if o.exit == "large" else 0 for o in outcomes]
+            kept = [o.n_kept for o in outcomes]
             if any(large):
                 share = batch.large_seconds[(guide, retain)] * 1000 / sum(large)
                 self.tallies[(guide, retain)].large_cost += [share / alone if alone > 0 else 0.0] * sum(large)
@@ -213,8 +213,8 @@ class Evaluation:
                 if o.exit == "small":
                     scores, kept = w.small.importance, []
                 else:
-                    scores = o.scores if o.scores is not None else torch.empty(0)
-                    kept = o.kept
+                    scores, kept = o.ranking()
+                    scores = scores if scores is not None else torch.empty(0)
                 seen = grids if o.reduced is None else token_grids(self.comparison.engine, w, o.reduced)
                 payloads[f"{guide}@{retain:g}"] = score_payload(scores.float(), kept, seen)
             d[SCORES_KEY] = payloads
@@ -291,6 +291,7 @@ class EvaluationPlan:
         layer and threshold; `engine/calibration.py`, purpose "eval")."""
         from ..backends import check_preset, missing
         from ..guides import guide_class, guide_names
+        from ..guides.base import require_small
 
         get_metric(metric)
         if threshold is not None and calibration is not None:
@@ -300,9 +301,8 @@ class EvaluationPlan:
             g for g in guide_names() if (preset.small is not None or not guide_class(g).needs_small)
             and not missing(preset, g)]
         check_preset(preset, guides)
-        needs_small = [g for g in guides if guide_class(g).needs_small]
-        if needs_small and preset.small is None:
-            raise SglError(f"preset {preset.name!r} names no small model: the {needs_small[0]} guide needs one")
+        for g in guides:
+            require_small(guide_class(g), preset.small is not None, preset.name)
         retains = list(retains)
         point = None
         if calibration is not None:

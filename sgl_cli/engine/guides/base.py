@@ -9,11 +9,14 @@ see inside the large model scopes hooks to one of two moments, each a context ma
 - `watch_vision(model)`: while the large model's vision tower encodes the batch (the cls guide's [CLS]
   attention); what it yields is `GuideBatch.vision` when `scores` is called.
 - `watch_prefill(model, layer, batch)`: while the large model's language model reads the prompt, for guides
-  that rank from its own layers < K (`ranks_in_prefill`, FastV); what it yields is `GuideBatch.prefill`, and it
+  that rank from its own layers < K (`Kind.PREFILL`, FastV); what it yields is `GuideBatch.prefill`, and it
   may observe every forward (`observe(step, rows, key_valid)`); `scores` is then called when layer K starts.
 
-A guide that instead reduces what the large model sees (`reduces_input`: the downsample guide) ranks nothing and
-keeps every token of the reduced input; it has two hooks, both called once per item and retain:
+A guide's `kind` says how its ranking reaches the large model (one field, dispatched on in one place:
+`LargeBackend.answer`): `Kind.RANKS` (scores before the language model), `Kind.PREFILL` (scores from the large
+model's own layers < K, during its prefill) or `Kind.REDUCES`: the guide ranks nothing and reduces what the large
+model sees (the downsample guide), which keeps every token of the reduced input; it has two hooks, both called once
+per item and retain:
 
 - `prepare_images(model, images, retain)`: the images the large model encodes (resized before the vision tower);
 - `pool_rows(model, rows, retain)`: the large model's rows after its vision tower (features pooled, for
@@ -27,11 +30,20 @@ the other items of its batch or on its place in it: padding is masked, seeds are
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, ContextManager
 
 import torch
+
+
+class Kind(enum.Enum):
+    """How a guide's ranking reaches the large model."""
+
+    RANKS = "ranks"  # scores per visual token before the language model (`scores`)
+    PREFILL = "ranks_in_prefill"  # scores from the large model's own layers < K, read when layer K starts
+    REDUCES = "reduces_input"  # no ranking: the large model's input reduced (`prepare_images`, `pool_rows`)
 
 
 def n_keep(n_visual: int, ratio: float) -> int:
@@ -84,16 +96,21 @@ class Guide:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""  # a few words: what the scores are (shown by `sgl inspect` and --help)
+    kind: ClassVar[Kind] = Kind.RANKS
     needs_small: ClassVar[bool] = False  # the small model's pass must run (`GuideItem.small_importance`)
     uses_large: ClassVar[bool] = True  # ranking reads the large model (its features, vision tower or layers)
     score_noun: ClassVar[str] = "score"  # what its scores are called in `sgl inspect`'s legends
-    ranks_in_prefill: ClassVar[bool] = False  # scores come from the large model's own layers < K, during its prefill
     # What it needs of the large model's backend (backends/base.py's CAPABILITIES), checked before any model loads:
     # "large_features" (GuideItem.features), "vision_attention" (watch_vision), "lm_attention" (watch_prefill).
     needs: ClassVar[frozenset[str]] = frozenset()
-    # The guide reduces the large model's input (`prepare_images`, `pool_rows`) instead of ranking its tokens: the
-    # large model keeps every token of the reduced input, before its language model.
-    reduces_input: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # The flags `kind` replaced: a plugin written for them would silently rank as Kind.RANKS.
+        for flag, kind in (("ranks_in_prefill", "Kind.PREFILL"), ("reduces_input", "Kind.REDUCES")):
+            if flag in cls.__dict__:
+                raise TypeError(f"{cls.__name__}: `{flag}` is replaced by `kind = {kind}` "
+                                "(sgl_cli.engine.guides.base.Kind)")
 
     @classmethod
     def from_settings(cls, settings) -> "Guide":
@@ -114,11 +131,11 @@ class Guide:
 
     def prepare_images(self, model, images: list, retain: float) -> list:
         """The images the large model (its backend: `family`, `processor`, `model.config`) encodes for one item at
-        `retain` (`reduces_input` guides)."""
+        `retain` (`Kind.REDUCES`)."""
         return images
 
     def pool_rows(self, model, rows: list, retain: float) -> list:
-        """The large model's rows (`core.generate.Row`, one per item) after its vision tower (`reduces_input`; a
+        """The large model's rows (`core.generate.Row`, one per item) after its vision tower (`Kind.REDUCES`; a
         backend whose vision tower runs elsewhere, vLLM, never calls it)."""
         return rows
 
@@ -132,3 +149,24 @@ class Guide:
     def keep(self, model, item: GuideItem, scores: torch.Tensor, retain: float) -> torch.Tensor:
         """The visual tokens the large model keeps, indices in sequence order: the top `retain` of the image."""
         return top_k_in_order(scores, n_keep(len(scores), retain))
+
+
+def require_small(guide_cls, has_small: bool, preset: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse a guide that needs the small model where `preset` names none: one wording everywhere, the guides that
+    can run instead from the registry (and `also`: `all` for `sgl inspect`)."""
+    if guide_cls.needs_small and not has_small:
+        from ..errors import NoSmallModel
+        from . import guide_class, guide_names
+
+        others = [g for g in guide_names() if g != guide_cls.name and not _needs_small(guide_class, g)] + list(also)
+        listed = ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others)
+        name = repr(preset).replace("{", "{{").replace("}", "}}")
+        raise NoSmallModel(f"preset {name} names no small model, which the {guide_cls.name} guide needs (use {{}} "
+                           f"{listed or 'another guide'})", "guide")
+
+
+def _needs_small(guide_class, name: str) -> bool:
+    try:
+        return guide_class(name).needs_small
+    except Exception:  # noqa: BLE001 - a plugin that cannot load is not offered
+        return True

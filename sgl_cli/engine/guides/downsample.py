@@ -22,9 +22,8 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
 
-from .base import Guide, GuideItem, n_keep
+from .base import Guide, Kind, n_keep
 
 
 def target_size(model, size: tuple[int, int], retain: float) -> tuple[int, int] | None:
@@ -50,7 +49,7 @@ def target_size(model, size: tuple[int, int], retain: float) -> tuple[int, int] 
 class DownsampleGuide(Guide):
     name: ClassVar[str] = "downsample"
     description: ClassVar[str] = "no ranking: the image reduced to the token budget before the large model"
-    reduces_input: ClassVar[bool] = True
+    kind: ClassVar[Kind] = Kind.REDUCES
     # The backend answers from the reduced input (its `generate_reduced`): transformers re-encodes and pools; vLLM
     # is sent the resized images (LLaVA-1.5's pooling, after the vision tower, is transformers' only).
     needs: ClassVar[frozenset[str]] = frozenset({"reduced_input"})
@@ -74,6 +73,3 @@ class DownsampleGuide(Guide):
         budgets = [n_keep(len(row.feats), retain) for row in rows]
         return [row if budget >= len(row.feats) else model.family.pool_row(model.model, row, budget)
                 for row, budget in zip(rows, budgets)]
-
-    def score(self, item: GuideItem) -> torch.Tensor:
-        return torch.ones(item.n_visual)  # not a ranking: every token of the reduced input is kept

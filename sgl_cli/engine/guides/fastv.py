@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..core.capture import ImportanceCapture
-from .base import Guide, GuideBatch
+from .base import Guide, GuideBatch, Kind
 
 DEFAULT_LAYER = 2  # FastV's K when the run prunes at the LM input (K = 0)
 
@@ -23,7 +23,7 @@ class FastVGuide(Guide):
     name: ClassVar[str] = "fastv"
     description: ClassVar[str] = "the large model's attention from the last prompt token at layer {k_1} (pruned at layer {k})"
     score_noun: ClassVar[str] = "attention"
-    ranks_in_prefill: ClassVar[bool] = True
+    kind: ClassVar[Kind] = Kind.PREFILL
     needs: ClassVar[frozenset[str]] = frozenset({"lm_attention", "prune_inside_lm"})
 
     def prune_layer(self, settings, num_layers: int) -> int:

@@ -32,20 +32,16 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from ..errors import ItemError, ModelLoadError
-from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class
-from ..backends.base import LargeBackend, LargeInputs, check
-from ..backends.transformers import TransformersLarge
+from .. import backends
+from ..backends.base import LargeBackend, LargeInputs, LayoutOnly, SmallModel, check
 from ..guides import guide_class, make_guide
-from ..guides.base import Guide, GuideBatch, n_keep, top_k_in_order
+from ..guides.base import Guide, Kind, n_keep, require_small, top_k_in_order
 from ..io.batches import batches
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
 from ..preset import Preset, Settings
-from ..core.capture import ImportanceCapture
-from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
 from ..core.limits import check_text
-from .models import LoadedModel
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
@@ -60,22 +56,20 @@ def exits(work: Work, guide: Guide, threshold: float | None) -> bool:
 
 
 class Engine:
-    def __init__(self, settings: Settings, small: LoadedModel | None, large: LargeBackend | LoadedModel,
+    def __init__(self, settings: Settings, small: SmallModel | None, large: LargeBackend,
                  preset: Preset | None = None, fetch: FetchPolicy | None = None):
         self.settings = settings
-        self.small = small
-        # The large model is a backend (backends/); a transformers model loaded by hand is put behind its own.
-        self.large: LargeBackend = large if isinstance(large, LargeBackend) else TransformersLarge(large)
-        large = self.large
+        # A model loaded by hand (a transformers `LoadedModel`) is put behind its backend's interface.
+        self.small: SmallModel | None = None if small is None else backends.seat(small, "small")
+        self.large: LargeBackend = backends.seat(large, "large")
+        small, large = self.small, self.large
         self.preset = preset
         self.fetch = fetch or FetchPolicy()
         self.fetcher = Fetcher(self.fetch)
         self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
         self.guide: Guide = make_guide(settings.guide, settings)
         check(type(self.guide), type(large), settings.prune_layer)
-        if self.guide.needs_small and small is None:
-            raise ModelLoadError(f"the {self.guide.name} guide needs a small model; the preset names only large "
-                                 "(use --guide cls, fastv or random, or add a small model)")
+        require_small(type(self.guide), small is not None, preset.name if preset else "given")
         if small is not None and small.family.name != large.family.name:
             raise ModelLoadError(
                 f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
@@ -97,28 +91,24 @@ class Engine:
     @classmethod
     def load(cls, preset: Preset, fetch: FetchPolicy | None = None, *, small: bool | None = None,
              large: bool = True) -> "Engine":
-        """Load the models of a preset whose calibration is resolved already (`resolve_calibration`), as it is.
-        `small`: None loads the small model when the guide needs it, True whenever the preset names one.
-        `large=False` loads no large model: the small one encodes and lays out the tokens in its place (for
-        rankings that need no large model, `sgl inspect`'s); the prune layer is then 0, it cannot be checked."""
-        from ..backends import transformers as models  # looked up at call time (tests count the loads)
-
+        """Load the models of a preset whose calibration is resolved already (`resolve_calibration`), as it is,
+        each by its backend. `small`: None loads the small model when the guide needs it, True whenever the preset
+        names one. `large=False` loads no large model: the small one lays out and ranks the tokens in its place
+        (`LayoutOnly`: for rankings that need no large model, `sgl inspect`'s); the prune layer is then 0."""
         guide_cls = guide_class(preset.settings.guide)
-        backend = backend_class(preset.large.backend or DEFAULT_BACKEND)
-        check(guide_cls, backend, preset.settings.prune_layer)  # before any model loads
+        backends.check_preset(preset)  # backends, their options, the guide's needs: before any model loads
         if large:
-            backend.check_spec(preset.large)
-        needs_small = guide_cls.needs_small
-        if needs_small and preset.small is None:
-            raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
-                                 "guide needs (use --guide cls, fastv or random)")
-        want_small = preset.small is not None and (needs_small or small is True or not large)
-        small_model = models.load_model(preset.small, "small") if want_small else None
+            backends.backend_class(preset.large.backend).check_spec(preset.large)
+        require_small(guide_cls, preset.small is not None, preset.name)
+        want_small = preset.small is not None and (guide_cls.needs_small or small is True or not large)
+        if want_small:
+            backends.backend_class(preset.small.backend, "small").check_spec(preset.small)
+        small_model = backends.load(preset.small, "small") if want_small else None
         settings = preset.settings
         if large or small_model is None:
-            large_model = backend.load(preset.large, "large", preset.large.vllm)
+            large_model = backends.load(preset.large, "large")
         else:
-            large_model = TransformersLarge(small_model)  # stands in: same family, same processor and token layout
+            large_model = LayoutOnly(small_model)  # same family, same processor and token layout
             settings = dataclasses.replace(settings, prune_layer=0)
         return cls(settings, small_model, large_model, preset, fetch)
 
@@ -164,7 +154,7 @@ class Engine:
         if todo:
             t1 = time.perf_counter()
             # A guide that reduces the large model's input encodes it itself: the full rows are not needed.
-            reduces = self.guide.reduces_input
+            reduces = self.guide.kind is Kind.REDUCES
             self._stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
                         "large stage")
             _share(todo, "large", t1)
@@ -190,12 +180,6 @@ class Engine:
         self._stage(live, self.small_answer, "small stage")
         self._stage([w for w in live if w.ok], self.consistency, "consistency stage")
 
-    def analyze(self, items: list[Item]) -> list[Work]:
-        """The small model's part for a batch: `prepare`, then `small_pass`."""
-        works = self.prepare(items)
-        self.small_pass(works)
-        return works
-
     def exits(self, work: Work) -> bool:
         return exits(work, self.guide, self.settings.threshold)
 
@@ -211,9 +195,9 @@ class Engine:
                    retain: float | None = None, max_new_tokens: int | None = None) -> list[LargeAnswer]:
         """The large model's answers from the top `retain` of each item's visual tokens as `guide` ranks them
         (defaults: the engine's), dropped at the guide's prune layer; also stored in `Work.large` when the guide
-        and retain are the engine's own. `max_new_tokens` caps every answer (1: a guide's ranking alone).
-        A guide that reduces the input (`reduces_input`) needs no `inputs`: the backend's `generate_reduced`
-        answers from all of its input."""
+        and retain are the engine's own (an item the backend failed alone: its `Work.error`). `max_new_tokens`
+        caps every answer (1: a guide's ranking alone). A guide that reduces the input (`Kind.REDUCES`) needs no
+        `inputs`: the backend answers from all of its input."""
         own = guide is None and retain is None
         guide = guide or self.guide
         retain = self.settings.retain if retain is None else retain
@@ -222,39 +206,18 @@ class Engine:
         check(type(guide), type(m), k)  # another guide or layer than the engine's (sgl eval's comparison)
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
-        if guide.reduces_input:
-            gen, seen = m.generate_reduced(works, guide, retain, limits)
-            answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, torch.ones(r.n_visual),
-                                   torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
-            if own:
-                for w, a in zip(works, answers):
-                    w.large = a
-            return answers
-        if [id(w) for w in inputs.works] != [id(w) for w in works]:
+        if inputs is not None and [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
-        if k > 0:
-            m.check_prune_layer(k)
-        if guide.ranks_in_prefill:
-            gen, scores, kept = m.rank_in_prefill(guide, inputs, retain, k, limits)
-        else:
-            scores = inputs.scores.get(guide.name)
-            if scores is None:  # a guide large_inputs was not asked for (it must not need watch_vision)
-                scores = guide.scores(GuideBatch(m, inputs.items))
-            kept = [guide.keep(m, item, s, retain) for item, s in zip(inputs.items, scores)]
-            gen = m.generate(works, inputs, kept, k, limits)
-        answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, s, idx, k)
-                   for tokens, s, idx in zip(gen.tokens, scores, kept)]
+        answers = [LargeAnswer(a.tokens, m.decode(a.tokens) if a.error is None else None, guide.name, a.scores,
+                               a.kept, k, a.reduced, a.error)
+                   for a in m.answer(works, inputs, guide, retain, k, limits)]
         if own:
             for w, a in zip(works, answers):
-                w.large = a
+                if a.error is None:
+                    w.large = a
+                else:
+                    w.error = w.item.fail(f"large stage failed: {a.error}")
         return answers
-
-    def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
-                      limits: list[int]) -> Generation:
-        """Greedy answers from the `kept` visual tokens of each row, dropping the others at layer k (the backend's
-        `generate`, for drivers that hold rows of their own: `sgl bench`)."""
-        return self.large.generate(works, LargeInputs(list(works), list(rows), [None] * len(works), {}), kept, k,
-                                   limits)
 
     # -- the stages' work ------------------------------------------------------------------------------------
     def context(self) -> int:
@@ -300,7 +263,7 @@ class Engine:
                     f"small and large processors disagree on this image ({n_s} vs {n_l} visual tokens"
                     + (")" if n_s != n_l else ", different input_ids)") + "; the models are not a pair"
                 ))
-            visual = self.small.family.visual_mask(self.small.model, small)
+            visual = self.small.visual_mask(small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
         w.encoded = Encoded(large, small, visual, sizes, images, prompt)
@@ -312,66 +275,37 @@ class Engine:
         """The small model's greedy answers with the SGP importance captured (`Work.small`, consistency unset)."""
         m = self.small
         t0 = time.perf_counter()
-        rows = m.family.rows(m.model, [w.encoded.small for w in works])
-        batch = collate(rows, m.pad_id, rows_device(m.model))
-        width = batch.input_ids.shape[1]
-        # SGP's prompt rows: every position after the row's last visual token (left padding shifts rows).
-        prompt_rows = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        starts = []
-        for i, w in enumerate(works):
-            visual = w.encoded.visual
-            starts.append(width - len(visual) + int(visual.nonzero().max()) + 1)  # `visual` is on the host
-            prompt_rows[i, starts[-1]:] = True
-        span = (min(starts), width)
-
-        with ImportanceCapture(m.model, n_keys=width) as cap:
-            def observe(step: int, active: torch.Tensor, key_valid: torch.Tensor) -> None:
-                # greedy observes a decode step only while some row is active: its one query row is marked
-                cap.set_rows(prompt_rows if step == 0 else active[:, None], key_valid, span if step == 0 else (0, 1))
-
-            gen = greedy(m.model, batch, self._limits(works), m.eos_ids, m.pad_id, observe=observe)
-        scores = cap.scores.float().cpu()
-        for i, (w, row) in enumerate(zip(works, rows)):
-            visual = w.encoded.visual
-            w.small = SmallPass(gen.tokens[i], gen.probs[i], self.decode(m, gen.tokens[i]),
-                                scores[i, width - len(visual):][visual], consistency=float("nan"), row=row)
+        for w, a in zip(works, m.answer(works, self._limits(works))):
+            w.small = SmallPass(a.tokens, a.probs, m.decode(a.tokens), a.importance, consistency=float("nan"),
+                                state=a.state)
         _share(works, "small", t0)
 
     def consistency(self, works: list[Work]) -> None:
         """SEE's consistency: the small answer's probability re-read with its top `consistency_retain` tokens."""
-        m = self.small
         t0 = time.perf_counter()
-        rows = [w.small.row.keep(w.encoded.visual, top_k_in_order(
-            w.small.importance, n_keep(len(w.small.importance), self.settings.consistency_retain))) for w in works]
-        probs = answer_probs(m.model, rows, [w.small.tokens for w in works], m.pad_id)
-        for w, p in zip(works, probs):
+        kept = [top_k_in_order(w.small.importance, n_keep(len(w.small.importance), self.settings.consistency_retain))
+                for w in works]
+        for w, p in zip(works, self.small.reread(works, kept)):
             w.small.consistency = float(math.prod(p))
         _share(works, "small", t0)
         _share(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
 
     def _stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str) -> None:
-        """Run `fn` on the live works; a failure fails its items (one by one, so one bad item does not fail its
-        batch), never the run."""
+        """Run `fn` on the live works. An item that fails alone says so as data (`Work.error`); an exception fails
+        the batch for a reason that names no item, so it is run again item by item: only the items that fail alone
+        get an error record, never the run."""
         live = [w for w in works if w.ok]
         if not live:
             return
         try:
             fn(live)
-        except ItemError as exc:
-            for w in live:
-                w.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
             if len(live) > 1:
                 for w in live:
                     self._stage([w], fn, what)
                 return
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            for w in live:
-                w.error = w.item.fail(f"{what} failed: {detail}")
-
-    @staticmethod
-    def decode(m: LoadedModel, tokens: list[int]) -> str:
-        return m.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            live[0].error = str(exc) if isinstance(exc, ItemError) else live[0].item.fail(
+                f"{what} failed: " + traceback.format_exception_only(type(exc), exc)[-1].strip())
 
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, w: Work, total_ms: float = 0.0) -> dict:

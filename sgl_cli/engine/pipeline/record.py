@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from .stages import Work
 
 
@@ -17,7 +19,7 @@ def make_record(engine, w: Work, total_ms: float = 0.0) -> dict:
         exited = engine.exits(w)
         small = w.small
         n_visual = w.encoded.n_visual
-        kept = 0 if exited else len(w.large.kept)
+        kept = 0 if exited else w.large.n_kept
         layers = engine.large.num_layers
         answerer, tokens = (engine.small, small.tokens) if exited else (engine.large, w.large.tokens)
         stopped = bool(tokens) and tokens[-1] in answerer.eos_ids
@@ -78,6 +80,9 @@ def _scores(engine, w: Work, exited: bool) -> dict:
     if exited:
         return score_payload(w.small.importance.float(), [], token_grids(engine, w))
     grids = token_grids(engine, w, w.large.reduced)
+    if w.large.reduced is not None:  # nothing ranked: the file says every token of what it saw was kept
+        n = w.large.reduced.n_visual
+        return score_payload(torch.ones(n), torch.arange(n), grids)
     return score_payload(w.large.scores.float(), w.large.kept, grids)
 
 

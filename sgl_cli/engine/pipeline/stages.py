@@ -47,7 +47,7 @@ class SmallPass:
     answer: str
     importance: torch.Tensor  # (N,) fp32: attention received per visual token, summed over layers, heads, rows
     consistency: float  # product of the answer's probabilities re-read with the top consistency_retain tokens
-    row: Any = field(default=None, repr=False, compare=False)  # the small model's input row, for the re-read
+    state: Any = field(default=None, repr=False, compare=False)  # what the small model's re-read needs (its own)
 
     @property
     def confidence(self) -> float:
@@ -61,15 +61,21 @@ class SmallPass:
 
 @dataclass
 class LargeAnswer:
-    """The large model's greedy answer from the kept visual tokens."""
+    """The large model's greedy answer from the visual tokens a guide kept, or from the input it reduced."""
 
     tokens: list[int]
-    answer: str
-    guide: str  # what ranked the visual tokens
-    scores: torch.Tensor  # (N,) the guide's scores
-    kept: torch.Tensor  # indices of the kept visual tokens, in sequence order
+    answer: str | None  # None: the item failed alone (`error`)
+    guide: str  # what ranked the visual tokens (or reduced the input)
+    scores: torch.Tensor | None  # (N,) the guide's scores (None: a reduced input, ranked by nothing)
+    kept: torch.Tensor | None  # indices of the kept visual tokens, in sequence order (None: a reduced input)
     prune_layer: int  # where the others were dropped (0: before the language model)
-    reduced: Reduced | None = None  # what the large model saw, when the guide reduced its input
+    reduced: Reduced | None = None  # what the large model saw, when the guide reduced its input (all of it kept)
+    error: str | None = None  # why the backend could not answer this item (the others were answered)
+
+    @property
+    def n_kept(self) -> int:
+        """The visual tokens the large model read."""
+        return self.reduced.n_visual if self.reduced is not None else len(self.kept)
 
 
 @dataclass

@@ -106,11 +106,11 @@ class EngineWorker:
 
 
 def worker_gpus(preset) -> float:
-    """The GPUs one worker's pair needs on a cluster with GPUs: one, or a vLLM large model's tensor-parallel size
-    (each worker holds one vLLM engine)."""
-    if preset.large.backend == "vllm":
-        return float((preset.large.vllm or {}).get("tensor_parallel_size", 1))
-    return 1.0
+    """The GPUs one worker's pair needs on a cluster with GPUs, as its large backend says (one; a vLLM engine's
+    tensor-parallel size)."""
+    from ..backends import backend_class
+
+    return float(backend_class(preset.large.backend).gpus_per_worker(preset.large.options))
 
 
 def _plan(ray, options: RayOptions, n_blocks: int, notify: Callable[[str], None],

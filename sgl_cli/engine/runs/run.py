@@ -406,5 +406,8 @@ def _with_defaults(d: dict) -> dict:
     out = {**defaults(Settings), **d}
     for role in ("small", "large"):
         if isinstance(out.get(role), dict):
-            out[role] = {**defaults(ModelSpec), **out[role]}
+            spec = dict(out[role])
+            if "vllm" in spec:  # sgl 0.2's name of the backend's options
+                spec["options"] = spec.pop("vllm")
+            out[role] = {**defaults(ModelSpec), **spec}
     return out

@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..errors import ItemError, SettingError, SglError
 from ..guides import guide_class, guide_names
+from ..guides.base import Kind, require_small
 from ..io.items import ImageRef, Item
 from ..preset import Preset
 
@@ -32,15 +33,14 @@ def inspect_item(preset: Preset, image_paths: list[Path], question: str, guide: 
     if not question.strip():
         raise SettingError("{} must not be empty", "question")
     # `all` compares rankings of the image's own tokens; a guide that reduces the input has other tokens.
-    guides = [g for g in guide_names() if not guide_class(g).reduces_input] if guide == "all" else [guide]
+    guides = [g for g in guide_names() if guide_class(g).kind is not Kind.REDUCES] if guide == "all" else [guide]
     resolved = resolve_calibration(preset, "inspect", notify=notify)
     preset = resolved.preset
     skipped: dict[str, str] = {}
     if preset.small is None:
         for g in [g for g in guides if guide_class(g).needs_small]:
             if guide != "all":
-                raise SglError(f"preset {preset.name!r} names no small model, which the {g} guide needs "
-                               "(use --guide cls, fastv, random or all)")
+                require_small(guide_class(g), False, preset.name, also=("all",))
             guides.remove(g)
             skipped[g] = f"preset {preset.name} names no small model, which it needs"
     from ..backends import check_preset, missing
@@ -91,7 +91,7 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
     if work.error:
         raise SglError(work.error)
     (first,) = batch.outcomes[(guides[0], settings.retain)]
-    reduced = first.reduced if made[guides[0]].reduces_input else None  # one guide alone (`all` has none)
+    reduced = first.reduced if made[guides[0]].kind is Kind.REDUCES else None  # one guide alone (`all` has none)
     if reduced is not None:  # the grid of what the large model saw
         grids = _guarded("the large model", lambda: reduced.grids(large))
         n = reduced.n_visual
@@ -109,9 +109,10 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
         (outcome,) = batch.outcomes[(g, settings.retain)]
         # (A stand-in large model runs only guides that do not rank with the large model; their K is the preset's.)
         k = guide.prune_layer(settings, large.num_layers)
-        kept = outcome.kept.tolist()
+        scores, kept = outcome.ranking()
+        kept = kept.tolist()
         maps.append(GuideMap(
-            name=g, importance=outcome.scores.tolist(), kept=kept, prune_layer=k,
+            name=g, importance=scores.tolist(), kept=kept, prune_layer=k,
             what=_describe(guide, k, settings.seed), large_answer=outcome.answer if answer_large else None,
             sgl_overlap=None if sgl_kept is None or g == "sgl" or reduced is not None
             else len(sgl_kept.intersection(kept)),

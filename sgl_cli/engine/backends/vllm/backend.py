@@ -13,7 +13,7 @@ LLaVA-1.5) cannot be done before a request: refused (no such family runs on vLLM
 
 Every image must keep at least one visual token (vLLM's plugin has no way to drop an image whole). One image per
 item (Qwen-VL's usual case) always does (`n_keep` >= 1); an item of several images whose kept set leaves one out
-fails alone, with an error record naming it (`large stage failed: ...`), the rest of its batch answered.
+fails alone (`Generation.errors`: its record names it), the rest of its batch answered.
 """
 
 from __future__ import annotations
@@ -22,13 +22,28 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from ...errors import ItemError
-from ..base import LargeBackend, LargeInputs, Reduced
+from ..base import LargeBackend, LargeInputs, Option, Reduced
 from .large import Offers, VllmLarge
 
-# A preset's `large.vllm` keys (preset.VLLM_KEYS), and `load_format`, which drivers give (`sgl bench --arch`: "dummy",
-# vLLM's own random weights for a folder that holds only a config and a processor).
-OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager", "dtype",
-           "seed", "load_format")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The engine options a preset's `large.options` (or `vllm:`), `--large-option` and `sgl bench --vllm` may give.
+OPTIONS = {
+    "tensor_parallel_size": Option((int,), 1, lambda v: v >= 1, "an integer >= 1", "GPUs the model is split over"),
+    "gpu_memory_utilization": Option((int, float), 0.9, lambda v: 0 < v <= 1, "a fraction in (0, 1]",
+                                     "the share of each GPU's memory vLLM takes (on a CPU: of the RAM)"),
+    "max_model_len": Option((int, type(None)), None, lambda v: v is None or v >= 1, "an integer >= 1 or null",
+                            "the longest prompt plus answer (default: the model's)"),
+    "max_num_seqs": Option((int, type(None)), None, lambda v: v is None or v >= 1, "an integer >= 1 or null",
+                           "the most requests in flight at once"),
+    "enforce_eager": Option((bool,), False, said="true or false", help="no CUDA graphs or compilation"),
+    "dtype": Option((str,), "auto", lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
+    "seed": Option((int,), 0, said="an integer"),
+    "enable_prefix_caching": Option((bool, type(None)), None, said="true, false or null",
+                                    help="vLLM's prefix cache (null: vLLM's default, on)"),
+    # Drivers give it (`sgl bench --arch`: "dummy", vLLM's own random weights for a folder with a config and a
+    # processor only).
+    "load_format": Option((str,), "auto", said="a vLLM load format (auto, safetensors, dummy)"),
+}
 
 
 def _offers(o: Offers) -> frozenset[str]:
@@ -40,6 +55,7 @@ def _offers(o: Offers) -> frozenset[str]:
 class VllmBackend(LargeBackend):
     name: ClassVar[str] = "vllm"
     offers: ClassVar[frozenset[str]] = _offers(VllmLarge.offers)  # pre-LM pruning and downsample's images
+    options: ClassVar[dict[str, Option]] = OPTIONS
 
     def __init__(self, spec, large: VllmLarge, processor, config, family, eos_ids: frozenset[int]):
         self.spec = spec
@@ -56,25 +72,16 @@ class VllmBackend(LargeBackend):
         checkpoint's processor and config (not its weights) for sgl's encoding."""
         from pathlib import Path
 
-        from transformers import AutoConfig, GenerationConfig
-
         from ...builtin.locate import resolve_path
         from ...builtin.pair import is_random
-        from ...core.processors import load_processor
-        from ...families import family_for
 
         cls.check_spec(spec)
-        path = resolve_path(spec.model)
-        opts = {k: v for k, v in (options or {}).items() if k in OPTIONS}
+        opts = {k: v for k, v in cls.check_options(options, "vLLM options").items() if v is not None}
         opts.setdefault("dtype", spec.dtype)
         large = VllmLarge(spec, **opts)
-        processor = load_processor(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-        gen = GenerationConfig.from_pretrained(path)
-        eos = gen.eos_token_id if gen.eos_token_id is not None else config.get_text_config().eos_token_id
-        backend = cls(spec, large, processor, config, family_for(SimpleNamespace(config=config)),
-                      frozenset([eos] if isinstance(eos, int) else (eos or [])))
-        backend.random_weights = is_random(Path(path))
+        processor, config, family, eos_ids = cls.read_checkpoint(spec)
+        backend = cls(spec, large, processor, config, family, eos_ids)
+        backend.random_weights = is_random(Path(resolve_path(spec.model)))
         return backend
 
     @classmethod
@@ -85,14 +92,43 @@ class VllmBackend(LargeBackend):
 
     @classmethod
     def check_spec(cls, spec) -> None:
-        """Qwen2/2.5/3-VL only, and vLLM importable: both said in one line before anything loads."""
+        """Qwen2/2.5/3-VL only, unquantized by sgl, and vLLM importable: each said in one line before anything
+        loads."""
         from pathlib import Path
 
         from ...builtin.locate import resolve_path
+        from ...errors import SettingError
         from .large import read_model_type, check_family, import_vllm
 
+        if spec.quantize is not None:
+            raise SettingError("{}: " + spec.quantize + " applies to the transformers large backend (bitsandbytes "
+                               "weights), not to vllm; give vLLM a quantized checkpoint instead", "large_quantize")
         check_family(read_model_type(Path(resolve_path(spec.model))), spec.model)
         import_vllm()
+
+    @classmethod
+    def gpus_per_worker(cls, options: dict | None) -> float:
+        """Each Ray worker holds one vLLM engine: its tensor-parallel size."""
+        return float((options or {}).get("tensor_parallel_size") or 1)
+
+    @classmethod
+    def bench_options(cls, max_batch: int) -> dict:
+        """`sgl bench`'s defaults: prefix caching off (a benchmark that times the same prompts again would time
+        cache hits), `max_num_seqs` the largest batch (it never sends more at once); on a GPU, a share of the
+        memory left free beside this process's models; on a CPU, a small share of the RAM (vLLM reserves
+        `gpu_memory_utilization` of it there; VLLM_CPU_KVCACHE_SPACE sizes the KV cache) and eager mode (no
+        compile: loads in about half the time)."""
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            base = {"gpu_memory_utilization": round(0.9 * free / total, 3)}
+        else:
+            base = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+        return {**base, "max_num_seqs": max_batch, "enable_prefix_caching": False}
+
+    def engine_options(self) -> dict:
+        return self.large.engine_kwargs()
 
     @property
     def context(self) -> int:
@@ -107,20 +143,7 @@ class VllmBackend(LargeBackend):
 
         return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
 
-    def inputs(self, works: list, guides: list) -> LargeInputs:
-        from ...guides.base import GuideBatch, GuideItem
-
-        items = [GuideItem(id=w.item.id, line=w.item.line, question=w.item.question, visual=w.encoded.visual,
-                           features=None, encoding=w.encoded.large,
-                           small_importance=w.small.importance if w.small is not None else None) for w in works]
-        scores = {g.name: g.scores(GuideBatch(self, items)) for g in guides if not (g.ranks_in_prefill or g.reduces_input)}
-        return LargeInputs(list(works), [None] * len(works), items, scores)
-
-    def check_prune_layer(self, k: int) -> None:
-        raise ValueError(f"the vLLM backend prunes before the language model only, not at layer {k}")
-
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Any:
-        from ...core.generate import Generation
         from .large import LargeRequest
 
         if k != 0:
@@ -128,31 +151,37 @@ class VllmBackend(LargeBackend):
         requests = [LargeRequest(w.encoded.images, self.large.prompt(w.encoded.images, w.encoded.prompt),
                                  kept=[int(i) for i in idx], max_new_tokens=limit)
                     for w, idx, limit in zip(works, kept, limits)]
-        try:
-            replies = self.large.generate(requests)
-        except ItemError as exc:
-            # Not an ItemError: the engine then retries the batch item by item, so that only this item fails.
-            raise ValueError(str(exc)) from None
-        return Generation([r.tokens for r in replies], [[1.0] * len(r.tokens) for r in replies])
+        return self._send(requests)
+
+    def _send(self, requests: list) -> Any:
+        """vLLM's answers to `requests`; one the plugin cannot take (an image left with no kept token) is that
+        item's error, the others are answered."""
+        from ...core.generate import Generation
+
+        errors: list[str | None] = []
+        for r in requests:
+            try:
+                self.large.check_request(None, r)
+                errors.append(None)
+            except ItemError as exc:
+                errors.append(str(exc))
+        good = [r for r, e in zip(requests, errors) if e is None]
+        replies = iter(self.large.generate(good))
+        tokens = [[] if e else next(replies).tokens for e in errors]
+        return Generation(tokens, [[1.0] * len(t) for t in tokens], errors if any(errors) else None)
 
     def reduced(self, works: list, guide, retain: float) -> list[Reduced]:
-        """What the large model would see of each item under `guide` (`reduces_input`) at `retain`."""
+        """What the large model would see of each item under `guide` (`Kind.REDUCES`) at `retain`."""
         return [seen for _, seen in self._reduce(works, guide, retain)]
 
     def generate_reduced(self, works: list, guide, retain: float, limits: list[int]) -> tuple[Any, list[Reduced]]:
         """Greedy answers from each item's images as `guide` reduced them, every visual token kept."""
-        from ...core.generate import Generation
         from .large import LargeRequest
 
         reduced = self._reduce(works, guide, retain)
         requests = [LargeRequest(images, self.large.prompt(images, w.encoded.prompt), kept=None, max_new_tokens=limit)
                     for w, (images, _), limit in zip(works, reduced, limits)]
-        try:
-            replies = self.large.generate(requests)
-        except ItemError as exc:
-            raise ValueError(str(exc)) from None  # as in `generate`: retried item by item
-        return (Generation([r.tokens for r in replies], [[1.0] * len(r.tokens) for r in replies]),
-                [seen for _, seen in reduced])
+        return self._send(requests), [seen for _, seen in reduced]
 
     def _reduce(self, works: list, guide, retain: float) -> list[tuple[list, Reduced]]:
         """Per item, the images `guide.prepare_images` gives (the item's own where unchanged) and what the large
@@ -167,9 +196,6 @@ class VllmBackend(LargeBackend):
             enc = w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt)
             out.append((images, Reduced(enc, [im.size for im in images], int(self.visual_mask(enc).sum()))))
         return out
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def close(self) -> None:
         self.large.close()

@@ -170,6 +170,7 @@ class VllmLarge:
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
         kwargs.update(s.extra)
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("model", "hf_overrides")}
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - one line naming the model; the cause stays chained
@@ -178,6 +179,10 @@ class VllmLarge:
         self.tokenizer = self.llm.get_tokenizer()
         self._image_processor = None
         self._template_processor = None
+
+    def engine_kwargs(self) -> dict:
+        """The options vLLM's engine was made with (less the model and sgl's architecture override)."""
+        return dict(self.kwargs)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def prompt(self, images: Sequence[Any], prompt: str | list[dict]) -> str:
@@ -231,7 +236,7 @@ class VllmLarge:
 
         prompts, params = [], []
         for i, r in enumerate(requests):
-            self._check(i, r)
+            self.check_request(i, r)
             p: dict = {"prompt": r.prompt, "multi_modal_data": {"image": list(r.images)}}
             if r.kept is not None:
                 p["mm_processor_kwargs"] = {"sgl_kept": [int(k) for k in r.kept]}
@@ -252,21 +257,22 @@ class VllmLarge:
                                       logprobs))
         return replies
 
-    def _check(self, i: int, r: LargeRequest) -> None:
+    def check_request(self, i: int | None, r: LargeRequest) -> None:
+        """Refuse (ItemError naming request `i`, when given) a request the plugin cannot take."""
         from .positions import split_kept
 
-        where = f"large request {i + 1}"
+        where = "" if i is None else f"large request {i + 1}: "
         if not r.greedy:
-            raise ItemError(f"{where}: the vLLM backend decodes greedily only")
+            raise ItemError(f"{where}the vLLM backend decodes greedily only")
         if int(r.max_new_tokens) < 1:
-            raise ItemError(f"{where}: max_new_tokens must be at least 1, not {r.max_new_tokens}")
+            raise ItemError(f"{where}max_new_tokens must be at least 1, not {r.max_new_tokens}")
         if not r.images:
-            raise ItemError(f"{where}: no images")
+            raise ItemError(f"{where}no images")
         if r.kept is not None:
             try:
                 split_kept(list(r.kept), self.visual_tokens(r.images))
             except ValueError as exc:
-                raise ItemError(f"{where}: {exc}") from None
+                raise ItemError(f"{where}{exc}") from None
 
     def close(self) -> None:
         """Stop vLLM's engine processes and free its memory."""
