@@ -18,8 +18,8 @@ LAYERS = [
     ("guides", {"guides"}),
     ("builtin", {"builtin"}),  # the shipped pair and the shapes task
     ("settings", {"preset", "metrics", "calibration"}),  # presets, answer metrics, calibration files
-    ("backends", {"backends"}),  # reserved: the large model's backends (transformers, vLLM)
-    ("pipeline", {"pipeline"}),  # models loaded, the staged Engine, its records
+    ("backends", {"backends"}),  # the two models' interfaces and their backends (transformers, vLLM, the registry)
+    ("pipeline", {"pipeline"}),  # the staged Engine, its typed results, its records
     ("evaluation", {"evaluation"}),  # eval, calibrate, the comparison of guides, bench
     ("runs", {"runs"}),  # Run (sgl run) and the Ray backend
     ("views", {"views"}),  # inspect, report, tables

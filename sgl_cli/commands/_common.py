@@ -53,10 +53,9 @@ def domain_errors() -> Iterator[None]:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+    from ..engine import use_threads
 
-        torch.set_num_threads(threads)
+    use_threads(threads)
 
 
 def stderr_is_tty() -> bool:
@@ -81,8 +80,9 @@ def progress_bar(label: str, quiet: bool, total: int) -> Iterator[Callable[..., 
 
 def warn_random_weights(what: str = "answers") -> None:
     """The one warning for a preset whose models have random weights (the built-in random pairs)."""
-    err(f"sgl: warning: a model of this preset has random weights: its {what} are noise; use a trained pair (the "
-        "default preset, or real checkpoints).")
+    from ..engine import random_weights_warning
+
+    err(f"sgl: {random_weights_warning(what)}")
 
 
 def note(message: str) -> None:

@@ -36,7 +36,7 @@ gives per-type accuracy. Lines without `answer` are reported and skipped.
 For each guide and retain ratio the large model answers from the kept visual tokens; the small and the
 large model alone are the references. Without --threshold or --calibration nothing exits early, so the
 table measures pruning alone; with one, the sgl rows are the mixed system (confident small answers exit,
-the others go to the pruned large model). cls, fastv and random never exit. The small model's pass, the
+the others go to the pruned large model); the other guides never exit. The small model's pass, the
 large model's image features and its unpruned answer are computed once per item and shared by every
 setting; a setting's items/s counts every stage it needs, and its compute, relative to the large model alone,
 is the small model + (1 - exit rate) x the large model at that setting, each the median over the items of its

@@ -7,11 +7,14 @@
     for record in engine.run(read_items("batch.jsonl")):                                        # records only
         print(record["answer"])
 
-Layout: `core/` (loading, the transformers seam, generation, capture, pruning, the staged `Engine`), `families/`
-(one adapter per model family), `guides/` (one module per ranking method, and the plugin registry), `io/` (input
-items, images, output records, `Run`, the Ray backend), `evaluation/` (metrics, calibration, the comparison of
-guides, `Bench`), `builtin/` (the shipped pair and the shapes task), `views/` (inspect's terminal and PNG views,
-plots). Errors are `SglError` (the run cannot start) and `ItemError` (one item's record).
+Layout, lowest layer first (docs/design.md; tests/test_layering.py): `io/` (input items and formats, images,
+output records), `core/` (the transformers seam, generation, capture, pruning), `families/` (one adapter per model
+family), `guides/` (one module per ranking method, and their registry), `builtin/` (the shipped pair, the shapes
+task, the published architectures), the settings (`preset`, `metrics`, `calibration`), `backends/` (the two models'
+interfaces, `LargeBackend` and `SmallModel`, and their backends: transformers, vLLM, plugins), `pipeline/` (the
+staged `Engine` and its records), `evaluation/` (the comparison of guides, eval, calibrate, `Bench`), `runs/`
+(`Run`, the Ray backend), `views/` (inspect, report). Errors are `SglError` (the run cannot start) and `ItemError`
+(one item's record).
 
 Importing this package is cheap; torch and transformers load with the engine itself.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from .builtin.pair import random_weights_warning
+from .core.threads import use_threads
 from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
 from .io.formats import read_items
@@ -34,7 +39,8 @@ if TYPE_CHECKING:
     from .evaluation.bench import Bench
     from .evaluation.calibrate import Calibrator
     from .evaluation.compare import Comparison
-    from .guides.base import Guide, GuideBatch, GuideItem
+    from .backends.base import LargeBackend, SmallModel
+    from .guides.base import Guide, GuideBatch, GuideItem, Kind
     from .runs.run import Run, RunSummary
 
 # Loaded on first use (they import torch).
@@ -43,14 +49,16 @@ _LAZY = {
     "Encoded": ".pipeline.stages", "LargeAnswer": ".pipeline.stages", "SmallPass": ".pipeline.stages", "Work": ".pipeline.stages",
     "Bench": ".evaluation.bench", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
     "apply_calibration": ".calibration", "resolve_calibration": ".calibration", "PURPOSES": ".calibration",
-    "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base",
+    "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base", "Kind": ".guides.base",
+    "LargeBackend": ".backends.base", "SmallModel": ".backends.base",
     "Run": ".runs.run", "RunSummary": ".runs.run",
 }
 
-__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "ImageRef", "Item",
-           "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
-           "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names", "resolve_calibration",
-           "load_preset", "make_guide", "read_items"]
+__all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem",
+           "ImageRef", "Item", "ItemError", "Kind", "LargeAnswer", "LargeBackend", "LargeInputs", "ModelLoadError",
+           "ModelSpec", "Preset", "PresetError", "Run", "RunSummary", "Settings", "SglError", "SmallModel", "SmallPass",
+           "Work", "apply_calibration", "guide_names", "load_preset", "make_guide", "random_weights_warning",
+           "read_items", "resolve_calibration", "use_threads"]
 
 
 def __getattr__(name: str):

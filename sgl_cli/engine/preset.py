@@ -1,6 +1,6 @@
 """Presets: typed, closed YAML files naming a small/large model pair and the run's defaults.
 
-`small` may be left out (or null): such a preset runs only the single-model guides (cls, fastv, random).
+`small` may be left out (or null): such a preset runs only the guides that need no small model (all but sgl).
 
 An unknown key is an error naming the key and the file; values are type-checked. Settings given on the command
 line override the preset's; the resolved preset is what a run records beside its output.
@@ -108,7 +108,7 @@ class Settings:
     prompt_suffix: str = "Answer the question using a single word or phrase."
     batch_size: int = 1
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
-    guide: str = "sgl"  # what ranks the visual tokens: a registered guide (sgl, cls, fastv, random, plugins)
+    guide: str = "sgl"  # what ranks the visual tokens: a registered guide (built-in or a plugin's)
     seed: int = 0  # the random guide's seed
 
     def validate(self, where: str = "settings") -> None:
@@ -137,7 +137,7 @@ class Settings:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    small: ModelSpec | None  # None: no small model (only the cls, fastv and random guides can run)
+    small: ModelSpec | None  # None: no small model (only the guides that do not need one can run)
     large: ModelSpec
     settings: Settings = field(default_factory=Settings)
     description: str = ""

@@ -161,22 +161,19 @@ def _build_class():
                 if path is not None and not path.parent.is_dir():
                     _fail(f"{what}={path}: folder {path.parent} does not exist")
             try:
-                from sgl_cli.engine import Engine, resolve_calibration
+                from sgl_cli.engine import Engine, random_weights_warning, resolve_calibration, use_threads
 
                 chosen = load_preset(preset).with_settings(no_exit=bool(no_exit), **settings)
                 if quantize is not None:
                     chosen = chosen.with_quantize(str(quantize))
                 chosen = resolve_calibration(chosen, "run", calibration, notify=logger.info,
                                              warn=logger.warning).preset
-                if threads is not None:
-                    import torch
-
-                    torch.set_num_threads(int(threads))
+                use_threads(threads)
                 self.engine = Engine.load(chosen)
             except SglError as exc:
                 _fail(str(exc))
             if self.engine.random_weights:
-                logger.warning("sgl: a model of this preset has random weights: its answers are noise")
+                logger.warning(f"sgl: {random_weights_warning()}")
             self.preset = chosen
             self.stats: dict[str, TaskStats] = {}
             self._records_file = None

@@ -276,6 +276,12 @@ def ensure_pair(name: str = "default", root: Path | None = None) -> dict[str, Pa
     return paths
 
 
+def random_weights_warning(what: str = "answers") -> str:
+    """The one warning for a preset whose models have random weights (the built-in random pairs)."""
+    return (f"warning: a model of this preset has random weights: its {what} are noise; use a trained pair (the "
+            "default preset, or real checkpoints).")
+
+
 def is_random(path: Path) -> bool:
     marker = Path(path) / "SGL_BUILTIN.json"
     return marker.exists() and json.loads(marker.read_text()).get("random_weights", False)

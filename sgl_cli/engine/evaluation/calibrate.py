@@ -177,7 +177,8 @@ class Calibrator:
             raise SglError(f"input file {self.input} not found")
         if preset.settings.guide != "sgl" or preset.small is None:
             raise SglError(f"preset {preset.name!r}: only the sgl guide, with a small model, exits early; there is "
-                           "no threshold to calibrate for the cls, fastv, random or downsample guides")
+                           f"no threshold to calibrate for the {preset.settings.guide} guide"
+                           + ("" if preset.small is not None else " nor without a small model"))
         try:
             self.retains = parse_retains(list(retains))
         except ValueError as exc:
@@ -270,15 +271,18 @@ class Calibrator:
                 "threads": torch.get_num_threads(), "batch_size": engine.settings.batch_size}
 
     def _batch(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
-        known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
-        try:
-            res = comparison.batch(items, large_alone=full, small=known)
-        except Exception as exc:  # noqa: BLE001 - a model failure fails its items (one by one), not the calibration
-            if len(items) > 1:
-                return [r for item in items for r in self._batch(comparison, retains, [item], full)]
+        from ..io.batches import alone_on_failure
+
+        def failed(item: Item, exc: BaseException) -> list[dict]:
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            return [{"line": items[0].line, "item_key": item_key(items[0]),
-                     "error": items[0].fail(f"model pass failed: {detail}")}]
+            return [{"line": item.line, "item_key": item_key(item), "error": item.fail(f"model pass failed: {detail}")}]
+
+        return [rec for part in alone_on_failure(items, lambda group: self._records(comparison, retains, group, full),
+                                                 failed) for rec in part]
+
+    def _records(self, comparison, retains: list[float], items: list[Item], full: bool) -> list[dict]:
+        known = None if full else [decode_small(self.records[item.line]["small"]) for item in items]
+        res = comparison.batch(items, large_alone=full, small=known)
         index = {id(w): i for i, w in enumerate(res.live)}
         n = max(1, len(res.live))
         timing = self._conditions(comparison.engine)

@@ -76,7 +76,7 @@ class Comparison:
         for name, _ in self.settings:
             self.guides.setdefault(name, make_guide(name, engine.settings))
         for guide in self.guides.values():
-            require_small(type(guide), engine.small is not None, engine.preset.name if engine.preset else "given")
+            require_small(type(guide), engine.small is not None, engine.preset.name if engine.preset else None)
         if threshold is not None and engine.small is None:
             raise ValueError("early exit (a threshold) needs a small model")
 

@@ -151,7 +151,7 @@ class Guide:
         return top_k_in_order(scores, n_keep(len(scores), retain))
 
 
-def require_small(guide_cls, has_small: bool, preset: str, also: tuple[str, ...] = ()) -> None:
+def require_small(guide_cls, has_small: bool, preset: str | None, also: tuple[str, ...] = ()) -> None:
     """Refuse a guide that needs the small model where `preset` names none: one wording everywhere, the guides that
     can run instead from the registry (and `also`: `all` for `sgl inspect`)."""
     if guide_cls.needs_small and not has_small:
@@ -160,9 +160,10 @@ def require_small(guide_cls, has_small: bool, preset: str, also: tuple[str, ...]
 
         others = [g for g in guide_names() if g != guide_cls.name and not _needs_small(guide_class, g)] + list(also)
         listed = ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others)
-        name = repr(preset).replace("{", "{{").replace("}", "}}")
-        raise NoSmallModel(f"preset {name} names no small model, which the {guide_cls.name} guide needs (use {{}} "
-                           f"{listed or 'another guide'})", "guide")
+        where = "no small model is loaded" if preset is None else \
+            f"preset {preset!r} names no small model".replace("{", "{{").replace("}", "}}")
+        raise NoSmallModel(f"{where}, which the {guide_cls.name} guide needs (use {{}} {listed or 'another guide'})",
+                           "guide")
 
 
 def _needs_small(guide_class, name: str) -> bool:

@@ -36,7 +36,7 @@ from .. import backends
 from ..backends.base import LargeBackend, LargeInputs, LayoutOnly, SmallModel, check
 from ..guides import guide_class, make_guide
 from ..guides.base import Guide, Kind, n_keep, require_small, top_k_in_order
-from ..io.batches import batches
+from ..io.batches import alone_on_failure, batches
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
@@ -69,7 +69,7 @@ class Engine:
         self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
         self.guide: Guide = make_guide(settings.guide, settings)
         check(type(self.guide), type(large), settings.prune_layer)
-        require_small(type(self.guide), small is not None, preset.name if preset else "given")
+        require_small(type(self.guide), small is not None, preset.name if preset else None)
         if small is not None and small.family.name != large.family.name:
             raise ModelLoadError(
                 f"small ({small.family.name}) and large ({large.family.name}) models are not of one family"
@@ -294,18 +294,13 @@ class Engine:
         """Run `fn` on the live works. An item that fails alone says so as data (`Work.error`); an exception fails
         the batch for a reason that names no item, so it is run again item by item: only the items that fail alone
         get an error record, never the run."""
-        live = [w for w in works if w.ok]
-        if not live:
-            return
-        try:
-            fn(live)
-        except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
-            if len(live) > 1:
-                for w in live:
-                    self._stage([w], fn, what)
-                return
-            live[0].error = str(exc) if isinstance(exc, ItemError) else live[0].item.fail(
+        def failed(w: Work, exc: BaseException) -> None:
+            w.error = str(exc) if isinstance(exc, ItemError) else w.item.fail(
                 f"{what} failed: " + traceback.format_exception_only(type(exc), exc)[-1].strip())
+
+        live = [w for w in works if w.ok]
+        if live:
+            alone_on_failure(live, fn, failed)
 
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, w: Work, total_ms: float = 0.0) -> dict:

@@ -80,9 +80,9 @@ class EngineWorker:
     """One Ray actor: the pair loaded once, turning batches of input items into JSON records."""
 
     def __init__(self, preset, source, cwd: str, threads: int, fetch=None, save_scores: bool = False):
-        import torch
+        from ..core.threads import use_threads
 
-        torch.set_num_threads(threads)
+        use_threads(threads)
         if os.path.isdir(cwd):  # relative paths (images, the input's folder) resolve as on the driver
             os.chdir(cwd)
         from ..pipeline.engine import Engine

@@ -188,8 +188,9 @@ class Run:
         """The records of the items after those `out` holds, and a function giving the next record's (line,
         input fingerprint)."""
         def warn_random() -> None:
-            self.warn("warning: a model of this preset has random weights: its answers are noise; use a trained "
-                      "pair (the default preset, or real checkpoints) for real answers.")
+            from ..builtin.pair import random_weights_warning
+
+            self.warn(random_weights_warning())
 
         skip = len(self.done)
         if self.backend == "ray":
@@ -202,10 +203,9 @@ class Run:
                                save_scores=self.save_scores), lambda: next(pending)
         from ..pipeline.engine import Engine
 
-        if self.threads is not None:
-            import torch
+        from ..core.threads import use_threads
 
-            torch.set_num_threads(self.threads)
+        use_threads(self.threads)
         engine = Engine.load(self.preset, fetch=self.fetch)  # resolved above
         engine.save_scores = self.save_scores
         if engine.random_weights:

@@ -24,7 +24,7 @@ COLORMAP = "inferno"
 class GuideMap:
     """One guide's ranking of the image's visual tokens."""
 
-    name: str  # the guide: sgl, cls, fastv, random or a plugin's
+    name: str  # the guide's registered name
     importance: list[float]  # one per visual token, in sequence order (placeholders without newlines)
     kept: list[int]  # indices the large model keeps at `retain`, in order
     prune_layer: int = 0  # where the large model drops the other tokens (0: before the language model)
