@@ -4,7 +4,8 @@ Built-in: `transformers` (the large model in this process, every capability) and
 sgl's model plugin; its module imports vLLM only when the backend loads). Any installed package can add one under the
 entry-point group `sgl.backends` (`name = "module:BackendClass"`): presets (`large: {backend: name}`) and
 `--large-backend` then choose it like a built-in one. Importing this package is cheap: a backend's module is
-imported only when its class is asked for.
+imported only when its class is asked for. A plugin that cannot be imported, or whose `check_spec` or `load`
+raises, is one line naming it (`plugins.py`'s rule); what a backend gives back is checked by the engine.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ BUILTIN = {
     "vllm": "sgl_cli.engine.backends.vllm.backend:VllmBackend",
 }
 
-__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_names", "check_preset", "missing",
-           "refresh"]
+__all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "backend_class", "backend_label", "backend_names",
+           "check_preset", "check_spec", "load_backend", "missing", "refresh"]
 
 
-_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN)
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN, noun="large backend")
 
 
 def _escaped(text: str) -> str:
@@ -40,8 +41,9 @@ def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) 
     if problem == "unknown":
         return SettingError("{}: unknown large backend " + _escaped(repr(name)) + "; choose one of "
                             + ", ".join(backend_names()), "large_backend")
-    if problem == "import":
-        return SettingError("{}: cannot import large backend " + repr(name) + f" ({spec}): " + _escaped(str(exc)),
+    if problem == "import":  # an ImportError says what is missing; anything else says what it is, too
+        detail = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        return SettingError("{}: cannot import large backend " + repr(name) + f" ({spec}): " + _escaped(detail),
                             "large_backend")
     return SettingError("{}: large backend " + repr(name) + f" ({spec}) is not a subclass of "
                         "sgl_cli.engine.backends.base.LargeBackend", "large_backend")
@@ -61,8 +63,32 @@ def backend_class(name: str) -> type["LargeBackend"]:
     """The class of large backend `name` (imports its module, not its engine)."""
     from .base import LargeBackend
 
-    # only an import that fails is worded; anything else a backend's module raises propagates as it is
+    # only a built-in's import that fails is worded (anything else propagates as it is); a plugin's, whatever it is
     return _REGISTRY.load(name, LargeBackend, _fail, catch=(ImportError, AttributeError))
+
+
+def backend_label(backend) -> str:
+    """How messages name a backend (an instance): "large backend 'transformers'", "large backend plugin 'echo'"."""
+    return _REGISTRY.label(backend.name or type(backend).__name__, type(backend))
+
+
+def check_spec(name: str, spec) -> None:
+    """Backend `name`'s `check_spec(spec)` (before any model loads); a plugin's that raises is one line naming it."""
+    cls = backend_class(name)
+    _REGISTRY.call(name, cls, "check_spec", cls.check_spec, spec)
+
+
+def load_backend(name: str, spec, role: str = "large", options=None) -> "LargeBackend":
+    """Backend `name` loaded for `spec`: a plugin whose `load` raises, or gives no LargeBackend, is one line naming
+    it (a PluginError); a built-in's error propagates as it is."""
+    from ..errors import PluginError
+    from .base import LargeBackend
+
+    cls = backend_class(name)
+    backend = _REGISTRY.call(name, cls, "load", cls.load, spec, role, options)
+    if not isinstance(backend, LargeBackend):
+        raise PluginError(f"{_REGISTRY.label(name, cls)}: load gave a {type(backend).__name__}, not a LargeBackend")
+    return backend
 
 
 def check_preset(preset, guides: list[str] | None = None) -> None:

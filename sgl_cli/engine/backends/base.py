@@ -51,6 +51,13 @@ class LargeInputs:
     items: list  # GuideItem per work
     scores: dict[str, list]  # guide name -> per item (guides that rank in the prefill: absent)
 
+    @classmethod
+    def join(cls, parts: list["LargeInputs"]) -> "LargeInputs":
+        """The inputs of several calls as one, in order (the scores of the guides every part has)."""
+        names = [g for g in (parts[0].scores if parts else {}) if all(g in p.scores for p in parts)]
+        return cls([w for p in parts for w in p.works], [r for p in parts for r in p.rows],
+                   [i for p in parts for i in p.items], {g: [s for p in parts for s in p.scores[g]] for g in names})
+
     def select(self, works: list) -> "LargeInputs":
         """The inputs of a subset of the works (same objects), in the subset's order."""
         index = {id(w): i for i, w in enumerate(self.works)}

@@ -1,5 +1,6 @@
 """The one batching rule every loop over items uses (Engine.run, the Ray backend's input batches, evaluation,
-calibration): a batch ends at its `size`-th counted item."""
+calibration): a batch ends at its `size`-th counted item. And the one rule for an input that fails part-way
+(`until_failure`): the items read before the failure are run and recorded, then the failure is raised."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ def batches(items: Iterable[T], size: int, counts: Callable[[T], bool] | None = 
             pending, counted = [], 0
     if pending:
         yield pending
+
+
+def until_failure(items: Iterable[T], failed: list[BaseException]) -> Iterator[T]:
+    """`items` until reading the next one raises: the exception is appended to `failed` and the items end there,
+    so that the caller runs (and records) every item read before it, then raises it. Reading ahead (the engine
+    prefetches several batches) must not cost the records of the items already read."""
+    try:
+        yield from items
+    except Exception as exc:  # noqa: BLE001 - raised by the caller once the items before it are done
+        failed.append(exc)

@@ -10,7 +10,9 @@ fraction of visual tokens as the guide ranks them, in original order with their 
         print(record["answer"])
 
 The stages are public, each with a typed result (`pipeline.stages`), so that other drivers (`sgl eval`'s comparison
-of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models:
+of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models. What a guide or the
+large backend gives back to a stage is checked here (`plugins.py`'s checks: scores, kept indices, one answer per
+item); a violation fails the items it concerns, naming the guide or backend (`stage`):
 
     works = engine.prepare(items)            # Work.encoded
     engine.small_pass(works)                 # Work.small (nothing without a small model)
@@ -31,13 +33,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ItemError, ModelLoadError
-from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class
-from ..backends.base import LargeBackend, LargeInputs, check
+from ..errors import ContractError, ItemError, ModelLoadError
+from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class, backend_label, check_spec, load_backend
+from ..backends.base import LargeBackend, LargeInputs, Reduced, check
 from ..backends.transformers import TransformersLarge
-from ..guides import guide_class, make_guide
+from ..guides import guide_class, guide_label, make_guide
 from ..guides.base import Guide, GuideBatch, n_keep, top_k_in_order
-from ..io.batches import batches
+from ..io.batches import batches, until_failure
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
@@ -45,6 +47,7 @@ from ..preset import Preset, Settings
 from ..core.capture import ImportanceCapture
 from ..core.generate import Generation, Row, answer_probs, collate, greedy, rows_device
 from ..core.limits import check_text
+from ..plugins import check_answers, check_kept, check_reduced, check_scores
 from .models import LoadedModel
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
@@ -104,10 +107,10 @@ class Engine:
         from ..backends import transformers as models  # looked up at call time (tests count the loads)
 
         guide_cls = guide_class(preset.settings.guide)
-        backend = backend_class(preset.large.backend or DEFAULT_BACKEND)
-        check(guide_cls, backend, preset.settings.prune_layer)  # before any model loads
+        backend_name = preset.large.backend or DEFAULT_BACKEND
+        check(guide_cls, backend_class(backend_name), preset.settings.prune_layer)  # before any model loads
         if large:
-            backend.check_spec(preset.large)
+            check_spec(backend_name, preset.large)
         needs_small = guide_cls.needs_small
         if needs_small and preset.small is None:
             raise ModelLoadError(f"preset {preset.name!r} names no small model, which the {preset.settings.guide} "
@@ -116,7 +119,7 @@ class Engine:
         small_model = models.load_model(preset.small, "small") if want_small else None
         settings = preset.settings
         if large or small_model is None:
-            large_model = backend.load(preset.large, "large", preset.large.vllm)
+            large_model = load_backend(backend_name, preset.large, "large", preset.large.vllm)
         else:
             large_model = TransformersLarge(small_model)  # stands in: same family, same processor and token layout
             settings = dataclasses.replace(settings, prune_layer=0)
@@ -136,9 +139,14 @@ class Engine:
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
-        Image URLs of the items ahead are fetched while the current batch computes."""
-        for batch in batches(self._prefetching(items), self.settings.batch_size, lambda item: item.error is None):
+        Image URLs of the items ahead are fetched while the current batch computes. If reading `items` raises
+        (an input format's reader broke), the items read before it are run and recorded, then it is raised."""
+        failed: list[BaseException] = []
+        for batch in batches(self._prefetching(until_failure(items, failed)), self.settings.batch_size,
+                             lambda item: item.error is None):
             yield from self.process(batch)
+        if failed:
+            raise failed[0]
 
     def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
@@ -165,8 +173,8 @@ class Engine:
             t1 = time.perf_counter()
             # A guide that reduces the large model's input encodes it itself: the full rows are not needed.
             reduces = self.guide.reduces_input
-            self._stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
-                        "large stage")
+            self.stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
+                       "large stage")
             _share(todo, "large", t1)
         total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
         return [self.record(w, total_ms) for w in works]
@@ -178,7 +186,7 @@ class Engine:
         works = [Work(item, error=item.error) for item in items]
         for w in works:
             if w.ok:
-                self._stage([w], lambda group: self._encode(group[0]), "encode")
+                self.stage([w], lambda group: self._encode(group[0]), "encode")
         return works
 
     @torch.inference_mode()
@@ -187,8 +195,8 @@ class Engine:
         if self.small is None:
             return
         live = [w for w in works if w.ok]
-        self._stage(live, self.small_answer, "small stage")
-        self._stage([w for w in live if w.ok], self.consistency, "consistency stage")
+        self.stage(live, self.small_answer, "small stage")
+        self.stage([w for w in live if w.ok], self.consistency, "consistency stage")
 
     def analyze(self, items: list[Item]) -> list[Work]:
         """The small model's part for a batch: `prepare`, then `small_pass`."""
@@ -204,7 +212,14 @@ class Engine:
         """The large model's rows for `works` (one vision-tower call, under each guide's `watch_vision`), and the
         scores of every guide in `guides` (default: the engine's) that ranks before the language model."""
         guides = list(guides) if guides is not None else [self.guide]
-        return self.large.inputs(works, guides)
+        inputs = self.large.inputs(works, guides)
+        if not isinstance(inputs, LargeInputs) or len(inputs.items) != len(works) or len(inputs.works) != len(works):
+            got = len(inputs.items) if isinstance(inputs, LargeInputs) else type(inputs).__name__
+            raise ContractError(f"{backend_label(self.large)}: inputs gave {got} items for {len(works)}")
+        for guide in guides:
+            if guide.name in inputs.scores:
+                check_scores(guide_label(guide), inputs.scores[guide.name], [w.encoded.n_visual for w in works])
+        return inputs
 
     @torch.inference_mode()
     def large_pass(self, works: list[Work], inputs: LargeInputs | None, guide: Guide | None = None,
@@ -223,9 +238,12 @@ class Engine:
         limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
                   for w in works]
         if guide.reduces_input:
-            gen, seen = m.generate_reduced(works, guide, retain, limits)
-            answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, torch.ones(r.n_visual),
-                                   torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
+            got = m.generate_reduced(works, guide, retain, limits)
+            gen, seen = got if isinstance(got, (tuple, list)) and len(got) == 2 else (None, None)
+            tokens = check_answers(backend_label(m), "generate_reduced", gen, len(works))
+            check_reduced(backend_label(m), "generate_reduced", seen, len(works))
+            answers = [LargeAnswer(t, self._decode(t), guide.name, torch.ones(r.n_visual),
+                                   torch.arange(r.n_visual), 0, r) for t, r in zip(tokens, seen)]
             if own:
                 for w, a in zip(works, answers):
                     w.large = a
@@ -234,20 +252,46 @@ class Engine:
             inputs = inputs.select(works)
         if k > 0:
             m.check_prune_layer(k)
+        n_visual = [w.encoded.n_visual for w in works]
         if guide.ranks_in_prefill:
-            gen, scores, kept = m.rank_in_prefill(guide, inputs, retain, k, limits)
+            got = m.rank_in_prefill(guide, inputs, retain, k, limits)
+            gen, scores, kept = got if isinstance(got, (tuple, list)) and len(got) == 3 else (None, None, None)
+            tokens = check_answers(backend_label(m), "rank_in_prefill", gen, len(works))
+            check_scores(guide_label(guide), scores, n_visual)
+            check_kept(guide_label(guide), kept, n_visual)
         else:
             scores = inputs.scores.get(guide.name)
             if scores is None:  # a guide large_inputs was not asked for (it must not need watch_vision)
                 scores = guide.scores(GuideBatch(m, inputs.items))
-            kept = [guide.keep(m, item, s, retain) for item, s in zip(inputs.items, scores)]
-            gen = m.generate(works, inputs, kept, k, limits)
-        answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, s, idx, k)
-                   for tokens, s, idx in zip(gen.tokens, scores, kept)]
+                check_scores(guide_label(guide), scores, n_visual)
+            kept = [self.keep(guide, item, s, retain) for item, s in zip(inputs.items, scores)]
+            tokens = check_answers(backend_label(m), "generate", m.generate(works, inputs, kept, k, limits), len(works))
+        answers = [LargeAnswer(t, self._decode(t), guide.name, s, idx, k)
+                   for t, s, idx in zip(tokens, scores, kept)]
         if own:
             for w, a in zip(works, answers):
                 w.large = a
         return answers
+
+    def keep(self, guide: Guide, item, scores: torch.Tensor, retain: float) -> torch.Tensor:
+        """The visual tokens `guide` keeps of `item` (a GuideItem) at `retain`, checked: 1-D integer indices,
+        strictly increasing, within the item's visual tokens, at least one (else a ContractError naming it)."""
+        kept = guide.keep(self.large, item, scores, retain)
+        check_kept(guide_label(guide), [kept], [item.n_visual])
+        return kept
+
+    def reduced(self, works: list[Work], guide: Guide, retain: float) -> list[Reduced]:
+        """What the large model would see of each item under a guide that reduces its input (the backend's
+        `reduced`), checked: one per item."""
+        seen = self.large.reduced(works, guide, retain)
+        check_reduced(backend_label(self.large), "reduced", seen, len(works))
+        return seen
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.large.decode(tokens)
+        if not isinstance(text, str):
+            raise ContractError(f"{backend_label(self.large)}: decode gave a {type(text).__name__}, not a string")
+        return text
 
     def generate_kept(self, works: list[Work], rows: list[Row], kept: list[torch.Tensor], k: int,
                       limits: list[int]) -> Generation:
@@ -349,25 +393,31 @@ class Engine:
         _share(works, "small", t0)
         _share(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
 
-    def _stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str) -> None:
+    def stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str,
+              catch: type[Exception] | tuple[type[Exception], ...] = Exception) -> None:
         """Run `fn` on the live works; a failure fails its items (one by one, so one bad item does not fail its
-        batch), never the run."""
+        batch), never the run. A ContractError (what a guide or backend gave back, checked) is the item's error as
+        it says it, naming the guide or backend. `catch`: the failures confined so (others propagate)."""
         live = [w for w in works if w.ok]
         if not live:
             return
         try:
             fn(live)
-        except ItemError as exc:
-            for w in live:
-                w.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
+            if not isinstance(exc, catch):
+                raise
+            if isinstance(exc, ItemError):
+                for w in live:
+                    w.error = str(exc)
+                return
             if len(live) > 1:
                 for w in live:
-                    self._stage([w], fn, what)
+                    self.stage([w], fn, what, catch)
                 return
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            detail = str(exc) if isinstance(exc, ContractError) else \
+                f"{what} failed: {traceback.format_exception_only(type(exc), exc)[-1].strip()}"
             for w in live:
-                w.error = w.item.fail(f"{what} failed: {detail}")
+                w.error = w.item.fail(detail)
 
     @staticmethod
     def decode(m: LoadedModel, tokens: list[int]) -> str:
