@@ -42,14 +42,40 @@ FLAGS = {
 
 @contextlib.contextmanager
 def domain_errors() -> Iterator[None]:
-    """A preset, settings or model problem ends the command with one line on stderr and exit code 2."""
+    """A preset, settings or model problem ends the command with one line on stderr and exit code 2. A plugin the
+    library leaves out (a PluginWarning) is one line on stderr, once per command."""
     from ..engine.errors import SettingError, SglError
 
     try:
-        yield
+        with plugin_warnings():
+            yield
     except SglError as exc:
         err(f"sgl: error: {exc.worded(FLAGS) if isinstance(exc, SettingError) else exc}")
         raise typer.Exit(USAGE_ERROR) from None
+
+
+@contextlib.contextmanager
+def plugin_warnings() -> Iterator[None]:
+    """While the command runs, each PluginWarning is printed once as `sgl: warning: ...` (the warnings module's
+    own scope: restored on exit); other warnings are shown as Python shows them."""
+    import warnings
+
+    from ..engine.plugins import PluginWarning
+
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PluginWarning)  # once per command, counted here, not per code location
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, PluginWarning):
+                python_shows(message, category, filename, lineno, file, line)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                err(f"sgl: warning: {message}")
+
+        warnings.showwarning = show
+        yield
 
 
 def set_threads(threads: int | None) -> None:

@@ -44,3 +44,14 @@ class NoSmallModel(SettingError, ModelLoadError):
 
 class ItemError(Exception):
     """A problem with one input item; reported in that item's record."""
+
+
+class PluginError(SglError):
+    """A plugin (a guide, large backend or input format) that failed where the run cannot go on without it: one
+    asked for by name whose `load`, `check_spec` or `from_settings` raised. One line naming it."""
+
+
+class ContractError(Exception):
+    """What a guide, large backend or input format gave back breaks its contract (`plugins.py`'s checks). Not an
+    ItemError: the engine retries a failed batch item by item, so that each item's error record says its own
+    violation, naming the plugin, and its neighbours go on."""

@@ -6,7 +6,8 @@ with sgl's model plugin; its module imports vLLM only when the backend loads); s
 package can add one under the entry-point groups `sgl.backends` (large) and `sgl.small_backends` (small), `name =
 "module:Class"`: presets (`large: {backend: name}`, `small: {backend: name}`) and `--large-backend` then choose it
 like a built-in one. Importing this package is cheap: a backend's module is imported only when its class is asked
-for.
+for. A plugin that cannot be imported, or whose `check_spec` or `load` raises, is one line naming it (`plugins.py`'s
+rule); what a backend gives back is checked by the engine.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ SMALL_BUILTIN = {
 }
 
 __all__ = ["BUILTIN", "DEFAULT", "ENTRY_POINT_GROUP", "SMALL_BUILTIN", "SMALL_ENTRY_POINT_GROUP", "backend_class",
-           "backend_names", "check_preset", "load", "missing", "refresh", "seat"]
+           "backend_label", "backend_names", "check_preset", "check_spec", "load", "missing", "refresh", "seat"]
 
 
-_REGISTRIES = {"large": Registry(ENTRY_POINT_GROUP, BUILTIN), "small": Registry(SMALL_ENTRY_POINT_GROUP, SMALL_BUILTIN)}
+_REGISTRIES = {"large": Registry(ENTRY_POINT_GROUP, BUILTIN, noun="large backend"),
+               "small": Registry(SMALL_ENTRY_POINT_GROUP, SMALL_BUILTIN, noun="small backend")}
 
 
 def _escaped(text: str) -> str:
@@ -50,9 +52,10 @@ def _failing(role: str):
         if problem == "unknown":
             return SettingError(said + ": unknown " + role + " backend " + _escaped(repr(name)) + "; choose one of "
                                 + ", ".join(backend_names(role)), setting)
-        if problem == "import":
+        if problem == "import":  # an ImportError says what is missing; anything else says what it is, too
+            detail = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
             return SettingError(said + ": cannot import " + role + " backend " + _escaped(repr(name)) + f" ({spec}): "
-                                + _escaped(str(exc)), setting)
+                                + _escaped(detail), setting)
         return SettingError(said + ": " + role + " backend " + _escaped(repr(name)) + f" ({spec}) is not a subclass "
                             f"of sgl_cli.engine.backends.base.{base}", setting)
 
@@ -70,28 +73,51 @@ def refresh() -> None:
         registry.refresh()
 
 
+def _base(role: str) -> type:
+    from .base import LargeBackend, SmallModel
+
+    return LargeBackend if role == "large" else SmallModel
+
+
 def backend_class(name: str, role: str = "large") -> type["Model"]:
     """The class of backend `name` for `role` ("large": a LargeBackend, "small": a SmallModel; imports its module,
     not its engine)."""
-    from .base import LargeBackend, SmallModel
+    # only a built-in's import that fails is worded (anything else propagates as it is); a plugin's, whatever it is
+    return _REGISTRIES[role].load(name, _base(role), _failing(role), catch=(ImportError, AttributeError))
 
-    # only an import that fails is worded; anything else a backend's module raises propagates as it is
-    return _REGISTRIES[role].load(name, LargeBackend if role == "large" else SmallModel, _failing(role),
-                                  catch=(ImportError, AttributeError))
+
+def backend_label(backend, role: str = "large") -> str:
+    """How messages name a backend (an instance): "large backend 'transformers'", "large backend plugin 'echo'"."""
+    return _REGISTRIES[role].label(backend.name or type(backend).__name__, type(backend))
+
+
+def check_spec(spec, role: str = "large") -> None:
+    """The `check_spec(spec)` of the backend `spec` names for `role` (before any model loads); a plugin's that
+    raises is one line naming it."""
+    name = spec.backend or DEFAULT
+    cls = backend_class(name, role)
+    _REGISTRIES[role].call(name, cls, "check_spec", cls.check_spec, spec)
 
 
 def load(spec, role: str) -> "Model":
-    """The model of `spec` in `role`, loaded by its backend with the spec's options."""
-    cls = backend_class(spec.backend or DEFAULT, role)
-    return cls.load(spec, role, cls.check_options(spec.options, f"{role}.options"))
+    """The model of `spec` in `role`, loaded by its backend with the spec's options (checked); a plugin's `load`
+    that raises, or gives something else than its role's model, is one line naming it."""
+    from ..errors import PluginError
+
+    name = spec.backend or DEFAULT
+    cls = backend_class(name, role)
+    registry = _REGISTRIES[role]
+    model = registry.call(name, cls, "load", cls.load, spec, role, cls.check_options(spec.options, f"{role}.options"))
+    if not isinstance(model, _base(role)):
+        raise PluginError(f"{registry.label(name, cls)}: load gave a {type(model).__name__}, not a "
+                          f"{_base(role).__name__}")
+    return model
 
 
 def seat(model, role: str) -> "Model":
     """`model` behind the interface of its role ("small" or "large"): a backend's model as it is; a transformers
     model loaded by hand (a `LoadedModel`: `load_model`, `from_arch`) behind the transformers backend."""
-    from .base import LargeBackend, SmallModel
-
-    want = LargeBackend if role == "large" else SmallModel
+    want = _base(role)
     if isinstance(model, want):
         return model
     from .transformers import LoadedModel, TransformersLarge, TransformersSmall

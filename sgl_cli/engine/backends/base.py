@@ -99,6 +99,13 @@ class LargeInputs:
     items: list  # GuideItem per work
     scores: dict[str, list]  # guide name -> per item (guides of another kind: absent)
 
+    @classmethod
+    def join(cls, parts: list["LargeInputs"]) -> "LargeInputs":
+        """The inputs of several calls as one, in order (the scores of the guides every part has)."""
+        names = [g for g in (parts[0].scores if parts else {}) if all(g in p.scores for p in parts)]
+        return cls([w for p in parts for w in p.works], [r for p in parts for r in p.rows],
+                   [i for p in parts for i in p.items], {g: [s for p in parts for s in p.scores[g]] for g in names})
+
     def select(self, works: list) -> "LargeInputs":
         """The inputs of a subset of the works (same objects), in the subset's order."""
         index = {id(w): i for i, w in enumerate(self.works)}
@@ -312,21 +319,36 @@ class LargeBackend(Model):
                limits: list[int]) -> list[Answer]:
         """Each item's answer under `guide` at `retain`, dropped at layer `k`: the one place a guide's kind is
         dispatched on. `inputs` (aligned with `works`) is not needed by a guide that reduces the input."""
+        from ..guides import guide_label
         from ..guides.base import GuideBatch, Kind
+        from ..plugins import check_answers, check_kept, check_reduced, check_scores
+        from . import backend_label
 
+        who, n = backend_label(self), len(works)
         if guide.kind is Kind.REDUCES:
-            gen, seen = self.generate_reduced(works, guide, retain, limits)
+            got = self.generate_reduced(works, guide, retain, limits)
+            gen, seen = got if isinstance(got, (tuple, list)) and len(got) == 2 else (None, None)
+            check_answers(who, "generate_reduced", gen, n)
+            check_reduced(who, "generate_reduced", seen, n)
             return [Answer(tokens, reduced=r, error=e) for tokens, r, e in zip(gen.tokens, seen, gen.item_errors)]
         if k > 0:
             self.check_prune_layer(k)
+        n_visual = [item.n_visual for item in inputs.items]
         if guide.kind is Kind.PREFILL:
-            gen, scores, kept = self.rank_in_prefill(guide, inputs, retain, k, limits)
+            got = self.rank_in_prefill(guide, inputs, retain, k, limits)
+            gen, scores, kept = got if isinstance(got, (tuple, list)) and len(got) == 3 else (None, None, None)
+            check_answers(who, "rank_in_prefill", gen, n)
+            check_scores(guide_label(guide), scores, n_visual)
+            check_kept(guide_label(guide), kept, n_visual)
         else:
             scores = inputs.scores.get(guide.name)
             if scores is None:  # a guide `inputs` was not asked for (it must not need watch_vision)
                 scores = guide.scores(GuideBatch(self, inputs.items))
+                check_scores(guide_label(guide), scores, n_visual)
             kept = [guide.keep(self, item, s, retain) for item, s in zip(inputs.items, scores)]
+            check_kept(guide_label(guide), kept, n_visual)  # before the engine is asked for anything
             gen = self.generate(works, inputs, kept, k, limits)
+            check_answers(who, "generate", gen, n)
         return [Answer(tokens, s, idx, error=e) for tokens, s, idx, e in zip(gen.tokens, scores, kept, gen.item_errors)]
 
     def check_prune_layer(self, k: int) -> None:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..backends.base import LargeInputs
+from ..errors import ContractError
 from ..pipeline.engine import Engine, exits
 from ..pipeline.stages import Reduced, SmallPass, Work
 from ..guides import make_guide
@@ -98,86 +101,103 @@ class Comparison:
         eng.small_pass([w for w in works if w.small is None])
         t_small = time.perf_counter() - t0
         live = [w for w in works if w.ok]
-        out = BatchResult(works, live)
         if not live:
-            return out
+            return BatchResult(works, live)
+        # A guide or backend that breaks its contract on an item (checked, named: a ContractError) fails that item
+        # alone (Engine.stage: a batch that fails is retried item by item), which is left out of every setting;
+        # the others are compared. Any other failure is the comparison's, as ever.
         t0 = time.perf_counter()
-        inputs = eng.large_inputs(live, self.guides.values())
+        parts: list[LargeInputs] = []
+        eng.stage(live, lambda group: parts.append(eng.large_inputs(group, self.guides.values())), "large stage",
+                  ContractError)
+        live = [w for w in live if w.ok]
+        if not live:
+            return BatchResult(works, live)
+        inputs = LargeInputs.join(parts).select(live)
         t_rows = (time.perf_counter() - t0) / len(live)  # per item
         t_full = 0.0
         full = None
+        seconds: dict = {}
         if large_alone:
             t0 = time.perf_counter()
-            full = eng.large_pass(live, inputs, guide=_Everything(), retain=1.0)
+            full = self._each(live, lambda group: eng.large_pass(group, inputs, guide=_Everything(), retain=1.0))
+            for w in live:
+                if id(w) in full and full[id(w)].error is not None:  # the backend failed this item alone
+                    w.error = w.item.fail(f"large stage failed: {full[id(w)].error}")
             t_full = (time.perf_counter() - t0) / len(live)
-            out.large_alone = [a.answer for a in full]
-            out.seconds["large_alone"] = (t_rows + t_full) * len(live)
+            seconds["large_alone"] = (t_rows + t_full) * len(live)
         if eng.small is not None:
             # The share of the small model's time spent answering (not on the SEE re-read).
             small = sum(w.ms["small"] for w in live)
-            out.seconds["small_alone"] = t_small * sum(w.ms["small"] - w.ms["reread"] for w in live) / max(1e-9, small)
+            seconds["small_alone"] = t_small * sum(w.ms["small"] - w.ms["reread"] for w in live) / max(1e-9, small)
 
-        failed: dict[int, str] = {}  # index in live -> why the large model could not answer it (alone)
+        settled: dict[tuple[str, float], tuple[dict[int, SettingOutcome], int]] = {}
+        large_seconds: dict = {}
         for name, retain in self.settings:
             guide = self.guides[name]
             k = self.prune_layer(name)
-            exited = [exits(w, guide, self.threshold) for w in live]
-            todo = [w for w, e in zip(live, exited) if not e]
+            todo = [w for w in live if w.ok and not exits(w, guide, self.threshold)]
             # A guide that reduces the input runs the vision tower on its own images (timed in its pass), except
             # where the unpruned answer is its answer.
             reduces = guide.kind is Kind.REDUCES
             own_rows = reduces and not (retain >= 1.0 and full is not None)
-            seconds = 0.0 if own_rows else t_rows * len(todo)
-            results: dict[int, SettingOutcome] = {}
+            spent = 0.0 if own_rows else t_rows * len(todo)
+            results: dict[int, SettingOutcome] = {}  # by id(work); absent: the item exited (or failed)
             if todo and retain >= 1.0 and full is not None:  # nothing is dropped: the unpruned answer, any guide
-                ranked = inputs.scores.get(name)  # `inputs` is aligned with `live`; a prefill ranker has none
-                for i, w in enumerate(live):
-                    if not exited[i]:
-                        results[i] = SettingOutcome("large", full[i].answer, ranked[i] if ranked else None, full[i].kept, k)
-                seconds += t_full * len(todo)
+                ranked = dict(zip(map(id, inputs.works), inputs.scores[name])) if name in inputs.scores else {}
+                for w in todo:  # a prefill ranker has no scores here
+                    if id(w) in full:
+                        a = full[id(w)]
+                        results[id(w)] = SettingOutcome("large", a.answer, ranked.get(id(w)), a.kept, k)
+                spent += t_full * len(todo)
             elif todo and reduces and not answers:  # what the large model would see, no answer
-                index = iter(eng.large.reduced(todo, guide, retain))
-                for i in range(len(live)):
-                    if not exited[i]:
-                        results[i] = SettingOutcome("large", None, None, None, k, next(index))
+                seen = self._each(todo, lambda group: eng.reduced(group, guide, retain))
+                for key, r in seen.items():
+                    results[key] = SettingOutcome("large", None, None, None, k, r)
             elif todo and (answers or guide.kind is not Kind.RANKS):
                 t0 = time.perf_counter()
-                got = eng.large_pass(todo, inputs, guide=guide, retain=retain, max_new_tokens=None if answers else 1)
-                seconds += time.perf_counter() - t0
-                index = iter(got)
-                for i in range(len(live)):
-                    if not exited[i]:
-                        a = next(index)
-                        if a.error is not None:
-                            failed.setdefault(i, a.error)
-                        results[i] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept, k,
-                                                    a.reduced)
+                got = self._each(todo, lambda group: eng.large_pass(group, inputs, guide=guide, retain=retain,
+                                                                    max_new_tokens=None if answers else 1))
+                spent += time.perf_counter() - t0
+                for w in todo:
+                    a = got.get(id(w))
+                    if a is not None and a.error is not None:  # the backend failed this item alone
+                        w.error = w.item.fail(f"large stage failed: {a.error}")
+                    elif a is not None:
+                        results[id(w)] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept,
+                                                        k, a.reduced)
             elif todo:
-                sub = inputs.select(todo)
-                for i, w, item, s in zip([i for i, e in enumerate(exited) if not e], todo, sub.items,
-                                         sub.scores[name]):
-                    results[i] = SettingOutcome("large", None, s, guide.keep(eng.large, item, s, retain), k)
-            out.outcomes[(name, retain)] = [
-                results[i] if i in results else SettingOutcome("small", w.small.answer, None, None, k)
-                for i, w in enumerate(live)]
-            out.large_seconds[(name, retain)] = seconds
-            out.seconds[(name, retain)] = seconds + (t_small if guide.needs_small else 0.0)
-        return _without(out, failed)
+                def keep(group, name=name, guide=guide, retain=retain):
+                    sub = inputs.select(group)
+                    return [eng.keep(guide, item, s, retain) for item, s in zip(sub.items, sub.scores[name])]
 
+                ranked = dict(zip(map(id, inputs.works), inputs.scores[name]))
+                for key, kept in self._each(todo, keep).items():
+                    results[key] = SettingOutcome("large", None, ranked[key], kept, k)
+            settled[(name, retain)] = (results, k)
+            large_seconds[(name, retain)] = spent
+            seconds[(name, retain)] = spent + (t_small if guide.needs_small else 0.0)
 
-
-def _without(out: BatchResult, failed: dict[int, str]) -> BatchResult:
-    """`out` less the items the large model failed alone (each one's `Work.error` says why)."""
-    if not failed:
+        # Every list is aligned with the items that went through every setting (those that failed in one are out).
+        live = [w for w in live if w.ok]
+        out = BatchResult(works, live, seconds=seconds, large_seconds=large_seconds)
+        if full is not None:
+            out.large_alone = [full[id(w)].answer for w in live]
+        for key, (results, k) in settled.items():
+            out.outcomes[key] = [results.get(id(w)) or SettingOutcome("small", w.small.answer, None, None, k)
+                                 for w in live]
         return out
-    for i, why in failed.items():
-        out.live[i].error = out.live[i].item.fail(f"large stage failed: {why}")
-    keep = [i for i in range(len(out.live)) if i not in failed]
-    out.live = [out.live[i] for i in keep]
-    if out.large_alone is not None:
-        out.large_alone = [out.large_alone[i] for i in keep]
-    out.outcomes = {key: [outcomes[i] for i in keep] for key, outcomes in out.outcomes.items()}
-    return out
+
+    def _each(self, works: list[Work], fn) -> dict[int, Any]:
+        """`fn(group)` (a list aligned with `group`) for `works`, by id(work); a ContractError fails its items
+        (`Engine.stage`), which then have no entry."""
+        got: dict[int, Any] = {}
+
+        def run(group: list[Work]) -> None:
+            got.update(zip(map(id, group), fn(group)))
+
+        self.engine.stage(works, run, "large stage", ContractError)
+        return got
 
 
 class _Everything(Guide):

@@ -290,7 +290,7 @@ class EvaluationPlan:
         `threshold`, or `calibration` (a file whose point is then measured too: the sgl guide at its retain, prune
         layer and threshold; `engine/calibration.py`, purpose "eval")."""
         from ..backends import check_preset, missing
-        from ..guides import guide_class, guide_names
+        from ..guides import guide_class, usable_guides
         from ..guides.base import require_small
 
         get_metric(metric)
@@ -298,7 +298,7 @@ class EvaluationPlan:
             raise SettingError("give {} or {}, not both", "threshold", "calibration")
         preset = preset.with_settings(no_exit=True)
         guides = list(guides) if guides else [  # by default every guide the pair and its large backend can run
-            g for g in guide_names() if (preset.small is not None or not guide_class(g).needs_small)
+            g for g in usable_guides() if (preset.small is not None or not guide_class(g).needs_small)
             and not missing(preset, g)]
         check_preset(preset, guides)
         for g in guides:

@@ -7,7 +7,9 @@ entry-point group `sgl.guides` (`name = "module:GuideClass"`): it then works in 
 `--guide` like a built-in one. docs/guides.md says how to write one.
 
 Importing this package is cheap: names come from the registry and the entry-point metadata; a guide's module
-(and torch) is imported only when the guide is made.
+(and torch) is imported only when the guide is made. A guide plugin that cannot be loaded is left out of "every
+guide" (`usable_guides`: `sgl eval`'s default, `sgl inspect --guide all`) with a warning, and is an error only
+when named; what a guide gives back is checked by the engine (`plugins.py`; docs/guides.md).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ BUILTIN = {
 }
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Guide", "GuideBatch", "GuideItem", "guide_class", "guide_names",
-           "make_guide", "n_keep", "refresh", "top_k_in_order"]
+           "guide_label", "make_guide", "n_keep", "refresh", "top_k_in_order", "usable_guides"]
 
 
-_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN)
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN, noun="guide")
 
 
 def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) -> Exception:
@@ -46,8 +48,22 @@ def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) 
 
 
 def guide_names() -> list[str]:
-    """Every guide this installation knows, built-ins first."""
+    """Every guide this installation knows, built-ins first (from the metadata: a plugin that cannot be loaded is
+    among them)."""
     return _REGISTRY.names()
+
+
+def usable_guides() -> list[str]:
+    """Every guide that can be made, built-ins first: a plugin that cannot be loaded is left out, with a
+    PluginWarning naming it (what "every guide" means: `sgl eval`'s default, `sgl inspect --guide all`)."""
+    from .base import Guide
+
+    return _REGISTRY.usable(Guide)
+
+
+def guide_label(guide) -> str:
+    """How messages name a guide (an instance): "guide 'sgl'", "guide plugin 'norm'"."""
+    return _REGISTRY.label(guide.name or type(guide).__name__, type(guide))
 
 
 def refresh() -> None:
@@ -64,7 +80,15 @@ def guide_class(name: str) -> type["Guide"]:
 
 def make_guide(name: str, settings=None) -> "Guide":
     """Guide `name`, configured from the run's settings (the random guide's seed)."""
-    return guide_class(name).from_settings(settings)
+    from .base import Guide
+
+    cls = guide_class(name)
+    guide = _REGISTRY.call(name, cls, "from_settings", cls.from_settings, settings)
+    if not isinstance(guide, Guide):
+        from ..errors import PluginError
+
+        raise PluginError(f"{_REGISTRY.label(name, cls)}: from_settings gave a {type(guide).__name__}, not a Guide")
+    return guide
 
 
 def __getattr__(name: str):

@@ -1,6 +1,7 @@
 """The one batching rule every loop over items uses (Engine.run, the Ray backend's input batches, evaluation,
-calibration): a batch ends at its `size`-th counted item; and the one retry rule: a batch that fails is run again
-item by item."""
+calibration): a batch ends at its `size`-th counted item; the one retry rule: a batch that fails is run again item
+by item (`alone_on_failure`); and the one rule for an input that fails part-way (`until_failure`): the items read
+before the failure are run and recorded, then the failure is raised."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def alone_on_failure(items: list[T], run: Callable[[list[T]], R],
-                     failed: Callable[[T, BaseException], R]) -> list[R]:
-    """`[run(items)]`; when it raises, the exception names no item, so each item is run alone, and one that fails
-    alone gets `failed(item, exception)`: one bad item never fails its neighbours."""
+def alone_on_failure(items: list[T], run: Callable[[list[T]], R], failed: Callable[[T, BaseException], R],
+                     catch: type[BaseException] | tuple[type[BaseException], ...] = Exception) -> list[R]:
+    """`[run(items)]`; when it raises one of `catch` (others propagate), the exception names no item, so each item
+    is run alone, and one that fails alone gets `failed(item, exception)`: one bad item never fails its
+    neighbours."""
     try:
         return [run(items)]
-    except Exception as exc:  # noqa: BLE001 - a model failure fails its items, not the run
+    except catch as exc:
         if len(items) == 1:
             return [failed(items[0], exc)]
     out: list[Any] = []
     for item in items:
-        out += alone_on_failure([item], run, failed)
+        out += alone_on_failure([item], run, failed, catch)
     return out
 
 
@@ -39,3 +41,13 @@ def batches(items: Iterable[T], size: int, counts: Callable[[T], bool] | None = 
             pending, counted = [], 0
     if pending:
         yield pending
+
+
+def until_failure(items: Iterable[T], failed: list[BaseException]) -> Iterator[T]:
+    """`items` until reading the next one raises: the exception is appended to `failed` and the items end there,
+    so that the caller runs (and records) every item read before it, then raises it. Reading ahead (the engine
+    prefetches several batches) must not cost the records of the items already read."""
+    try:
+        yield from items
+    except Exception as exc:  # noqa: BLE001 - raised by the caller once the items before it are done
+        failed.append(exc)

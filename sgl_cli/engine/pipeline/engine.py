@@ -10,7 +10,9 @@ fraction of visual tokens as the guide ranks them, in original order with their 
         print(record["answer"])
 
 The stages are public, each with a typed result (`pipeline.stages`), so that other drivers (`sgl eval`'s comparison
-of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models:
+of guides, `sgl inspect`, `sgl bench`) compose them rather than re-orchestrate the models. What a guide or the
+large backend gives back to a stage is checked (`plugins.py`'s checks: scores, kept indices, one answer per item); a
+violation fails the items it concerns, naming the guide or backend (`stage`):
 
     works = engine.prepare(items)            # Work.encoded
     engine.small_pass(works)                 # Work.small (nothing without a small model)
@@ -27,21 +29,24 @@ import dataclasses
 import math
 import time
 import traceback
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ItemError, ModelLoadError
+from ..errors import ContractError, ItemError, ModelLoadError
 from .. import backends
-from ..backends.base import LargeBackend, LargeInputs, LayoutOnly, SmallModel, check
-from ..guides import guide_class, make_guide
+from ..backends import backend_label
+from ..backends.base import Answer, LargeBackend, LargeInputs, LayoutOnly, Reduced, SmallModel, check
+from ..guides import guide_class, guide_label, make_guide
 from ..guides.base import Guide, Kind, n_keep, require_small, top_k_in_order
-from ..io.batches import alone_on_failure, batches
+from ..io.batches import alone_on_failure, batches, until_failure
 from ..io.fetch import Fetcher, FetchPolicy
 from ..io.images import load_images
 from ..io.items import Item
 from ..preset import Preset, Settings
 from ..core.limits import check_text
+from ..plugins import check_answers, check_kept, check_reduced, check_scores
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
@@ -98,11 +103,11 @@ class Engine:
         guide_cls = guide_class(preset.settings.guide)
         backends.check_preset(preset)  # backends, their options, the guide's needs: before any model loads
         if large:
-            backends.backend_class(preset.large.backend).check_spec(preset.large)
+            backends.check_spec(preset.large, "large")
         require_small(guide_cls, preset.small is not None, preset.name)
         want_small = preset.small is not None and (guide_cls.needs_small or small is True or not large)
         if want_small:
-            backends.backend_class(preset.small.backend, "small").check_spec(preset.small)
+            backends.check_spec(preset.small, "small")
         small_model = backends.load(preset.small, "small") if want_small else None
         settings = preset.settings
         if large or small_model is None:
@@ -126,9 +131,14 @@ class Engine:
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
-        Image URLs of the items ahead are fetched while the current batch computes."""
-        for batch in batches(self._prefetching(items), self.settings.batch_size, lambda item: item.error is None):
+        Image URLs of the items ahead are fetched while the current batch computes. If reading `items` raises
+        (an input format's reader broke), the items read before it are run and recorded, then it is raised."""
+        failed: list[BaseException] = []
+        for batch in batches(self._prefetching(until_failure(items, failed)), self.settings.batch_size,
+                             lambda item: item.error is None):
             yield from self.process(batch)
+        if failed:
+            raise failed[0]
 
     def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
@@ -155,8 +165,8 @@ class Engine:
             t1 = time.perf_counter()
             # A guide that reduces the large model's input encodes it itself: the full rows are not needed.
             reduces = self.guide.kind is Kind.REDUCES
-            self._stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
-                        "large stage")
+            self.stage(todo, lambda group: self.large_pass(group, None if reduces else self.large_inputs(group)),
+                       "large stage")
             _share(todo, "large", t1)
         total_ms = (time.perf_counter() - t0) * 1000 / max(1, len(works))
         return [self.record(w, total_ms) for w in works]
@@ -168,7 +178,7 @@ class Engine:
         works = [Work(item, error=item.error) for item in items]
         for w in works:
             if w.ok:
-                self._stage([w], lambda group: self._encode(group[0]), "encode")
+                self.stage([w], lambda group: self._encode(group[0]), "encode")
         return works
 
     @torch.inference_mode()
@@ -177,8 +187,8 @@ class Engine:
         if self.small is None:
             return
         live = [w for w in works if w.ok]
-        self._stage(live, self.small_answer, "small stage")
-        self._stage([w for w in live if w.ok], self.consistency, "consistency stage")
+        self.stage(live, self.small_answer, "small stage")
+        self.stage([w for w in live if w.ok], self.consistency, "consistency stage")
 
     def exits(self, work: Work) -> bool:
         return exits(work, self.guide, self.settings.threshold)
@@ -188,7 +198,14 @@ class Engine:
         """The large model's rows for `works` (one vision-tower call, under each guide's `watch_vision`), and the
         scores of every guide in `guides` (default: the engine's) that ranks before the language model."""
         guides = list(guides) if guides is not None else [self.guide]
-        return self.large.inputs(works, guides)
+        inputs = self.large.inputs(works, guides)
+        if not isinstance(inputs, LargeInputs) or len(inputs.items) != len(works) or len(inputs.works) != len(works):
+            got = len(inputs.items) if isinstance(inputs, LargeInputs) else type(inputs).__name__
+            raise ContractError(f"{backend_label(self.large)}: inputs gave {got} items for {len(works)}")
+        for guide in guides:
+            if guide.name in inputs.scores:
+                check_scores(guide_label(guide), inputs.scores[guide.name], [w.encoded.n_visual for w in works])
+        return inputs
 
     @torch.inference_mode()
     def large_pass(self, works: list[Work], inputs: LargeInputs | None, guide: Guide | None = None,
@@ -208,9 +225,15 @@ class Engine:
                   for w in works]
         if inputs is not None and [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
-        answers = [LargeAnswer(a.tokens, m.decode(a.tokens) if a.error is None else None, guide.name, a.scores,
-                               a.kept, k, a.reduced, a.error)
-                   for a in m.answer(works, inputs, guide, retain, k, limits)]
+        got = m.answer(works, inputs, guide, retain, k, limits)
+        who = backend_label(m)
+        if not isinstance(got, list) or not all(isinstance(a, Answer) for a in got):
+            raise ContractError(f"{who}: answer gave {type(got).__name__}, not a list of Answers")
+        check_answers(who, "answer", SimpleNamespace(tokens=[a.tokens for a in got]), len(works))
+        if guide.kind is Kind.REDUCES:
+            check_reduced(who, "answer", [a.reduced for a in got], len(works))
+        answers = [LargeAnswer(a.tokens, self._decode(a.tokens) if a.error is None else None, guide.name, a.scores,
+                               a.kept, k, a.reduced, a.error) for a in got]
         if own:
             for w, a in zip(works, answers):
                 if a.error is None:
@@ -218,6 +241,26 @@ class Engine:
                 else:
                     w.error = w.item.fail(f"large stage failed: {a.error}")
         return answers
+
+    def keep(self, guide: Guide, item, scores: torch.Tensor, retain: float) -> torch.Tensor:
+        """The visual tokens `guide` keeps of `item` (a GuideItem) at `retain`, checked: 1-D integer indices,
+        strictly increasing, within the item's visual tokens, at least one (else a ContractError naming it)."""
+        kept = guide.keep(self.large, item, scores, retain)
+        check_kept(guide_label(guide), [kept], [item.n_visual])
+        return kept
+
+    def reduced(self, works: list[Work], guide: Guide, retain: float) -> list[Reduced]:
+        """What the large model would see of each item under a guide that reduces its input (the backend's
+        `reduced`), checked: one per item."""
+        seen = self.large.reduced(works, guide, retain)
+        check_reduced(backend_label(self.large), "reduced", seen, len(works))
+        return seen
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.large.decode(tokens)
+        if not isinstance(text, str):
+            raise ContractError(f"{backend_label(self.large)}: decode gave a {type(text).__name__}, not a string")
+        return text
 
     # -- the stages' work ------------------------------------------------------------------------------------
     def context(self) -> int:
@@ -290,17 +333,23 @@ class Engine:
         _share(works, "small", t0)
         _share(works, "reread", t0)  # also kept apart, for `sgl eval`'s small-alone speed
 
-    def _stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str) -> None:
-        """Run `fn` on the live works. An item that fails alone says so as data (`Work.error`); an exception fails
-        the batch for a reason that names no item, so it is run again item by item: only the items that fail alone
-        get an error record, never the run."""
+    def stage(self, works: list[Work], fn: Callable[[list[Work]], Any], what: str,
+              catch: type[Exception] | tuple[type[Exception], ...] = Exception) -> None:
+        """Run `fn` on the live works. An item that fails alone says so as data (`Work.error`); an exception of
+        `catch` (others propagate) names no item, so the batch is run again item by item: only the items that fail
+        alone get an error record, never the run. A ContractError (what a guide or backend gave back, checked) or
+        an ItemError is the item's error as it says it."""
         def failed(w: Work, exc: BaseException) -> None:
-            w.error = str(exc) if isinstance(exc, ItemError) else w.item.fail(
-                f"{what} failed: " + traceback.format_exception_only(type(exc), exc)[-1].strip())
+            if isinstance(exc, ItemError):
+                w.error = str(exc)
+            elif isinstance(exc, ContractError):
+                w.error = w.item.fail(str(exc))
+            else:
+                w.error = w.item.fail(f"{what} failed: {traceback.format_exception_only(type(exc), exc)[-1].strip()}")
 
         live = [w for w in works if w.ok]
         if live:
-            alone_on_failure(live, fn, failed)
+            alone_on_failure(live, fn, failed, catch)
 
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, w: Work, total_ms: float = 0.0) -> dict:

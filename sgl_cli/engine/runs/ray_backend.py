@@ -57,15 +57,18 @@ class RayOptions:
             raise SglError(f"--threads must be >= 1, got {self.threads}")
 
 
-def input_batches(source, skip: int, batch_size: int) -> list[list[tuple[int, bytes]]]:
+def input_batches(source, skip: int, batch_size: int,
+                  failed: list | None = None) -> list[list[tuple[int, bytes]]]:
     """The source's items from the `skip`-th on as (line, pickled payload), in the batches `Engine.run` makes of
-    them: each ends at its `batch_size`-th runnable (parseable) item."""
-    from ..io.batches import batches
+    them: each ends at its `batch_size`-th runnable (parseable) item. An input that breaks part-way ends there, its
+    error appended to `failed` (raised once the items before it are recorded; without `failed`: at once)."""
+    from ..io.batches import batches, until_failure
 
     def runnable(pair) -> bool:
         return source.parse(*pair).error is None
 
-    pairs = ((line, payload) for n, (line, payload) in enumerate(source) if n >= skip)
+    read = source if failed is None else until_failure(source, failed)
+    pairs = ((line, payload) for n, (line, payload) in enumerate(read) if n >= skip)
     return [[(line, pickle.dumps(payload)) for line, payload in batch]
             for batch in batches(pairs, batch_size, runnable)]
 
@@ -175,8 +178,11 @@ def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
     `notify` receives one-line notes (the worker plan); `on_random_weights` is called once when the workers'
     models have random weights."""
     options.validate()
-    parts = blocks(input_batches(source, skip, preset.settings.batch_size))
+    failed: list[BaseException] = []  # the input broke part-way: raised after the records of the items before it
+    parts = blocks(input_batches(source, skip, preset.settings.batch_size, failed))
     if not parts:
+        if failed:
+            raise failed[0]
         return
     ray = import_ray()
     started = not ray.is_initialized()
@@ -214,6 +220,8 @@ def run_records(source, preset, skip: int, options: RayOptions, fetch=None,
                     yield pickle.loads(data)  # pickled by this run's own workers
         except Exception as exc:  # noqa: BLE001 - a worker that cannot start fails the run in one line
             raise SglError(_one_line(exc)) from None
+        if failed:
+            raise failed[0]
     finally:
         if started:
             ray.shutdown()

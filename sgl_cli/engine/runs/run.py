@@ -263,7 +263,10 @@ class Run:
                 yield item, input_fingerprint(payload, item)
 
     def __iter__(self) -> Iterator[dict]:
-        """Yield each record as it is written (in input order)."""
+        """Yield each record as it is written (in input order). An input that breaks part-way (a format's reader
+        that raises or breaks its contract) ends the run with an InputError once the records of the items read
+        before it are written; resuming stops at the same place."""
+        from ..io.formats import InputError
         from ..pipeline.record import SCORES_KEY
 
         records, next_sha = self._records()
@@ -287,6 +290,11 @@ class Run:
                 yield record
             if writer is None and self.out is not None:
                 writer = self._open()
+        except InputError as exc:  # the input broke part-way (a format's reader): the records before it are kept
+            done = self.summary.items + self.summary.skipped
+            if self.out is None or not done:
+                raise
+            raise InputError(f"{exc}; the records of the {done} items before it are in {self.out}") from exc
         finally:
             if hasattr(records, "close"):
                 records.close()  # a Ray backend it started shuts down

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ItemError, SettingError, SglError
-from ..guides import guide_class, guide_names
+from ..guides import guide_class, usable_guides
 from ..guides.base import Kind, require_small
 from ..io.items import ImageRef, Item
 from ..preset import Preset
@@ -33,7 +33,7 @@ def inspect_item(preset: Preset, image_paths: list[Path], question: str, guide: 
     if not question.strip():
         raise SettingError("{} must not be empty", "question")
     # `all` compares rankings of the image's own tokens; a guide that reduces the input has other tokens.
-    guides = [g for g in guide_names() if guide_class(g).kind is not Kind.REDUCES] if guide == "all" else [guide]
+    guides = [g for g in usable_guides() if guide_class(g).kind is not Kind.REDUCES] if guide == "all" else [guide]
     resolved = resolve_calibration(preset, "inspect", notify=notify)
     preset = resolved.preset
     skipped: dict[str, str] = {}

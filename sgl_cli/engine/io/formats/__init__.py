@@ -13,6 +13,14 @@ record of an item. Every input item yields exactly one pair, whatever is wrong w
 format under the entry-point group `sgl.formats` (`name = "module:FormatClass"`), as guides are added
 (examples/format-plugin); it is tried after the formats known by name (a folder, `.parquet`) and before those known
 by content (OpenAI, and sgl JSONL, the fallback).
+
+A format is not trusted blindly (`plugins.py`'s rule): a plugin that cannot be loaded, or whose `recognise` raises,
+is left out of recognition with a warning naming it. `Source` checks what a reader gives: numbers strictly
+increasing from 1, each a (number, payload) pair. A reader that raises (other than an InputError, which says
+itself) or breaks that contract ends the input there, with an InputError naming the format, the file and the last
+good line: the items before it are read and get their records (the engine runs them before raising it), and a
+resumed run stops at the same place, so the output holds one record per item read, in order. A `parse` that
+raises, or gives no item of that number, is that item's error record.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ...errors import SglError
-from ...plugins import Registry
+from ...plugins import Registry, pair_problem, warn, why
 from ..items import Item
 
 ENTRY_POINT_GROUP = "sgl.formats"
@@ -91,7 +99,7 @@ class Format:
 
 # the order formats are recognised in: those known by their name (a folder, a suffix), then plugins, then those
 # known by their content (OpenAI, and the sgl JSONL fallback)
-_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN, last=("openai", "sgl"))
+_REGISTRY = Registry(ENTRY_POINT_GROUP, BUILTIN, noun="input format", last=("openai", "sgl"))
 
 
 def refresh() -> None:
@@ -115,9 +123,15 @@ def _fail(problem: str, name: str, spec: str | None, exc: BaseException | None) 
 
 @functools.cache
 def get_format(name: str) -> Format:
-    fmt = _REGISTRY.load(name, Format, _fail)()
+    cls = _REGISTRY.load(name, Format, _fail)
+    fmt = _REGISTRY.call(name, cls, "its constructor", cls)
     fmt.name = fmt.name or name
     return fmt
+
+
+def format_label(name: str) -> str:
+    """How messages name format `name`: "input format 'sgl'", "input format plugin 'csv'"."""
+    return _REGISTRY.label(name, type(get_format(name)))
 
 
 @dataclass
@@ -145,18 +159,61 @@ class Source:
         return self.format.unit
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
-        for n, pair in enumerate(self.format.pairs(self)):
-            if self.limit is not None and n >= self.limit:
-                return
-            yield pair
+        """The format's pairs (up to `limit`), checked: a reader that raises or breaks the contract (numbers
+        strictly increasing from 1) ends them with an InputError naming the format, the file and where."""
+        fmt, unit, last, n = self.format, self.unit, 0, 0
+        try:
+            pairs = iter(fmt.pairs(self))
+            while self.limit is None or n < self.limit:
+                try:
+                    pair = next(pairs)
+                except StopIteration:
+                    return
+                problem = pair_problem(pair, last, unit)
+                if problem is not None:
+                    raise InputError(f"{format_label(self.kind)}: {self.path.name}: {problem}")
+                last, n = int(pair[0]), n + 1
+                yield last, pair[1]
+        except SglError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's failure is named, the items before it kept
+            at = f"after {unit} {last}" if last else f"at its first {unit}"
+            raise InputError(f"{format_label(self.kind)}: reading {self.path.name} failed {at}: {why(exc)}") from exc
 
     def count(self) -> int:
-        """How many items the source holds (after `limit`), without parsing them."""
-        n = self.format.count(self)
+        """How many items the source holds (after `limit`), without parsing them (a count that fails: the items
+        its reader gives before it breaks)."""
+        try:
+            n = self.format.count(self)
+        except SglError:
+            raise
+        except Exception:  # noqa: BLE001 - reading says why, in one line; a count is for a progress bar
+            n = None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            n = 0
+            try:
+                for _ in self:
+                    n += 1
+            except InputError:
+                pass
         return n if self.limit is None else min(n, self.limit)
 
     def parse(self, line: int, payload: Any) -> Item:
-        return self.format.parse(self, line, payload)
+        """One pair as an item (never raises: a `parse` that fails, or gives no item numbered `line`, is the item's
+        error record, naming the format)."""
+        try:
+            item = self.format.parse(self, line, payload)
+        except Exception as exc:  # noqa: BLE001 - parsing never raises; a format's failure names it
+            return self._failed(line, f"parse raised {why(exc)}")
+        if not isinstance(item, Item) or item.line != line:
+            got = f"an item of {item.unit} {item.line}" if isinstance(item, Item) else f"a {type(item).__name__}"
+            return self._failed(line, f"parse gave {got}, not an item of {self.unit} {line}")
+        return item
+
+    def _failed(self, line: int, problem: str) -> Item:
+        item = Item(line=line, id=line, unit=self.unit)
+        item.error = item.fail(f"{format_label(self.kind)}: {problem}")
+        return item
 
     def identity(self, item: Item) -> Any:
         return self.format.identity(item)
@@ -176,14 +233,36 @@ def open_source(path: Path, *, columns: Columns | None = None, split: str | None
             raise InputError(f"input {path} not found")
         if not path.is_file():
             raise InputError(f"input {path} is not a regular file or a dataset folder")
-    fmt = next(get_format(name) for name in format_names() if get_format(name).recognise(path))
+    fmt = recognise(path)
     if fmt.tables:
         import_pyarrow()
     elif split is not None or columns is not None and columns != Columns():
         raise InputError("--split and the column options apply to Parquet files and dataset folders, not JSONL")
     source = Source(path, fmt.name, columns or Columns(), split, limit)
-    fmt.check(source)  # a folder that is not a dataset, or an unknown split, is said now
+    # a folder that is not a dataset, or an unknown split, is said now
+    _REGISTRY.call(fmt.name, type(fmt), "check", fmt.check, source)
     return source
+
+
+def recognise(path: Path) -> Format:
+    """The first format that recognises `path`, in `format_names()`'s order. A plugin that cannot be loaded, or
+    whose `recognise` raises, is left out with a PluginWarning naming it (sgl JSONL, last, takes any file)."""
+    for name in _REGISTRY.usable(Format):
+        if _REGISTRY.is_builtin(name):
+            if get_format(name).recognise(path):
+                return get_format(name)
+            continue
+        try:
+            fmt = get_format(name)
+        except SglError as exc:  # its constructor raised
+            warn(f"{exc}; left out")
+            continue
+        try:
+            if fmt.recognise(path):
+                return fmt
+        except Exception as exc:  # noqa: BLE001 - a plugin that cannot tell does not recognise the file
+            warn(f"{_REGISTRY.label(name)}: recognise raised {why(exc)}; taken as not recognising {path.name}")
+    raise InputError(f"input {path}: no input format recognises it")
 
 
 def read_items(path: str | Path, skip: int = 0, **options) -> Iterator[Item]:
