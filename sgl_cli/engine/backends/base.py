@@ -330,7 +330,7 @@ class LargeBackend(Model):
             gen, seen = got if isinstance(got, (tuple, list)) and len(got) == 2 else (None, None)
             check_answers(who, "generate_reduced", gen, n)
             check_reduced(who, "generate_reduced", seen, n)
-            return [Answer(tokens, reduced=r, error=e) for tokens, r, e in zip(gen.tokens, seen, gen.item_errors)]
+            return [Answer(tokens, reduced=r, error=e) for tokens, r, e in zip(gen.tokens, seen, _errors(gen))]
         if k > 0:
             self.check_prune_layer(k)
         n_visual = [item.n_visual for item in inputs.items]
@@ -349,7 +349,7 @@ class LargeBackend(Model):
             check_kept(guide_label(guide), kept, n_visual)  # before the engine is asked for anything
             gen = self.generate(works, inputs, kept, k, limits)
             check_answers(who, "generate", gen, n)
-        return [Answer(tokens, s, idx, error=e) for tokens, s, idx, e in zip(gen.tokens, scores, kept, gen.item_errors)]
+        return [Answer(tokens, s, idx, error=e) for tokens, s, idx, e in zip(gen.tokens, scores, kept, _errors(gen))]
 
     def check_prune_layer(self, k: int) -> None:
         """Refuse a decoder layer `k` > 0 the model cannot drop tokens at."""
@@ -376,6 +376,12 @@ class LargeBackend(Model):
         """Greedy answers from the input `guide` reduced, every token of it kept; and what was seen of each
         item."""
         raise _lacks(self, "reduced_input", guide)
+
+
+def _errors(gen) -> list:
+    """A generation's per-item failures (`Generation.errors`; none for one that does not say)."""
+    errors = getattr(gen, "errors", None)
+    return list(errors) if errors is not None else [None] * len(gen.tokens)
 
 
 def _lacks(backend: LargeBackend, capability: str, guide) -> CapabilityError:
