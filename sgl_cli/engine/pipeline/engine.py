@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ItemError, ModelLoadError
+from ..errors import ItemError, ModelLoadError, SettingError
 from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class
-from ..backends.base import LargeBackend, LargeInputs, check
+from ..backends.base import LargeBackend, LargeInputs, check, decode_answer
 from ..backends.transformers import TransformersLarge
 from ..guides import guide_class, make_guide
 from ..guides.base import Guide, GuideBatch, n_keep, top_k_in_order
@@ -84,6 +84,9 @@ class Engine:
             raise ModelLoadError(
                 f"prune_layer {settings.prune_layer} is beyond the large model's {large.num_layers} layers"
             )
+        if settings.max_new_tokens >= self.context():  # every item would fail: refuse the run instead
+            raise SettingError("{} " + f"{settings.max_new_tokens} leaves no room for a prompt in the models' context "
+                               f"of {self.context():,} tokens", "max_new_tokens")
 
     @classmethod
     def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None,
@@ -224,8 +227,9 @@ class Engine:
                   for w in works]
         if guide.reduces_input:
             gen, seen = m.generate_reduced(works, guide, retain, limits)
-            answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, torch.ones(r.n_visual),
-                                   torch.arange(r.n_visual), 0, r) for tokens, r in zip(gen.tokens, seen)]
+            answers = [LargeAnswer(tokens, decode_answer(m, tokens, w.item, len(works)), guide.name,
+                                   torch.ones(r.n_visual), torch.arange(r.n_visual), 0, r)
+                       for w, tokens, r in zip(works, gen.tokens, seen)]
             if own:
                 for w, a in zip(works, answers):
                     w.large = a
@@ -242,8 +246,8 @@ class Engine:
                 scores = guide.scores(GuideBatch(m, inputs.items))
             kept = [guide.keep(m, item, s, retain) for item, s in zip(inputs.items, scores)]
             gen = m.generate(works, inputs, kept, k, limits)
-        answers = [LargeAnswer(tokens, m.decode(tokens), guide.name, s, idx, k)
-                   for tokens, s, idx in zip(gen.tokens, scores, kept)]
+        answers = [LargeAnswer(tokens, decode_answer(m, tokens, w.item, len(works)), guide.name, s, idx, k)
+                   for w, tokens, s, idx in zip(works, gen.tokens, scores, kept)]
         if own:
             for w, a in zip(works, answers):
                 w.large = a
@@ -365,7 +369,7 @@ class Engine:
                 for w in live:
                     self._stage([w], fn, what)
                 return
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            detail = _one_line(exc)
             for w in live:
                 w.error = w.item.fail(f"{what} failed: {detail}")
 
@@ -377,6 +381,15 @@ class Engine:
     def record(self, w: Work, total_ms: float = 0.0) -> dict:
         """The output record of one item (docs/cli.md: `sgl run`'s output fields)."""
         return make_record(self, w, total_ms)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as "Type: message", its notes after it in parentheses (tokenizers note "while processing 'ids'"
+    after the error itself: alone, it says nothing)."""
+    notes = [str(n) for n in getattr(exc, "__notes__", None) or []]
+    lines = traceback.format_exception_only(type(exc), exc)
+    detail = lines[-1 - len(notes)].strip() if len(lines) > len(notes) else type(exc).__name__
+    return detail + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _share(works: list[Work], stage: str, t0: float) -> None:
