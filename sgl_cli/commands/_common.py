@@ -33,6 +33,7 @@ def err(message: str) -> None:
 FLAGS = {
     "backend": "--backend", "large_backend": "--large-backend", "calibration": "--calibration", "confidence": "--confidence", "details": "--details",
     "exit_rate": "--exit-rate", "overwrite": "--overwrite", "question": "--question", "resume": "--resume",
+    "max_new_tokens": "--max-new-tokens",
     "retain": "--retain", "save_scores": "--save-scores", "target_accuracy": "--target-accuracy",
     "threshold": "--threshold",
 }
@@ -107,6 +108,18 @@ def warn_random_weights(what: str = "answers") -> None:
     """The one warning for a preset whose models have random weights (the built-in random pairs)."""
     err(f"sgl: warning: a model of this preset has random weights: its {what} are noise; use a trained pair (the "
         "default preset, or real checkpoints).")
+
+
+def refuse_stdin(input, command: str) -> None:
+    """`-` as the input is stdin by convention, which a command that reads its input more than once (to count it,
+    to check a resumed run against it) and resolves relative image paths against its folder cannot take: say so,
+    rather than "input - not found"."""
+    from ..engine.errors import SglError
+
+    if str(input) == "-":
+        raise SglError(f"{command} reads its items from a file, not from stdin ('-'): it reads the input more than "
+                       "once (to count it, to check a resumed run against it) and resolves relative image paths "
+                       "against its folder; save the items to a file and name it (a file named '-': by its full path)")
 
 
 def note(message: str) -> None:

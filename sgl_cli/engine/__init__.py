@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
 from .io.formats import read_items
+from .io.images import to_rgb
 from .io.items import ImageRef, Item
 from .preset import ModelSpec, Preset, Settings, load_preset
 
@@ -50,7 +51,7 @@ _LAZY = {
 __all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem", "ImageRef", "Item",
            "ItemError", "LargeAnswer", "LargeInputs", "ModelLoadError", "ModelSpec", "Preset", "PresetError", "Run",
            "RunSummary", "Settings", "SglError", "SmallPass", "Work", "apply_calibration", "guide_names", "resolve_calibration",
-           "load_preset", "make_guide", "read_items"]
+           "load_preset", "make_guide", "read_items", "to_rgb"]
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import SettingError
+from ..errors import ItemError, SettingError
 
 # What a guide (or a run's settings) may need of the large model's backend.
 CAPABILITIES = frozenset({
@@ -162,3 +162,40 @@ def check(guide_cls, backend_cls, prune_layer: int) -> None:
     raise CapabilityError("the " + guide + " guide" + at + " needs " + what + ", which the "
                           + backend_cls.name.replace("{", "{{").replace("}", "}}")
                           + " large backend ({}) does not offer", "large_backend")
+
+
+def decode_answer(backend: LargeBackend, tokens, item, batch: int = 1) -> str:
+    """One item's answer as text (`backend.decode`), its token ids checked first: a backend's id that is not an
+    integer or is outside the vocabulary is said naming the backend and the item, not as the tokenizer's "while
+    processing 'ids'". `batch`: how many items the call answered (over one, the error is not an ItemError, so that
+    the engine retries the batch item by item and only this item fails, as for any other model failure)."""
+    problem = bad_token_id(backend, tokens)
+    if problem is None:
+        return backend.decode(tokens)
+    message = item.fail(f"the {backend.name} backend returned {problem}")
+    raise (ValueError if batch > 1 else ItemError)(message)
+
+
+def bad_token_id(backend: LargeBackend, tokens) -> str | None:
+    """What is wrong with the first bad id of `tokens` ("token id -5, outside the vocabulary of 151,936"), or None.
+    The vocabulary is the larger of the tokenizer's (added tokens included) and the model's embedding rows: a model
+    may emit an id of an unused row, which decodes to nothing."""
+    import operator
+
+    processor = backend.processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        rows = int(getattr(backend.model.config.get_text_config(), "vocab_size", 0) or 0)
+    except (AttributeError, TypeError, ValueError):
+        rows = 0
+    vocab = max(len(tokenizer), rows)
+    for token in tokens:
+        try:
+            if isinstance(token, bool):
+                raise TypeError
+            i = operator.index(token)
+        except TypeError:
+            return f"token id {token!r} (a {type(token).__name__}, not an integer)"
+        if not 0 <= i < vocab:
+            return f"token id {i}, outside the vocabulary of {vocab:,}"
+    return None

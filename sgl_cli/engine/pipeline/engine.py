@@ -33,9 +33,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ContractError, ItemError, ModelLoadError
+from ..errors import ContractError, ItemError, ModelLoadError, SettingError
 from ..backends import DEFAULT as DEFAULT_BACKEND, backend_class, backend_label, check_spec, load_backend
-from ..backends.base import LargeBackend, LargeInputs, Reduced, check
+from ..backends.base import LargeBackend, LargeInputs, Reduced, check, decode_answer
 from ..backends.transformers import TransformersLarge
 from ..guides import guide_class, guide_label, make_guide
 from ..guides.base import Guide, GuideBatch, n_keep, top_k_in_order
@@ -87,6 +87,9 @@ class Engine:
             raise ModelLoadError(
                 f"prune_layer {settings.prune_layer} is beyond the large model's {large.num_layers} layers"
             )
+        if settings.max_new_tokens >= self.context():  # every item would fail: refuse the run instead
+            raise SettingError("{} " + f"{settings.max_new_tokens} leaves no room for a prompt in the models' context "
+                               f"of {self.context():,} tokens", "max_new_tokens")
 
     @classmethod
     def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None,
@@ -242,8 +245,8 @@ class Engine:
             gen, seen = got if isinstance(got, (tuple, list)) and len(got) == 2 else (None, None)
             tokens = check_answers(backend_label(m), "generate_reduced", gen, len(works))
             check_reduced(backend_label(m), "generate_reduced", seen, len(works))
-            answers = [LargeAnswer(t, self._decode(t), guide.name, torch.ones(r.n_visual),
-                                   torch.arange(r.n_visual), 0, r) for t, r in zip(tokens, seen)]
+            answers = [LargeAnswer(t, self._decode(t, w, len(works)), guide.name, torch.ones(r.n_visual),
+                                   torch.arange(r.n_visual), 0, r) for w, t, r in zip(works, tokens, seen)]
             if own:
                 for w, a in zip(works, answers):
                     w.large = a
@@ -266,8 +269,8 @@ class Engine:
                 check_scores(guide_label(guide), scores, n_visual)
             kept = [self.keep(guide, item, s, retain) for item, s in zip(inputs.items, scores)]
             tokens = check_answers(backend_label(m), "generate", m.generate(works, inputs, kept, k, limits), len(works))
-        answers = [LargeAnswer(t, self._decode(t), guide.name, s, idx, k)
-                   for t, s, idx in zip(tokens, scores, kept)]
+        answers = [LargeAnswer(t, self._decode(t, w, len(works)), guide.name, s, idx, k)
+                   for w, t, s, idx in zip(works, tokens, scores, kept)]
         if own:
             for w, a in zip(works, answers):
                 w.large = a
@@ -287,8 +290,8 @@ class Engine:
         check_reduced(backend_label(self.large), "reduced", seen, len(works))
         return seen
 
-    def _decode(self, tokens: list[int]) -> str:
-        text = self.large.decode(tokens)
+    def _decode(self, tokens: list[int], w: Work, batch: int) -> str:
+        text = decode_answer(self.large, tokens, w.item, batch)
         if not isinstance(text, str):
             raise ContractError(f"{backend_label(self.large)}: decode gave a {type(text).__name__}, not a string")
         return text
@@ -414,8 +417,7 @@ class Engine:
                 for w in live:
                     self.stage([w], fn, what, catch)
                 return
-            detail = str(exc) if isinstance(exc, ContractError) else \
-                f"{what} failed: {traceback.format_exception_only(type(exc), exc)[-1].strip()}"
+            detail = str(exc) if isinstance(exc, ContractError) else f"{what} failed: {_one_line(exc)}"
             for w in live:
                 w.error = w.item.fail(detail)
 
@@ -427,6 +429,15 @@ class Engine:
     def record(self, w: Work, total_ms: float = 0.0) -> dict:
         """The output record of one item (docs/cli.md: `sgl run`'s output fields)."""
         return make_record(self, w, total_ms)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as "Type: message", its notes after it in parentheses (tokenizers note "while processing 'ids'"
+    after the error itself: alone, it says nothing)."""
+    notes = [str(n) for n in getattr(exc, "__notes__", None) or []]
+    lines = traceback.format_exception_only(type(exc), exc)
+    detail = lines[-1 - len(notes)].strip() if len(lines) > len(notes) else type(exc).__name__
+    return detail + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _share(works: list[Work], stage: str, t0: float) -> None:
