@@ -2,9 +2,10 @@
 --model sgl` in a subprocess, offline, on a task YAML of the tests' own over a local dataset folder (datasets'
 save_to_disk, `dataset_kwargs: {load_from_disk: true}`) written from `sgl demo` items, found with `--include_path`.
 
-One lmms-eval run answers two tasks: `sgl_shapes` (12 demo items) and `sgl_shapes_broken` (the first 3, the second
-with a doc_to_visual that fails). Its scores, records and per-task summary are compared with `sgl eval` and `sgl run`
-on the same items and settings."""
+One lmms-eval run answers three tasks: `sgl_shapes` (12 demo items), `sgl_shapes_broken` (the first 3, the second
+with a doc_to_visual that fails) and `sgl_shapes_cmyk` (the first 3 as CMYK JPEGs, which the dataset decodes as CMYK
+pictures). Its scores, records and per-task summary are compared with `sgl eval` and `sgl run` on the same items and
+settings; the CMYK task also runs with the large model on vLLM."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ENGINE, comparable
 
 N = 12
 SETTINGS = dict(retain=0.09, guide="sgl", threshold=0.9, batch_size=4)
@@ -53,6 +55,9 @@ def visual_failing_on_second(doc):
 """
 
 
+CMYK = 3  # items of the CMYK task
+
+
 def run(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], env=OFFLINE, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -85,6 +90,7 @@ def setup(tmp_path_factory):
              "question": [x["question"] for x in items], "answer": [str(x["answer"]) for x in items]}
     ds = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
     datasets.DatasetDict({"test": ds}).save_to_disk(str(root / "data"))
+    _cmyk_items(demo, items[:CMYK], root / "data_cmyk")
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "utils.py").write_text(UTILS)
@@ -93,15 +99,36 @@ def setup(tmp_path_factory):
     (tasks / "sgl_shapes_broken.yaml").write_text(TASK.format(
         name="sgl_shapes_broken", data=root / "data", visual="!function utils.visual_failing_on_second",
         extra="process_docs: !function utils.first_three\n"))
+    (tasks / "sgl_shapes_cmyk.yaml").write_text(TASK.format(name="sgl_shapes_cmyk", data=root / "data_cmyk",
+                                                            visual="image", extra=""))
     out = root / "out"
     records, summary = root / "lmms.records.jsonl", root / "lmms.summary.json"
     proc = run(["-m", "lmms_eval", "--model", "sgl",
                 "--model_args", model_args(demo, records=records, summary=summary),
-                "--tasks", "sgl_shapes,sgl_shapes_broken", "--include_path", str(tasks),
+                "--tasks", "sgl_shapes,sgl_shapes_broken,sgl_shapes_cmyk", "--include_path", str(tasks),
                 "--output_path", str(out), "--log_samples"])
     # lmms-eval logs an evaluation's failure and exits 0: its results file is the sign it finished.
     assert list(out.rglob("*_results.json")), proc.stderr[-4000:]
     return dict(root=root, demo=demo, tasks=tasks, out=out, records=records, summary=summary, proc=proc)
+
+
+def _cmyk_items(demo: Path, items: list[dict], data: Path) -> None:
+    """`items`' images as CMYK JPEGs in `demo` (cmyk.jsonl names them, for `sgl run`), and a dataset of them."""
+    import datasets
+    from PIL import Image
+
+    rows = []
+    for x in items:
+        name = Path(x["image"]).stem + "-cmyk.jpg"
+        with Image.open(demo / x["image"]) as im:
+            im.convert("CMYK").save(demo / name, quality=95)
+        rows.append({**x, "image": name})
+    (demo / "cmyk.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    table = {"id": [x["id"] for x in rows], "image": [str(demo / x["image"]) for x in rows],
+             "question": [x["question"] for x in rows], "answer": [str(x["answer"]) for x in rows]}
+    ds = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
+    assert ds[0]["image"].mode == "CMYK"  # what doc_to_visual hands the model
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(data))
 
 
 def samples(out: Path, task: str) -> list[dict]:
@@ -122,11 +149,11 @@ def results(out: Path) -> dict:
     return json.loads(found[0].read_text())
 
 
-def sgl_run(setup, name: str) -> list[dict]:
+def sgl_run(setup, name: str, items: str = "batch.jsonl") -> list[dict]:
     out = setup["root"] / f"{name}.jsonl"
     if not out.exists():
         settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-        run(["-m", "sgl_cli", "run", str(setup["demo"] / "batch.jsonl"), "--preset", str(setup["demo"] / "preset.yaml"),
+        run(["-m", "sgl_cli", "run", str(setup["demo"] / items), "--preset", str(setup["demo"] / "preset.yaml"),
              *settings, "--out", str(out), "--quiet"])
     return jsonl(out)
 
@@ -214,3 +241,46 @@ def test_an_unknown_model_arg_is_one_line(setup):
     assert proc.returncode != 0
     last = proc.stderr.rstrip().splitlines()[-1]
     assert last.startswith("sgl: --model_args: unknown argument(s) retian; sgl takes "), last
+
+
+def test_cmyk_images_are_answered_as_sgl_run_answers_their_files(setup):
+    """A CMYK picture from a task's doc_to_visual (before: "cannot write mode CMYK as PNG", an error record) gets the
+    record `sgl run` writes for the CMYK JPEG it was decoded from."""
+    mine = [r for r in jsonl(setup["records"]) if r["task"] == "sgl_shapes_cmyk"]
+    ref = sgl_run(setup, "cmyk", "cmyk.jsonl")
+    assert len(mine) == len(ref) == CMYK and all(r["error"] is None for r in ref)
+    for a, b in zip(mine, ref):
+        assert {k: v for k, v in a.items() if k not in IGNORED} == {k: v for k, v in b.items() if k not in IGNORED}
+    assert [response(s) for s in samples(setup["out"], "sgl_shapes_cmyk")] == [r["answer"] for r in ref]
+
+
+def test_cmyk_images_on_the_vllm_backend(setup):
+    """The same CMYK task with the large model on vLLM: the records the transformers backend's `sgl run` writes
+    (timings and `large_backend` aside: vLLM answers the built-in pair token for token as transformers does)."""
+    import yaml
+
+    preset = yaml.safe_load((setup["demo"] / "preset.yaml").read_text())
+    preset["large"].update(backend="vllm", vllm=dict(ENGINE))
+    (setup["demo"] / "preset-vllm.yaml").write_text(yaml.safe_dump(preset))
+    records = setup["root"] / "vllm.records.jsonl"
+    args = model_args(setup["demo"], records=records).replace("preset.yaml", "preset-vllm.yaml")
+    proc = run(["-m", "lmms_eval", "--model", "sgl", "--model_args", args, "--tasks", "sgl_shapes_cmyk",
+                "--include_path", str(setup["tasks"]), "--output_path", str(setup["root"] / "out_vllm")])
+    mine = jsonl(records)
+    assert [r["large_backend"] for r in mine] == ["vllm"] * CMYK, proc.stderr[-2000:]
+    ref = sgl_run(setup, "cmyk", "cmyk.jsonl")
+    assert [{k: v for k, v in r.items() if k not in IGNORED} for r in comparable(mine)] == \
+        [{k: v for k, v in r.items() if k not in IGNORED} for r in comparable(ref)]
+
+
+@pytest.mark.parametrize("arg, value, what", [("retain", "abc", "a number"), ("max_new_tokens", "1.5", "an integer"),
+                                              ("threshold", "true", "a number")])
+def test_a_model_arg_of_the_wrong_type_is_one_line_naming_it(setup, arg, value, what):
+    extra = {arg: value}
+    args = ",".join(f"{k}={v}" for k, v in {"preset": setup["demo"] / "preset.yaml", **SETTINGS, **extra}.items())
+    proc = run(["-m", "lmms_eval", "--model", "sgl", "--model_args", args, "--tasks", "sgl_shapes",
+                "--include_path", str(setup["tasks"]), "--limit", "1"], check=False)
+    assert proc.returncode != 0
+    shown = {"true": "True"}.get(value, value)  # lmms-eval reads true as a boolean
+    assert proc.stderr.rstrip().splitlines()[-1] == f"sgl: --model_args: {arg}={shown} is not {what}", \
+        proc.stderr[-2000:]

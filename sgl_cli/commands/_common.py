@@ -35,6 +35,7 @@ FLAGS = {
     "large_quantize": "--quantize", "small_backend": "small.backend", "calibration": "--calibration",
     "confidence": "--confidence", "details": "--details",
     "exit_rate": "--exit-rate", "overwrite": "--overwrite", "question": "--question", "resume": "--resume",
+    "max_new_tokens": "--max-new-tokens",
     "retain": "--retain", "save_scores": "--save-scores", "target_accuracy": "--target-accuracy",
     "threshold": "--threshold",
 }
@@ -109,6 +110,18 @@ def warn_random_weights(what: str = "answers") -> None:
     from ..engine import random_weights_warning
 
     err(f"sgl: {random_weights_warning(what)}")
+
+
+def refuse_stdin(input, command: str) -> None:
+    """`-` as the input is stdin by convention, which a command that reads its input more than once (to count it,
+    to check a resumed run against it) and resolves relative image paths against its folder cannot take: say so,
+    rather than "input - not found"."""
+    from ..engine.errors import SglError
+
+    if str(input) == "-":
+        raise SglError(f"{command} reads its items from a file, not from stdin ('-'): it reads the input more than "
+                       "once (to count it, to check a resumed run against it) and resolves relative image paths "
+                       "against its folder; save the items to a file and name it (a file named '-': by its full path)")
 
 
 def note(message: str) -> None:

@@ -10,7 +10,8 @@ import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
-from ._common import domain_errors, err, progress_bar, set_threads, stderr_is_tty, warn_random_weights, with_help
+from ._common import (domain_errors, err, progress_bar, refuse_stdin, set_threads, stderr_is_tty,
+                      warn_random_weights, with_help)
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -87,6 +88,7 @@ def calibrate(
     """Choose the retain ratio and the early-exit threshold from labelled items, for a target accuracy or exit
     rate."""
     with domain_errors():
+        refuse_stdin(input, "sgl calibrate")
         code = _calibrate(input, target_accuracy, exit_rate, confidence, split_list(retain) or ["auto"], metric,
                           preset, dict(prune_layer=prune_layer, consistency_retain=consistency_retain,
                                        max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ._common import domain_errors, err, note, progress_bar, set_threads, warn_random_weights, with_help
+from ._common import domain_errors, err, note, progress_bar, refuse_stdin, set_threads, warn_random_weights, with_help
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -88,6 +88,7 @@ def eval_command(
 ) -> None:
     """Measure accuracy against retain for each guide, beside the small and large models alone."""
     with domain_errors():
+        refuse_stdin(input, "sgl eval")
         code = _eval(input, guide, retain, metric, preset, threshold, calibration, dict(
             prune_layer=prune_layer, max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix,
             batch_size=batch_size, seed=seed,

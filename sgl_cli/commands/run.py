@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, note, progress_bar, with_help
+from ._common import domain_errors, err, note, progress_bar, refuse_stdin, with_help
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -98,6 +98,7 @@ def run(
     from ..engine.io.formats import Columns
 
     with domain_errors():
+        refuse_stdin(input, "sgl run")
         code = _run(input, out, preset, dict(
             retain=retain, threshold=threshold, no_exit=no_exit, consistency_retain=consistency_retain,
             max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, prune_layer=prune_layer,

@@ -35,6 +35,31 @@ SETTINGS = {"retain": float, "threshold": float, "consistency_retain": float, "m
 OWN = ("preset", "calibration", "no_exit", "quantize", "records", "summary", "threads")
 
 
+def setting(key: str, value: Any, kind: type = str) -> Any:
+    """One `--model_args` value as `kind` (lmms-eval gives numbers, booleans or strings); ValueError naming the
+    key for a value that is not one ("retain=abc is not a number")."""
+    if kind is str:
+        return str(value)
+    if kind is bool:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key}={value} is not true or false")
+    if not isinstance(value, bool):  # True is an int to Python, not a number to a user
+        if kind is int:
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+        elif isinstance(value, (int, float)):
+            return float(value)
+        elif isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    raise ValueError(f"{key}={value} is not {'an integer' if kind is int else 'a number'}")
+
+
 def manifest():
     """The entry point's payload: lmms-eval's manifest of the `sgl` model."""
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -104,19 +129,23 @@ def stop_at(answer: str, until: Any) -> str:
 
 
 def image_refs(visuals: Any, where: str):
-    """sgl's image references for what a task's doc_to_visual returned (PIL images, or paths); raises ValueError
-    naming `where` for anything else (a video, audio)."""
+    """sgl's image references for what a task's doc_to_visual returned (PIL images, in any mode sgl converts from
+    a file, or paths); raises ValueError for anything else (a video, audio; a mode sgl cannot convert)."""
     from PIL import Image
 
-    from sgl_cli.engine import ImageRef
+    from sgl_cli.engine import ImageRef, to_rgb
 
     refs = []
     for k, visual in enumerate(visuals if isinstance(visuals, (list, tuple)) else [visuals]):
         if visual is None:
             continue
-        if isinstance(visual, Image.Image):  # re-encoded losslessly: sgl decodes exactly these pixels
+        if isinstance(visual, Image.Image):
+            try:  # converted as sgl converts a decoded file (CMYK, 16-bit, alpha...), then re-encoded losslessly
+                rgb = to_rgb(visual)
+            except ValueError as exc:
+                raise ValueError(f"visual {k + 1} {exc}") from None
             buf = io.BytesIO()
-            visual.save(buf, format="PNG")
+            rgb.save(buf, format="PNG")
             refs.append(ImageRef("bytes", buf.getvalue(), f"{where} image {k + 1}"))
         elif isinstance(visual, (str, Path)):
             refs.append(ImageRef.parse(str(visual), Path.cwd()))
@@ -150,7 +179,11 @@ def _build_class():
                 _fail(f"--model_args: unknown argument(s) {', '.join(unknown)}; sgl takes "
                       f"{', '.join(sorted(OWN + tuple(SETTINGS)))}")
             try:
-                settings = {k: SETTINGS[k](v) for k, v in kwargs.items()}
+                settings = {k: setting(k, v, SETTINGS[k]) for k, v in kwargs.items()}
+                no_exit = setting("no_exit", no_exit, bool)
+                threads = None if threads is None else setting("threads", threads, int)
+                if threads is not None and threads < 1:
+                    raise ValueError(f"threads={threads} must be at least 1")
             except ValueError as exc:
                 _fail(f"--model_args: {exc}")
             self.records_path = Path(records) if records else None
@@ -163,7 +196,7 @@ def _build_class():
             try:
                 from sgl_cli.engine import Engine, random_weights_warning, resolve_calibration, use_threads
 
-                chosen = load_preset(preset).with_settings(no_exit=bool(no_exit), **settings)
+                chosen = load_preset(preset).with_settings(no_exit=no_exit, **settings)
                 if quantize is not None:
                     chosen = chosen.with_quantize(str(quantize))
                 chosen = resolve_calibration(chosen, "run", calibration, notify=logger.info,

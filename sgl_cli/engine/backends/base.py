@@ -448,3 +448,28 @@ def check(guide_cls, backend_cls, prune_layer: int) -> None:
     raise CapabilityError("the " + guide + " guide" + at + " needs " + what + ", which the "
                           + backend_cls.name.replace("{", "{{").replace("}", "}}")
                           + " large backend ({}) does not offer", "large_backend")
+
+
+def bad_token_id(backend: LargeBackend, tokens) -> str | None:
+    """What is wrong with the first bad id of `tokens` ("token id -5, outside the vocabulary of 151,936"), or None.
+    The vocabulary is the larger of the tokenizer's (added tokens included) and the model's embedding rows: a model
+    may emit an id of an unused row, which decodes to nothing."""
+    import operator
+
+    processor = backend.processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        rows = int(getattr(backend.model.config.get_text_config(), "vocab_size", 0) or 0)
+    except (AttributeError, TypeError, ValueError):
+        rows = 0
+    vocab = max(len(tokenizer), rows)
+    for token in tokens:
+        try:
+            if isinstance(token, bool):
+                raise TypeError
+            i = operator.index(token)
+        except TypeError:
+            return f"token id {token!r} (a {type(token).__name__}, not an integer)"
+        if not 0 <= i < vocab:
+            return f"token id {i}, outside the vocabulary of {vocab:,}"
+    return None

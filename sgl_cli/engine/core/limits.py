@@ -25,6 +25,9 @@ def check_text(item: Item, tokenizer: Any, context: int, settings: Any) -> None:
     """Raise ItemError for an item whose text is far over the prompt's budget, tokenizing at most a bounded
     prefix of it (`settings`: the run's, for `max_new_tokens`, `max_prompt_tokens` and `prompt_suffix`)."""
     answer = item.max_new_tokens or settings.max_new_tokens
+    if answer >= context:  # no budget at all: say so, not that the text is long for a budget of one token
+        raise ItemError(item.fail(f"max_new_tokens {answer:,} leaves no room for a prompt in the models' context of "
+                                  f"{context:,} tokens"))
     cap = settings.max_prompt_tokens
     by_cap = cap is not None and cap <= context - answer
     budget = max(1, cap if by_cap else context - answer)

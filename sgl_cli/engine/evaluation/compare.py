@@ -123,7 +123,7 @@ class Comparison:
             full = self._each(live, lambda group: eng.large_pass(group, inputs, guide=_Everything(), retain=1.0))
             for w in live:
                 if id(w) in full and full[id(w)].error is not None:  # the backend failed this item alone
-                    w.error = w.item.fail(f"large stage failed: {full[id(w)].error}")
+                    w.error = w.item.fail(full[id(w)].error)
             t_full = (time.perf_counter() - t0) / len(live)
             seconds["large_alone"] = (t_rows + t_full) * len(live)
         if eng.small is not None:
@@ -162,7 +162,7 @@ class Comparison:
                 for w in todo:
                     a = got.get(id(w))
                     if a is not None and a.error is not None:  # the backend failed this item alone
-                        w.error = w.item.fail(f"large stage failed: {a.error}")
+                        w.error = w.item.fail(a.error)
                     elif a is not None:
                         results[id(w)] = SettingOutcome("large", a.answer if answers else None, a.scores, a.kept,
                                                         k, a.reduced)

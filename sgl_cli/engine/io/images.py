@@ -139,7 +139,7 @@ def _data_uri(item: Item, ref: ImageRef) -> bytes:
         raise ItemError(item.fail(f"image '{ref.label}' is not valid base64")) from None
 
 
-class _Refused(Exception):
+class _Refused(ValueError):
     """An image that cannot be converted faithfully (the message completes "image 'x' ...")."""
 
 
@@ -189,7 +189,8 @@ def _factor(w: int, h: int, max_pixels: int) -> int:
 
 
 def to_rgb(im):
-    """An RGB image of the same picture: alpha over white, high bit depths scaled, or _Refused."""
+    """An RGB image of the same picture: alpha over white, high bit depths scaled, other modes (CMYK, YCbCr, LAB,
+    HSV, palettes) converted; or a ValueError saying why it cannot be ("has mode X, which ...")."""
     import numpy as np
     from PIL import Image
 

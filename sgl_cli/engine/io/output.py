@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from ..errors import SglError
+from .formats import Source
 
 
 class OutputError(SglError):
@@ -110,14 +112,55 @@ def _sha(rec) -> str | None:
 
 def input_fingerprint(payload, item) -> str:
     """`input_sha`: the first 16 hex digits of a SHA-256 of an input item's content as read (a JSONL line's bytes,
-    a table row's values) and of where its images resolve (a relative path means another file once the input
-    moves). `--resume` compares it with each record's, so an edited input is noticed."""
+    a table row's values) and of the files its images resolve to (`resolved_image`: a relative path means another
+    file once the input moves; the same file named from another folder or through a link is the same). `--resume`
+    compares it with each record's, so an edited input is noticed."""
     h = hashlib.sha256()
     _feed(h, payload)
     for ref in item.images:
         if ref.kind in ("path", "url"):  # bytes and data URIs are in the payload already
-            h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + str(ref.value).encode("utf-8", "surrogatepass"))
+            where = resolved_image(ref.value) if ref.kind == "path" else ref.value
+            h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + where.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
+
+
+def resolved_image(path) -> str:
+    """The file an image path names: absolute, links resolved (lexically, where a path cannot be resolved)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):  # a NUL in the path: it names no file
+        return os.path.abspath(path)
+
+
+def moved_image(source, image_base, line: int, payload, item, sha: str) -> str | None:
+    """Why an item's fingerprint differs from `sha` when its content is what an earlier run read but its images
+    resolved elsewhere then (the input reached through a link or copied to another folder, a folder moved):
+    "image 'x' is NEW, was OLD", for its first image that moved. None when the content itself changed, or where
+    relative paths resolved then (`image_base`, from `<out stem>.run.json`) is not known."""
+    if not isinstance(image_base, str) or image_base == resolved_image(source.base):
+        return None
+    try:
+        fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(source)}
+        then = _Rebased(**fields, at=Path(image_base)).parse(line, payload)
+    except Exception:  # noqa: BLE001 - a format plugin's parse failed: no diagnosis, the plain refusal stands
+        return None
+    if input_fingerprint(payload, then) != sha:
+        return None
+    for now, was in zip(item.images, then.images):
+        if now.kind == "path" and resolved_image(now.value) != resolved_image(was.value):
+            return f"image '{now.label}' is {resolved_image(now.value)}, was {resolved_image(was.value)}"
+    return None
+
+
+@dataclasses.dataclass
+class _Rebased(Source):
+    """The input as if in another folder (`at`): where its relative image paths resolved for an earlier run."""
+
+    at: Path = Path(".")
+
+    @property
+    def base(self) -> Path:
+        return self.at
 
 
 def _feed(h, value) -> None:

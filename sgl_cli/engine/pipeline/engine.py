@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import ContractError, ItemError, ModelLoadError
+from ..errors import ContractError, ItemError, ModelLoadError, SettingError
 from .. import backends
 from ..backends import backend_label
-from ..backends.base import Answer, LargeBackend, LargeInputs, LayoutOnly, Reduced, SmallModel, check
+from ..backends.base import Answer, LargeBackend, LargeInputs, LayoutOnly, Reduced, SmallModel, bad_token_id, check
 from ..guides import guide_class, guide_label, make_guide
 from ..guides.base import Guide, Kind, n_keep, require_small, top_k_in_order
 from ..io.batches import alone_on_failure, batches, until_failure
@@ -83,6 +83,9 @@ class Engine:
             raise ModelLoadError(
                 f"prune_layer {settings.prune_layer} is beyond the large model's {large.num_layers} layers"
             )
+        if settings.max_new_tokens >= self.context():  # every item would fail: refuse the run instead
+            raise SettingError("{} " + f"{settings.max_new_tokens} leaves no room for a prompt in the models' context "
+                               f"of {self.context():,} tokens", "max_new_tokens")
 
     @classmethod
     def from_preset(cls, preset: Preset, notify: Callable[[str], None] | None = None,
@@ -232,14 +235,19 @@ class Engine:
         check_answers(who, "answer", SimpleNamespace(tokens=[a.tokens for a in got]), len(works))
         if guide.kind is Kind.REDUCES:
             check_reduced(who, "answer", [a.reduced for a in got], len(works))
-        answers = [LargeAnswer(a.tokens, self._decode(a.tokens) if a.error is None else None, guide.name, a.scores,
-                               a.kept, k, a.reduced, a.error) for a in got]
+        answers = []
+        for a in got:  # an item the backend failed alone, or answered with ids that are no tokens: its error
+            error = None if a.error is None else f"large stage failed: {a.error}"
+            if error is None and (problem := bad_token_id(m, a.tokens)) is not None:
+                error = f"the {m.name} backend returned {problem}"
+            answers.append(LargeAnswer(a.tokens, self._decode(a.tokens) if error is None else None, guide.name,
+                                       a.scores, a.kept, k, a.reduced, error))
         if own:
             for w, a in zip(works, answers):
                 if a.error is None:
                     w.large = a
                 else:
-                    w.error = w.item.fail(f"large stage failed: {a.error}")
+                    w.error = w.item.fail(a.error)
         return answers
 
     def keep(self, guide: Guide, item, scores: torch.Tensor, retain: float) -> torch.Tensor:
@@ -345,7 +353,7 @@ class Engine:
             elif isinstance(exc, ContractError):
                 w.error = w.item.fail(str(exc))
             else:
-                w.error = w.item.fail(f"{what} failed: {traceback.format_exception_only(type(exc), exc)[-1].strip()}")
+                w.error = w.item.fail(f"{what} failed: {_one_line(exc)}")
 
         live = [w for w in works if w.ok]
         if live:
@@ -355,6 +363,15 @@ class Engine:
     def record(self, w: Work, total_ms: float = 0.0) -> dict:
         """The output record of one item (docs/cli.md: `sgl run`'s output fields)."""
         return make_record(self, w, total_ms)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as "Type: message", its notes after it in parentheses (tokenizers note "while processing 'ids'"
+    after the error itself: alone, it says nothing)."""
+    notes = [str(n) for n in getattr(exc, "__notes__", None) or []]
+    lines = traceback.format_exception_only(type(exc), exc)
+    detail = lines[-1 - len(notes)].strip() if len(lines) > len(notes) else type(exc).__name__
+    return detail + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _share(works: list[Work], stage: str, t0: float) -> None:

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 from ..errors import SettingError, SglError
 from ..preset import ModelSpec, Preset, Settings
 from ..io.fetch import FetchPolicy
-from ..io.output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, scan_records,
-                         settings_path)
+from ..io.output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, moved_image,
+                         resolved_image, scan_records, settings_path)
 
 
 @dataclass
@@ -115,6 +115,7 @@ class Run:
         self.done: list = []  # the identities of the records `out` holds (resume)
         self.done_shas: list = []  # their input fingerprints (None: written before sgl recorded them)
         self.done_lines: set[int] = set()  # their items' lines
+        self._previous: dict = {}  # the interrupted run's `<out stem>.run.json` (resume)
         if self.out is not None:
             self._check_output(resume, overwrite)
         self.summary = RunSummary(skipped=len(self.done), out=self.out)
@@ -141,6 +142,7 @@ class Run:
             if resume:
                 try:
                     _check_same_settings(settings_path(self._real_out), self.preset.to_dict())
+                    self._previous = _read_json(run_info_path(self._real_out))
                     recorded = scan_records(out)
                     self.done = [identity for identity, _ in recorded]
                     self.done_shas = [sha for _, sha in recorded]
@@ -248,6 +250,11 @@ class Run:
             if sha is None:
                 unchecked += 1
             elif sha != input_fingerprint(payload, item):
+                moved = moved_image(self.source, self._previous.get("image_base"), line, payload, item, sha)
+                if moved is not None:
+                    raise SglError(f"cannot resume: {unit} {line} of {self.input} is unchanged, but its images now "
+                                   f"resolve to other files than when record {n + 1} of {self.out} was answered "
+                                   f"({moved}); resume with the input where it was, or write to a new --out")
                 raise SglError(f"cannot resume: {unit} {line} of {self.input} is not the item record {n + 1} of "
                                f"{self.out} answered: the input changed since the interrupted run; write to a new "
                                "--out")
@@ -269,10 +276,11 @@ class Run:
         from ..io.formats import InputError
         from ..pipeline.record import SCORES_KEY
 
-        records, next_sha = self._records()
+        records = None
         writer: RecordWriter | None = None
         scores = None
         try:
+            records, next_sha = self._records()  # loads the models: one that fails releases the output too
             for record in records:
                 payload = record.pop(SCORES_KEY, None)
                 line, record["input_sha"] = next_sha()
@@ -318,7 +326,8 @@ class Run:
         from ..io.scores import scores_path
 
         real = self._real_out
-        about = {"input": str(self.input.resolve()), "format": self.source.kind,
+        about = {"input": str(self.input.resolve()), "image_base": resolved_image(self.source.base),
+                 "format": self.source.kind,
                  "columns": dataclasses.asdict(self.source.columns), "split": self.source.split,
                  "limit": self.source.limit, "preset": self.preset.name, "threshold": self.preset.settings.threshold,
                  "scores": scores_path(real).name if self.save_scores else None, "sgl": __version__}
@@ -358,6 +367,17 @@ def run_info_path(out: Path) -> Path:
     """`<out stem>.run.json`: what a run read (its input and format), for `sgl report`."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
     return out.with_name(stem + ".run.json")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file sgl wrote, or {} (missing, unreadable, or not one)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _check_writable(path: Path) -> None:
