@@ -475,7 +475,7 @@ def test_the_interrupt_hint_is_the_exact_command_that_continues(tmp_path, batch,
     from sgl_cli.engine.pipeline import engine as engine_mod
 
     out = tmp_path / "answers.jsonl"
-    real = engine_mod.Engine.process
+    real = engine_mod.Engine.small_pass  # each batch's, on either pipeline
     calls = {"n": 0}
 
     def interrupted(self, items):
@@ -484,14 +484,14 @@ def test_the_interrupt_hint_is_the_exact_command_that_continues(tmp_path, batch,
             raise KeyboardInterrupt
         return real(self, items)
 
-    monkeypatch.setattr(engine_mod.Engine, "process", interrupted)
+    monkeypatch.setattr(engine_mod.Engine, "small_pass", interrupted)
     args = ["run", str(batch), "--preset", str(preset_file), "--out", str(out), "--retain", "0.5", "--no-exit",
             "--overwrite"]
     res = runner.invoke(app, args)
     assert res.exit_code == 130
     hint = res.stderr.split("`")[1]
     assert hint == (f"sgl run {batch} --out {out} --preset {preset_file} --retain 0.5 --no-exit --resume")
-    monkeypatch.setattr(engine_mod.Engine, "process", real)
+    monkeypatch.setattr(engine_mod.Engine, "small_pass", real)
     res = runner.invoke(app, hint.split()[1:])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*args[:-1], "--out", str(tmp_path / "whole.jsonl")])

@@ -2,8 +2,10 @@
 
 - The large backend answers "kept N of M: i,j,..." (the kept visual tokens of each item, and how many it had),
   deterministically. It offers no capability (no image features, no hooks inside a vision tower or language model,
-  pruning only before the language model: guides that need more are refused before anything loads), and takes one
-  option, `prefix` (the answer's first word), to show how a backend declares its options.
+  pruning only before the language model: guides that need more are refused before anything loads), and takes two
+  options, to show how a backend declares them: `prefix` (the answer's first word) and `jitter_ms` (in the streaming
+  pipeline, each item is answered after a random delay of up to that many milliseconds, seeded by the item, so
+  answers finish out of order, as in an engine that batches continuously).
 - The small model answers "small: <the question's first word>" with token probabilities, an SGP importance and a
   re-read all computed by a rule from the item (its line, question and visual tokens), so items differ in
   confidence and some exit early.
@@ -20,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from sgl_cli.engine.backends.base import LargeBackend, LargeInputs, Option, SmallAnswer, SmallModel
+from sgl_cli.engine.backends.base import LargeBackend, LargeInputs, LargeStream, Option, SmallAnswer, SmallModel
 from sgl_cli.engine.core.generate import Generation
 
 
@@ -29,15 +31,17 @@ class EchoBackend(LargeBackend):
     offers: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[dict[str, Option]] = {
         "prefix": Option((str,), "kept", lambda v: bool(v.strip()), "a non-empty word", "the answer's first word"),
+        "jitter_ms": Option((int,), 0, lambda v: v >= 0, "an integer >= 0", "answers finish after random delays"),
     }
 
-    def __init__(self, spec, processor, config, family, eos_ids, prefix: str = "kept"):
+    def __init__(self, spec, processor, config, family, eos_ids, prefix: str = "kept", jitter_ms: int = 0):
         from types import SimpleNamespace
 
         self.spec = spec
         self.processor, self.family, self.eos_ids = processor, family, eos_ids
         self.model = SimpleNamespace(config=config)  # what the family's methods read: the config only
         self.prefix = prefix
+        self.jitter_ms = jitter_ms
         self.closed = False
 
     @classmethod
@@ -56,8 +60,46 @@ class EchoBackend(LargeBackend):
             tokens.append(_tokens(self.processor, text, limit, self.eos_ids))
         return Generation(tokens, [[1.0] * len(t) for t in tokens])
 
+    def stream(self) -> LargeStream:
+        return JitterStream(self) if self.jitter_ms else super().stream()
+
+    def default_in_flight(self, batch_size: int) -> int:
+        return 4 * batch_size if self.jitter_ms else batch_size
+
     def close(self) -> None:
         self.closed = True
+
+
+class JitterStream(LargeStream):
+    """Each item answered after its own random delay: answers finish in another order than they were added."""
+
+    def __init__(self, backend: EchoBackend):
+        super().__init__(backend)
+        self.due: list[tuple[float, int, object, object]] = []  # (when, order, work, answer)
+
+    def add(self, works, inputs, guide, retain, k, limits) -> None:
+        import time
+
+        now = time.monotonic()
+        for w, a in zip(works, self.backend.answer(works, inputs, guide, retain, k, limits)):
+            delay = _unit(f"jitter:{w.item.line}") * self.backend.jitter_ms / 1000
+            self.due.append((now + delay, len(self.due), w, a))
+
+    def ready(self, wait: bool) -> list:
+        import time
+
+        if wait and self.due:
+            time.sleep(max(0.0, min(d[0] for d in self.due) - time.monotonic()))
+        now = time.monotonic()
+        out = [(w, a) for when, _, w, a in self.due if when <= now]
+        self.due = [d for d in self.due if d[0] > now]
+        return out
+
+    def in_flight(self) -> int:
+        return len(self.due)
+
+    def close(self) -> None:
+        self.due = []
 
 
 class EchoSmall(SmallModel):

@@ -36,7 +36,15 @@ MaxNewTokensOption = Annotated[Optional[int], typer.Option(
     help="Longest answer, in tokens (an item's own `max_new_tokens` wins).")]
 PromptSuffixOption = Annotated[Optional[str], typer.Option(
     help="Text appended to every question (\"\" for none; default: the preset's).")]
-BatchSizeOption = Annotated[Optional[int], typer.Option(help="Items per model call.")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(help="Items per model call (the small stage's batch).")]
+LargeBatchSizeOption = Annotated[Optional[int], typer.Option(
+    "--large-batch-size", min=1, help="The large stage's batch (transformers) or the requests it keeps in flight "
+    "(vllm's continuous batching); default: the backend's (transformers: --batch-size; vllm: its max_num_seqs, "
+    "else 256).", show_default=False)]
+PipelineOption = Annotated[Optional[str], typer.Option(
+    "--pipeline", help="streaming (default): the small and the large stage run at once, records written in input "
+    "order as soon as they are ready; serial: each batch through both stages in turn. The records are the same.",
+    show_default=False)]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the random guide.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
     help="Torch CPU threads (on a busy machine, fewer is faster).")]

@@ -18,6 +18,9 @@ from typing import Any
 from .errors import PresetError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PIPELINES = ("streaming", "serial")
+# Settings that change how fast records come, not what they say (a resumed run may change them).
+SPEED_ONLY = ("batch_size", "large_batch_size", "pipeline")
 # Weight quantization (bitsandbytes): None, "nf4" (4-bit NormalFloat; "4bit" is an alias) or "8bit" (LLM.int8).
 QUANTIZE = ("none", "nf4", "4bit", "8bit")
 # accelerate's placement strategies for `device_map`; a mapping (module name -> device) places modules by hand.
@@ -106,7 +109,13 @@ class Settings:
     max_new_tokens: int = 16
     max_prompt_tokens: int | None = None  # longer prompts are error records (None: the models' context decides)
     prompt_suffix: str = "Answer the question using a single word or phrase."
-    batch_size: int = 1
+    batch_size: int = 1  # the small stage's batch (and the large stage's on the serial pipeline)
+    # The large stage of the streaming pipeline: its batch (transformers) or the requests it keeps in flight (vLLM's
+    # continuous batching). None: the backend's default (transformers: batch_size; vLLM: its max_num_seqs, else 256).
+    large_batch_size: int | None = None
+    # streaming: the small and the large stage run at once (pipeline/stream.py); serial: each batch through both
+    # in turn. The records are the same; only the speed differs.
+    pipeline: str = "streaming"
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
     guide: str = "sgl"  # what ranks the visual tokens: a registered guide (built-in or a plugin's)
     seed: int = 0  # the random guide's seed
@@ -126,6 +135,10 @@ class Settings:
             raise PresetError(f"{where}: max_prompt_tokens must be >= 1 (or null), got {self.max_prompt_tokens}")
         if not 1 <= self.batch_size <= 100_000:
             raise PresetError(f"{where}: batch_size must be in 1..100000, got {self.batch_size}")
+        if self.large_batch_size is not None and not 1 <= self.large_batch_size <= 100_000:
+            raise PresetError(f"{where}: large_batch_size must be in 1..100000 (or null), got {self.large_batch_size}")
+        if self.pipeline not in PIPELINES:
+            raise PresetError(f"{where}: pipeline must be one of {', '.join(PIPELINES)}, got {_quote(self.pipeline)}")
         from .guides import guide_names
 
         if self.guide not in guide_names():

@@ -320,7 +320,7 @@ class LargeBackend(Model):
         """Each item's answer under `guide` at `retain`, dropped at layer `k`: the one place a guide's kind is
         dispatched on. `inputs` (aligned with `works`) is not needed by a guide that reduces the input."""
         from ..guides import guide_label
-        from ..guides.base import GuideBatch, Kind
+        from ..guides.base import Kind
         from ..plugins import check_answers, check_kept, check_reduced, check_scores
         from . import backend_label
 
@@ -341,15 +341,27 @@ class LargeBackend(Model):
             check_scores(guide_label(guide), scores, n_visual)
             check_kept(guide_label(guide), kept, n_visual)
         else:
-            scores = inputs.scores.get(guide.name)
-            if scores is None:  # a guide `inputs` was not asked for (it must not need watch_vision)
-                scores = guide.scores(GuideBatch(self, inputs.items))
-                check_scores(guide_label(guide), scores, n_visual)
-            kept = [guide.keep(self, item, s, retain) for item, s in zip(inputs.items, scores)]
-            check_kept(guide_label(guide), kept, n_visual)  # before the engine is asked for anything
+            scores, kept = self.rank(inputs, guide, retain)  # checked before the engine is asked for anything
             gen = self.generate(works, inputs, kept, k, limits)
             check_answers(who, "generate", gen, n)
         return [Answer(tokens, s, idx, error=e) for tokens, s, idx, e in zip(gen.tokens, scores, kept, _errors(gen))]
+
+    def rank(self, inputs: LargeInputs, guide: "Guide", retain: float) -> tuple[list, list]:
+        """(scores, kept) of each item under a guide that ranks before the language model (`Kind.RANKS`): its
+        scores from `inputs` (or asked for now), the top `retain` kept; both checked (a ContractError naming the
+        guide)."""
+        from ..guides import guide_label
+        from ..guides.base import GuideBatch
+        from ..plugins import check_kept, check_scores
+
+        n_visual = [item.n_visual for item in inputs.items]
+        scores = inputs.scores.get(guide.name)
+        if scores is None:  # a guide `inputs` was not asked for (it must not need watch_vision)
+            scores = guide.scores(GuideBatch(self, inputs.items))
+            check_scores(guide_label(guide), scores, n_visual)
+        kept = [guide.keep(self, item, s, retain) for item, s in zip(inputs.items, scores)]
+        check_kept(guide_label(guide), kept, n_visual)
+        return scores, kept
 
     def check_prune_layer(self, k: int) -> None:
         """Refuse a decoder layer `k` > 0 the model cannot drop tokens at."""
@@ -357,6 +369,18 @@ class LargeBackend(Model):
             raise CapabilityError(f"the {self.name} large backend prunes before the language model only, not at "
                                   "{} " + str(k), "prune_layer")
         self.family.check_prune_layer(self.model, k)
+
+    # -- the streaming pipeline ---------------------------------------------------------------------------------
+    def stream(self) -> "LargeStream":
+        """A stream of items for the streaming pipeline (pipeline/stream.py): `add` hands it a group of items,
+        `ready` gives answers as they finish. This default answers each group as it is added (`answer`); a backend
+        with an engine of its own that batches continuously (vLLM) keeps many items in flight instead."""
+        return LargeStream(self)
+
+    def default_in_flight(self, batch_size: int) -> int:
+        """How many items the streaming pipeline keeps in this backend's stage at once unless told: for this
+        default (a batch at a time), a batch of the small stage's size."""
+        return batch_size
 
     # -- capability "lm_attention" ----------------------------------------------------------------------------
     def rank_in_prefill(self, guide: "Guide", inputs: LargeInputs, retain: float, k: int,
@@ -376,6 +400,36 @@ class LargeBackend(Model):
         """Greedy answers from the input `guide` reduced, every token of it kept; and what was seen of each
         item."""
         raise _lacks(self, "reduced_input", guide)
+
+
+class LargeStream:
+    """Items in the large model's stage of the streaming pipeline. This one answers each group when it is added
+    (`LargeBackend.answer`, a batch at a time); subclasses keep items in flight in an engine of their own.
+
+    Only the large stage's thread calls it; `ready` gives (work, Answer) pairs in any order."""
+
+    def __init__(self, backend: LargeBackend):
+        self.backend = backend
+        self._ready: list[tuple[Any, Answer]] = []
+
+    def add(self, works: list, inputs: LargeInputs | None, guide: "Guide", retain: float, k: int,
+            limits: list[int]) -> None:
+        """Hand `works` to the large model under `guide` at `retain` (their `inputs`: None for a guide that reduces
+        the input)."""
+        self._ready += zip(works, self.backend.answer(works, inputs, guide, retain, k, limits))
+
+    def ready(self, wait: bool) -> list[tuple[Any, Answer]]:
+        """The answers that finished since the last call; with `wait`, at least one when any is in flight."""
+        out, self._ready = self._ready, []
+        return out
+
+    def in_flight(self) -> int:
+        """Items added whose answers `ready` has not given yet."""
+        return len(self._ready)
+
+    def close(self) -> None:
+        """Drop what is still in flight (an interrupted run)."""
+        self._ready = []
 
 
 def _errors(gen) -> list:

@@ -72,6 +72,7 @@ class Engine:
         self.fetch = fetch or FetchPolicy()
         self.fetcher = Fetcher(self.fetch)
         self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
+        self.last_stream = None  # the streaming pipeline of the last `run`, with its busy times (`sgl bench`)
         self.guide: Guide = make_guide(settings.guide, settings)
         check(type(self.guide), type(large), settings.prune_layer)
         require_small(type(self.guide), small is not None, preset.name if preset else None)
@@ -133,15 +134,29 @@ class Engine:
 
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
-        """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.
-        Image URLs of the items ahead are fetched while the current batch computes. If reading `items` raises
-        (an input format's reader broke), the items read before it are run and recorded, then it is raised."""
+        """Yield one record per item, in input order, as soon as it and every item before it are done. The
+        streaming pipeline (`pipeline: streaming`, the default: pipeline/stream.py) runs the small and the large
+        stage at once; `serial` runs each batch of `batch_size` runnable items through both in turn
+        (`process`). Image URLs of the items ahead are fetched while earlier items compute. If reading `items`
+        raises (an input format's reader broke), the items read before it are run and recorded, then it is
+        raised."""
+        if self.settings.pipeline == "streaming":
+            from .stream import Stream
+
+            self.last_stream = Stream(self, items)
+            yield from self.last_stream
+            return
         failed: list[BaseException] = []
-        for batch in batches(self._prefetching(until_failure(items, failed)), self.settings.batch_size,
+        for batch in batches(self.prefetched(items, failed), self.settings.batch_size,
                              lambda item: item.error is None):
             yield from self.process(batch)
         if failed:
             raise failed[0]
+
+    def prefetched(self, items: Iterable[Item], failed: list[BaseException]) -> Iterator[Item]:
+        """`items` read `4 x batch_size` ahead, each one's image URLs handed to the fetcher as it is read; if reading
+        raises, the items before it, and the exception in `failed` (`io.batches.until_failure`)."""
+        return self._prefetching(until_failure(items, failed))
 
     def _prefetching(self, items: Iterable[Item]) -> Iterator[Item]:
         """The items, read `4 x batch_size` ahead, each one's URLs submitted to the fetcher as it is read."""
@@ -228,27 +243,48 @@ class Engine:
                   for w in works]
         if inputs is not None and [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
-        got = m.answer(works, inputs, guide, retain, k, limits)
+        answers = self.answers(works, m.answer(works, inputs, guide, retain, k, limits), guide, k)
+        if own:
+            for w, a in zip(works, answers):
+                self._settle(w, a)
+        return answers
+
+    def answers(self, works: list[Work], got: Any, guide: Guide, k: int) -> list[LargeAnswer]:
+        """The large backend's `Answer`s to `works` (from `answer`, or its stream), checked, decoded and typed:
+        an item it failed alone, or answered with ids that are no tokens, has its error."""
+        m = self.large
         who = backend_label(m)
         if not isinstance(got, list) or not all(isinstance(a, Answer) for a in got):
             raise ContractError(f"{who}: answer gave {type(got).__name__}, not a list of Answers")
         check_answers(who, "answer", SimpleNamespace(tokens=[a.tokens for a in got]), len(works))
         if guide.kind is Kind.REDUCES:
-            check_reduced(who, "answer", [a.reduced for a in got], len(works))
-        answers = []
-        for a in got:  # an item the backend failed alone, or answered with ids that are no tokens: its error
+            check_reduced(who, "answer", [a.reduced for a in got if a.error is None],
+                          sum(a.error is None for a in got))
+        out = []
+        for a in got:
             error = None if a.error is None else f"large stage failed: {a.error}"
             if error is None and (problem := bad_token_id(m, a.tokens)) is not None:
                 error = f"the {m.name} backend returned {problem}"
-            answers.append(LargeAnswer(a.tokens, self._decode(a.tokens) if error is None else None, guide.name,
-                                       a.scores, a.kept, k, a.reduced, error))
-        if own:
-            for w, a in zip(works, answers):
-                if a.error is None:
-                    w.large = a
-                else:
-                    w.error = w.item.fail(a.error)
-        return answers
+            out.append(LargeAnswer(a.tokens, self._decode(a.tokens) if error is None else None, guide.name,
+                                   a.scores, a.kept, k, a.reduced, error))
+        return out
+
+    def settle(self, w: Work, got: Answer) -> None:
+        """One item's answer from the large backend's stream (the engine's guide and retain): checked as a batch's
+        are (`answers`), then `Work.large`, or the item's error. A violation of the contract fails the item."""
+        try:
+            (a,) = self.answers([w], [got], self.guide, self.prune_layer())
+        except ContractError as exc:
+            w.error = w.item.fail(str(exc))
+            return
+        self._settle(w, a)
+
+    @staticmethod
+    def _settle(w: Work, a: LargeAnswer) -> None:
+        if a.error is None:
+            w.large = a
+        else:
+            w.error = w.item.fail(a.error)
 
     def keep(self, guide: Guide, item, scores: torch.Tensor, retain: float) -> torch.Tensor:
         """The visual tokens `guide` keeps of `item` (a GuideItem) at `retain`, checked: 1-D integer indices,
@@ -319,14 +355,15 @@ class Engine:
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
         w.encoded = Encoded(large, small, visual, sizes, images, prompt)
 
-    def _limits(self, works: list[Work]) -> list[int]:
+    def limits(self, works: list[Work]) -> list[int]:
+        """Each item's answer length cap: its own `max_new_tokens`, else the run's."""
         return [w.item.max_new_tokens or self.settings.max_new_tokens for w in works]
 
     def small_answer(self, works: list[Work]) -> None:
         """The small model's greedy answers with the SGP importance captured (`Work.small`, consistency unset)."""
         m = self.small
         t0 = time.perf_counter()
-        for w, a in zip(works, m.answer(works, self._limits(works))):
+        for w, a in zip(works, m.answer(works, self.limits(works))):
             w.small = SmallPass(a.tokens, a.probs, m.decode(a.tokens), a.importance, consistency=float("nan"),
                                 state=a.state)
         _share(works, "small", t0)

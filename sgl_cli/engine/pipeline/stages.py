@@ -88,6 +88,7 @@ class Work:
     large: LargeAnswer | None = None
     error: str | None = None
     ms: dict[str, float] = field(default_factory=lambda: {"small": 0.0, "reread": 0.0, "large": 0.0})
+    started: float = 0.0  # when its small batch started (perf_counter), for the streaming pipeline's total
 
     @property
     def ok(self) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import SettingError, SglError
-from ..preset import ModelSpec, Preset, Settings
+from ..preset import SPEED_ONLY, ModelSpec, Preset, Settings
 from ..io.fetch import FetchPolicy
 from ..io.output import (OutputError, OutputLock, RecordWriter, default_output, input_fingerprint, moved_image,
                          resolved_image, scan_records, settings_path)
@@ -414,9 +414,9 @@ def _check_same_settings(saved: Path, current: dict) -> None:
         return
     previous = _with_defaults(yaml.safe_load(saved.read_text()) or {})
     current = _with_defaults(current)
-    # Batch size changes speed, not results; anything else would mix two runs' answers in one file.
+    # Batch sizes and the pipeline change speed, not results; anything else would mix two runs' answers in one file.
     changed = sorted(k for k in set(previous) | set(current)
-                     if k != "batch_size" and previous.get(k) != current.get(k))
+                     if k not in SPEED_ONLY and previous.get(k) != current.get(k))
     if changed:
         raise SglError(
             f"cannot resume: settings differ from the interrupted run ({', '.join(changed)}; see {saved}); "

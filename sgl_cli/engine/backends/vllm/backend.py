@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from ...errors import ItemError
-from ..base import LargeBackend, LargeInputs, Option, Reduced
+from ..base import Answer, LargeBackend, LargeInputs, LargeStream, Option, Reduced
 from .large import Offers, VllmLarge
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -143,6 +143,30 @@ class VllmBackend(LargeBackend):
 
         return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
 
+    def stream(self) -> "VllmStream":
+        """Items in flight in vLLM's engine: added as the small stage hands them over, answered as they finish."""
+        return VllmStream(self)
+
+    def default_in_flight(self, batch_size: int) -> int:
+        """vLLM batches continuously: keep it as full as it takes (its `max_num_seqs`, else 256: vLLM's own
+        default on a GPU), and at least a small batch."""
+        return max(batch_size, int(self.large.settings.max_num_seqs or 256))
+
+    def requests(self, works: list, inputs: LargeInputs | None, guide, retain: float,
+                 limits: list[int]) -> list[tuple[Any, Any]]:
+        """Per item, its request to vLLM and what its answer carries besides tokens: (scores, kept, reduced)."""
+        from ...guides.base import Kind
+        from .large import LargeRequest
+
+        if guide.kind is Kind.REDUCES:
+            return [(LargeRequest(images, self.large.prompt(images, w.encoded.prompt), kept=None, max_new_tokens=n),
+                     (None, None, seen)) for w, (images, seen), n in zip(works, self._reduce(works, guide, retain),
+                                                                        limits)]
+        scores, kept = self.rank(inputs, guide, retain)
+        return [(LargeRequest(w.encoded.images, self.large.prompt(w.encoded.images, w.encoded.prompt),
+                              kept=[int(i) for i in idx], max_new_tokens=n), (s, idx, None))
+                for w, s, idx, n in zip(works, scores, kept, limits)]
+
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Any:
         from .large import LargeRequest
 
@@ -199,3 +223,43 @@ class VllmBackend(LargeBackend):
 
     def close(self) -> None:
         self.large.close()
+
+
+class VllmStream(LargeStream):
+    """Continuous batching: each item is a request added to vLLM's running batch as soon as the small stage hands it
+    over (vLLM's `LLM.enqueue`), and answered when vLLM's scheduler finishes it (`step`), in any order."""
+
+    def __init__(self, backend: VllmBackend):
+        super().__init__(backend)
+        self.flight: dict[str, tuple[Any, tuple]] = {}  # request id -> (work, (scores, kept, reduced))
+
+    def add(self, works, inputs, guide, retain, k, limits) -> None:
+        if k != 0:
+            self.backend.check_prune_layer(k)
+        large = self.backend.large
+        for w, (request, carried) in zip(works, self.backend.requests(works, inputs, guide, retain, limits)):
+            try:
+                large.check_request(None, request)
+            except ItemError as exc:  # fails alone, the others go on
+                self._ready.append((w, Answer([], error=str(exc))))
+                continue
+            (rid,) = large.enqueue([request])
+            self.flight[rid] = (w, carried)
+
+    def ready(self, wait: bool) -> list:
+        out, self._ready = self._ready, []
+        while self.flight:
+            for rid, reply in self.backend.large.step():
+                w, (scores, kept, seen) = self.flight.pop(rid)
+                out.append((w, Answer(reply.tokens, scores, kept, seen)))
+            if out or not wait:
+                break
+        return out
+
+    def in_flight(self) -> int:
+        return len(self.flight) + len(self._ready)
+
+    def close(self) -> None:
+        self.backend.large.abort(list(self.flight))
+        self.flight.clear()
+        self._ready = []

@@ -232,6 +232,33 @@ class VllmLarge:
     def generate(self, requests: Sequence[LargeRequest]) -> list[LargeReply]:
         """Greedy answers, one per request, in order. A request the plugin cannot take (kept indices out of
         range, unsorted, or an image left with none) raises ItemError naming it before anything runs."""
+        prompts, params = self._inputs(requests)
+        if not prompts:
+            return []
+        return [self._reply(out) for out in self.llm.generate(prompts, params, use_tqdm=False)]
+
+    # -- continuous batching: requests added as they come, answers taken as they finish ----------------------
+    def enqueue(self, requests: Sequence[LargeRequest]) -> list[str]:
+        """Hand `requests` to vLLM's scheduler without waiting (checked as `generate` checks them); their ids.
+        `step` runs the engine; requests added between steps join the running batch."""
+        prompts, params = self._inputs(requests)
+        return list(self.llm.enqueue(prompts, params, use_tqdm=False)) if prompts else []
+
+    def step(self) -> list[tuple[str, LargeReply]]:
+        """One step of vLLM's engine (its scheduler's batch: prefills and decodes of every request in flight); the
+        requests that finished, by id."""
+        return [(out.request_id, self._reply(out)) for out in self.llm.llm_engine.step() if out.finished]
+
+    def unfinished(self) -> int:
+        """Requests added and not yet finished."""
+        return int(self.llm.llm_engine.get_num_unfinished_requests())
+
+    def abort(self, ids: Sequence[str]) -> None:
+        """Drop requests in flight (an interrupted run)."""
+        if ids and getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.abort_request(list(ids))
+
+    def _inputs(self, requests: Sequence[LargeRequest]) -> tuple[list[dict], list]:
         from vllm import SamplingParams
 
         prompts, params = [], []
@@ -243,19 +270,15 @@ class VllmLarge:
             prompts.append(p)
             params.append(SamplingParams(max_tokens=int(r.max_new_tokens), temperature=0.0, seed=self.settings.seed,
                                          skip_special_tokens=True, logprobs=int(r.logprobs) or None))
-        if not prompts:
-            return []
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        replies = []
-        for out in outs:
-            gen = out.outputs[0]
-            tokens = [int(t) for t in gen.token_ids]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            logprobs = None if gen.logprobs is None else [{int(t): float(lp.logprob) for t, lp in step.items()}
-                                                          for step in gen.logprobs]
-            replies.append(LargeReply(tokens, text, str(gen.finish_reason), len(out.prompt_token_ids or []),
-                                      logprobs))
-        return replies
+        return prompts, params
+
+    def _reply(self, out) -> LargeReply:
+        gen = out.outputs[0]
+        tokens = [int(t) for t in gen.token_ids]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        logprobs = None if gen.logprobs is None else [{int(t): float(lp.logprob) for t, lp in step.items()}
+                                                      for step in gen.logprobs]
+        return LargeReply(tokens, text, str(gen.finish_reason), len(out.prompt_token_ids or []), logprobs)
 
     def check_request(self, i: int | None, r: LargeRequest) -> None:
         """Refuse (ItemError naming request `i`, when given) a request the plugin cannot take."""
