@@ -2,7 +2,7 @@
 # The wheels scripts/gpu_bench.py may need on a GPU machine without network (Python 3.12, torch, transformers
 # 5.17 and accelerate of its own), downloaded into .whl/ (git-ignored) where a package index is reachable.
 # gpu_bench.py installs only those whose package is missing there or outside what sgl admits:
-#   transformers 5.24.0      sgl admits 5.18-5.24; the machine has 5.17
+#   transformers 5.24.0      sgl admits 5.18-5.25; the machine has 5.17
 #   huggingface_hub 1.33.0   transformers 5.24 needs >= 1.31 (5.17 needed >= 1.5); the 1.x line keeps httpx
 #   pillow 13.0.0            sgl's processors read images (torch does not bring it)
 # Not carried: typer and click (gpu_bench.py runs sgl's library, not its command line), tokenizers, safetensors

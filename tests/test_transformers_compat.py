@@ -63,6 +63,40 @@ def test_a_missing_internal_is_one_line_naming_it_and_the_range(monkeypatch):
     assert f"sgl supports transformers {hf.tested_range()}" in message
 
 
+@pytest.mark.parametrize("release, admitted", [("5.18.0", True), ("5.25.0", True), ("5.25.3", True),
+                                               ("5.25.0.dev0", True), ("5.21.1+local", True), ("5.17.9", False),
+                                               ("5.26.0", False), ("5.26.0.dev0", False), ("6.0.0", False),
+                                               ("nightly", False)])
+def test_the_admitted_releases(release, admitted):
+    assert hf.in_range(release) is admitted
+
+
+@pytest.fixture
+def fresh_probe():
+    """check_transformers probes again in this test (it is cached per process), and again after it."""
+    hf.check_transformers.cache_clear()
+    yield
+    hf.check_transformers.cache_clear()
+
+
+@pytest.mark.parametrize("release", ["5.26.0", "5.17.0", "6.0.0.dev0"])
+def test_an_untested_transformers_is_refused_in_one_line_before_any_item_runs(shapes_batch, preset_file, release,
+                                                                             fresh_probe, monkeypatch):
+    """A forced release outside the tested range, whose internals sgl finds all in place, is still refused: before
+    any weights load, one line naming the release and the tested range, no record written."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", release)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded"))
+    out = shapes_batch.with_suffix(".out.jsonl")
+    res = CliRunner().invoke(app, ["run", str(shapes_batch), "--preset", str(preset_file), "-q", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f"sgl: error: transformers {release}: not a release sgl was tested on; sgl supports "
+                                  "transformers 5.18-5.25 (pip install 'transformers>=5.18.0,<5.26')")
+    assert not out.exists() or not out.read_text().strip()
+
+
 def test_a_decoder_layer_without_a_cache_keyword_is_refused_at_load(engine_factory, monkeypatch):
     model = engine_factory().large.model
     layer_cls = type(hf.decoder_layers(model)[0])

@@ -6,9 +6,11 @@ objects, the encoder-output classes that `mm_encoder_outputs` takes, and a few m
 families. Every such use goes through this module, so a transformers release that renames one breaks here, in one
 place, with one line that says what moved, instead of as a per-item KeyError deep in a run.
 
-`check_transformers()` probes the internals that need no model (at the first model load, and in the tests);
+`check_transformers()` probes the internals that need no model, then the release (at the first processor load,
+before any weights, and in the tests): an untested release is refused even where nothing it moved is probed here.
 `check_model(model)` probes one loaded model's (decoder layers, the cache keyword, `mm_encoder_outputs`). The
-families probe their own methods (`Family.check`). Each failure names the internal and the tested range.
+families probe their own methods (`Family.check`). Each failure names the internal (or the release) and the tested
+range.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..errors import SglError
 
 # The transformers releases the whole suite has passed on: the oldest and the newest sgl admits. pyproject.toml's
 # bound is derived from these (a test checks that they agree).
-TESTED = ("5.18.0", "5.24.0")
+TESTED = ("5.18.0", "5.25.0")
 
 
 class IncompatibleTransformers(SglError):
@@ -45,6 +47,17 @@ def admitted() -> str:
     release after the newest."""
     major, minor, *_ = TESTED[1].split(".")
     return f">={TESTED[0]},<{major}.{int(minor) + 1}"
+
+
+def in_range(v: str) -> bool:
+    """Whether transformers `v` is admitted (a dev or local build counts as its release: 5.25.0.dev0 as 5.25.0)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(v).base_version in SpecifierSet(admitted())
+    except InvalidVersion:
+        return False
 
 
 def incompatible(what: str) -> IncompatibleTransformers:
@@ -77,12 +90,15 @@ _STATIC = (
 
 @functools.cache
 def check_transformers() -> None:
-    """Every model-independent internal sgl uses exists (raises IncompatibleTransformers naming the first that
-    does not). Cached: probed once per process."""
+    """Every model-independent internal sgl uses exists, and this transformers is a release the suite passed on
+    (raises IncompatibleTransformers naming the first internal that moved, or the release). Cached: probed once
+    per process."""
     for module, name in _STATIC:
         _attr(module, name)
     if "sdpa" not in _attr("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"):
         raise incompatible("the attention registry has no 'sdpa' function")
+    if not in_range(version()):
+        raise incompatible("not a release sgl was tested on")
 
 
 def check_model(model) -> None:

@@ -3,8 +3,9 @@ registers models.py's architectures through vLLM's `vllm.general_plugins` entry 
 from the visual tokens sgl kept, with their original M-RoPE positions. Importing this package does not import vLLM;
 making a `VllmLarge` does."""
 
+from .compat import IncompatibleVllm
 from .large import (FAMILIES, LargeReply, LargeRequest, Offers, Rendered, UnsupportedFamily, VllmLarge, VllmSettings,
                     VllmUnavailable, check_family, import_vllm)
 
-__all__ = ["FAMILIES", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily", "VllmLarge",
-           "VllmSettings", "VllmUnavailable", "check_family", "import_vllm"]
+__all__ = ["FAMILIES", "IncompatibleVllm", "LargeReply", "LargeRequest", "Offers", "Rendered", "UnsupportedFamily",
+           "VllmLarge", "VllmSettings", "VllmUnavailable", "check_family", "import_vllm"]

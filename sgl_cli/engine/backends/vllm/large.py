@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...errors import ItemError, ModelLoadError, SglError
+from . import compat
 from .plugin import ARCHITECTURES
 
 # model_type -> sgl's architecture for it (plugin.py registers these with vLLM).
@@ -113,7 +114,8 @@ def check_family(model_type: str, where: str) -> str:
 
 
 def import_vllm():
-    """The vllm module, or VllmUnavailable in one line saying how to install it."""
+    """The vllm module, or VllmUnavailable in one line saying how to install it (IncompatibleVllm: an untested
+    release, or one that moved an internal the plugin uses)."""
     try:
         import vllm
     except Exception as exc:  # noqa: BLE001 - absent, or present but broken (a torch it was not built for)
@@ -121,6 +123,7 @@ def import_vllm():
             else f"cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         raise VllmUnavailable(f"the vLLM backend needs vLLM, which {reason}: pip install 'sgl-cli[vllm]' on a GPU "
                               "machine, or scripts/vllm_env.sh DIR on a CPU") from None
+    compat.check_vllm()  # a tested release with every internal the plugin uses, or one line naming what moved
     return vllm
 
 

@@ -1,7 +1,9 @@
 """vLLM's `vllm.general_plugins` entry point (pyproject.toml): registers sgl's architectures with vLLM's
 `ModelRegistry`, lazily by "module:Class", so vLLM imports models.py only when a run selects one of them
 (`hf_overrides={"architectures": [...]}`). vLLM calls this in every process it starts; it is cheap and
-idempotent, and replaces none of vLLM's own classes."""
+idempotent, and replaces none of vLLM's own classes. On a vLLM release sgl was not tested on it registers nothing:
+sgl's backend refuses that release in one line before vLLM starts (compat.check_vllm), and vLLM's own runs are
+left alone rather than broken by a plugin whose vLLM internals may have moved."""
 
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ MODULE = "sgl_cli.engine.backends.vllm.models"
 
 
 def register() -> None:
+    import vllm
+
+    from .compat import in_range
+
+    if not in_range(str(getattr(vllm, "__version__", ""))):
+        return
     from vllm import ModelRegistry
 
     known = set(ModelRegistry.get_supported_archs())
