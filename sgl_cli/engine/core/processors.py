@@ -114,3 +114,37 @@ def _read_json(path: str | Path, fname: str, revision: str | None) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def equivalent(a, b) -> bool:
+    """Whether two checkpoints' processors encode every input alike: the same classes, the same image and video
+    processor settings, the same tokenizer (class, vocabulary, special tokens) and chat template. A pair of one
+    family usually ships the same processor: its items are then encoded once for both models."""
+    if a is b:
+        return True
+    if _kind(a) != _kind(b):
+        return False
+    for name in ("image_processor", "video_processor"):
+        pa, pb = getattr(a, name, None), getattr(b, name, None)
+        if (pa is None) != (pb is None) or (pa is not None and (_kind(pa) != _kind(pb)
+                                                                or _settings(pa) != _settings(pb))):
+            return False
+    ta, tb = getattr(a, "tokenizer", None), getattr(b, "tokenizer", None)
+    if (ta is None) != (tb is None):
+        return False
+    if ta is not None and (_kind(ta) != _kind(tb) or ta.get_vocab() != tb.get_vocab()
+                           or ta.all_special_tokens != tb.all_special_tokens):
+        return False
+    return getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
+
+
+def _settings(part) -> object:
+    """A processor part's settings, comparable (the image-only fallback's placeholders have their attributes)."""
+    if hasattr(part, "to_dict"):
+        return part.to_dict()
+    return vars(part) if hasattr(part, "__dict__") else repr(part)
+
+
+def _kind(obj) -> tuple:
+    """An object's class by name along its bases (`image_only` makes a class per load: equal classes by name)."""
+    return tuple(f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__)

@@ -73,6 +73,7 @@ class Engine:
         self.fetcher = Fetcher(self.fetch)
         self.save_scores = False  # records carry each item's ranking for `--save-scores` (core/record.py)
         self.last_stream = None  # the streaming pipeline of the last `run`, with its busy times (`sgl bench`)
+        self._same_processor: bool | None = None
         self.guide: Guide = make_guide(settings.guide, settings)
         check(type(self.guide), type(large), settings.prune_layer)
         require_small(type(self.guide), small is not None, preset.name if preset else None)
@@ -340,8 +341,7 @@ class Engine:
             visual = self.large.visual_mask(large)
             small = None
         else:
-            small = large if self.large.processor is self.small.processor \
-                else self.small.family.encode(self.small.processor, images, prompt)
+            small = large if self._one_encoding() else self.small.family.encode(self.small.processor, images, prompt)
             ids_s, ids_l = small["input_ids"][0], large["input_ids"][0]
             n_s = int((ids_s == self.small.image_token_id).sum())
             n_l = int((ids_l == self.large.image_token_id).sum())
@@ -354,6 +354,14 @@ class Engine:
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
         w.encoded = Encoded(large, small, visual, sizes, images, prompt)
+
+    def _one_encoding(self) -> bool:
+        """Whether one encoding serves both models (their processors are equivalent: asked once)."""
+        if self._same_processor is None:
+            from ..core.processors import equivalent
+
+            self._same_processor = equivalent(self.small.processor, self.large.processor)
+        return self._same_processor
 
     def limits(self, works: list[Work]) -> list[int]:
         """Each item's answer length cap: its own `max_new_tokens`, else the run's."""
