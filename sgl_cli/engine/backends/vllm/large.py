@@ -245,7 +245,9 @@ class VllmLarge:
         """Hand `requests` to vLLM's scheduler without waiting (checked as `generate` checks them); their ids.
         `step` runs the engine; requests added between steps join the running batch."""
         prompts, params = self._inputs(requests)
-        return list(self.llm.enqueue(prompts, params, use_tqdm=False)) if prompts else []
+        # vLLM gives its internal ids ("<id>-<8 random characters>"); its answers and abort_request take the id
+        # the request was added with.
+        return [rid.rsplit("-", 1)[0] for rid in self.llm.enqueue(prompts, params, use_tqdm=False)] if prompts else []
 
     def step(self) -> list[tuple[str, LargeReply]]:
         """One step of vLLM's engine (its scheduler's batch: prefills and decodes of every request in flight); the
