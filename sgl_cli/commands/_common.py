@@ -31,7 +31,8 @@ def err(message: str) -> None:
 
 # The library names settings (`SettingError`); the command line calls them by these flags. The one table.
 FLAGS = {
-    "backend": "--backend", "large_backend": "--large-backend", "calibration": "--calibration", "confidence": "--confidence", "details": "--details",
+    "backend": "--backend", "large_backend": "--large-backend", "large_quantize": "--quantize",
+    "calibration": "--calibration", "confidence": "--confidence", "details": "--details",
     "exit_rate": "--exit-rate", "overwrite": "--overwrite", "question": "--question", "resume": "--resume",
     "max_new_tokens": "--max-new-tokens",
     "retain": "--retain", "save_scores": "--save-scores", "target_accuracy": "--target-accuracy",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import PresetError
+from .errors import PresetError, SettingError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weight quantization (bitsandbytes): None, "nf4" (4-bit NormalFloat; "4bit" is an alias) or "8bit" (LLM.int8).
@@ -69,6 +69,9 @@ class ModelSpec:
             if self.backend != "vllm":
                 raise PresetError(f"{where}.vllm: vLLM options apply with backend: vllm, not {self.backend!r}")
             validate_vllm(self.vllm, f"{where}.vllm")
+        if self.quantize is not None and self.backend == "vllm":
+            raise PresetError(f"{where}.quantize: {self.quantize} (bitsandbytes) applies to the transformers large "
+                              "backend, not to backend: vllm, which would run the weights unquantized")
 
     def _validate_device_map(self, where: str) -> None:
         dm = self.device_map
@@ -96,7 +99,17 @@ class ModelSpec:
                     "mps, xpu:0)")
 
 
-# The vLLM engine options a preset's `large.vllm` may give: key -> (types, the condition on a value, said as).
+def check_quantize(spec: ModelSpec) -> None:
+    """Refuse bitsandbytes quantization on the vLLM backend: vLLM would run the weights unquantized while every
+    record said `large_quantize` (the library's words; the CLI's: --quantize, --large-backend)."""
+    if spec.quantize is not None and spec.backend == "vllm":
+        raise SettingError("{} " + spec.quantize + " (bitsandbytes) applies to the transformers large backend, not "
+                           "to vllm ({}), which would run the weights unquantized", "large_quantize", "large_backend")
+
+
+# The vLLM engine options a preset's `large.vllm` (and `sgl bench --vllm`) may give: key -> (types, the condition on
+# a value, said as). Closed and typed without importing vLLM; other `vllm.LLM` arguments are refused, so that a
+# record (whose `large_quantize`, say) states what ran. The vLLM backend takes these and `load_format`.
 VLLM_KEYS = {
     "tensor_parallel_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "gpu_memory_utilization": ((int, float), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
@@ -105,6 +118,7 @@ VLLM_KEYS = {
     "enforce_eager": ((bool,), lambda v: True, "true or false"),
     "dtype": ((str,), lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "seed": ((int,), lambda v: True, "an integer"),
+    "enable_prefix_caching": ((bool,), lambda v: True, "true or false"),
 }
 
 
@@ -186,7 +200,9 @@ class Preset:
             return self
         if normalize_quantize(quantize) not in (None, "nf4", "8bit"):
             raise PresetError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
-        return dataclasses.replace(self, large=dataclasses.replace(self.large, quantize=quantize))
+        large = dataclasses.replace(self.large, quantize=quantize)
+        check_quantize(large)
+        return dataclasses.replace(self, large=large)
 
     def with_large_backend(self, backend: str | None) -> "Preset":
         """A copy whose large model runs on `backend` (`--large-backend`); None leaves the preset's. The preset's
@@ -194,6 +210,7 @@ class Preset:
         if backend is None or backend == self.large.backend:
             return self
         large = dataclasses.replace(self.large, backend=backend, vllm=self.large.vllm if backend == "vllm" else None)
+        check_quantize(large)
         return dataclasses.replace(self, large=large)
 
     def to_dict(self) -> dict:

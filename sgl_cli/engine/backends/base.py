@@ -139,6 +139,10 @@ class LargeBackend(ModelFacts):
         """Fields every record of a run on this backend carries."""
         return {"large_backend": self.name}
 
+    def engine_options(self) -> dict:
+        """The options its engine runs with, as `sgl bench` reports them (a backend that says none: empty)."""
+        return {}
+
     def close(self) -> None:
         """Free the engine's resources (a no-op where the garbage collector does it)."""
 

@@ -32,6 +32,26 @@ class LoadedModel(ModelFacts):
     # image_token_id, num_layers, context: ModelFacts' (backends/base.py), as every large backend's.
 
 
+def engine_options(loaded: LoadedModel) -> dict:
+    """How a model runs on transformers, as `sgl bench` reports it: the weights' dtype, the attention
+    implementations (language model, vision tower), where it is placed, its quantization, torch's CPU threads."""
+    import torch
+    import transformers
+
+    m = loaded.model
+    config = m.config
+    vision = getattr(config, "vision_config", None)
+    placed = getattr(m, "hf_device_map", None)
+    return {"engine": "transformers", "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+            "attn_implementation": hf.attn_implementation(config.get_text_config()),
+            "vision_attn_implementation": hf.attn_implementation(vision) if vision is not None else None,
+            "device": str(m.device),
+            "device_map": {k: str(v) for k, v in placed.items()} if placed and len(set(placed.values())) > 1 else None,
+            "quantize": loaded.spec.quantize, "threads": torch.get_num_threads()}
+
+
 def _dtype(name: str):
     import torch
 
@@ -245,6 +265,9 @@ class TransformersLarge(LargeBackend):
     @property
     def device(self) -> str:
         return str(self.model.device)
+
+    def engine_options(self) -> dict:
+        return engine_options(self.loaded)
 
     def inputs(self, works: list, guides: list) -> LargeInputs:
         """One vision-tower call for the batch, under each guide's `watch_vision`; every pre-LM guide's scores."""

@@ -26,8 +26,10 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # vLLM's engine options on a CPU unless given: vLLM reserves `gpu_memory_utilization` of the machine's RAM there
 # (its default 0.92 fails beside anything else; vLLM's own VLLM_CPU_KVCACHE_SPACE, in GiB, sizes the KV cache
 # instead), and eager mode loads in about half the time (no compile). Everywhere, `max_num_seqs` defaults to the
-# largest batch: bench never sends more at once.
+# largest batch (bench never sends more at once), and prefix caching is off (VLLM_BENCH): bench times fresh items,
+# and a benchmark measures the work, not what a cache can skip of it.
 VLLM_CPU = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
+VLLM_BENCH = {"enable_prefix_caching": False}
 
 
 def parse_backends(text: str | None) -> tuple[str, ...] | None:
@@ -104,18 +106,20 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def write_noise_items(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """`n` items with deterministic noise images of `size` (w, h): random weights see no difference in content."""
+    """`n` items with deterministic noise images of `size` (w, h), each its own image (random weights see no
+    difference in content; the first k of n are the same for any n >= k)."""
     import json
 
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        name = f"images/noise_{i:04d}.png"
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+        name = f"images/noise_{seed}_{size[0]}x{size[1]}_{i:04d}.png"
+        if not (folder / name).exists():  # written by an earlier call for fewer items
+            pixels = np.random.default_rng([seed, i]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name, compress_level=1)  # noise does not compress: be quick
         lines.append({"id": f"bench-{i}", "image": name, "question": "What is in the image?"})
     out = folder / "batch.jsonl"
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -148,6 +152,8 @@ class Bench:
     larges: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # name -> loaded backend
     same_weights: bool = dataclasses.field(default=True, init=False, repr=False)
     _max_batch: int = dataclasses.field(default=8, init=False, repr=False)
+    _n_items: int | None = dataclasses.field(default=None, init=False, repr=False)  # through the pipeline
+    _noise: tuple | None = dataclasses.field(default=None, init=False, repr=False)  # (folder, size) load generated
     _folders: list = dataclasses.field(default_factory=list, init=False, repr=False)  # removed with this object
 
     def __post_init__(self) -> None:
@@ -202,6 +208,7 @@ class Bench:
                            + ", ".join(name for name in names if name != "transformers"))
         self._check_backends(names, settings)  # before anything is built or loaded
         self._max_batch = max_batch or n_items
+        self._n_items = n_items
         if self.arch:
             small, larges, size = self._arch(names)
         elif preset is not None:
@@ -211,7 +218,9 @@ class Bench:
         self.larges = larges
         engine = Engine(settings, small, next(iter(larges.values())))
         if input is None:
-            input = write_noise_items(self._scratch("sgl-bench-items-"), n_items, size)
+            folder = self._scratch("sgl-bench-items-")
+            input = write_noise_items(folder, n_items, size)
+            self._noise = (folder, size)
         items = list(read_items(input))
         if self.visual_tokens is not None:
             got = engine.prepare(items[:1])[0]
@@ -234,7 +243,7 @@ class Bench:
 
     def _options(self, name: str, preset_options: dict | None) -> dict | None:
         """The engine options backend `name` loads with: for vllm, VLLM_CPU on a CPU, the largest batch as
-        `max_num_seqs`, then the preset's `large.vllm`, then `vllm` (the command line's)."""
+        `max_num_seqs`, VLLM_BENCH, then the preset's `large.vllm`, then `vllm` (the command line's)."""
         import torch
 
         if name != "vllm":
@@ -246,7 +255,7 @@ class Bench:
             base = {"gpu_memory_utilization": round(0.9 * free / total, 3)}
         else:
             base = dict(VLLM_CPU)
-        return {**base, "max_num_seqs": self._max_batch, **(preset_options or {}), **(self.vllm or {})}
+        return {**base, "max_num_seqs": self._max_batch, **VLLM_BENCH, **(preset_options or {}), **(self.vllm or {})}
 
     def _load_larges(self, names, spec, *, preset_options: dict | None = None, extra=None) -> dict:
         """name -> the loaded large backend for `spec` (a folder or checkpoint: every spec checked before any
@@ -409,9 +418,14 @@ class Bench:
             profile: Path | None = None, profile_trace: bool = False,
             progress: Callable[[str], None] | None = None) -> dict:
         """`run_bench` at K = 0 and at the chosen K on every large backend `load` loaded (or the engine's own),
-        then (with `profile`) one profiled pipeline batch on the first transformers backend."""
+        then (with `profile`) one profiled pipeline batch on the first transformers backend.
+
+        Every timed call gets items no engine has seen (`run_bench`): where `load` generated `items`, they go
+        through the pipeline and as many more are generated as the rounds need; else `items` (an input file's)
+        are that pool, the pipeline taking `load`'s `n_items` of them per call."""
+        from ..io.formats import read_items
         from ..pipeline.engine import Engine
-        from .bench_report import in_process, run_bench
+        from .bench_report import in_process, pool_size, run_bench
 
         larges = self.larges if self.larges and engine.large is next(iter(self.larges.values())) \
             else {engine.large.name: engine.large}
@@ -422,9 +436,15 @@ class Bench:
         if exit_rate is None and engine.random_weights:
             exit_rate = 0.5  # random weights cannot decide: force half to exit
         k = engine.settings.prune_layer
+        if self._noise is not None and len(items) == self._n_items:
+            n = len(items)
+            folder, size = self._noise
+            items = list(read_items(write_noise_items(folder, pool_size(batch_sizes, repeats, n), size)))
+        else:
+            n = self._n_items or max(batch_sizes)
         report = run_bench(engine, items, batch_sizes=batch_sizes, repeats=repeats, exit_rate=exit_rate,
                            prune_layers=(0,) if k == 0 else (0, k), progress=progress, larges=larges,
-                           same_weights=self.same_weights)
+                           same_weights=self.same_weights, pipeline_items=n)
         report.update(self.described)
         if profile is not None:
             from .profile import profile_pipeline

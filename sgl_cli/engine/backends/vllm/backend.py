@@ -18,23 +18,42 @@ fails alone, with an error record naming it (`large stage failed: ...`), the res
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from ...errors import ItemError
+from ...errors import ItemError, SglError
+from ...preset import VLLM_KEYS
 from ..base import LargeBackend, LargeInputs, Reduced
 from .large import Offers, VllmLarge
 
 # A preset's `large.vllm` keys (preset.VLLM_KEYS), and `load_format`, which drivers give (`sgl bench --arch`: "dummy",
-# vLLM's own random weights for a folder that holds only a config and a processor).
-OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager", "dtype",
-           "seed", "load_format")
+# vLLM's own random weights for a folder that holds only a config and a processor). Any other key is refused.
+OPTIONS = (*VLLM_KEYS, "load_format")
 
 
 def _offers(o: Offers) -> frozenset[str]:
     return frozenset(name for name, on in (("vision_attention", o.vision_attention), ("lm_attention", o.lm_attention),
                                            ("prune_inside_lm", o.prune_inside_lm), ("reduced_input", o.reduced_input))
                      if on)
+
+
+def check_options(options: dict | None) -> dict:
+    """The backend's engine options, each key one of OPTIONS (a preset's keys typed as a preset checks them):
+    anything else is refused in one line, never dropped."""
+    import difflib
+
+    from ...preset import validate_vllm
+
+    opts = dict(options or {})
+    for key in opts:
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(str(key), OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SglError(f"vLLM option {key!r}: the vllm large backend does not take it{hint}; it takes "
+                           f"{', '.join(OPTIONS)}")
+    validate_vllm({k: v for k, v in opts.items() if k in VLLM_KEYS}, "vLLM options")
+    return opts
 
 
 class VllmBackend(LargeBackend):
@@ -52,8 +71,9 @@ class VllmBackend(LargeBackend):
 
     @classmethod
     def load(cls, spec, role: str = "large", options: dict | None = None) -> "VllmBackend":
-        """vLLM's engine for `spec` (the family checked, and vLLM's presence, before anything loads), and the
-        checkpoint's processor and config (not its weights) for sgl's encoding."""
+        """vLLM's engine for `spec` (the options, the family and vLLM's presence checked before anything loads),
+        and the checkpoint's processor and config (not its weights) for sgl's encoding. `options`: OPTIONS' keys
+        only (`check_options`)."""
         from pathlib import Path
 
         from transformers import AutoConfig, GenerationConfig
@@ -63,9 +83,9 @@ class VllmBackend(LargeBackend):
         from ...core.processors import load_processor
         from ...families import family_for
 
+        opts = check_options(options)
         cls.check_spec(spec)
         path = resolve_path(spec.model)
-        opts = {k: v for k, v in (options or {}).items() if k in OPTIONS}
         opts.setdefault("dtype", spec.dtype)
         large = VllmLarge(spec, **opts)
         processor = load_processor(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
@@ -85,12 +105,15 @@ class VllmBackend(LargeBackend):
 
     @classmethod
     def check_spec(cls, spec) -> None:
-        """Qwen2/2.5/3-VL only, and vLLM importable: both said in one line before anything loads."""
+        """Qwen2/2.5/3-VL only, no bitsandbytes quantization, and vLLM importable: each said in one line before
+        anything loads."""
         from pathlib import Path
 
         from ...builtin.locate import resolve_path
+        from ...preset import check_quantize
         from .large import read_model_type, check_family, import_vllm
 
+        check_quantize(dataclasses.replace(spec, backend=cls.name))
         check_family(read_model_type(Path(resolve_path(spec.model))), spec.model)
         import_vllm()
 
@@ -106,6 +129,44 @@ class VllmBackend(LargeBackend):
         import torch
 
         return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
+
+    def engine_options(self) -> dict:
+        """What vLLM's engine runs with: the options sgl gave it, then the values the engine resolved (those
+        left to vLLM's defaults included: `enable_prefix_caching`, the batched-token budget, the encoder cache)."""
+        import os
+
+        import torch
+
+        s = self.large.settings
+        out = {"engine": "vllm", "device": "cuda" if torch.cuda.is_available() else "cpu",
+               **{k: v for k, v in dataclasses.asdict(s).items() if k != "extra"}, **s.extra}
+        config = getattr(getattr(getattr(self.large, "llm", None), "llm_engine", None), "vllm_config", None)
+        resolved = {
+            "dtype": ("model_config", "dtype"), "max_model_len": ("model_config", "max_model_len"),
+            "enforce_eager": ("model_config", "enforce_eager"),
+            "enable_prefix_caching": ("cache_config", "enable_prefix_caching"),
+            "block_size": ("cache_config", "block_size"),
+            "gpu_memory_utilization": ("cache_config", "gpu_memory_utilization"),
+            "max_num_seqs": ("scheduler_config", "max_num_seqs"),
+            "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens"),
+            "enable_chunked_prefill": ("scheduler_config", "enable_chunked_prefill"),
+            "encoder_cache_size": ("scheduler_config", "encoder_cache_size"),
+            "tensor_parallel_size": ("parallel_config", "tensor_parallel_size"),
+            "mm_processor_cache_gb": ("model_config", "multimodal_config", "mm_processor_cache_gb"),
+        }
+        for key, path in resolved.items():
+            value = config
+            for name in path:
+                value = getattr(value, name, None)
+            if value is not None:
+                out[key] = value if isinstance(value, (bool, int, float, str)) else str(value).removeprefix("torch.")
+        if config is not None:
+            import vllm
+
+            out["vllm_version"] = vllm.__version__
+        if out["device"] == "cpu" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            out["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]  # vLLM's own: its KV cache, GiB
+        return out
 
     def inputs(self, works: list, guides: list) -> LargeInputs:
         from ...guides.base import GuideBatch, GuideItem
