@@ -252,10 +252,13 @@ def test_bench_refuses_vllm_where_it_is_not_installed(monkeypatch, where, backen
     (["--large-backend", ","], "--large-backend: name one or more large backends"),
     (["--large-backend", "vllm", "--prune-layer", "1"],
      "the sgl guide at prune_layer 1 needs prune_inside_lm, which the vllm large backend (--large-backend) does not"),
-    (["--vllm", "max_num_seqs=4"], "--vllm: vLLM's options apply with --large-backend vllm"),
-    (["--large-backend", "vllm", "--vllm", "max_num_seq=4"], "--vllm: unknown key 'max_num_seq' (did you mean "),
+    (["--vllm", "max_num_seqs=4"], "--vllm: vllm's options apply with --large-backend vllm"),
+    (["--large-backend", "vllm", "--vllm", "max_num_seq=4"], "--vllm: unknown option 'max_num_seq' of the vllm large "
+                                                             "backend (did you mean "),
+    (["--large-backend", "vllm", "--large-option", "max_num_seq=4"], "--large-option max_num_seq: none of the large "
+                                                                     "backends measured (vllm) takes it"),
     (["--large-backend", "vllm", "--vllm", "max_num_seqs=0"], "--vllm.max_num_seqs: must be an integer >= 1"),
-    (["--large-backend", "vllm", "--vllm", "enforce_eager"], "--vllm: give KEY=VALUE pairs"),
+    (["--large-backend", "vllm", "--vllm", "enforce_eager"], "--vllm: give KEY=VALUE (e.g. max_num_seqs=8)"),
     (["--large-backend", "vllm", "--vllm", "enable_prefix_caching=1"],
      "--vllm.enable_prefix_caching: must be true or false, got 1"),
     (["--arch", "qwen2.5-vl-3b-7b", "--large-backend", "transformers,vllm", "--quantize", "4bit"],
@@ -461,6 +464,7 @@ def test_bench_runs_vllm_without_prefix_caching_unless_asked(monkeypatch, given,
     for name, fn in (("check_installed", lambda cls: None), ("check_spec", lambda cls, spec: None), ("load", load)):
         monkeypatch.setattr(VllmBackend, name, classmethod(fn))
     with pytest.raises(Loaded) as got:
-        Bench(size="tiny", large_backend="vllm", vllm=given).load(None, 2, max_batch=2)
+        Bench(size="tiny", large_backend="vllm",
+              backend_options={} if given is None else {"vllm": given}).load(None, 2, max_batch=2)
     options = got.value.args[0]
     assert options["enable_prefix_caching"] is want and options["max_num_seqs"] == 2

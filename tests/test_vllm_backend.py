@@ -140,6 +140,9 @@ class RecordingLarge:
     def prompt(self, images, prompt) -> str:
         return f"{len(images)} image(s) | {json.dumps(prompt)}"
 
+    def check_request(self, i, request) -> None:
+        pass  # every request is one the plugin takes
+
     def generate(self, requests):
         from sgl_cli.engine.backends.vllm import LargeReply
 
@@ -237,7 +240,7 @@ def test_downsample_on_vllm_sends_the_transformers_reduced_images_with_every_tok
     for q, a, r in zip(quiet, answered, want):
         assert q.answer is None and q.reduced.n_visual == a.reduced.n_visual == r.n_visual
         assert q.reduced.image_sizes == a.reduced.image_sizes == r.image_sizes
-        assert torch.equal(a.kept, torch.arange(r.n_visual))
+        assert a.kept is None and torch.equal(a.ranking()[1], torch.arange(r.n_visual))  # all of it, unranked
 
 
 def test_downsample_on_vllm_refuses_a_fixed_resolution_tower(tiny_large):
@@ -331,13 +334,14 @@ def test_the_library_refuses_quantize_on_vllm_before_any_model_loads(monkeypatch
         assert err.value.settings == ("large_quantize", "large_backend")
 
 
+# The one wording of every backend's options (backends.base.check_options).
 @pytest.mark.parametrize("options, message", [
-    ({"enable_prefix_cache": False}, "vLLM option 'enable_prefix_cache': the vllm large backend does not take it (did "
-                                     "you mean 'enable_prefix_caching'?); it takes tensor_parallel_size, "
+    ({"enable_prefix_cache": False}, "vLLM options: unknown option 'enable_prefix_cache' of the vllm large backend "
+                                     "(did you mean 'enable_prefix_caching'?); it takes: tensor_parallel_size, "
                                      "gpu_memory_utilization, max_model_len, max_num_seqs, enforce_eager, dtype, seed, "
                                      "enable_prefix_caching, load_format"),
-    ({"max_num_seqs": 4, "quantization": "fp8"}, "vLLM option 'quantization': the vllm large backend does not take "
-                                                 "it; it takes tensor_parallel_size, "),
+    ({"max_num_seqs": 4, "quantization": "fp8"}, "vLLM options: unknown option 'quantization' of the vllm large "
+                                                 "backend; it takes: tensor_parallel_size, "),
     ({"enable_prefix_caching": 1}, "vLLM options.enable_prefix_caching: must be true or false, got 1"),
     ({"max_num_seqs": 0}, "vLLM options.max_num_seqs: must be an integer >= 1 or null, got 0"),
 ])
@@ -356,19 +360,26 @@ def test_the_backend_refuses_options_it_does_not_take(monkeypatch, options, mess
 
 
 def test_presets_take_enable_prefix_caching_and_refuse_other_vllm_keys(tmp_path):
-    from sgl_cli.engine.errors import PresetError
+    """A preset's `vllm:` (the alias of `options:`) is checked by the backend's declared options, before any model
+    loads (`check_preset`), naming the file."""
+    from sgl_cli.engine.backends import check_preset
+    from sgl_cli.engine.errors import SglError
     from sgl_cli.engine.preset import load_preset
 
-    assert load_preset(_preset(tmp_path, backend="vllm", vllm={"enable_prefix_caching": True})).large.vllm == {
-        "enable_prefix_caching": True}
+    good = load_preset(_preset(tmp_path, backend="vllm", vllm={"enable_prefix_caching": True}))
+    check_preset(good)
+    assert good.large.options == {"enable_prefix_caching": True}
     for vllm, message in (({"enable_prefix_caching": "yes"},
-                           "large.vllm.enable_prefix_caching: must be true or false"),
-                          ({"kv_cache_dtype": "fp8"}, "large.vllm: unknown key 'kv_cache_dtype'; known keys: "
-                                                      "tensor_parallel_size, gpu_memory_utilization, max_model_len, "
-                                                      "max_num_seqs, enforce_eager, dtype, seed, enable_prefix_caching")):
-        with pytest.raises(PresetError) as err:
-            load_preset(_preset(tmp_path, backend="vllm", vllm=vllm))
-        assert message in str(err.value)
+                           "large.options.enable_prefix_caching: must be true or false"),
+                          ({"kv_cache_dtype": "fp8"}, "large.options: unknown option 'kv_cache_dtype' of the vllm "
+                                                      "large backend; it takes: tensor_parallel_size, "
+                                                      "gpu_memory_utilization, max_model_len, max_num_seqs, "
+                                                      "enforce_eager, dtype, seed, enable_prefix_caching, "
+                                                      "load_format")):
+        path = _preset(tmp_path, backend="vllm", vllm=vllm)
+        with pytest.raises(SglError) as err:
+            check_preset(load_preset(path))
+        assert message in str(err.value) and path in str(err.value)
 
 
 def test_vllm_large_refuses_a_keyword_vllm_does_not_take(tmp_path, monkeypatch):
@@ -390,6 +401,9 @@ def test_vllm_large_refuses_a_keyword_vllm_does_not_take(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, EngineArgs=EngineArgs,
                                                                    __version__="0.32.0"))
+    from sgl_cli.engine.backends.vllm import compat
+
+    monkeypatch.setattr(compat, "check_vllm", lambda: None)  # the stand-in has none of the plugin's internals
     path = folder(tmp_path, "qwen2_vl")
     for extra, message in (({"max_num_batched_token": 64}, "vLLM option 'max_num_batched_token': not an argument of "
                                                            "vLLM 0.32.0's LLM or EngineArgs (did you mean "

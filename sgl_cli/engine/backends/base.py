@@ -398,15 +398,28 @@ def check_quantize(backend_cls, spec: "ModelSpec", preset=None) -> None:
     gave both."""
     if spec.quantize is None or backend_cls.quantizes:
         return
-    flags = preset is None or bool({"large_quantize", "large_backend"} & set(preset.overridden)) \
-        or not preset.source
-    if flags:
+    if not _said_by_file(preset, spec):
         raise SettingError("{} " + spec.quantize + " (bitsandbytes) applies to the transformers large backend, not to "
                            + backend_cls.name + " ({}), which would run the weights unquantized", "large_quantize",
                            "large_backend")
     raise SettingError(f"{preset.source}: large.quantize: {spec.quantize} (bitsandbytes) applies to the transformers "
                        f"large backend, not to backend: {backend_cls.name}, which would run the weights unquantized"
                        .replace("{", "{{").replace("}", "}}"), "large_quantize")
+
+
+def _said_by_file(preset, spec: "ModelSpec") -> bool:
+    """Whether `preset`'s file itself gives the large model `spec`'s quantize and backend (not flags, not code)."""
+    from pathlib import Path
+
+    if preset is None or not preset.source or not Path(preset.source).is_file():
+        return False
+    try:
+        from ..preset import load_preset
+
+        own = load_preset(preset.source).large
+    except Exception:  # noqa: BLE001 - a file changed since: the flags' wording
+        return False
+    return (own.quantize, own.backend) == (spec.quantize, spec.backend)
 
 
 def _errors(gen) -> list:

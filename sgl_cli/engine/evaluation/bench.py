@@ -153,11 +153,11 @@ class Bench:
         classes = {name: backend_class(name) for name in names}
         unquantized = [name for name, cls in classes.items() if not cls.quantizes]
         if self.quantize is not None and unquantized:
-            raise SglError(f"--quantize (bitsandbytes weights) applies to the transformers large backend, not to "
+            raise SglError(f"--quantize applies to the transformers large backend (bitsandbytes weights), not to "
                            f"{', '.join(unquantized)}")
         for name, options in self.backend_options.items():
             if name not in classes:
-                raise SglError(f"--{name}: its options are the {name} large backend's; add {name} to --large-backend")
+                raise SglError(f"--{name}: {name}'s options apply with --large-backend {name}")
             classes[name].check_options(options, f"--{name}")
         for key, value in (self.options or {}).items():
             takers = [name for name, cls in classes.items() if key in cls.options]

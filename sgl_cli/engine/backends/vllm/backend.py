@@ -39,8 +39,8 @@ OPTIONS = {
     "enforce_eager": Option((bool,), False, said="true or false", help="no CUDA graphs or compilation"),
     "dtype": Option((str,), "auto", lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "seed": Option((int,), 0, said="an integer"),
-    "enable_prefix_caching": Option((bool, type(None)), None, said="true, false or null",
-                                    help="vLLM's prefix cache (null: vLLM's default, on)"),
+    "enable_prefix_caching": Option((bool,), None, said="true or false",
+                                    help="vLLM's prefix cache (unset: vLLM's default, on; sgl bench: off)"),
     # Drivers give it (`sgl bench --arch`: "dummy", vLLM's own random weights for a folder with a config and a
     # processor only).
     "load_format": Option((str,), "auto", said="a vLLM load format (auto, safetensors, dummy)"),
