@@ -159,8 +159,12 @@ def summarize(results: dict) -> dict:
             for b, row in section["batches"].items():
                 rows.append({"run": name, "backend": backend, "visual_tokens": r["visual_tokens"], "batch": int(b),
                              "items_per_s": row["items_per_s"], "peak_memory_mb": row["peak_memory_mb"],
-                             "ratios": row["ratios"], "identical_to_batch_1": row["identical_to_batch_1"]})
-    out = {"rows": rows, "targets": {n: r["targets"] for n, r in results.items() if r}}
+                             "gmac_per_s": row["gmac_per_s"], "ratios": row["ratios"],
+                             "identical_to_batch_1": row["identical_to_batch_1"]})
+    out = {"rows": rows, "targets": {n: r["targets"] for n, r in results.items() if r},
+           # What each engine ran with (vLLM's prefix caching among it) and the matmul peaks every stage stayed under.
+           "engine_options": {n: r["engine_options"] for n, r in results.items() if r},
+           "matmul_peaks": {n: r["matmul_peaks"] for n, r in results.items() if r}}
     cross = {n: r["cross_backend"] for n, r in results.items() if r and "cross_backend" in r}
     if cross:  # vLLM's items/s over transformers', per large stage and the pipeline
         out["cross_backend"] = cross

@@ -364,3 +364,6 @@ def test_bench_measures_two_large_backends_side_by_side(echo):
     # The same exits on both: the small model's pass and the threshold are shared.
     assert [x for _, x in e["pipeline_answers"]] == [x for _, x in t["pipeline_answers"]]
     assert not r["cross_backend"]["echo_over_transformers"]["same_pipeline_answers"]
+    # echo runs no model and does not say where it computes: its claims are stated, not held to a device's peak.
+    assert e["matmul_peak"] is None and t["matmul_peak"]["device"] == "cpu" and e["engine_options"] == {}
+    assert set(e["batches"]["1"]["gmac_per_s"]) == set(e["batches"]["1"]["ms_per_item"])

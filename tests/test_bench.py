@@ -173,11 +173,19 @@ def test_arch_profile_on_cpu(arch_report):
     assert not (prof / "trace.json").exists()
 
 
-def test_bench_tiny_pair_report():
-    res = CliRunner().invoke(app, ["bench", "--size", "tiny", "--items", "2", "--repeats", "1", "--json",
-                                   "--batch-sizes", "1,2", "--max-new-tokens", "3", "--retain", "0.25"])
+TINY = ["bench", "--size", "tiny", "--items", "2", "--repeats", "1", "--batch-sizes", "1,2", "--max-new-tokens", "3",
+        "--retain", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    res = CliRunner().invoke(app, [*TINY, "--json"])
     assert res.exit_code == 0, res.output
-    r = json.loads(res.stdout)
+    return json.loads(res.stdout)
+
+
+def test_bench_tiny_pair_report(tiny_report):
+    r = tiny_report
     assert r["size"] == "tiny" and r["prune_layers"] == [0]
     assert r["retained_tokens"] == max(1, int(0.25 * r["visual_tokens"]))
     x = r["batches"]["2"]["ratios"]
@@ -244,10 +252,15 @@ def test_bench_refuses_vllm_where_it_is_not_installed(monkeypatch, where, backen
     (["--large-backend", ","], "--large-backend: name one or more large backends"),
     (["--large-backend", "vllm", "--prune-layer", "1"],
      "the sgl guide at prune_layer 1 needs prune_inside_lm, which the vllm large backend (--large-backend) does not"),
-    (["--vllm", "max_num_seqs=4"], "--vllm: vLLM's options apply with --large-backend vllm"),
-    (["--large-backend", "vllm", "--vllm", "max_num_seq=4"], "--vllm: unknown key 'max_num_seq' (did you mean "),
+    (["--vllm", "max_num_seqs=4"], "--vllm: vllm's options apply with --large-backend vllm"),
+    (["--large-backend", "vllm", "--vllm", "max_num_seq=4"], "--vllm: unknown option 'max_num_seq' of the vllm large "
+                                                             "backend (did you mean "),
+    (["--large-backend", "vllm", "--large-option", "max_num_seq=4"], "--large-option max_num_seq: none of the large "
+                                                                     "backends measured (vllm) takes it"),
     (["--large-backend", "vllm", "--vllm", "max_num_seqs=0"], "--vllm.max_num_seqs: must be an integer >= 1"),
-    (["--large-backend", "vllm", "--vllm", "enforce_eager"], "--vllm: give KEY=VALUE pairs"),
+    (["--large-backend", "vllm", "--vllm", "enforce_eager"], "--vllm: give KEY=VALUE (e.g. max_num_seqs=8)"),
+    (["--large-backend", "vllm", "--vllm", "enable_prefix_caching=1"],
+     "--vllm.enable_prefix_caching: must be true or false, got 1"),
     (["--arch", "qwen2.5-vl-3b-7b", "--large-backend", "transformers,vllm", "--quantize", "4bit"],
      "--quantize applies to the transformers large backend (bitsandbytes weights), not to vllm"),
 ])
@@ -285,3 +298,173 @@ def test_vision_flops_from_the_config_equal_the_executed_count(tmp_path):
     executed = vision_macs(large, work.encoded.large)
     assert executed > 1e6
     assert config_vision_macs(config_only, work.encoded.large) == executed
+
+
+# -- what ran, on what, and whether a figure is possible (issue 32) ------------------------------------------------
+def test_the_report_states_each_engines_options(tiny_report):
+    """The small model's and each large backend's engine options, as they ran: in the report and in each section."""
+    r = tiny_report
+    assert set(r["engine_options"]) == {"small", "transformers"}
+    assert r["engine_options"]["transformers"] == r["backends"]["transformers"]["engine_options"]
+    for options in r["engine_options"].values():
+        assert options["engine"] == "transformers" and options["dtype"] == "float32" and options["device"] == "cpu"
+        assert options["attn_implementation"] == "sdpa" and options["vision_attn_implementation"] == "sdpa"
+        assert options["quantize"] is None and options["threads"] == torch.get_num_threads()
+        assert options["transformers_version"] and options["torch_version"] == torch.__version__
+
+
+def test_the_table_header_states_each_engines_options():
+    res = CliRunner().invoke(app, TINY)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    for name in ("small", "transformers"):
+        line = next(x for x in lines if x.startswith(f"{name} engine: "))
+        assert "engine transformers" in line and "dtype float32" in line and "attn_implementation sdpa" in line
+        assert f"threads {torch.get_num_threads()}" in line
+    assert any(x.startswith("matmul peaks measured in this run (GMAC/s): small ") for x in lines)
+    assert "every timed call on items no engine had seen: 14 items in all" in res.stdout
+
+
+def test_every_claim_is_under_the_measured_matmul_peak(tiny_report):
+    r = tiny_report
+    peak = r["matmul_peaks"]["transformers"]
+    assert peak == r["backends"]["transformers"]["matmul_peak"] == r["matmul_peaks"]["small"]
+    assert (peak["device"], peak["dtype"], peak["parallel"]) == ("cpu", "float32", 1) and peak["gmac_per_s"] > 0.1
+    f = r["flops"]
+    for row in r["batches"].values():
+        claims = row["gmac_per_s"]
+        assert set(claims) == set(row["ms_per_item"])
+        assert claims["large"] == pytest.approx(f["large"] * row["items_per_s"]["large"], rel=1e-2)
+        assert claims["small"] == pytest.approx((f["vision_small"] + f["lm_small"]) * row["items_per_s"]["small"],
+                                                rel=1e-2)
+        assert claims["pipeline"] == pytest.approx(f["pipeline"] * row["items_per_s"]["pipeline"], rel=1e-2)
+        assert all(0 < v <= peak["gmac_per_s"] for v in claims.values())
+
+
+def test_a_stage_faster_than_the_device_can_compute_is_refused(monkeypatch):
+    """A device whose measured peak is 1 MMAC/s: every stage of the run claims more, and the bench refuses to report
+    them (the first it checks), in one line."""
+    from sgl_cli.engine.evaluation import bench_report
+
+    monkeypatch.setattr(bench_report, "matmul_peak", lambda device, dtype: 1e6, raising=False)
+    res = CliRunner().invoke(app, [*TINY, "--json"])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith("sgl: error: the small model's small stage at batch 1 claims ")
+    assert (" ms), above the float32 matmul peak measured on cpu in this run, 0.0 GMAC/s: a cache served it or its "
+            "FLOPs are miscounted; not reported") in res.stderr
+
+
+def _section(ms: float) -> dict:
+    return {"flops": {"vision_small": 1.0, "lm_small": 2.0, "vision_large": 3.0, "large": 40.0, "pruned_k0": 10.0,
+                      "pipeline": 8.0},
+            "matmul_peak": {"device": "cuda:0", "dtype": "bfloat16", "parallel": 2, "gmac_per_s": 1000.0},
+            "batches": {"8": {"ms_per_item": {"small": 100.0, "large": ms, "pruned_k0": 50.0, "pipeline": 60.0}}}}
+
+
+def test_check_claims_refuses_a_stage_timed_too_short():
+    """The check on a report's figures: 40 GMAC per item in 40 ms is 1,000 GMAC/s, the peak of two 500 GMAC/s GPUs
+    (vLLM's tensor parallelism): allowed; in 39 ms it is more than they can do."""
+    from sgl_cli.engine.errors import SglError
+    from sgl_cli.engine.evaluation.bench_report import check_claims
+
+    small = {"device": "cuda:0", "dtype": "bfloat16", "parallel": 1, "gmac_per_s": 500.0}
+    ok = _section(40.0)
+    check_claims("vllm", ok, small)
+    assert ok["batches"]["8"]["gmac_per_s"] == {"small": 30.0, "large": 1000.0, "pruned_k0": 200.0,
+                                                "pipeline": 133.333}
+    with pytest.raises(SglError) as err:
+        check_claims("vllm", _section(39.0), small)
+    assert str(err.value) == ("vllm's large stage at batch 8 claims 1025.6 GMAC/s (40.00 GMAC per item in 39.0 ms), "
+                              "above the bfloat16 matmul peak measured on cuda:0 x2 in this run, 1000.0 GMAC/s: a "
+                              "cache served it or its FLOPs are miscounted; not reported")
+    slow_small = dict(small, gmac_per_s=20.0)  # the small model's stages are held to its own device's peak
+    with pytest.raises(SglError, match="^the small model's small stage at batch 8 claims 30.0 GMAC/s"):
+        check_claims("vllm", _section(40.0), slow_small)
+    unknown = dict(_section(1.0), matmul_peak=None)  # a backend that does not say where it computes (a plugin)
+    check_claims("remote", unknown, small)
+    assert unknown["batches"]["8"]["gmac_per_s"]["large"] == 40000.0  # stated, not checked
+
+
+def _recording(loaded):
+    """A transformers large backend that records what each `generate` call is sent: (item id, kept indices)."""
+    from sgl_cli.engine.backends.transformers import TransformersLarge
+
+    class Recording(TransformersLarge):
+        calls: list = []
+
+        def generate(self, works, inputs, kept, k, limits):
+            self.calls.append([(w.item.id, tuple(int(i) for i in idx)) for w, idx in zip(works, kept)])
+            return super().generate(works, inputs, kept, k, limits)
+
+    return Recording(loaded)
+
+
+def test_no_timed_call_is_sent_an_item_it_was_sent_before(tmp_path):
+    """What vLLM's caches key on (an image and its kept set) never repeats in the timed calls: every round and batch
+    size takes new items, the pipeline other ones than the stages; only the untimed calls at the end (the FLOPs'
+    generations and the batch-identity check) go back to the last round's first pipeline items."""
+    from sgl_cli.engine import Bench, read_items
+    from sgl_cli.engine.evaluation import bench_report
+    from sgl_cli.engine.evaluation.bench import write_noise_items
+    from sgl_cli.engine.pipeline.engine import Engine
+
+    bench = Bench(size="tiny", max_new_tokens=2, retain=0.25)
+    try:
+        engine, items = bench.load(None, 2, max_batch=2)
+        recording = _recording(engine.large.loaded)
+        engine = Engine(engine.settings, engine.small, recording)
+        n = 2 * (1 + 2 + 2 * 2)  # 2 rounds (a warm-up, a timed one) x (the stages' 1 + 2, the pipeline's 2 twice)
+        pool = list(read_items(write_noise_items(tmp_path, n, tuple(bench.described["image_size"]))))
+        report = bench_report.run_bench(engine, pool, batch_sizes=(1, 2), repeats=1, exit_rate=0.5,
+                                        larges={"transformers": recording})
+    finally:
+        bench.close()
+    ids = [x.id for x in pool]
+    # The pool in order, per round and batch size: b for the stages, then 2 for the pipeline.
+    reference = set(ids[8:10])  # round 2, batch 1: the pipeline's items
+    calls = recording.calls
+    last_other = max(i for i, call in enumerate(calls) if any(x not in reference for x, _ in call))
+    seen = set()
+    for i, call in enumerate(calls[:last_other + 1]):
+        assert not seen & set(call), f"call {i} repeats {sorted(seen & set(call))}"
+        seen |= set(call)
+    assert {x for call in calls[last_other + 1:] for x, _ in call} <= reference  # the untimed ones
+    stages = {ids[0], *ids[3:5], ids[7], *ids[10:12]}
+    sent = {x for call in calls for x, _ in call}
+    assert stages <= sent and len(sent - stages) >= 4  # at least one item of each pipeline call reached it
+    assert all({x for x, _ in call} <= stages or not {x for x, _ in call} & stages for call in calls)
+    assert report["fresh_items"] == n == bench_report.pool_size((1, 2), 1, 2) and report["items"] == 2
+
+
+def test_an_input_too_short_for_fresh_items_is_refused(tmp_path):
+    from sgl_cli.engine.evaluation.bench import write_noise_items
+
+    path = write_noise_items(tmp_path, 3, (56, 56))
+    res = CliRunner().invoke(app, [*TINY, "--input", str(path)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == ("sgl: error: 3 items: every timed call takes items no engine has seen, 14 in all (2 "
+                                  "rounds x (1 + 2 for the stages + 2 for the pipeline at each of 2 batch sizes)); "
+                                  "give more items, or fewer rounds, batch sizes or --items")
+
+
+@pytest.mark.parametrize("given, want", [(None, False), ({"enable_prefix_caching": True}, True),
+                                         ({"enable_prefix_caching": False}, False)])
+def test_bench_runs_vllm_without_prefix_caching_unless_asked(monkeypatch, given, want):
+    """The options `Bench` gives the vLLM backend (vLLM stood in for: it is not installed here)."""
+    from sgl_cli.engine import Bench
+    from sgl_cli.engine.backends.vllm.backend import VllmBackend
+
+    class Loaded(Exception):
+        pass
+
+    def load(cls, spec, role="large", options=None):
+        raise Loaded(options)
+
+    for name, fn in (("check_installed", lambda cls: None), ("check_spec", lambda cls, spec: None), ("load", load)):
+        monkeypatch.setattr(VllmBackend, name, classmethod(fn))
+    with pytest.raises(Loaded) as got:
+        Bench(size="tiny", large_backend="vllm",
+              backend_options={} if given is None else {"vllm": given}).load(None, 2, max_batch=2)
+    options = got.value.args[0]
+    assert options["enable_prefix_caching"] is want and options["max_num_seqs"] == 2

@@ -140,6 +140,9 @@ class RecordingLarge:
     def prompt(self, images, prompt) -> str:
         return f"{len(images)} image(s) | {json.dumps(prompt)}"
 
+    def check_request(self, i, request) -> None:
+        pass  # every request is one the plugin takes
+
     def generate(self, requests):
         from sgl_cli.engine.backends.vllm import LargeReply
 
@@ -237,7 +240,7 @@ def test_downsample_on_vllm_sends_the_transformers_reduced_images_with_every_tok
     for q, a, r in zip(quiet, answered, want):
         assert q.answer is None and q.reduced.n_visual == a.reduced.n_visual == r.n_visual
         assert q.reduced.image_sizes == a.reduced.image_sizes == r.image_sizes
-        assert torch.equal(a.kept, torch.arange(r.n_visual))
+        assert a.kept is None and torch.equal(a.ranking()[1], torch.arange(r.n_visual))  # all of it, unranked
 
 
 def test_downsample_on_vllm_refuses_a_fixed_resolution_tower(tiny_large):
@@ -249,3 +252,169 @@ def test_downsample_on_vllm_refuses_a_fixed_resolution_tower(tiny_large):
             call()
         assert str(err.value) == ("the vLLM backend cannot pool llava-1.5 image features (the downsample guide on a "
                                   "fixed-resolution tower): use the transformers backend")
+
+
+# -- what the vLLM backend refuses before anything loads (issue 32) ------------------------------------------------
+UNQUANTIZED = "(bitsandbytes) applies to the transformers large backend, not to vllm ({}), which would run the " \
+              "weights unquantized"
+
+
+def _no_model_loads(monkeypatch):
+    """Loading a model, building the built-in pair or importing vLLM fails the test."""
+    from sgl_cli.engine.backends import transformers
+    from sgl_cli.engine.builtin import pair
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+
+    for module, name in ((transformers, "load_model"), (pair, "build_pair"), (pair, "ensure_pair")):
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+
+
+def _preset(tmp_path, **large) -> str:
+    import yaml
+
+    from sgl_cli.engine.preset import presets_dir
+
+    data = yaml.safe_load((presets_dir() / "default.yaml").read_text())
+    data["large"].update(large)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# --quantize is sgl run's; eval and calibrate take the preset's.
+@pytest.mark.parametrize("command, case", [("run", "flags"), ("run", "preset+flag"),
+                                           *((c, x) for c in ("run", "eval", "calibrate")
+                                             for x in ("preset", "flag+preset"))])
+def test_quantize_on_vllm_is_refused_in_one_line_before_any_model_loads(tmp_path, monkeypatch, command, case):
+    """vLLM runs no bitsandbytes weights: --quantize (or a preset's large.quantize) with the vllm large backend
+    (--large-backend or the preset's large.backend) is refused, where every record would have said
+    `large_quantize: nf4` of an unquantized model."""
+    from typer.testing import CliRunner
+
+    from sgl_cli.cli import app
+
+    from .conftest import ROOT
+
+    path = _preset(tmp_path, **{"flags": {}, "preset": {"backend": "vllm", "quantize": "4bit"},
+                                "preset+flag": {"backend": "vllm"}, "flag+preset": {"quantize": "4bit"}}[case])
+    args = {"flags": ["--large-backend", "vllm", "--quantize", "4bit"], "preset": [],
+            "preset+flag": ["--quantize", "8bit"], "flag+preset": ["--large-backend", "vllm"]}[case]
+    args = ["--preset", path, *args]
+    _no_model_loads(monkeypatch)
+    more = {"run": ["--out", "-"], "eval": [], "calibrate": ["--exit-rate", "0.5"]}[command]
+    res = CliRunner().invoke(app, [command, str(ROOT / "examples" / "batch.jsonl"), *args, *more])
+    assert res.exit_code == 2, res.output
+    if case == "preset":
+        want = (f"sgl: error: {path}: large.quantize: nf4 (bitsandbytes) applies to the transformers large backend, "
+                "not to backend: vllm, which would run the weights unquantized")
+    else:
+        want = "sgl: error: --quantize " + ("8bit " if case == "preset+flag" else "nf4 ") + UNQUANTIZED.format(
+            "--large-backend")
+    assert res.stderr.strip() == want and res.stdout == ""
+
+
+def test_the_library_refuses_quantize_on_vllm_before_any_model_loads(monkeypatch):
+    """A preset built in code (no file, no flags): Engine.load asks the backend's check_spec first."""
+    from sgl_cli.engine.backends.vllm.backend import VllmBackend
+    from sgl_cli.engine.errors import SettingError
+    from sgl_cli.engine.pipeline.engine import Engine
+    from sgl_cli.engine.preset import load_preset
+
+    preset = load_preset("default")
+    preset = dataclasses.replace(preset, large=dataclasses.replace(preset.large, backend="vllm", quantize="4bit"))
+    _no_model_loads(monkeypatch)
+    for call in (lambda: Engine.load(preset), lambda: VllmBackend.check_spec(preset.large),
+                 lambda: VllmBackend.load(preset.large, "large", {})):
+        with pytest.raises(SettingError) as err:
+            call()
+        assert str(err.value) == "large_quantize nf4 " + UNQUANTIZED.format("large_backend")
+        assert err.value.settings == ("large_quantize", "large_backend")
+
+
+# The one wording of every backend's options (backends.base.check_options).
+@pytest.mark.parametrize("options, message", [
+    ({"enable_prefix_cache": False}, "vLLM options: unknown option 'enable_prefix_cache' of the vllm large backend "
+                                     "(did you mean 'enable_prefix_caching'?); it takes: tensor_parallel_size, "
+                                     "gpu_memory_utilization, max_model_len, max_num_seqs, enforce_eager, dtype, seed, "
+                                     "enable_prefix_caching, load_format"),
+    ({"max_num_seqs": 4, "quantization": "fp8"}, "vLLM options: unknown option 'quantization' of the vllm large "
+                                                 "backend; it takes: tensor_parallel_size, "),
+    ({"enable_prefix_caching": 1}, "vLLM options.enable_prefix_caching: must be true or false, got 1"),
+    ({"max_num_seqs": 0}, "vLLM options.max_num_seqs: must be an integer >= 1 or null, got 0"),
+])
+def test_the_backend_refuses_options_it_does_not_take(monkeypatch, options, message):
+    """VllmBackend.load used to drop a key it did not know and load without it; now it says so before anything
+    loads (here vLLM is absent: without the refusal, the error would be that)."""
+    from sgl_cli.engine.backends.vllm.backend import VllmBackend
+    from sgl_cli.engine.errors import SglError
+    from sgl_cli.engine.preset import load_preset
+
+    _no_model_loads(monkeypatch)
+    with pytest.raises(SglError) as err:
+        VllmBackend.load(load_preset("default").large, "large", options)
+    assert not isinstance(err.value, VllmUnavailable)
+    assert str(err.value).startswith(message)
+
+
+def test_presets_take_enable_prefix_caching_and_refuse_other_vllm_keys(tmp_path):
+    """A preset's `vllm:` (the alias of `options:`) is checked by the backend's declared options, before any model
+    loads (`check_preset`), naming the file."""
+    from sgl_cli.engine.backends import check_preset
+    from sgl_cli.engine.errors import SglError
+    from sgl_cli.engine.preset import load_preset
+
+    good = load_preset(_preset(tmp_path, backend="vllm", vllm={"enable_prefix_caching": True}))
+    check_preset(good)
+    assert good.large.options == {"enable_prefix_caching": True}
+    for vllm, message in (({"enable_prefix_caching": "yes"},
+                           "large.options.enable_prefix_caching: must be true or false"),
+                          ({"kv_cache_dtype": "fp8"}, "large.options: unknown option 'kv_cache_dtype' of the vllm "
+                                                      "large backend; it takes: tensor_parallel_size, "
+                                                      "gpu_memory_utilization, max_model_len, max_num_seqs, "
+                                                      "enforce_eager, dtype, seed, enable_prefix_caching, "
+                                                      "load_format")):
+        path = _preset(tmp_path, backend="vllm", vllm=vllm)
+        with pytest.raises(SglError) as err:
+            check_preset(load_preset(path))
+        assert message in str(err.value) and path in str(err.value)
+
+
+def test_vllm_large_refuses_a_keyword_vllm_does_not_take(tmp_path, monkeypatch):
+    """`VllmLarge(**extra)` passes extra keywords to vLLM's `LLM`: each must be an `LLM` parameter or an `EngineArgs`
+    field of the vLLM installed (here a stand-in module), and none may replace what sgl sets; refused before the
+    engine is made."""
+    import types
+    from dataclasses import dataclass
+
+    @dataclass
+    class EngineArgs:
+        model: str = ""
+        max_num_batched_tokens: int | None = None
+        enable_prefix_caching: bool | None = None
+
+    class LLM:
+        def __init__(self, model, seed=0, hf_overrides=None, **kwargs):
+            raise AssertionError("the engine was made")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, EngineArgs=EngineArgs,
+                                                                   __version__="0.32.0"))
+    from sgl_cli.engine.backends.vllm import compat
+
+    monkeypatch.setattr(compat, "check_vllm", lambda: None)  # the stand-in has none of the plugin's internals
+    path = folder(tmp_path, "qwen2_vl")
+    for extra, message in (({"max_num_batched_token": 64}, "vLLM option 'max_num_batched_token': not an argument of "
+                                                           "vLLM 0.32.0's LLM or EngineArgs (did you mean "
+                                                           "'max_num_batched_tokens'?)"),
+                           ({"mm_processor_cache_gb": 4}, "vLLM option 'mm_processor_cache_gb': sgl sets it itself "
+                                                          "(the large model, its plugin architecture, images only, no "
+                                                          "processor cache)")):
+        with pytest.raises(SglError) as err:
+            VllmLarge(path, **extra)
+        assert str(err.value) == message
+    from sgl_cli.engine.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="AssertionError: the engine was made"):  # known keys reach LLM
+        VllmLarge(path, max_num_batched_tokens=64, enable_prefix_caching=False)

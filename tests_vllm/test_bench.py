@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -79,3 +80,27 @@ def test_cross_backend_ratios_are_the_sections_items_per_s(report):
         for stage, x in row.items():
             assert x == pytest.approx(v["batches"][b]["items_per_s"][stage] / t["batches"][b]["items_per_s"][stage],
                                       rel=1e-3)
+
+
+def test_vllm_ran_without_prefix_caching_and_the_report_says_so(report):
+    """sgl bench turns vLLM's prefix caching off (vLLM's own default is on) and says so, with every option its
+    engine resolved; every stage's GMAC/s stayed under the CPU's matmul peak measured in the same run, and every
+    timed call had items of its own."""
+    v = report["backends"]["vllm"]["engine_options"]
+    assert report["engine_options"]["vllm"] == v and set(report["engine_options"]) == {"small", "transformers", "vllm"}
+    assert v["engine"] == "vllm" and v["device"] == "cpu" and v["vllm_version"] == "0.32.0"
+    assert v["enable_prefix_caching"] is False
+    assert v["max_num_seqs"] == 2 and v["max_model_len"] == 2048 and v["gpu_memory_utilization"] == 0.05
+    assert v["enforce_eager"] is True and v["dtype"] == "float32" and v["tensor_parallel_size"] == 1
+    assert v["mm_processor_cache_gb"] == 0 and v["enable_chunked_prefill"] is True
+    assert v["max_num_batched_tokens"] >= 2048 and v["encoder_cache_size"] >= 1 and v["block_size"] >= 1
+    assert v["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    assert report["engine_options"]["transformers"]["engine"] == "transformers"
+    assert report["fresh_items"] == 2 * (1 + 2 + 4 * 2)  # 2 rounds x (the stages' 1 + 2, the pipeline's 4 twice)
+    peaks = report["matmul_peaks"]
+    assert (peaks["vllm"]["device"], peaks["vllm"]["dtype"], peaks["vllm"]["parallel"]) == ("cpu", "float32", 1)
+    assert peaks["vllm"] == peaks["transformers"] == peaks["small"]  # one CPU, one dtype: one measurement
+    for section in report["backends"].values():
+        for row in section["batches"].values():
+            assert set(row["gmac_per_s"]) == set(row["ms_per_item"])
+            assert all(0 < x <= peaks["vllm"]["gmac_per_s"] for x in row["gmac_per_s"].values())

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from ._common import domain_errors, err, set_threads, with_help
+from .options import LargeOptionOption
 
 
 def bench(
@@ -35,9 +36,11 @@ def bench(
                                                 "this many visual tokens (Qwen2.5-VL, InternVL3)."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Image size in px: N (square) or WxH "
                                              "(default: 896, or the random pair's largest)."),
-    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time (default: generated images)."),
-    items: Optional[int] = typer.Option(None, "--items", min=1, help="Items through the pipeline (default: the largest "
-                                        "batch size)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL items to time (default: generated images). "
+                                         "Every timed call takes items not timed before: the file must hold that "
+                                         "many (the error says how many)."),
+    items: Optional[int] = typer.Option(None, "--items", min=1, help="Items through the pipeline per call (default: "
+                                        "the largest batch size)."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Batch sizes, comma-separated."),
     retain: float = typer.Option(0.09, help="Retain ratio of the pruned large stage."),
     prune_layer: int = typer.Option(0, help="Prune layer K; the pruned stage is measured at K = 0 and at K."),
@@ -55,20 +58,27 @@ def bench(
         "preset's own), vllm (vLLM's engine: scripts/vllm_env.sh on a CPU, the vllm extra on a GPU), or a comma list "
         "measured side by side in the same rounds, the small model's stages shared: transformers,vllm.",
         show_default=False),
-    vllm: Optional[str] = typer.Option(None, "--vllm", help="vLLM's engine options, KEY=VALUE comma-separated: a "
-                                       "preset's large.vllm keys (tensor_parallel_size, gpu_memory_utilization, "
-                                       "max_model_len, max_num_seqs, enforce_eager, dtype, seed). Defaults: "
-                                       "max_num_seqs the largest batch size; on a CPU also "
-                                       "gpu_memory_utilization=0.2, enforce_eager=true.", show_default=False),
+    large_option: LargeOptionOption = None,
+    vllm: Optional[str] = typer.Option(None, "--vllm", help="The vllm backend's options, KEY=VALUE comma-separated "
+                                       "(as --large-option: tensor_parallel_size, gpu_memory_utilization, "
+                                       "max_model_len, max_num_seqs, enforce_eager, dtype, seed, "
+                                       "enable_prefix_caching). Defaults: max_num_seqs the largest batch size, "
+                                       "enable_prefix_caching=false; on a CPU also gpu_memory_utilization=0.2, "
+                                       "enforce_eager=true.", show_default=False),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure the large model alone, pruned (K = 0 and K), and the full pipeline, interleaved, at each batch size.
 
     Reports ms and items/s per stage, peak memory per stage, capture overhead, and measured speed-ups beside those
-    the FLOPs predict, with the targets of a GPU run. Random weights cannot decide an early exit, so the pipeline's
-    exit rate is forced (--exit-rate). --arch builds the pair at the published sizes with its weights directly on
-    the device; on a CPU use --layers 2 --vision-layers 4 (and a small --image-size).
+    the FLOPs predict, with the targets of a GPU run, and the options each engine ran with. Random weights cannot
+    decide an early exit, so the pipeline's exit rate is forced (--exit-rate). --arch builds the pair at the
+    published sizes with its weights directly on the device; on a CPU use --layers 2 --vision-layers 4 (and a
+    small --image-size).
+
+    No cache serves a timed call: every round and batch size takes items no engine has seen (generated, or the
+    next ones of --input), and vLLM's prefix caching is off unless --vllm enable_prefix_caching=true. A stage that
+    claims more multiply-adds per second than the device's matmul peak, measured in the same run, is an error.
 
     --large-backend transformers,vllm times each backend's large stages (large, pruned, pipeline) in the same
     rounds, on the same weights (the built-in pair's folder, the preset's checkpoints; with --arch vLLM makes random
@@ -86,13 +96,15 @@ def bench(
     with domain_errors():
         from ..engine.errors import SglError
         from ..engine.evaluation.bench import Bench, parse_options, parse_sizes
+        from ..engine.preset import parse_options as parse_pairs
 
         set_threads(threads)
         sizes = parse_sizes(batch_sizes, "--batch-sizes")
         setup = Bench(arch=arch, preset=preset, size=size, layers=layers, vision_layers=vision_layers, dtype=dtype,
                       device=device, quantize=quantize, visual_tokens=visual_tokens, image_size=image_size,
                       retain=retain, prune_layer=prune_layer, threshold=threshold, max_new_tokens=max_new_tokens,
-                      large_backend=large_backend, vllm=parse_options(vllm))
+                      large_backend=large_backend, options=parse_pairs(large_option, "--large-option"),
+                      backend_options={} if vllm is None else {"vllm": parse_options(vllm)})
         # vLLM logs to stdout, in this process and in the engine processes it starts: while the models load and
         # run, whatever libraries print goes to stderr, so that stdout is the report alone.
         with _output_to_stderr():
@@ -148,7 +160,7 @@ def _table(r: dict) -> None:
     where = ", ".join(f"{name} on {x['device']} ({x['dtype']})" for name, x in sections.items())
     t = Table(title=f"sgl bench {what}: {where}{quantized}: {r['visual_tokens']:.0f} visual tokens, retain "
                     f"{r['retain']} (kept {r['retained_tokens']:.0f}), exit rate {r['exit_rate_target']}")
-    for c in ("batch", "stage", "backend", "ms / item", "items/s", "peak MiB"):
+    for c in ("batch", "stage", "backend", "ms / item", "items/s", "GMAC/s", "peak MiB"):
         t.add_column(c, justify="left" if c in ("stage", "backend") else "right")
     for b in map(str, r["batch_sizes"]):
         rows = []
@@ -163,9 +175,20 @@ def _table(r: dict) -> None:
                     rows.append((stage, name, row, stage))
         for i, (stage, name, row, key) in enumerate(rows):
             peak = row["peak_memory_mb"].get(key)
+            gmac = row["gmac_per_s"].get(key)
             t.add_row(b if i == 0 else "", stage, name, f"{row['ms_per_item'][key]:.1f}",
-                      f"{row['items_per_s'][key]:.2f}", "-" if peak is None else f"{peak:.0f}",
-                      end_section=i == len(rows) - 1)
+                      f"{row['items_per_s'][key]:.2f}", "-" if gmac is None else f"{gmac:.1f}",
+                      "-" if peak is None else f"{peak:.0f}", end_section=i == len(rows) - 1)
+    # What each engine ran with (vLLM's prefix caching among them), and the matmul peaks the stages stayed under.
+    lines = [f"{name} engine: " + ", ".join(f"{k} {v}" for k, v in options.items() if v is not None)
+             for name, options in r["engine_options"].items()]
+    lines.append("matmul peaks measured in this run (GMAC/s): " + ", ".join(
+        f"{name} not known (its device is not said: not checked)" if x is None else
+        f"{name} {x['gmac_per_s']:.1f} ({x['device']}{' x' + str(x['parallel']) if x['parallel'] > 1 else ''}, "
+        f"{x['dtype']})" for name, x in r["matmul_peaks"].items()))
+    lines.append(f"every timed call on items no engine had seen: {r['fresh_items']} items in all")
+    for line in lines:  # whole lines, as they are (no wrapping, no markup)
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     console.print(t)
     ratios = Table(title="measured speed-ups, FLOPs-predicted in brackets (LM only: where the tower is timed alone)")
     ratios.add_column("batch")

@@ -155,7 +155,8 @@ class Preset:
     settings: Settings = field(default_factory=Settings)
     description: str = ""
     source: str = ""  # the file it was read from; not written back
-    # The settings given explicitly over the file's (with_settings): a calibration file does not override them.
+    # The settings given explicitly over the file's (with_settings; and the large model's `large_quantize`,
+    # `large_backend`, `large_options`): a calibration file does not override them, errors name their flags.
     overridden: frozenset[str] = frozenset()
 
     def with_settings(self, **overrides: Any) -> "Preset":
@@ -173,18 +174,21 @@ class Preset:
             return self
         if normalize_quantize(quantize) not in (None, "nf4", "8bit"):
             raise PresetError(f"--quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
-        return dataclasses.replace(self, large=dataclasses.replace(self.large, quantize=quantize))
+        large = dataclasses.replace(self.large, quantize=quantize)
+        return dataclasses.replace(self, large=large, overridden=self.overridden | {"large_quantize"})
 
     def with_large_backend(self, backend: str | None, options: dict | None = None) -> "Preset":
         """A copy whose large model runs on `backend` (`--large-backend`; None leaves the preset's), with
         `options` (`--large-option`) over the preset's own for that backend (those of another backend are
         dropped: they were that backend's)."""
-        large = self.large
+        large, given = self.large, set()
         if backend is not None and backend != large.backend:
-            large = dataclasses.replace(large, backend=backend, options=None)
+            large, given = dataclasses.replace(large, backend=backend, options=None), {"large_backend"}
         if options:
-            large = dataclasses.replace(large, options={**(large.options or {}), **options})
-        return self if large is self.large else dataclasses.replace(self, large=large)
+            large, given = dataclasses.replace(large, options={**(large.options or {}), **options}), \
+                given | {"large_options"}
+        return self if large is self.large else dataclasses.replace(self, large=large,
+                                                                    overridden=self.overridden | given)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}

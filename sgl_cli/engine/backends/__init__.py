@@ -133,10 +133,11 @@ def check_preset(preset, guides: list[str] | None = None) -> None:
     """
     from ..errors import SettingError
     from ..guides import guide_class
-    from .base import check
+    from .base import check, check_quantize
 
     where = f"{preset.source}: " if preset.source else ""
     backend = backend_class(preset.large.backend or DEFAULT)
+    check_quantize(backend, preset.large, preset)
     backend.check_options(preset.large.options, f"{where}large.options")
     if preset.small is not None:
         try:

@@ -233,6 +233,10 @@ class Model(ModelFacts, abc.ABC):
         """Fields every record of a run on this backend carries."""
         return {}
 
+    def engine_options(self) -> dict:
+        """What its engine runs with (dtype, attention, device, caches...), as `sgl bench` reports it."""
+        return {}
+
     def close(self) -> None:
         """Free the engine's resources (a no-op where the garbage collector does it)."""
 
@@ -269,6 +273,14 @@ class LargeBackend(Model):
     offers: ClassVar[frozenset[str]] = frozenset()
     # Its modules are in this process: `sgl bench` times its vision tower alone and samples its memory.
     in_process: ClassVar[bool] = False
+    # It runs a spec's `quantize` (bitsandbytes weights); one that does not refuses it (its records would say it).
+    quantizes: ClassVar[bool] = False
+
+    @classmethod
+    def check_spec(cls, spec: "ModelSpec") -> None:
+        """Refuse, before any model loads, a model this backend cannot run: this default, a `quantize` it would
+        not apply (a subclass adds its own checks after calling it)."""
+        check_quantize(cls, spec)
 
     @classmethod
     def gpus_per_worker(cls, options: dict | None) -> float:
@@ -276,13 +288,15 @@ class LargeBackend(Model):
         return 1.0
 
     @classmethod
+    def random_weights_options(cls) -> dict | None:
+        """The options with which its engine loads a folder holding a config and a processor alone with random
+        weights of its own (`sgl bench --arch`); None: it cannot."""
+        return None
+
+    @classmethod
     def bench_options(cls, max_batch: int) -> dict:
         """The options `sgl bench` gives the engine unless told otherwise (`max_batch`: the most items it sends
         at once)."""
-        return {}
-
-    def engine_options(self) -> dict:
-        """The options its engine runs with, as `sgl bench` reports them."""
         return {}
 
     def describe(self) -> dict:
@@ -430,6 +444,36 @@ class LargeStream:
     def close(self) -> None:
         """Drop what is still in flight (an interrupted run)."""
         self._ready = []
+
+
+def check_quantize(backend_cls, spec: "ModelSpec", preset=None) -> None:
+    """Refuse bitsandbytes `quantize` on a large backend that does not apply it (every record would say
+    `large_quantize` of an unquantized model). Named by the flags that gave them, or by `preset`'s file when it
+    gave both."""
+    if spec.quantize is None or backend_cls.quantizes:
+        return
+    if not _said_by_file(preset, spec):
+        raise SettingError("{} " + spec.quantize + " (bitsandbytes) applies to the transformers large backend, not to "
+                           + backend_cls.name + " ({}), which would run the weights unquantized", "large_quantize",
+                           "large_backend")
+    raise SettingError(f"{preset.source}: large.quantize: {spec.quantize} (bitsandbytes) applies to the transformers "
+                       f"large backend, not to backend: {backend_cls.name}, which would run the weights unquantized"
+                       .replace("{", "{{").replace("}", "}}"), "large_quantize")
+
+
+def _said_by_file(preset, spec: "ModelSpec") -> bool:
+    """Whether `preset`'s file itself gives the large model `spec`'s quantize and backend (not flags, not code)."""
+    from pathlib import Path
+
+    if preset is None or not preset.source or not Path(preset.source).is_file():
+        return False
+    try:
+        from ..preset import load_preset
+
+        own = load_preset(preset.source).large
+    except Exception:  # noqa: BLE001 - a file changed since: the flags' wording
+        return False
+    return (own.quantize, own.backend) == (spec.quantize, spec.backend)
 
 
 def _errors(gen) -> list:

@@ -33,6 +33,26 @@ class LoadedModel(ModelFacts):
     # image_token_id, num_layers, context: ModelFacts' (backends/base.py), as every large backend's.
 
 
+def engine_options(loaded: LoadedModel) -> dict:
+    """How a model runs on transformers, as `sgl bench` reports it: the weights' dtype, the attention
+    implementations (language model, vision tower), where it is placed, its quantization, torch's CPU threads."""
+    import torch
+    import transformers
+
+    m = loaded.model
+    config = m.config
+    vision = getattr(config, "vision_config", None)
+    placed = getattr(m, "hf_device_map", None)
+    return {"engine": "transformers", "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+            "attn_implementation": hf.attn_implementation(config.get_text_config()),
+            "vision_attn_implementation": hf.attn_implementation(vision) if vision is not None else None,
+            "device": str(m.device),
+            "device_map": {k: str(v) for k, v in placed.items()} if placed and len(set(placed.values())) > 1 else None,
+            "quantize": loaded.spec.quantize, "threads": torch.get_num_threads()}
+
+
 def _dtype(name: str):
     import torch
 
@@ -240,10 +260,7 @@ class _Loaded:
         return str(self.model.device)
 
     def engine_options(self) -> dict:
-        import torch
-
-        return {"dtype": str(self.model.dtype).removeprefix("torch."), "attn_implementation": self.spec.attn,
-                "device": self.device, "threads": torch.get_num_threads(), "quantize": self.spec.quantize}
+        return engine_options(self.loaded)
 
 
 class TransformersSmall(_Loaded, SmallModel):
@@ -300,6 +317,7 @@ class TransformersLarge(_Loaded, LargeBackend):
     name = "transformers"
     offers = CAPABILITIES
     in_process = True
+    quantizes = True
 
     @classmethod
     def load(cls, spec: ModelSpec, role: str = "large", options: dict | None = None) -> "TransformersLarge":

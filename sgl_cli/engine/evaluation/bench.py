@@ -23,11 +23,6 @@ from typing import Callable
 from ..errors import SglError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# vLLM's engine options on a CPU unless given: vLLM reserves `gpu_memory_utilization` of the machine's RAM there
-# (its default 0.92 fails beside anything else; vLLM's own VLLM_CPU_KVCACHE_SPACE, in GiB, sizes the KV cache
-# instead), and eager mode loads in about half the time (no compile). Everywhere, `max_num_seqs` defaults to the
-# largest batch: bench never sends more at once.
-VLLM_CPU = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
 
 
 def parse_backends(text: str | None) -> tuple[str, ...] | None:
@@ -44,33 +39,14 @@ def parse_backends(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def parse_options(text: str | None) -> dict | None:
-    """`--vllm KEY=VALUE,...`: vLLM engine options with YAML-like scalars (true, null, 0.3, 8)."""
+def parse_options(text: str | None, flag: str = "--vllm") -> dict | None:
+    """`--vllm KEY=VALUE,...` (an alias of `--large-option` for the vllm backend): options with YAML-like scalars
+    (true, null, 0.3, 8)."""
+    from ..preset import parse_options as pairs
+
     if text is None:
         return None
-    out: dict = {}
-    for part in (x.strip() for x in text.split(",")):
-        if not part:
-            continue
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise SglError(f"--vllm: give KEY=VALUE pairs, comma-separated (e.g. max_num_seqs=8), not {part!r}")
-        out[key.strip()] = _scalar(value.strip())
-    return out
-
-
-def _scalar(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("null", "none", "~"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    return pairs([part.strip() for part in text.split(",") if part.strip()], flag) or {}
 
 
 def _realistic():
@@ -104,18 +80,20 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def write_noise_items(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """`n` items with deterministic noise images of `size` (w, h): random weights see no difference in content."""
+    """`n` items with deterministic noise images of `size` (w, h), each its own image (random weights see no
+    difference in content; the first k of n are the same for any n >= k)."""
     import json
 
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        name = f"images/noise_{i:04d}.png"
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+        name = f"images/noise_{seed}_{size[0]}x{size[1]}_{i:04d}.png"
+        if not (folder / name).exists():  # written by an earlier call for fewer items
+            pixels = np.random.default_rng([seed, i]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name, compress_level=1)  # noise does not compress: be quick
         lines.append({"id": f"bench-{i}", "image": name, "question": "What is in the image?"})
     out = folder / "batch.jsonl"
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -141,17 +119,21 @@ class Bench:
     threshold: float | None = 0.9
     max_new_tokens: int = 8
     # What runs the large model: a backend name or a comma list measured side by side (None: a preset's own, else
-    # transformers); `vllm`: vLLM's engine options (a preset's `large.vllm` keys) over the preset's and VLLM_CPU.
+    # transformers). `options` (`--large-option`): engine options, each to the backends named that declare it;
+    # `backend_options`: backend name -> its own (`--vllm`). Both over the preset's and each backend's
+    # `bench_options`.
     large_backend: str | tuple[str, ...] | None = None
-    vllm: dict | None = None
+    options: dict | None = None
+    backend_options: dict[str, dict] = dataclasses.field(default_factory=dict)
     described: dict = dataclasses.field(default_factory=dict)
     larges: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # name -> loaded backend
     same_weights: bool = dataclasses.field(default=True, init=False, repr=False)
     _max_batch: int = dataclasses.field(default=8, init=False, repr=False)
+    _n_items: int | None = dataclasses.field(default=None, init=False, repr=False)  # through the pipeline
+    _noise: tuple | None = dataclasses.field(default=None, init=False, repr=False)  # (folder, size) load generated
     _folders: list = dataclasses.field(default_factory=list, init=False, repr=False)  # removed with this object
 
     def __post_init__(self) -> None:
-        from ..backends import backend_class
         from ..preset import QUANTIZE, normalize_quantize
 
         if self.quantize is not None and normalize_quantize(self.quantize) not in (None, "nf4", "8bit"):
@@ -160,14 +142,39 @@ class Bench:
             raise SglError("--quantize applies to --arch or --preset, not to the built-in random pairs")
         if not isinstance(self.large_backend, (str, type(None))):
             self.large_backend = ",".join(self.large_backend)
-        names = parse_backends(self.large_backend) or ()
-        if self.quantize is not None and any(name != "transformers" for name in names):
-            raise SglError("--quantize applies to the transformers large backend (bitsandbytes weights), not to "
-                           + ", ".join(name for name in names if name != "transformers"))
-        if self.vllm is not None:
-            backend_class("vllm").check_options(self.vllm, "--vllm")
-            if names and "vllm" not in names:
-                raise SglError("--vllm: vLLM's options apply with --large-backend vllm")
+        names = parse_backends(self.large_backend)
+        if names:
+            self._check_given(names)
+
+    def _check_given(self, names: tuple[str, ...]) -> None:
+        """--quantize, --large-option and --vllm against the backends measured: one line for one they do not fit."""
+        from ..backends import backend_class
+
+        classes = {name: backend_class(name) for name in names}
+        unquantized = [name for name, cls in classes.items() if not cls.quantizes]
+        if self.quantize is not None and unquantized:
+            raise SglError(f"--quantize applies to the transformers large backend (bitsandbytes weights), not to "
+                           f"{', '.join(unquantized)}")
+        for name, options in self.backend_options.items():
+            if name not in classes:
+                raise SglError(f"--{name}: {name}'s options apply with --large-backend {name}")
+            classes[name].check_options(options, f"--{name}")
+        for key, value in (self.options or {}).items():
+            takers = [name for name, cls in classes.items() if key in cls.options]
+            if not takers:
+                raise SglError(f"--large-option {key}: none of the large backends measured ({', '.join(names)}) takes "
+                               "it")
+            for name in takers:
+                classes[name].check_options({key: value}, "--large-option")
+
+    def _given(self, name: str) -> dict:
+        """The options given on the command line for backend `name`: the --large-option keys it declares, then its
+        own (`backend_options`)."""
+        from ..backends import backend_class
+
+        declared = backend_class(name).options
+        return {**{k: v for k, v in (self.options or {}).items() if k in declared},
+                **self.backend_options.get(name, {})}
 
     def _scratch(self, prefix: str) -> Path:
         """A temporary folder removed with this object (or at exit): generated images and built pairs."""
@@ -187,6 +194,7 @@ class Bench:
         """(engine, items): the models loaded or built, the items read or generated. `engine.large` is the first
         large backend; `larges` holds them all. `max_batch`: the largest batch `run` will measure (vLLM's
         `max_num_seqs` unless given; default `n_items`)."""
+        from ..backends import DEFAULT
         from ..pipeline.engine import Engine
         from ..io.formats import read_items
         from ..preset import load_preset
@@ -195,14 +203,11 @@ class Bench:
         if sum(x is not None for x in (self.arch, self.preset)) > 1:
             raise SglError("give one of --arch and --preset")
         preset = load_preset(self.preset) if self.preset else None
-        names = parse_backends(self.large_backend) or ((preset.large.backend,) if preset else ("transformers",))
-        if self.vllm is not None and "vllm" not in names:
-            raise SglError("--vllm: vLLM's options apply with --large-backend vllm")
-        if self.quantize is not None and any(name != "transformers" for name in names):  # a preset's own backend
-            raise SglError("--quantize applies to the transformers large backend (bitsandbytes weights), not to "
-                           + ", ".join(name for name in names if name != "transformers"))
+        names = parse_backends(self.large_backend) or ((preset.large.backend,) if preset else (DEFAULT,))
+        self._check_given(names)  # a preset's own backend too
         self._check_backends(names, settings)  # before anything is built or loaded
         self._max_batch = max_batch or n_items
+        self._n_items = n_items
         if self.arch:
             small, larges, size = self._arch(names)
         elif preset is not None:
@@ -212,7 +217,9 @@ class Bench:
         self.larges = larges
         engine = Engine(settings, small, next(iter(larges.values())))
         if input is None:
-            input = write_noise_items(self._scratch("sgl-bench-items-"), n_items, size)
+            folder = self._scratch("sgl-bench-items-")
+            input = write_noise_items(folder, n_items, size)
+            self._noise = (folder, size)
         items = list(read_items(input))
         if self.visual_tokens is not None:
             got = engine.prepare(items[:1])[0]
@@ -233,39 +240,25 @@ class Bench:
             check(guide_class(settings.guide), cls, settings.prune_layer)
             cls.check_installed()
 
-    def _options(self, name: str, preset_options: dict | None) -> dict | None:
-        """The engine options backend `name` loads with: for vllm, VLLM_CPU on a CPU, the largest batch as
-        `max_num_seqs`, then the preset's `large.vllm`, then `vllm` (the command line's)."""
-        import torch
+    def _options(self, name: str, preset_options: dict | None) -> dict:
+        """The engine options backend `name` loads with: its `bench_options` (vLLM: prefix caching off, at most the
+        largest batch in flight, a CPU's small memory share), then the preset's, then the command line's."""
+        from ..backends import backend_class
 
-        if name != "vllm":
-            return None
-        if torch.cuda.is_available():
-            # vLLM takes `gpu_memory_utilization` of the GPU's whole memory, and refuses to start with less free:
-            # leave room for what this process holds already (the small model, a transformers large one).
-            free, total = torch.cuda.mem_get_info()
-            base = {"gpu_memory_utilization": round(0.9 * free / total, 3)}
-        else:
-            base = dict(VLLM_CPU)
-        return {**base, "max_num_seqs": self._max_batch, **(preset_options or {}), **(self.vllm or {})}
+        return {**backend_class(name).bench_options(self._max_batch), **(preset_options or {}), **self._given(name)}
 
     def _load_larges(self, names, spec, *, preset_options: dict | None = None, extra=None) -> dict:
         """name -> the loaded large backend for `spec` (a folder or checkpoint: every spec checked before any
-        loads); `extra`: more vLLM options."""
-        from ..backends import backend_class
-        from ..backends import seat
-        from ..backends.transformers import load_model
+        loads); `extra`: more options, for the backends that take them."""
+        from .. import backends
 
         specs = self._check_specs(names, spec)
         out = {}
-        for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
-            if name == "transformers":
-                out[name] = seat(load_model(specs[name], "large"), "large")
-            else:
-                options = self._options(name, preset_options)
-                if name == "vllm" and extra:
-                    options.update(extra)
-                out[name] = backend_class(name).load(specs[name], "large", options)
+        for name in _in_process_first(names):  # an engine of its own sizes itself by what is left free
+            options = self._options(name, preset_options)
+            declared = backends.backend_class(name).options
+            options.update({k: v for k, v in (extra or {}).items() if k in declared})
+            out[name] = backends.load(dataclasses.replace(specs[name], options=options), "large")
         return {name: out[name] for name in names}
 
     @staticmethod
@@ -289,7 +282,7 @@ class Bench:
 
     def _arch(self, names):
         from ..builtin import arch as archs
-        from ..backends import seat
+        from ..backends import backend_class, seat
         from ..backends.transformers import from_arch
         from ..preset import ModelSpec
 
@@ -310,23 +303,31 @@ class Bench:
                 raise SglError(f"--visual-tokens: {exc}") from None
         else:
             size = self._image((896, 896))
-        here = "transformers" in names
-        self._check_fits(pair, device, large=here)
-        others = [name for name in names if name != "transformers"]
+        # The pair is built in this process (transformers modules): a backend that holds its model here takes it;
+        # one with an engine of its own loads a folder with the cut config and the processor and makes random
+        # weights of its own (`random_weights_options`).
+        here = [name for name in names if backend_class(name).in_process]
+        others = [name for name in names if name not in here]
+        for name in others:
+            if backend_class(name).random_weights_options() is None:
+                raise SglError(f"--arch: the {name} large backend cannot make random weights from a config; "
+                               "measure it with --size or --preset")
+        self._check_fits(pair, device, large=bool(here))
         layout = None
-        if others:  # a folder with the cut config and the processor; vLLM makes its own random weights
+        if others:
             layout, folder = self._arch_folder(pair)
             spec = ModelSpec(str(folder), dtype=self.dtype)
             self._check_specs(others, spec)
             self.same_weights = False
         small, large = from_arch(pair, layers=self.layers, vision_layers=self.vision_layers, dtype=self.dtype,
-                                 device=device, quantize=self.quantize, large=here)
+                                 device=device, quantize=self.quantize, large=bool(here))
         larges = {}
         for name in names:
-            if name == "transformers":
+            if name in here:
                 larges[name] = seat(large, "large")
             else:
-                larges[name] = self._load_larges((name,), spec, extra={"load_format": "dummy"})[name]
+                larges[name] = self._load_larges((name,), spec,
+                                                 extra=backend_class(name).random_weights_options())[name]
         self.described.update(arch=pair.name, layers=self.layers, vision_layers=self.vision_layers,
                               models={"small": archs.describe(pair.small, small.model),
                                       "large": archs.describe(pair.large, large.model if here else layout)})
@@ -386,7 +387,7 @@ class Bench:
         self._check_specs(names, spec)
         small = load_model(p.small, "small")
         larges = {}
-        for name in sorted(names, key=lambda x: x != "transformers"):  # vLLM last: it sizes itself by what is free
+        for name in _in_process_first(names):  # an engine of its own sizes itself by what is left free
             options = p.large.options if p.large.backend == name else None
             larges[name] = self._load_larges((name,), spec, preset_options=options)[name]
         return small, {name: larges[name] for name in names}, self._image((896, 896))
@@ -412,9 +413,14 @@ class Bench:
             profile: Path | None = None, profile_trace: bool = False,
             progress: Callable[[str], None] | None = None) -> dict:
         """`run_bench` at K = 0 and at the chosen K on every large backend `load` loaded (or the engine's own),
-        then (with `profile`) one profiled pipeline batch on the first transformers backend."""
+        then (with `profile`) one profiled pipeline batch on the first transformers backend.
+
+        Every timed call gets items no engine has seen (`run_bench`): where `load` generated `items`, they go
+        through the pipeline and as many more are generated as the rounds need; else `items` (an input file's)
+        are that pool, the pipeline taking `load`'s `n_items` of them per call."""
+        from ..io.formats import read_items
         from ..pipeline.engine import Engine
-        from .bench_report import in_process, run_bench
+        from .bench_report import in_process, pool_size, run_bench
 
         larges = self.larges if self.larges and engine.large is next(iter(self.larges.values())) \
             else {engine.large.name: engine.large}
@@ -425,9 +431,15 @@ class Bench:
         if exit_rate is None and engine.random_weights:
             exit_rate = 0.5  # random weights cannot decide: force half to exit
         k = engine.settings.prune_layer
+        if self._noise is not None and len(items) == self._n_items:
+            n = len(items)
+            folder, size = self._noise
+            items = list(read_items(write_noise_items(folder, pool_size(batch_sizes, repeats, n), size)))
+        else:
+            n = self._n_items or max(batch_sizes)
         report = run_bench(engine, items, batch_sizes=batch_sizes, repeats=repeats, exit_rate=exit_rate,
                            prune_layers=(0,) if k == 0 else (0, k), progress=progress, larges=larges,
-                           same_weights=self.same_weights)
+                           same_weights=self.same_weights, pipeline_items=n)
         report.update(self.described)
         if profile is not None:
             from .profile import profile_pipeline
@@ -437,6 +449,14 @@ class Bench:
                               engine.small, local[0])
             report["profile"] = profile_pipeline(profiled, items[:b], profile, trace=profile_trace)
         return report
+
+
+def _in_process_first(names) -> list[str]:
+    """The backends in the order they load: those holding their model in this process first, so that an engine of
+    its own (vLLM: `gpu_memory_utilization` of what is free) sizes itself by what they left."""
+    from ..backends import backend_class
+
+    return sorted(names, key=lambda name: not backend_class(name).in_process)
 
 
 def _available_ram() -> int | None:

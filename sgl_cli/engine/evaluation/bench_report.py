@@ -3,7 +3,12 @@
 Absolute times on shared machines are noise; ratios of stages measured alternately in the same process are not.
 Each round runs every stage once at every batch size; every figure is the median over `repeats` rounds.
 
-Stages at batch size b (one batch of the first b items, except the pipeline):
+No cache serves a timed call: each (round, batch size) takes new items from the pool, b for the stages and n for
+the pipeline, which no engine has seen (vLLM's prefix cache and its encoder cache key on an image's content and
+kept set; its processor cache is off in sgl). A stage that still claims more multiply-adds per second than its
+device's matmul peak, measured in the same rounds, is refused (`check_claims`).
+
+Stages at batch size b (one batch of b items, except the pipeline):
 - `small`, `small_capture`: the small model's greedy answer without and with SGP's importance capture;
 - `vision`: the large model's vision tower alone (pruning does not reduce it); only on a backend that holds the
   model in this process (transformers): vLLM runs its tower inside its own engine, where it cannot be timed alone;
@@ -11,8 +16,8 @@ Stages at batch size b (one batch of the first b items, except the pipeline):
   `generate` with every visual token kept;
 - `pruned_k{K}`: the same from the top `retain` of the visual tokens as the small model ranks them, dropped
   at layer K (the ranking is given: this is the large stage of the pipeline);
-- `pipeline`: `Engine.process` on all the items in batches of b, with the exit threshold set so that the chosen
-  fraction exits (random weights cannot decide; the rate is forced by choosing the threshold from the small
+- `pipeline`: `Engine.process` on n items in batches of b, with the exit threshold set so that the chosen
+  fraction of them exits (random weights cannot decide; the rate is forced by choosing the threshold from the small
   pass's own exit scores).
 
 With several large backends (`larges`), each one's large stages and pipeline run in the same rounds, the small
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import statistics
 import time
 import types
@@ -33,8 +39,9 @@ from typing import Callable
 
 import torch
 
-from ..backends.base import LargeBackend
+from ..backends.base import LargeBackend, SmallModel
 from ..backends.transformers import NOT_QUANTIZED
+from ..errors import SglError
 from ..pipeline.engine import Engine
 from ..guides.base import n_keep, top_k_in_order
 from .profile import StagePeak, device_name
@@ -95,31 +102,119 @@ def in_process(m: LargeBackend) -> bool:
     return m.in_process
 
 
+def pool_size(batch_sizes, repeats: int, n: int, warmup: bool = True) -> int:
+    """The items `run_bench` needs to give every timed call items no engine has seen: per round (the warm-up one
+    too) and batch size b, b for the stages and `n` for the pipeline."""
+    return (repeats + (1 if warmup else 0)) * (sum(batch_sizes) + n * len(batch_sizes))
+
+
+def matmul_peak(device: str, dtype: str) -> float:
+    """The device's own measured matmul rate in `dtype`, multiply-adds per second: the fastest of three n x n
+    products, n doubled from 256 until one takes 50 ms (at most 2,048 on a CPU, 8,192 on a GPU); on a CPU with
+    every core this process may use (vLLM's worker may use them all, whatever torch's threads are here)."""
+    dev = torch.device(device)
+    cpu = dev.type == "cpu"
+    kind = getattr(torch, dtype)
+    threads = torch.get_num_threads()
+
+    def timed(a, b) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    if cpu:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    try:
+        with torch.inference_mode():
+            n = 256
+            while True:
+                a, b = (torch.randn(n, n, device=dev).to(kind) for _ in range(2))
+                timed(a, b)  # untimed: allocation, kernel choice
+                if timed(a, b) >= 0.05 or n >= (2048 if cpu else 8192):
+                    break
+                n *= 2
+            best = min(timed(a, b) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    return n ** 3 / best
+
+
+def _compute(m: LargeBackend) -> tuple[str, int] | None:
+    """(torch device, how many run in parallel) of a large backend's arithmetic: an in-process model's device; a
+    backend's engine options' `device` and `tensor_parallel_size` (vLLM's, on this machine); None for a backend
+    that does not say where it computes (a plugin's engine may be elsewhere, or be no model: echo)."""
+    if in_process(m):
+        return _device_key(m.model.device), 1
+    options = m.engine_options()
+    if not options.get("device"):
+        return None
+    return _device_key(options["device"]), int(options.get("tensor_parallel_size") or 1)
+
+
+def _arithmetic(dtype: str | None) -> str:
+    """The dtype a model's products run in: its weights' (a quantized model's first weights are its compute
+    dtype's; anything else: float32)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _device_key(device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
 def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: int = 3, exit_rate: float | None = None,
               prune_layers=(0,), warmup: bool = True, progress: Callable[[str], None] | None = None,
-              larges: dict | None = None, same_weights: bool = True) -> dict:
-    """Every stage at every batch size, interleaved; see the module docstring. `items` (at least the largest batch
-    size) all go through the pipeline; the other stages run the first b of them. `larges` (name -> large backend,
-    default: the engine's own) are measured side by side, the small model's stages shared; the report's top-level
-    figures are the first backend's, `backends` has each one's, `cross_backend` their ratios to the first
-    (`same_weights`: whether the backends' large models hold the same weights, so that their answers can agree)."""
+              larges: dict | None = None, same_weights: bool = True, pipeline_items: int | None = None) -> dict:
+    """Every stage at every batch size, interleaved; see the module docstring. `items` is a pool of at least
+    `pool_size` items, taken in order: every timed call gets items no engine has timed before, so that no cache
+    (vLLM's prefix and encoder caches) can serve it; the pipeline runs `pipeline_items` (default: the largest
+    batch size) per call, the other stages b. `larges` (name -> large backend, default: the engine's own) are
+    measured side by side on the same items, the small model's stages shared; the report's top-level figures are
+    the first backend's, `backends` has each one's, `cross_backend` their ratios to the first (`same_weights`:
+    whether the backends' large models hold the same weights, so that their answers can agree). A stage that
+    claims more multiply-adds per second than its device's matmul peak (the best measured beside each round's
+    batch sizes) is refused (SglError): a cache served it, or its FLOPs are miscounted."""
     s = engine.settings
     small = engine.small
     larges = dict(larges) if larges else {engine.large.name: engine.large}
     if small is None:
         raise ValueError("sgl bench needs a small model (its guidance is what it measures)")
-    n, top = len(items), max(batch_sizes)
+    top = max(batch_sizes)
+    n = pipeline_items or top
     if n < top:
         raise ValueError(f"{n} items cannot fill a batch of {top}")
-    works = engine.prepare(items)
-    engine.small_pass(works)  # guidance, exit scores; also warms the small model up
-    bad = [w.error for w in works if w.error]
-    if bad:
-        raise ValueError(f"benchmark items failed: {bad[0]}")
-    threshold = s.threshold if exit_rate is None else forced_threshold([w.small.exit_score for w in works], exit_rate)
-    kept = [top_k_in_order(w.small.importance, n_keep(len(w.small.importance), s.retain)) for w in works]
-    every = [torch.arange(w.encoded.n_visual) for w in works]  # the unpruned large stage keeps every token
-    limits = [s.max_new_tokens] * n
+    rounds = repeats + (1 if warmup else 0)
+    need = pool_size(batch_sizes, repeats, n, warmup)
+    if len(items) < need:
+        raise ValueError(
+            f"{len(items)} items: every timed call takes items no engine has seen, {need} in all ({rounds} rounds x "
+            f"({' + '.join(map(str, batch_sizes))} for the stages + {n} for the pipeline at each of "
+            f"{len(batch_sizes)} batch sizes)); give more items, or fewer rounds, batch sizes or --items")
+    pool = iter(items)
+    limits = [s.max_new_tokens] * max(n, top)
+
+    def analyzed(its: list) -> list:
+        """The items prepared and through the small pass (untimed): guidance and exit scores."""
+        works = engine.prepare(its)
+        engine.small_pass(works)
+        bad = [w.error for w in works if w.error]
+        if bad:
+            raise ValueError(f"benchmark items failed: {bad[0]}")
+        return works
+
+    def kept_of(works: list) -> list:
+        return [top_k_in_order(w.small.importance, n_keep(len(w.small.importance), s.retain)) for w in works]
+
+    def threshold_of(works: list) -> float | None:
+        # Forced per set of items: each pipeline call exits the same fraction.
+        return s.threshold if exit_rate is None else forced_threshold([w.small.exit_score for w in works], exit_rate)
 
     def small_generate(ws):
         return small.answer(ws, limits[:len(ws)], capture=False)
@@ -129,53 +224,83 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         # its answers from the given visual tokens.
         return m.generate(ws, m.inputs(ws, []), idx, k, limits[:len(ws)])
 
-    records: dict[str, dict[int, list[dict]]] = {name: {} for name in larges}
-    engines = {(name, b): Engine(dataclasses.replace(s, batch_size=b, threshold=threshold), small, m)
-               for name, m in larges.items() for b in batch_sizes}
-    shared: dict[str, Callable[[int], object]] = {
-        "small": lambda b: small_generate(works[:b]),
-        "small_capture": lambda b: engine.small_answer([dataclasses.replace(w) for w in works[:b]]),
-    }
-    own: dict[str, dict[str, Callable[[int], object]]] = {}
-    for name, m in larges.items():
-        stages = {}
-        if in_process(m):  # a backend whose tower runs elsewhere (vLLM) cannot time it alone
-            stages["vision"] = lambda b, m=m: m.family.image_features(m.model, [w.encoded.large for w in works[:b]])
-        stages["large"] = lambda b, m=m: large_stage(m, works[:b], every[:b], 0)
-        for k in prune_layers:
-            stages[f"pruned_k{k}"] = lambda b, m=m, k=k: large_stage(m, works[:b], kept[:b], k)
-        stages["pipeline"] = lambda b, name=name: records[name].__setitem__(b, list(engines[name, b].run(items)))
-        own[name] = stages
+    def pipeline_engine(m, b: int, threshold):
+        return Engine(dataclasses.replace(s, batch_size=b, threshold=threshold), small, m)
+
     # Peak memory is sampled in this process: for the small model's stages on the first in-process large model's
     # device (as the large one's stages), none for a backend whose engine runs in processes of its own.
     local = [m for m in larges.values() if in_process(m)]
     shared_model = local[0].model if local else small.model
-    plan = [("", name, fn, shared_model) for name, fn in shared.items()]
-    for owner, stages in own.items():
-        model = larges[owner].model if in_process(larges[owner]) else None
-        plan += [(owner, name, fn, model) for name, fn in stages.items()]
-    times = {(owner, name, b): [] for owner, name, _, _ in plan for b in batch_sizes}
-    peaks: dict[tuple[str, str, int], float] = {}
-    rounds = repeats + (1 if warmup else 0)
+    # Where each stage's arithmetic runs, for the matmul peak: (device, dtype, parallel count).
+    computes = {"": (_device_key(small.model.device), _arithmetic(str(next(small.model.parameters()).dtype)), 1)}
+    for name, m in larges.items():
+        where = _compute(m)
+        computes[name] = None if where is None else (where[0], _arithmetic(_dtype(m)), where[1])
+    peaks = {(x[0], x[1]): 0.0 for x in computes.values() if x is not None}
+    timed_records: dict[str, dict[int, list[dict]]] = {name: {} for name in larges}
+    times: dict[tuple[str, str, int], list[float]] = {}
+    memory: dict[tuple[str, str, int], float] = {}
+    reference = None  # the last round's pipeline items at the first batch size: FLOPs, answers, batch identity
     with torch.inference_mode():
         for r in range(rounds):  # interleaved: each round measures every stage once at every batch size
             for b in batch_sizes:
-                for owner, name, fn, model in plan:
+                for key in peaks:  # beside every batch size's stages: the best the device did in the same run
+                    peaks[key] = max(peaks[key], matmul_peak(*key))
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: items for batch {b} through the small model (untimed)")
+                works = analyzed([next(pool) for _ in range(b)])
+                kept = kept_of(works)
+                every = [torch.arange(w.encoded.n_visual) for w in works]  # the unpruned large stage keeps all
+                pipe = [next(pool) for _ in range(n)]
+                pipe_works = analyzed(pipe)
+                threshold = threshold_of(pipe_works)
+                if b == batch_sizes[0]:
+                    reference = (pipe, pipe_works, threshold)
+                plan: list[tuple[str, str, Callable[[], object], object]] = [
+                    ("", "small", lambda: small_generate(works), shared_model),
+                    ("", "small_capture", lambda: engine.small_answer([dataclasses.replace(w) for w in works]),
+                     shared_model)]
+                for name, m in larges.items():
+                    model = m.model if in_process(m) else None
+                    if in_process(m):  # a backend whose tower runs elsewhere (vLLM) cannot time it alone
+                        plan.append((name, "vision", lambda m=m: m.family.image_features(
+                            m.model, [w.encoded.large for w in works]), model))
+                    # The large and pruned stages share items: vLLM's caches key an image by its kept set too
+                    # (sgl's plugin hashes it), so one cannot serve the other.
+                    plan.append((name, "large", lambda m=m: large_stage(m, works, every, 0), model))
+                    for k in prune_layers:
+                        plan.append((name, f"pruned_k{k}", lambda m=m, k=k: large_stage(m, works, kept, k), model))
+                    run = pipeline_engine(m, b, threshold)
+                    plan.append((name, "pipeline", lambda name=name, run=run: timed_records[name].__setitem__(
+                        b, list(run.run(pipe))), model))
+                for owner, stage, fn, model in plan:
                     if progress:
-                        progress(f"round {r + 1}/{rounds}: {name}{' on ' + owner if owner else ''} at batch {b}")
+                        progress(f"round {r + 1}/{rounds}: {stage}{' on ' + owner if owner else ''} at batch {b}")
                     with (StagePeak(model) if model is not None else contextlib.nullcontext()) as peak:
                         t0 = time.perf_counter()
-                        fn(b)
+                        fn()
                         if peak is not None:
                             peak.synchronize()
                         elapsed = time.perf_counter() - t0
                     if peak is not None:
-                        peaks[owner, name, b] = max(peaks.get((owner, name, b), 0.0), peak.mb)
+                        memory[owner, stage, b] = max(memory.get((owner, stage, b), 0.0), peak.mb)
                     if r >= rounds - repeats:  # the warm-up round is not timed
-                        times[owner, name, b].append(elapsed)
-        gens = {name: {stage: large_stage(m, works, idx, k) for stage, idx, k in
-                       [("large", every, 0)] + [(f"pruned_k{k}", kept, k) for k in prune_layers]}
+                        times.setdefault((owner, stage, b), []).append(elapsed)
+        # Untimed, on the reference items (which the timed records at the first batch size answered): the large
+        # stages' generations (tokens per item, for the FLOPs), and the pipeline at every other batch size, whose
+        # records must equal those.
+        ref_items, ref_works, ref_threshold = reference
+        ref_kept = kept_of(ref_works)
+        ref_every = [torch.arange(w.encoded.n_visual) for w in ref_works]
+        gens = {name: {stage: large_stage(m, ref_works, idx, k) for stage, idx, k in
+                       [("large", ref_every, 0)] + [(f"pruned_k{k}", ref_kept, k) for k in prune_layers]}
                 for name, m in larges.items()}
+        b0 = batch_sizes[0]
+        identical = {}
+        for name, m in larges.items():
+            base = [(x["answer"], x["exit"]) for x in timed_records[name][b0]]
+            identical[name] = {b: b == b0 or [(x["answer"], x["exit"]) for x in pipeline_engine(
+                m, b, ref_threshold).run(ref_items)] == base for b in batch_sizes}
 
     ms = {key: statistics.median(v) * 1000 for key, v in times.items()}
     per_item = {key: v / (n if key[1] == "pipeline" else key[2]) for key, v in ms.items()}
@@ -183,12 +308,17 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     sections = {}
     for name, m in larges.items():
         vision_reference = next((x for x in local if _same_tower(x, m)), None)
-        sections[name] = _section(engine, m, works, kept, gens[name], records[name], batch_sizes, prune_layers,
-                                  k_report, {(stage, b): v for (owner, stage, b), v in per_item.items()
-                                             if owner in ("", name)},
-                                  {(stage, b): v for (owner, stage, b), v in peaks.items() if owner in ("", name)},
+        sections[name] = _section(engine, m, ref_works, ref_kept, gens[name], timed_records[name], identical[name],
+                                  batch_sizes, prune_layers, k_report,
+                                  {(stage, b): v for (owner, stage, b), v in per_item.items() if owner in ("", name)},
+                                  {(stage, b): v for (owner, stage, b), v in memory.items() if owner in ("", name)},
                                   vision_reference)
         sections[name]["same_weights"] = same_weights or name == next(iter(larges))
+        sections[name]["engine_options"] = m.engine_options()
+        sections[name]["matmul_peak"] = _peak_of(computes[name], peaks)
+    small_peak = _peak_of(computes[""], peaks)
+    for name, section in sections.items():
+        check_claims(name, section, small_peak)
     first = next(iter(sections.values()))
     report = {
         "device": first["device"],
@@ -196,25 +326,81 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         "large_quantize": first["large_quantize"],
         "large_backends": list(larges),
         "items": n,
+        "fresh_items": need,  # every timed call on items no engine had seen: this many in all
         "batch_sizes": list(batch_sizes),
         "repeats": repeats,
-        "visual_tokens": statistics.mean(w.encoded.n_visual for w in works),
-        "prompt_tokens": statistics.mean(len(w.encoded.visual) for w in works),
+        "visual_tokens": statistics.mean(w.encoded.n_visual for w in ref_works),
+        "prompt_tokens": statistics.mean(len(w.encoded.visual) for w in ref_works),
         "retain": s.retain,
-        "retained_tokens": statistics.mean(len(k) for k in kept),
+        "retained_tokens": statistics.mean(len(k) for k in ref_kept),
         "prune_layers": list(prune_layers),
         "prune_layer": k_report,
         "max_new_tokens": s.max_new_tokens,
         "exit_rate_target": exit_rate,
-        "threshold": threshold,
+        "threshold": ref_threshold,
         "flops": first["flops"],
         "batches": first["batches"],
         "targets": first["targets"],
+        "engine_options": {"small": small_options(small),
+                           **{name: x["engine_options"] for name, x in sections.items()}},
+        "matmul_peaks": {"small": small_peak, **{name: x["matmul_peak"] for name, x in sections.items()}},
         "backends": sections,
     }
     if len(sections) > 1:
         report["cross_backend"] = _cross(sections, batch_sizes, prune_layers)
     return report
+
+
+def small_options(small: SmallModel) -> dict:
+    """The small model's engine options, as its backend says them."""
+    return small.engine_options()
+
+
+def _peak_of(compute: tuple[str, str, int] | None, peaks: dict) -> dict | None:
+    if compute is None:  # where it computes is not known: its claims are not checked
+        return None
+    device, dtype, count = compute
+    return {"device": device, "dtype": dtype, "parallel": count,
+            "gmac_per_s": round(peaks[device, dtype] * count / 1e9, 3)}
+
+
+# Each stage's multiply-adds per item (keys of a section's `flops`, summed), and whether its arithmetic runs on the
+# small model's device, the large backend's, or both in turn (the pipeline: at most the faster one's peak).
+STAGE_FLOPS = {"small": (("vision_small", "lm_small"), "small"),
+               "small_capture": (("vision_small", "lm_small"), "small"),
+               "vision": (("vision_large",), "large"), "large": (("large",), "large"),
+               "pipeline": (("pipeline",), "both")}
+
+
+def check_claims(name: str, section: dict, small_peak: dict) -> None:
+    """Refuse a section whose stage claims more multiply-adds per second than its device's measured matmul peak
+    (a cache served it, or its FLOPs are miscounted): one line naming the backend, stage and batch size. Each
+    batch row gets `gmac_per_s`, the claims that passed. A backend whose device is not known (`matmul_peak` None)
+    has its own stages' claims stated, not checked."""
+    flops = section["flops"]
+    large_peak = section["matmul_peak"]
+    for b, row in section["batches"].items():
+        claims = {}
+        for stage, ms in row["ms_per_item"].items():
+            keys, where = STAGE_FLOPS.get(stage, ((stage,), "large"))
+            if not all(k in flops for k in keys):
+                continue
+            gmac = sum(flops[k] for k in keys)
+            claims[stage] = round(gmac * 1000 / ms, 3)
+            if where == "small":
+                peak = small_peak
+            elif large_peak is None:
+                continue
+            else:
+                peak = large_peak if where == "large" else max((small_peak, large_peak), key=lambda x: x["gmac_per_s"])
+            if claims[stage] > peak["gmac_per_s"]:
+                owner = "the small model" if where == "small" else name
+                raise SglError(
+                    f"{owner}'s {stage} stage at batch {b} claims {claims[stage]:.1f} GMAC/s ({gmac:.2f} GMAC per "
+                    f"item in {ms:.1f} ms), above the {peak['dtype']} matmul peak measured on {peak['device']}"
+                    + (f" x{peak['parallel']}" if peak["parallel"] > 1 else "") + f" in this run, "
+                    f"{peak['gmac_per_s']:.1f} GMAC/s: a cache served it or its FLOPs are miscounted; not reported")
+        row["gmac_per_s"] = claims
 
 
 def _same_tower(a: LargeBackend, b: LargeBackend) -> bool:
@@ -231,9 +417,12 @@ def _same_tower(a: LargeBackend, b: LargeBackend) -> bool:
     return a is b or clean(tower(a)) == clean(tower(b))
 
 
-def _section(engine, m: LargeBackend, works, kept, gen, records, batch_sizes, prune_layers, k_report, per_item, peaks,
+def _section(engine, m: LargeBackend, works, kept, gen, records, identical, batch_sizes, prune_layers, k_report, per_item, peaks,
              vision_reference) -> dict:
-    """One large backend's figures: its device, FLOPs, batches (ms, items/s, ratios), targets, tokens generated."""
+    """One large backend's figures: its device, FLOPs, batches (ms, items/s, ratios), targets, tokens generated.
+    `works`, `kept`, `gen`: the reference items'; `records`: each batch size's last timed pipeline records (the
+    first batch size's: the reference items'); `identical`: whether each batch size answered the reference items
+    as the first did."""
     b0 = batch_sizes[0]
     stages = list(dict.fromkeys(stage for stage, _ in per_item))
     flops = _flops(engine, m, works, kept, gen, prune_layers, k_report, records[b0], vision_reference)
@@ -249,8 +438,7 @@ def _section(engine, m: LargeBackend, works, kept, gen, records, batch_sizes, pr
             "pipeline_stage_ms": {st: round(statistics.mean(r["ms"][st] for r in recs), 3)
                                   for st in ("small", "large")},
             "exit_rate": sum(r["exit"] == "small" for r in recs) / len(recs),
-            "identical_to_batch_1": [(r["answer"], r["exit"]) for r in recs]
-                                    == [(r["answer"], r["exit"]) for r in base],
+            "identical_to_batch_1": identical[b],
             "ratios": _ratios(per_item, b, b0, prune_layers, flops),
         }
     large = [r for r in base if r["exit"] == "large"]

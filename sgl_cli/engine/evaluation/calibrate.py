@@ -185,6 +185,9 @@ class Calibrator:
             raise SettingError.about("retain", exc) from None
         # Both models on every item; the preset's own calibration file is not applied to its calibration.
         self.preset = resolve_calibration(preset.with_settings(no_exit=True), "calibrate").preset
+        from ..backends import check_preset
+
+        check_preset(self.preset)  # backends, their options, the guide: before anything is read or loaded
         self.fingerprint = calibration_fingerprint(self.preset)
         self.out = Path(out) if out is not None else self.input.with_name(f"{self.input.stem}.calibration.yaml")
         if not self.out.parent.is_dir():

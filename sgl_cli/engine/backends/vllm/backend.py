@@ -18,6 +18,7 @@ fails alone (`Generation.errors`: its record names it), the rest of its batch an
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -38,8 +39,8 @@ OPTIONS = {
     "enforce_eager": Option((bool,), False, said="true or false", help="no CUDA graphs or compilation"),
     "dtype": Option((str,), "auto", lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "seed": Option((int,), 0, said="an integer"),
-    "enable_prefix_caching": Option((bool, type(None)), None, said="true, false or null",
-                                    help="vLLM's prefix cache (null: vLLM's default, on)"),
+    "enable_prefix_caching": Option((bool,), None, said="true or false",
+                                    help="vLLM's prefix cache (unset: vLLM's default, on; sgl bench: off)"),
     # Drivers give it (`sgl bench --arch`: "dummy", vLLM's own random weights for a folder with a config and a
     # processor only).
     "load_format": Option((str,), "auto", said="a vLLM load format (auto, safetensors, dummy)"),
@@ -68,15 +69,16 @@ class VllmBackend(LargeBackend):
 
     @classmethod
     def load(cls, spec, role: str = "large", options: dict | None = None) -> "VllmBackend":
-        """vLLM's engine for `spec` (the family checked, and vLLM's presence, before anything loads), and the
-        checkpoint's processor and config (not its weights) for sgl's encoding."""
+        """vLLM's engine for `spec` (the options, the family and vLLM's presence checked before anything loads),
+        and the checkpoint's processor and config (not its weights) for sgl's encoding. `options`: OPTIONS' keys
+        only (another is refused, never dropped)."""
         from pathlib import Path
 
         from ...builtin.locate import resolve_path
         from ...builtin.pair import is_random
 
-        cls.check_spec(spec)
         opts = {k: v for k, v in cls.check_options(options, "vLLM options").items() if v is not None}
+        cls.check_spec(spec)
         opts.setdefault("dtype", spec.dtype)
         large = VllmLarge(spec, **opts)
         processor, config, family, eos_ids = cls.read_checkpoint(spec)
@@ -92,19 +94,21 @@ class VllmBackend(LargeBackend):
 
     @classmethod
     def check_spec(cls, spec) -> None:
-        """Qwen2/2.5/3-VL only, unquantized by sgl, and vLLM importable: each said in one line before anything
-        loads."""
+        """Qwen2/2.5/3-VL only, no bitsandbytes quantization, and vLLM importable: each said in one line before
+        anything loads."""
         from pathlib import Path
 
         from ...builtin.locate import resolve_path
-        from ...errors import SettingError
         from .large import read_model_type, check_family, import_vllm
 
-        if spec.quantize is not None:
-            raise SettingError("{}: " + spec.quantize + " applies to the transformers large backend (bitsandbytes "
-                               "weights), not to vllm; give vLLM a quantized checkpoint instead", "large_quantize")
+        super().check_spec(spec)  # quantize: vLLM would run the weights unquantized
         check_family(read_model_type(Path(resolve_path(spec.model))), spec.model)
         import_vllm()
+
+    @classmethod
+    def random_weights_options(cls) -> dict:
+        """vLLM fills a folder with a config and a processor alone with random weights of its own."""
+        return {"load_format": "dummy"}
 
     @classmethod
     def gpus_per_worker(cls, options: dict | None) -> float:
@@ -126,9 +130,6 @@ class VllmBackend(LargeBackend):
         else:
             base = {"gpu_memory_utilization": 0.2, "enforce_eager": True}
         return {**base, "max_num_seqs": max_batch, "enable_prefix_caching": False}
-
-    def engine_options(self) -> dict:
-        return self.large.engine_kwargs()
 
     @property
     def context(self) -> int:
@@ -166,6 +167,44 @@ class VllmBackend(LargeBackend):
         return [(LargeRequest(w.encoded.images, self.large.prompt(w.encoded.images, w.encoded.prompt),
                               kept=[int(i) for i in idx], max_new_tokens=n), (s, idx, None))
                 for w, s, idx, n in zip(works, scores, kept, limits)]
+
+    def engine_options(self) -> dict:
+        """What vLLM's engine runs with: the options sgl gave it, then the values the engine resolved (those
+        left to vLLM's defaults included: `enable_prefix_caching`, the batched-token budget, the encoder cache)."""
+        import os
+
+        import torch
+
+        s = self.large.settings
+        out = {"engine": "vllm", "device": "cuda" if torch.cuda.is_available() else "cpu",
+               **{k: v for k, v in dataclasses.asdict(s).items() if k != "extra"}, **s.extra}
+        config = getattr(getattr(getattr(self.large, "llm", None), "llm_engine", None), "vllm_config", None)
+        resolved = {
+            "dtype": ("model_config", "dtype"), "max_model_len": ("model_config", "max_model_len"),
+            "enforce_eager": ("model_config", "enforce_eager"),
+            "enable_prefix_caching": ("cache_config", "enable_prefix_caching"),
+            "block_size": ("cache_config", "block_size"),
+            "gpu_memory_utilization": ("cache_config", "gpu_memory_utilization"),
+            "max_num_seqs": ("scheduler_config", "max_num_seqs"),
+            "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens"),
+            "enable_chunked_prefill": ("scheduler_config", "enable_chunked_prefill"),
+            "encoder_cache_size": ("scheduler_config", "encoder_cache_size"),
+            "tensor_parallel_size": ("parallel_config", "tensor_parallel_size"),
+            "mm_processor_cache_gb": ("model_config", "multimodal_config", "mm_processor_cache_gb"),
+        }
+        for key, path in resolved.items():
+            value = config
+            for name in path:
+                value = getattr(value, name, None)
+            if value is not None:
+                out[key] = value if isinstance(value, (bool, int, float, str)) else str(value).removeprefix("torch.")
+        if config is not None:
+            import vllm
+
+            out["vllm_version"] = vllm.__version__
+        if out["device"] == "cpu" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            out["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]  # vLLM's own: its KV cache, GiB
+        return out
 
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Any:
         from .large import LargeRequest

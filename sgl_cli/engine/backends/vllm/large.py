@@ -148,6 +148,7 @@ class VllmLarge:
         self.architecture = check_family(self.model_type, str(name))
         self.family = FAMILY_NAMES[self.model_type]
         vllm = import_vllm()
+        _check_extra(vllm, self.settings.extra)
         s = self.settings
         kwargs = dict(
             model=str(self.path),
@@ -173,7 +174,6 @@ class VllmLarge:
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
         kwargs.update(s.extra)
-        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("model", "hf_overrides")}
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - one line naming the model; the cause stays chained
@@ -182,10 +182,6 @@ class VllmLarge:
         self.tokenizer = self.llm.get_tokenizer()
         self._image_processor = None
         self._template_processor = None
-
-    def engine_kwargs(self) -> dict:
-        """The options vLLM's engine was made with (less the model and sgl's architecture override)."""
-        return dict(self.kwargs)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def prompt(self, images: Sequence[Any], prompt: str | list[dict]) -> str:
@@ -317,6 +313,30 @@ class VllmLarge:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# What sgl gives vLLM itself (VllmLarge): an extra keyword may not replace it (the plugin's architecture, the
+# processor cache that must stay off).
+OWN_KWARGS = ("model", "hf_overrides", "limit_mm_per_prompt", "mm_processor_cache_gb")
+
+
+def _check_extra(vllm, extra: dict) -> None:
+    """Refuse an extra keyword that vLLM's `LLM` would not take (its own parameters and `EngineArgs`' fields), or
+    that would replace one sgl sets: one line naming it, before the engine starts."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    known = {name for name in inspect.signature(vllm.LLM.__init__).parameters if name not in ("self", "kwargs")}
+    known |= {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    for key in extra:
+        if key in OWN_KWARGS:
+            raise SglError(f"vLLM option {key!r}: sgl sets it itself (the large model, its plugin architecture, images "
+                           "only, no processor cache)")
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise SglError(f"vLLM option {key!r}: not an argument of vLLM {vllm.__version__}'s LLM or EngineArgs"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _validate(s: VllmSettings) -> None:
