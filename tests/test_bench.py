@@ -16,7 +16,7 @@ from sgl_cli.cli import app
 from sgl_cli.engine.builtin import arch
 from sgl_cli.engine.evaluation.bench_report import forced_threshold, lm_macs
 
-STAGES = {"small", "small_capture", "vision", "large", "pipeline"}
+STAGES = {"small", "small_capture", "small_stage", "vision", "large", "pipeline", "pipeline_serial"}
 
 
 def _config(**kw):
@@ -129,6 +129,23 @@ def test_arch_report_structure(arch_report):
                                                     "batch_speedup"]
     assert all(t["batch"] == 2 for t in r["targets"])
     assert r["batches"]["1"]["ratios"]["batch_speedup"] == 1.0
+
+
+def test_arch_report_streaming_figures(arch_report):
+    """The streaming pipeline beside the serial one (each on items of its own), the pace of its slower stage alone
+    (overlap efficiency), each stage's busy share, and the small stage's MAC rate over the large model alone's."""
+    r, _ = arch_report
+    for b, row in r["batches"].items():
+        t, x = row["ms_per_item"], row["ratios"]
+        assert x["streaming_speedup"] == pytest.approx(t["pipeline_serial"] / t["pipeline"], rel=1e-3)
+        floor = max(t["small_stage"], (1 - row["exit_rate"]) * t["pruned_k0"])
+        assert x["overlap_efficiency"] == pytest.approx(floor / t["pipeline"], rel=1e-3)
+        busy = row["pipeline_busy"]
+        assert 0 < busy["small"] <= 1 and 0 < busy["large"] <= 1 and busy["in_flight_max"] >= 1
+        rate = row["gmac_per_s"]
+        assert x["small_mac_rate_ratio"] == pytest.approx(rate["small_stage"] / rate["large"], rel=1e-3)
+        small = r["flops"]["vision_small"] + r["flops"]["lm_small"] + r["flops"]["reread"]
+        assert rate["small_stage"] == pytest.approx(small * 1000 / t["small_stage"], rel=1e-2)
 
 
 def test_arch_report_flops_by_hand(arch_report):
@@ -322,7 +339,7 @@ def test_the_table_header_states_each_engines_options():
         assert "engine transformers" in line and "dtype float32" in line and "attn_implementation sdpa" in line
         assert f"threads {torch.get_num_threads()}" in line
     assert any(x.startswith("matmul peaks measured in this run (GMAC/s): small ") for x in lines)
-    assert "every timed call on items no engine had seen: 14 items in all" in res.stdout
+    assert "every timed call on items no engine had seen: 22 items in all" in res.stdout
 
 
 def test_every_claim_is_under_the_measured_matmul_peak(tiny_report):
@@ -414,15 +431,16 @@ def test_no_timed_call_is_sent_an_item_it_was_sent_before(tmp_path):
         engine, items = bench.load(None, 2, max_batch=2)
         recording = _recording(engine.large.loaded)
         engine = Engine(engine.settings, engine.small, recording)
-        n = 2 * (1 + 2 + 2 * 2)  # 2 rounds (a warm-up, a timed one) x (the stages' 1 + 2, the pipeline's 2 twice)
+        # 2 rounds (a warm-up, a timed one) x (the stages' 1 + 2, each pipeline's (streaming, serial) 2 twice)
+        n = 2 * (1 + 2 + 2 * 2 * 2)
         pool = list(read_items(write_noise_items(tmp_path, n, tuple(bench.described["image_size"]))))
         report = bench_report.run_bench(engine, pool, batch_sizes=(1, 2), repeats=1, exit_rate=0.5,
                                         larges={"transformers": recording})
     finally:
         bench.close()
     ids = [x.id for x in pool]
-    # The pool in order, per round and batch size: b for the stages, then 2 for the pipeline.
-    reference = set(ids[8:10])  # round 2, batch 1: the pipeline's items
+    # The pool in order, per round and batch size: b for the stages, then 2 for each pipeline (streaming, serial).
+    reference = set(ids[12:14])  # round 2, batch 1: the streaming pipeline's items
     calls = recording.calls
     last_other = max(i for i, call in enumerate(calls) if any(x not in reference for x, _ in call))
     seen = set()
@@ -430,9 +448,9 @@ def test_no_timed_call_is_sent_an_item_it_was_sent_before(tmp_path):
         assert not seen & set(call), f"call {i} repeats {sorted(seen & set(call))}"
         seen |= set(call)
     assert {x for call in calls[last_other + 1:] for x, _ in call} <= reference  # the untimed ones
-    stages = {ids[0], *ids[3:5], ids[7], *ids[10:12]}
+    stages = {ids[0], *ids[5:7], ids[11], *ids[16:18]}
     sent = {x for call in calls for x, _ in call}
-    assert stages <= sent and len(sent - stages) >= 4  # at least one item of each pipeline call reached it
+    assert stages <= sent and len(sent - stages) >= 8  # at least one item of each pipeline call reached it
     assert all({x for x, _ in call} <= stages or not {x for x, _ in call} & stages for call in calls)
     assert report["fresh_items"] == n == bench_report.pool_size((1, 2), 1, 2) and report["items"] == 2
 
@@ -443,9 +461,9 @@ def test_an_input_too_short_for_fresh_items_is_refused(tmp_path):
     path = write_noise_items(tmp_path, 3, (56, 56))
     res = CliRunner().invoke(app, [*TINY, "--input", str(path)])
     assert res.exit_code == 2, res.output
-    assert res.stderr.strip() == ("sgl: error: 3 items: every timed call takes items no engine has seen, 14 in all (2 "
-                                  "rounds x (1 + 2 for the stages + 2 for the pipeline at each of 2 batch sizes)); "
-                                  "give more items, or fewer rounds, batch sizes or --items")
+    assert res.stderr.strip() == ("sgl: error: 3 items: every timed call takes items no engine has seen, 22 in all (2 "
+                                  "rounds x (1 + 2 for the stages + 2 for each pipeline, streaming and serial, at "
+                                  "each of 2 batch sizes)); give more items, or fewer rounds, batch sizes or --items")
 
 
 @pytest.mark.parametrize("given, want", [(None, False), ({"enable_prefix_caching": True}, True),

@@ -96,7 +96,8 @@ def test_vllm_ran_without_prefix_caching_and_the_report_says_so(report):
     assert v["max_num_batched_tokens"] >= 2048 and v["encoder_cache_size"] >= 1 and v["block_size"] >= 1
     assert v["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
     assert report["engine_options"]["transformers"]["engine"] == "transformers"
-    assert report["fresh_items"] == 2 * (1 + 2 + 4 * 2)  # 2 rounds x (the stages' 1 + 2, the pipeline's 4 twice)
+    # 2 rounds x (the stages' 1 + 2, each pipeline's (streaming, serial) 4 at both batch sizes)
+    assert report["fresh_items"] == 2 * (1 + 2 + 2 * 4 * 2)
     peaks = report["matmul_peaks"]
     assert (peaks["vllm"]["device"], peaks["vllm"]["dtype"], peaks["vllm"]["parallel"]) == ("cpu", "float32", 1)
     assert peaks["vllm"] == peaks["transformers"] == peaks["small"]  # one CPU, one dtype: one measurement

@@ -104,8 +104,8 @@ def in_process(m: LargeBackend) -> bool:
 
 def pool_size(batch_sizes, repeats: int, n: int, warmup: bool = True) -> int:
     """The items `run_bench` needs to give every timed call items no engine has seen: per round (the warm-up one
-    too) and batch size b, b for the stages and `n` for the pipeline."""
-    return (repeats + (1 if warmup else 0)) * (sum(batch_sizes) + n * len(batch_sizes))
+    too) and batch size b, b for the stages and `n` for each pipeline (streaming, serial)."""
+    return (repeats + (1 if warmup else 0)) * (sum(batch_sizes) + 2 * n * len(batch_sizes))
 
 
 def matmul_peak(device: str, dtype: str) -> float:
@@ -195,8 +195,8 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     if len(items) < need:
         raise ValueError(
             f"{len(items)} items: every timed call takes items no engine has seen, {need} in all ({rounds} rounds x "
-            f"({' + '.join(map(str, batch_sizes))} for the stages + {n} for the pipeline at each of "
-            f"{len(batch_sizes)} batch sizes)); give more items, or fewer rounds, batch sizes or --items")
+            f"({' + '.join(map(str, batch_sizes))} for the stages + {n} for each pipeline, streaming and serial, at "
+            f"each of {len(batch_sizes)} batch sizes)); give more items, or fewer rounds, batch sizes or --items")
     pool = iter(items)
     limits = [s.max_new_tokens] * max(n, top)
 
@@ -224,8 +224,12 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         # its answers from the given visual tokens.
         return m.generate(ws, m.inputs(ws, []), idx, k, limits[:len(ws)])
 
-    def pipeline_engine(m, b: int, threshold):
-        return Engine(dataclasses.replace(s, batch_size=b, threshold=threshold), small, m)
+    def pipeline_engine(m, b: int, threshold, pipeline: str = "streaming"):
+        return Engine(dataclasses.replace(s, batch_size=b, threshold=threshold, pipeline=pipeline), small, m)
+
+    def streamed(name: str, b: int, run) -> None:
+        timed_records[name][b] = list(run.run(pipe))
+        busy.setdefault((name, b), []).append(run.last_stream.busy)
 
     # Peak memory is sampled in this process: for the small model's stages on the first in-process large model's
     # device (as the large one's stages), none for a backend whose engine runs in processes of its own.
@@ -238,6 +242,7 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
         computes[name] = None if where is None else (where[0], _arithmetic(_dtype(m)), where[1])
     peaks = {(x[0], x[1]): 0.0 for x in computes.values() if x is not None}
     timed_records: dict[str, dict[int, list[dict]]] = {name: {} for name in larges}
+    busy: dict[tuple[str, int], list] = {}  # each streaming pipeline's stage times (pipeline/stream.Busy)
     times: dict[tuple[str, str, int], list[float]] = {}
     memory: dict[tuple[str, str, int], float] = {}
     reference = None  # the last round's pipeline items at the first batch size: FLOPs, answers, batch identity
@@ -254,11 +259,16 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
                 pipe = [next(pool) for _ in range(n)]
                 pipe_works = analyzed(pipe)
                 threshold = threshold_of(pipe_works)
+                serial = [next(pool) for _ in range(n)]  # the serial pipeline's own fresh items
+                serial_threshold = threshold_of(analyzed(serial))
                 if b == batch_sizes[0]:
                     reference = (pipe, pipe_works, threshold)
                 plan: list[tuple[str, str, Callable[[], object], object]] = [
                     ("", "small", lambda: small_generate(works), shared_model),
                     ("", "small_capture", lambda: engine.small_answer([dataclasses.replace(w) for w in works]),
+                     shared_model),
+                    # the pipeline's small stage: the answer with the capture, then SEE's re-read
+                    ("", "small_stage", lambda: engine.small_pass([dataclasses.replace(w) for w in works]),
                      shared_model)]
                 for name, m in larges.items():
                     model = m.model if in_process(m) else None
@@ -271,8 +281,9 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
                     for k in prune_layers:
                         plan.append((name, f"pruned_k{k}", lambda m=m, k=k: large_stage(m, works, kept, k), model))
                     run = pipeline_engine(m, b, threshold)
-                    plan.append((name, "pipeline", lambda name=name, run=run: timed_records[name].__setitem__(
-                        b, list(run.run(pipe))), model))
+                    plan.append((name, "pipeline", lambda name=name, b=b, run=run: streamed(name, b, run), model))
+                    one_by_one = pipeline_engine(m, b, serial_threshold, "serial")
+                    plan.append((name, "pipeline_serial", lambda run=one_by_one: list(run.run(serial)), model))
                 for owner, stage, fn, model in plan:
                     if progress:
                         progress(f"round {r + 1}/{rounds}: {stage}{' on ' + owner if owner else ''} at batch {b}")
@@ -303,7 +314,8 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
                 m, b, ref_threshold).run(ref_items)] == base for b in batch_sizes}
 
     ms = {key: statistics.median(v) * 1000 for key, v in times.items()}
-    per_item = {key: v / (n if key[1] == "pipeline" else key[2]) for key, v in ms.items()}
+    per_item = {key: v / (n if key[1].startswith("pipeline") else key[2]) for key, v in ms.items()}
+    timed_busy = {key: v[-repeats:] for key, v in busy.items()}  # the warm-up round's aside
     k_report = s.prune_layer if s.prune_layer in prune_layers else prune_layers[0]
     sections = {}
     for name, m in larges.items():
@@ -314,11 +326,19 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
                                   {(stage, b): v for (owner, stage, b), v in memory.items() if owner in ("", name)},
                                   vision_reference)
         sections[name]["same_weights"] = same_weights or name == next(iter(larges))
+        for b in batch_sizes:
+            sections[name]["batches"][str(b)]["pipeline_busy"] = _busy(timed_busy.get((name, b), []))
         sections[name]["engine_options"] = m.engine_options()
         sections[name]["matmul_peak"] = _peak_of(computes[name], peaks)
     small_peak = _peak_of(computes[""], peaks)
     for name, section in sections.items():
         check_claims(name, section, small_peak)
+        for row in section["batches"].values():  # each stage's arithmetic rate beside the large model alone's
+            rates = row["gmac_per_s"]
+            if rates.get("large"):
+                row["mac_rate_ratio"] = {stage: round(v / rates["large"], 4) for stage, v in rates.items()}
+                if "small_stage" in rates:
+                    row["ratios"]["small_mac_rate_ratio"] = row["mac_rate_ratio"]["small_stage"]
     first = next(iter(sections.values()))
     report = {
         "device": first["device"],
@@ -351,6 +371,17 @@ def run_bench(engine: Engine, items: list, *, batch_sizes=(1, 8, 32), repeats: i
     return report
 
 
+def _busy(runs: list) -> dict:
+    """The streaming pipeline's stages' busy shares of its wall time, and the most items in the large stage at
+    once: medians over the timed runs (pipeline/stream.Busy)."""
+    if not runs:
+        return {}
+    shares = [x.shares() for x in runs]
+    return {"small": round(statistics.median(x["small"] for x in shares), 4),
+            "large": round(statistics.median(x["large"] for x in shares), 4),
+            "in_flight_max": max(x.in_flight_max for x in runs)}
+
+
 def small_options(small: SmallModel) -> dict:
     """The small model's engine options, as its backend says them."""
     return small.engine_options()
@@ -368,8 +399,9 @@ def _peak_of(compute: tuple[str, str, int] | None, peaks: dict) -> dict | None:
 # small model's device, the large backend's, or both in turn (the pipeline: at most the faster one's peak).
 STAGE_FLOPS = {"small": (("vision_small", "lm_small"), "small"),
                "small_capture": (("vision_small", "lm_small"), "small"),
+               "small_stage": (("vision_small", "lm_small", "reread"), "small"),
                "vision": (("vision_large",), "large"), "large": (("large",), "large"),
-               "pipeline": (("pipeline",), "both")}
+               "pipeline": (("pipeline",), "both"), "pipeline_serial": (("pipeline",), "both")}
 
 
 def check_claims(name: str, section: dict, small_peak: dict) -> None:
@@ -439,7 +471,8 @@ def _section(engine, m: LargeBackend, works, kept, gen, records, identical, batc
                                   for st in ("small", "large")},
             "exit_rate": sum(r["exit"] == "small" for r in recs) / len(recs),
             "identical_to_batch_1": identical[b],
-            "ratios": _ratios(per_item, b, b0, prune_layers, flops),
+            "ratios": _ratios(per_item, b, b0, prune_layers, flops,
+                              sum(r["exit"] == "small" for r in recs) / len(recs)),
         }
     large = [r for r in base if r["exit"] == "large"]
     tokens = {stage: round(statistics.mean(len(t) for t in g.tokens), 3) for stage, g in gen.items()}
@@ -538,7 +571,7 @@ def config_vision_macs(m: LargeBackend, enc: dict) -> float:
     return vision_macs(types.SimpleNamespace(model=model.eval(), family=m.family), enc)
 
 
-def _ratios(per_item: dict, b: int, b0: int, prune_layers, flops: dict) -> dict:
+def _ratios(per_item: dict, b: int, b0: int, prune_layers, flops: dict, exit_rate: float | None = None) -> dict:
     """Measured speed-ups at batch b beside those the FLOPs predict (the language model's alone where the vision
     tower was timed alone)."""
     t = {name: v for (name, bb), v in per_item.items() if bb == b}
@@ -546,6 +579,15 @@ def _ratios(per_item: dict, b: int, b0: int, prune_layers, flops: dict) -> dict:
            "pipeline_speedup": t["large"] / t["pipeline"],
            "pipeline_speedup_flops": flops["large"] / flops["pipeline"],
            "batch_speedup": per_item["pipeline", b0] / t["pipeline"]}
+    if "pipeline_serial" in t:
+        out["streaming_speedup"] = t["pipeline_serial"] / t["pipeline"]
+        out["serial_pipeline_speedup"] = t["large"] / t["pipeline_serial"]
+    if "small_stage" in t and exit_rate is not None:
+        # The slower stage alone sets the pace: every item through the small stage, the rest through the pruned
+        # large one. Overlap efficiency: the pipeline's rate over that pace (1: perfectly overlapped).
+        k0 = prune_layers[0]
+        floor = max(t["small_stage"], (1 - exit_rate) * t[f"pruned_k{k0}"])
+        out["overlap_efficiency"] = floor / t["pipeline"]
     for k in prune_layers:
         out[f"large_stage_speedup_k{k}"] = t["large"] / t[f"pruned_k{k}"]
         out[f"large_stage_speedup_k{k}_flops"] = flops["large"] / flops[f"pruned_k{k}"]
