@@ -352,9 +352,10 @@ def test_bench_measures_two_large_backends_side_by_side(echo):
     t, e = r["backends"]["transformers"], r["backends"]["echo"]
     assert r["batches"] == t["batches"] and e["device"] == "echo" and not e["vision_stage"]
     for b in ("1", "2"):
-        assert set(t["batches"][b]["ms_per_item"]) == {"small", "small_capture", "vision", "large", "pruned_k0",
-                                                       "pipeline"}
-        assert set(e["batches"][b]["ms_per_item"]) == {"small", "small_capture", "large", "pruned_k0", "pipeline"}
+        assert set(t["batches"][b]["ms_per_item"]) == {"small", "small_capture", "small_stage", "vision", "large",
+                                                       "pruned_k0", "pipeline", "pipeline_serial"}
+        assert set(e["batches"][b]["ms_per_item"]) == {"small", "small_capture", "small_stage", "large", "pruned_k0",
+                                                       "pipeline", "pipeline_serial"}
         assert e["batches"][b]["identical_to_batch_1"] and "lm_speedup_k0" not in e["batches"][b]["ratios"]
         assert set(r["cross_backend"]["echo_over_transformers"]["items_per_s"][b]) == {"large", "pruned_k0",
                                                                                        "pipeline"}

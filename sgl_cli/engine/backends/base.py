@@ -22,10 +22,13 @@ Capabilities are declared, not inferred: a guide declares what it `needs` (guide
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import SettingError
+# The seam's parts, in modules of their own, named here too (what backends import).
+from .checks import CAPABILITIES, CapabilityError, bad_token_id, check, check_quantize, needs  # noqa: F401
+from .options import Option, check_options  # noqa: F401
+from .results import Answer, LargeInputs, Reduced, SmallAnswer  # noqa: F401
+from .stream import LargeStream
 
 if TYPE_CHECKING:
     import torch
@@ -33,135 +36,6 @@ if TYPE_CHECKING:
     from ..core.generate import Generation
     from ..guides.base import Guide
     from ..preset import ModelSpec
-
-# What a guide (or a run's settings) may need of the large model's backend.
-CAPABILITIES = frozenset({
-    "large_features",  # the large model's image features after its projector (GuideItem.features)
-    "vision_attention",  # hooks inside its vision tower (the cls guide's [CLS] attention)
-    "lm_attention",  # hooks inside its language model's prefill (fastv: `rank_in_prefill`)
-    "prune_inside_lm",  # dropping tokens at a decoder layer K > 0
-    "reduced_input",  # answering from an input a guide reduced (downsample: `reduced`, `generate_reduced`)
-})
-
-
-class CapabilityError(SettingError):
-    """A guide or setting the chosen large backend cannot run (the setting named: `large_backend`)."""
-
-
-# -- options ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Option:
-    """One engine option a backend takes (a preset's `large.options`, `--large-option KEY=VALUE`)."""
-
-    types: tuple[type, ...]
-    default: Any = None
-    ok: Callable[[Any], bool] = lambda value: True
-    said: str = ""  # what a valid value is, for the error ("an integer >= 1")
-    help: str = ""
-
-    def valid(self, value: Any) -> bool:
-        if isinstance(value, bool) and bool not in self.types:
-            return False  # YAML's `yes` is not a number
-        return isinstance(value, self.types) and bool(self.ok(value))
-
-
-def check_options(backend: str, declared: dict[str, Option], options: Any, where: str) -> dict:
-    """`options` as given, each key one `declared`, each value valid; else one line naming the key (and the
-    nearest known one). `where` says where they were given (a preset's `large.options`, `--large-option`)."""
-    import difflib
-
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise SettingError(f"{where}: must be a mapping of the {backend} backend's options", "large_options")
-    for key, value in options.items():
-        if key not in declared:
-            close = difflib.get_close_matches(str(key), list(declared), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            known = ", ".join(declared) if declared else "none"
-            raise SettingError(f"{where}: unknown option {str(key)!r} of the {backend} large backend{hint}; it takes: "
-                               f"{known}".replace("{", "{{").replace("}", "}}"), "large_options")
-        if not declared[key].valid(value):
-            raise SettingError(f"{where}.{key}: must be {declared[key].said}, got {value!r}"
-                               .replace("{", "{{").replace("}", "}}"), "large_options")
-    return dict(options)
-
-
-# -- typed results -----------------------------------------------------------------------------------------------
-@dataclass
-class LargeInputs:
-    """What the large model's pass needs for a batch: its rows (for transformers: ids, positions, image features:
-    the vision tower ran once; a backend without sgl-side rows: None per item), the guides' view of each item, and,
-    per guide that ranks before the language model, each item's scores."""
-
-    works: list
-    rows: list
-    items: list  # GuideItem per work
-    scores: dict[str, list]  # guide name -> per item (guides of another kind: absent)
-
-    @classmethod
-    def join(cls, parts: list["LargeInputs"]) -> "LargeInputs":
-        """The inputs of several calls as one, in order (the scores of the guides every part has)."""
-        names = [g for g in (parts[0].scores if parts else {}) if all(g in p.scores for p in parts)]
-        return cls([w for p in parts for w in p.works], [r for p in parts for r in p.rows],
-                   [i for p in parts for i in p.items], {g: [s for p in parts for s in p.scores[g]] for g in names})
-
-    def select(self, works: list) -> "LargeInputs":
-        """The inputs of a subset of the works (same objects), in the subset's order."""
-        index = {id(w): i for i, w in enumerate(self.works)}
-        picked = [index[id(w)] for w in works]
-        return LargeInputs(list(works), [self.rows[i] for i in picked], [self.items[i] for i in picked],
-                           {g: [s[i] for i in picked] for g, s in self.scores.items()})
-
-
-@dataclass
-class Reduced:
-    """What the large model saw of one item under a guide that reduces its input (`Kind.REDUCES`)."""
-
-    encoding: dict  # the large model's processor output of the images it was given (the item's own when unchanged)
-    image_sizes: list[tuple[int, int]]  # (width, height) of each image as encoded
-    n_visual: int  # the visual tokens the large model received (all kept)
-    pooled: tuple[int, int] | None = None  # (rows, cols) of the pooled feature grid (fixed-resolution towers)
-    pooled_from: tuple[int, int] | None = None  # (rows, cols) of the grid it was pooled from
-
-    def grids(self, model) -> list:
-        """The token grids of what the large model saw (`model`: the large backend), as `sgl inspect` draws
-        them."""
-        from ..families.base import one_grid
-
-        if self.pooled is not None:
-            (r, c), (r0, c0) = self.pooled, self.pooled_from
-            return [one_grid("pooled", r, c, f"the {r0} x {c0} feature grid average-pooled to {r} x {c}")]
-        return model.family.token_grids(model.model, self.encoding, self.image_sizes, model.processor)
-
-
-@dataclass
-class Answer:
-    """The large model's answer to one item under one guide: from the visual tokens the guide ranked and kept
-    (`scores`, `kept`), or from the input it reduced (`reduced`, every token of it kept: no scores). `error`: the
-    item failed alone (the others of its batch are answered)."""
-
-    tokens: list[int]
-    scores: "torch.Tensor | None" = None  # (N,) the guide's scores (None for a reduced input)
-    kept: "torch.Tensor | None" = None  # kept visual-token indices in sequence order (None for a reduced input)
-    reduced: Reduced | None = None
-    error: str | None = None
-
-    @property
-    def n_kept(self) -> int:
-        return self.reduced.n_visual if self.reduced is not None else len(self.kept)
-
-
-@dataclass
-class SmallAnswer:
-    """The small model's greedy answer to one item: its tokens (EOS included when produced), each one's
-    probability, the SGP importance of the item's visual tokens ((N,) fp32 on the host; None when not captured),
-    and what `reread` needs of the item (opaque to the engine)."""
-
-    tokens: list[int]
-    probs: list[float]
-    importance: "torch.Tensor | None"
-    state: Any = field(default=None, repr=False, compare=False)
 
 
 # -- what every model is ---------------------------------------------------------------------------------------
@@ -416,66 +290,6 @@ class LargeBackend(Model):
         raise _lacks(self, "reduced_input", guide)
 
 
-class LargeStream:
-    """Items in the large model's stage of the streaming pipeline. This one answers each group when it is added
-    (`LargeBackend.answer`, a batch at a time); subclasses keep items in flight in an engine of their own.
-
-    Only the large stage's thread calls it; `ready` gives (work, Answer) pairs in any order."""
-
-    def __init__(self, backend: LargeBackend):
-        self.backend = backend
-        self._ready: list[tuple[Any, Answer]] = []
-
-    def add(self, works: list, inputs: LargeInputs | None, guide: "Guide", retain: float, k: int,
-            limits: list[int]) -> None:
-        """Hand `works` to the large model under `guide` at `retain` (their `inputs`: None for a guide that reduces
-        the input)."""
-        self._ready += zip(works, self.backend.answer(works, inputs, guide, retain, k, limits))
-
-    def ready(self, wait: bool) -> list[tuple[Any, Answer]]:
-        """The answers that finished since the last call; with `wait`, at least one when any is in flight."""
-        out, self._ready = self._ready, []
-        return out
-
-    def in_flight(self) -> int:
-        """Items added whose answers `ready` has not given yet."""
-        return len(self._ready)
-
-    def close(self) -> None:
-        """Drop what is still in flight (an interrupted run)."""
-        self._ready = []
-
-
-def check_quantize(backend_cls, spec: "ModelSpec", preset=None) -> None:
-    """Refuse bitsandbytes `quantize` on a large backend that does not apply it (every record would say
-    `large_quantize` of an unquantized model). Named by the flags that gave them, or by `preset`'s file when it
-    gave both."""
-    if spec.quantize is None or backend_cls.quantizes:
-        return
-    if not _said_by_file(preset, spec):
-        raise SettingError("{} " + spec.quantize + " (bitsandbytes) applies to the transformers large backend, not to "
-                           + backend_cls.name + " ({}), which would run the weights unquantized", "large_quantize",
-                           "large_backend")
-    raise SettingError(f"{preset.source}: large.quantize: {spec.quantize} (bitsandbytes) applies to the transformers "
-                       f"large backend, not to backend: {backend_cls.name}, which would run the weights unquantized"
-                       .replace("{", "{{").replace("}", "}}"), "large_quantize")
-
-
-def _said_by_file(preset, spec: "ModelSpec") -> bool:
-    """Whether `preset`'s file itself gives the large model `spec`'s quantize and backend (not flags, not code)."""
-    from pathlib import Path
-
-    if preset is None or not preset.source or not Path(preset.source).is_file():
-        return False
-    try:
-        from ..preset import load_preset
-
-        own = load_preset(preset.source).large
-    except Exception:  # noqa: BLE001 - a file changed since: the flags' wording
-        return False
-    return (own.quantize, own.backend) == (spec.quantize, spec.backend)
-
-
 def _errors(gen) -> list:
     """A generation's per-item failures (`Generation.errors`; none for one that does not say)."""
     errors = getattr(gen, "errors", None)
@@ -524,50 +338,3 @@ class SmallModel(Model):
         reads it again from only the `kept` visual tokens (indices in sequence order): one teacher-forced pass."""
 
 
-# -- checks before any model loads ---------------------------------------------------------------------------------
-def needs(guide_cls, prune_layer: int) -> frozenset[str]:
-    """What running `guide_cls` at `prune_layer` needs of the large backend: the guide's own `needs`, and
-    "prune_inside_lm" for a decoder layer K > 0 (a guide that ranks in the prefill always prunes inside)."""
-    from ..guides.base import Kind
-
-    inside = prune_layer > 0 or getattr(guide_cls, "kind", Kind.RANKS) is Kind.PREFILL
-    return frozenset(getattr(guide_cls, "needs", frozenset())) | ({"prune_inside_lm"} if inside else set())
-
-
-def check(guide_cls, backend_cls, prune_layer: int) -> None:
-    """Refuse, before any model loads, a guide or prune layer the backend does not offer: one line naming the
-    guide, the backend and what is missing."""
-    missing = sorted(needs(guide_cls, prune_layer) - backend_cls.offers)
-    if not missing:
-        return
-    what = ", ".join(missing)
-    guide = getattr(guide_cls, "name", "") or guide_cls.__name__
-    at = f" at prune_layer {prune_layer}" if prune_layer > 0 else ""
-    raise CapabilityError("the " + guide + " guide" + at + " needs " + what + ", which the "
-                          + backend_cls.name.replace("{", "{{").replace("}", "}}")
-                          + " large backend ({}) does not offer", "large_backend")
-
-
-def bad_token_id(backend: LargeBackend, tokens) -> str | None:
-    """What is wrong with the first bad id of `tokens` ("token id -5, outside the vocabulary of 151,936"), or None.
-    The vocabulary is the larger of the tokenizer's (added tokens included) and the model's embedding rows: a model
-    may emit an id of an unused row, which decodes to nothing."""
-    import operator
-
-    processor = backend.processor
-    tokenizer = getattr(processor, "tokenizer", processor)
-    try:
-        rows = int(getattr(backend.model.config.get_text_config(), "vocab_size", 0) or 0)
-    except (AttributeError, TypeError, ValueError):
-        rows = 0
-    vocab = max(len(tokenizer), rows)
-    for token in tokens:
-        try:
-            if isinstance(token, bool):
-                raise TypeError
-            i = operator.index(token)
-        except TypeError:
-            return f"token id {token!r} (a {type(token).__name__}, not an integer)"
-        if not 0 <= i < vocab:
-            return f"token id {i}, outside the vocabulary of {vocab:,}"
-    return None
