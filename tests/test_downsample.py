@@ -255,7 +255,7 @@ def test_every_family_receives_the_target_and_equals_the_hand_resized_image(fam,
         for key in ("input_ids", "pixel_values"):
             assert torch.equal(seen.encoding[key], enc[key]), key
         received = visual_count(fam.plain, enc)
-        assert len(w.large.kept) == seen.n_visual == received
+        assert w.large.kept is None and w.large.n_kept == seen.n_visual == received  # all of it, unranked
         assert w.large.tokens == generate(fam.plain, enc)
         budget = n_keep(n, retain)
         best = brute_force_best(fam, image.size, budget)
@@ -347,7 +347,7 @@ def test_llava_pooling_equals_adaptive_avg_pool_reference(llava, tmp_path, retai
     got = kw["inputs_embeds"][0, first:first + shape[0] * shape[1]]
     assert torch.allclose(got, pooled, atol=1e-5, rtol=1e-5)
     assert kw["position_ids"].flatten().tolist() == list(range(kw["inputs_embeds"].shape[1]))
-    assert len(work.large.kept) == shape[0] * shape[1] <= n_keep(64, retain)
+    assert work.large.kept is None and work.large.n_kept == shape[0] * shape[1] <= n_keep(64, retain)
     assert work.large.reduced.pooled == shape and work.large.reduced.pooled_from == (8, 8)
     assert work.large.tokens == want
 

@@ -298,13 +298,13 @@ def test_urls_are_fetched_ahead_of_the_batch_being_computed(tmp_path, images, en
     src = write_jsonl(tmp_path / "u.jsonl", [{"image": f"{url}/ok?{i}", "question": Q} for i in range(3)])
     eng = engine_factory(batch_size=1)
     seen = []
-    real = type(eng).process
+    real = type(eng).prepare  # each batch's first stage, on either pipeline
 
-    def process(self, items):
+    def prepare(self, items):
         seen.append(sorted(self.fetcher._wanted))
         return real(self, items)
 
-    monkeypatch.setattr(type(eng), "process", process)
+    monkeypatch.setattr(type(eng), "prepare", prepare)
     recs = list(eng.run(read_items(src)))
     assert all(r["error"] is None for r in recs)
     assert len(seen[0]) == 3  # every item's URL was submitted before the first batch ran

@@ -78,6 +78,7 @@ class Stream:
         self.stop = threading.Event()
         self.busy = Busy()
         self.threads: list[threading.Thread] = []
+        self.input_failed: BaseException | None = None
 
     # -- the caller's side -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -109,6 +110,8 @@ class Stream:
         finally:
             self._close()
             self.busy.wall = time.perf_counter() - t0
+        if self.input_failed is not None:
+            raise self.input_failed
 
     def _start(self) -> None:
         for name, target in (("sgl-small-stage", self._small_stage), ("sgl-large-stage", self._large_stage)):
@@ -172,8 +175,8 @@ class Stream:
                 self._small_batch(pending)
         finally:
             self._put(self.handover, None)  # the large stage's end of input
-        if failed:
-            raise failed[0]
+        # The input broke (a format's reader): the items before it are recorded first, then it is raised.
+        self.input_failed = failed[0] if failed else None
 
     def _small_batch(self, batch: list[tuple[int, Item]]) -> None:
         eng = self.engine

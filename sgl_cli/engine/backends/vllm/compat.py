@@ -66,6 +66,8 @@ _QWEN = (("vllm.model_executor.models.qwen2_vl", "Qwen2VL"), ("vllm.model_execut
 NAMES = (
     ("vllm", "LLM"),
     ("vllm", "SamplingParams"),
+    ("vllm", "EngineArgs"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine"),
     ("vllm", "ModelRegistry"),
     ("vllm.multimodal", "MULTIMODAL_REGISTRY"),
     ("vllm.multimodal.inputs", "MultiModalFieldConfig"),
@@ -86,6 +88,11 @@ SIGNATURES = (
     ("vllm", "ModelRegistry.get_supported_archs", ()),
     ("vllm", "ModelRegistry.register_model", ("model_arch", "model_cls")),
     ("vllm", "LLM.generate", ("prompts", "sampling_params", "*", "use_tqdm")),
+    # the streaming pipeline's continuous batching: requests added as they come, answers taken as they finish
+    ("vllm", "LLM.enqueue", ("prompts", "sampling_params", "*", "use_tqdm")),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.step", ()),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.get_num_unfinished_requests", ()),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.abort_request", ("request_ids",)),
     ("vllm", "LLM.get_tokenizer", ()),
     ("vllm.multimodal", "MULTIMODAL_REGISTRY.register_processor", ("processor", "*", "info", "dummy_inputs")),
     ("vllm.multimodal", "MULTIMODAL_REGISTRY.create_processor", ("model_config",)),
@@ -116,7 +123,8 @@ SIGNATURES = (
 FIELDS = (
     ("vllm.engine.arg_utils", "EngineArgs", ("hf_overrides", "tensor_parallel_size", "gpu_memory_utilization",
                                              "dtype", "seed", "enforce_eager", "limit_mm_per_prompt",
-                                             "mm_processor_cache_gb", "max_model_len", "max_num_seqs", "load_format")),
+                                             "mm_processor_cache_gb", "max_model_len", "max_num_seqs", "load_format",
+                                             "enable_prefix_caching")),
     ("vllm", "SamplingParams", ("max_tokens", "temperature", "seed", "skip_special_tokens", "logprobs")),
     ("vllm.multimodal.inputs", "MultiModalFeatureSpec", ("data", "modality", "mm_position")),
     ("vllm.multimodal.inputs", "PlaceholderRange", ("offset", "length")),
