@@ -123,27 +123,32 @@ class ImportanceCapture:
         if rows is None:
             return
         b, h, q_len, d = query.shape
-        kv_len = key.shape[-2]
+        kv_heads, kv_len = key.shape[1], key.shape[-2]
         # Only the span of marked rows is multiplied: O(heads x rows x keys) for this layer.
         first, last = self._span
-        q = query[:, :, first:last].float()
-        k = key.float()
-        if k.shape[1] != h:  # GQA: each key head serves h / kv_heads query heads
-            k = k.repeat_interleave(h // k.shape[1], dim=1)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
+        rows_n = last - first
+        # GQA: each key head serves h / kv_heads query heads; grouping the queries reads each key head once (no
+        # repeated copy of the cache per layer and step).
+        q = query[:, :, first:last].float().reshape(b, kv_heads, h // kv_heads * rows_n, d)
+        logits = torch.matmul(q, key.float().transpose(-1, -2)).view(b, h, rows_n, kv_len)
+        logits = logits * (scaling if scaling is not None else d**-0.5)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        # Query row i sits at cache position kv_len - q_len + i; it sees keys up to there (and within the window).
-        qpos = torch.arange(first, last, device=q.device) + (kv_len - q_len)
-        kpos = torch.arange(kv_len, device=q.device)
-        allowed = kpos[None, :] <= qpos[:, None]
-        if sliding_window:
-            allowed &= kpos[None, :] > qpos[:, None] - sliding_window
-        allowed = allowed[None] & self._key_valid[:, None, :kv_len].to(q.device)
+        valid = self._key_valid[:, None, :kv_len]
+        if q_len == 1 and not sliding_window:  # a decode step's one row sees every key that is not padding
+            allowed = valid
+        else:
+            # Query row i sits at cache position kv_len - q_len + i; it sees keys up to there (within the window).
+            qpos = torch.arange(first, last, device=q.device) + (kv_len - q_len)
+            kpos = torch.arange(kv_len, device=q.device)
+            allowed = kpos[None, :] <= qpos[:, None]
+            if sliding_window:
+                allowed &= kpos[None, :] > qpos[:, None] - sliding_window
+            allowed = allowed[None] & valid
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         probs = torch.nan_to_num(probs)  # rows with every key masked (padding rows) give 0, not NaN
-        weight = rows[:, first:last].to(probs.device, probs.dtype)
+        weight = rows[:, first:last].to(probs.dtype)
         received = torch.einsum("bhqk,bq->bk", probs, weight)[:, : self.n_keys]
         if self.scores is None:
             self.scores = torch.zeros(b, self.n_keys, dtype=torch.float32, device=received.device)
