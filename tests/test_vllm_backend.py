@@ -390,6 +390,9 @@ def test_vllm_large_refuses_a_keyword_vllm_does_not_take(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, EngineArgs=EngineArgs,
                                                                    __version__="0.32.0"))
+    from sgl_cli.engine.backends.vllm import compat
+
+    monkeypatch.setattr(compat, "check_vllm", lambda: None)  # the stand-in has none of the plugin's internals
     path = folder(tmp_path, "qwen2_vl")
     for extra, message in (({"max_num_batched_token": 64}, "vLLM option 'max_num_batched_token': not an argument of "
                                                            "vLLM 0.32.0's LLM or EngineArgs (did you mean "
