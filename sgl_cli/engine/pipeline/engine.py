@@ -133,6 +133,11 @@ class Engine:
     def prune_layer(self, guide: Guide | None = None) -> int:
         return (guide or self.guide).prune_layer(self.settings, self.large.num_layers)
 
+    def close(self) -> None:
+        """Free the large backend's engine (vLLM's processes and their shared memory; nothing on transformers, whose
+        models the garbage collector frees). The engine, and every `with_settings` copy, cannot run after."""
+        self.large.close()
+
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as each batch of `batch_size` runnable items completes.

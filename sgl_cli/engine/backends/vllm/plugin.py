@@ -1,7 +1,8 @@
 """vLLM's `vllm.general_plugins` entry point (pyproject.toml): registers sgl's architectures with vLLM's
 `ModelRegistry`, lazily by "module:Class", so vLLM imports models.py only when a run selects one of them
-(`hf_overrides={"architectures": [...]}`). vLLM calls this in every process it starts; it is cheap and
-idempotent, and replaces none of vLLM's own classes."""
+(`hf_overrides={"architectures": [...]}`), and arms vLLM's engine processes to end with their parent
+(processes.py). vLLM calls this in every process it spawns; it is cheap and idempotent, and replaces none of vLLM's
+own classes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ MODULE = "sgl_cli.engine.backends.vllm.models"
 
 def register() -> None:
     from vllm import ModelRegistry
+
+    from .processes import arm, arm_forked
+
+    arm()  # this process, if it is vLLM's engine core or a worker
+    arm_forked()  # those vLLM forks from here on, which do not call plugins again
 
     known = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURES:
