@@ -48,4 +48,12 @@ def _root(
 
 
 def main() -> None:
-    app()
+    import sys
+
+    from .commands._common import TERMINATED, Terminated, sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            app()
+    except Terminated:  # before a command's own handling (while the command line is parsed)
+        sys.exit(TERMINATED)

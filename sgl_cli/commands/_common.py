@@ -1,16 +1,92 @@
-"""What every command shares: turning domain errors into one-line messages, stderr output, threads, one progress
-bar, one random-weights warning."""
+"""What every command shares: turning domain errors into one-line messages, SIGTERM into Ctrl-C's path, stdout for
+data alone, stderr output, threads, one progress bar, one random-weights warning."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import signal
 import sys
-from typing import Callable, Iterator
+import threading
+from typing import Callable, Iterator, TextIO
 
 import typer
 
 USAGE_ERROR = 2
+INTERRUPTED, TERMINATED = 130, 143  # Ctrl-C, SIGTERM: 128 + the signal's number, as a shell reports them
+
+
+class Terminated(BaseException):
+    """SIGTERM (what `timeout`, Slurm, systemd and `docker stop` send), raised in the main thread as Ctrl-C raises
+    KeyboardInterrupt: the same clean-up runs (vLLM's engine shut down, the output closed) and the same line is
+    printed, with exit code 143. Not a KeyboardInterrupt: vLLM swallows those while its engine starts (its
+    `zmq_socket_ctx` around the start-up handshake)."""
+
+
+STOPPED = (KeyboardInterrupt, Terminated)  # what a command catches to stop cleanly with one line
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises `Terminated` in the main thread; a second one ends the process at once. Only the
+    command line installs this (sgl_cli.cli.main): the library leaves the process's signals to its caller."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruption(exc: BaseException) -> tuple[str, int]:
+    """What stopped the command, in words, and its exit code: Ctrl-C or SIGTERM."""
+    return ("terminated (SIGTERM)", TERMINATED) if isinstance(exc, Terminated) else ("interrupted", INTERRUPTED)
+
+
+@contextlib.contextmanager
+def data_stdout() -> Iterator[TextIO]:
+    """Inside, only what is written to the yielded stream reaches stdout: sys.stdout and file descriptor 1 (which the
+    processes started inside inherit: vLLM's engine, whose logs go to stdout) point at stderr, so that what the
+    libraries log or print cannot mix with the command's data (`-o -`'s records, `--json`'s object)."""
+    stream = sys.stdout
+    stream.flush()
+    saved = None
+    try:
+        fd = stream.fileno()
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    except (AttributeError, OSError, ValueError):  # not a file (a captured stream): Python's stream alone
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    data = stream if saved is None else open(saved, "w", encoding=getattr(stream, "encoding", None) or "utf-8",
+                                             closefd=False)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield data
+    finally:
+        data.flush()
+        if saved is not None:
+            stream.flush()  # what was written to the old stream inside (by a logger holding it) goes to stderr too
+            data.close()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """--quiet: vLLM logs warnings and errors only, in this process and in the engine processes it starts (vLLM's
+    own setting, which it reads when an engine is made; one the user set is kept). torch and transformers log
+    warnings and above already."""
+    if quiet:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def with_help(command: Callable, text: str = "") -> None:
@@ -44,8 +120,9 @@ FLAGS = {
 
 @contextlib.contextmanager
 def domain_errors() -> Iterator[None]:
-    """A preset, settings or model problem ends the command with one line on stderr and exit code 2. A plugin the
-    library leaves out (a PluginWarning) is one line on stderr, once per command."""
+    """A preset, settings or model problem ends the command with one line on stderr and exit code 2; Ctrl-C or
+    SIGTERM with one line and 130 or 143. A plugin the library leaves out (a PluginWarning) is one line on stderr,
+    once per command."""
     from ..engine.errors import SettingError, SglError
 
     try:
@@ -54,6 +131,10 @@ def domain_errors() -> Iterator[None]:
     except SglError as exc:
         err(f"sgl: error: {exc.worded(FLAGS) if isinstance(exc, SettingError) else exc}")
         raise typer.Exit(USAGE_ERROR) from None
+    except STOPPED as exc:  # a command that says more (run, calibrate) catches it itself
+        what, code = interruption(exc)
+        err(f"sgl: {what}.")
+        raise typer.Exit(code) from None
 
 
 @contextlib.contextmanager

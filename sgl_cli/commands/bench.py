@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 from pathlib import Path
-from typing import Iterator
 from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, set_threads, with_help
+from ._common import data_stdout, domain_errors, err, set_threads, with_help
 from .options import LargeOptionOption
 
 
@@ -107,7 +103,7 @@ def bench(
                       backend_options={} if vllm is None else {"vllm": parse_options(vllm)})
         # vLLM logs to stdout, in this process and in the engine processes it starts: while the models load and
         # run, whatever libraries print goes to stderr, so that stdout is the report alone.
-        with _output_to_stderr():
+        with data_stdout():
             try:
                 engine, bench_items = setup.load(input, items or max(sizes), max_batch=max(sizes))
                 result = setup.run(engine, bench_items, batch_sizes=sizes, repeats=repeats, exit_rate=exit_rate,
@@ -128,23 +124,3 @@ def bench(
 
 
 with_help(bench)
-
-
-@contextlib.contextmanager
-def _output_to_stderr() -> Iterator[None]:
-    """sys.stdout, and file descriptor 1 (which child processes inherit), point at stderr inside."""
-    sys.stdout.flush()
-    saved = None
-    try:
-        saved = os.dup(1)
-        os.dup2(2, 1)
-    except OSError:  # no descriptors to swap (an embedded interpreter): Python's stream alone
-        saved = None
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)

@@ -10,8 +10,8 @@ import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
 from ..engine.evaluation.retains import AUTO_RETAINS  # light: no numpy
-from ._common import (domain_errors, err, progress_bar, refuse_stdin, set_threads, stderr_is_tty,
-                      warn_random_weights, with_help)
+from ._common import (STOPPED, data_stdout, domain_errors, err, interruption, progress_bar, quiet_libraries,
+                      refuse_stdin, set_threads, stderr_is_tty, warn_random_weights, with_help)
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -135,18 +135,26 @@ def _calibrate(input: Path, target_accuracy: Optional[float], exit_rate: Optiona
         if not quiet:
             err(f"sgl: computing {cal.plan()} (cache {cal.cache})")
         set_threads(threads)
-        engine = cal.load_engine()
-        if engine.random_weights:
-            warn_random_weights("answers, and so this calibration,")
+        quiet_libraries(quiet)
         done = 0
         try:
-            with progress_bar("sgl calibrate", quiet, pending) as advance:
-                for n in cal.compute(engine):
-                    done += n
-                    advance(n)
-        except KeyboardInterrupt:
-            err(f"sgl: interrupted after {done} item(s); the same command continues from the cache {cal.cache}")
-            return 130
+            # What the libraries log while the models load, run and shut down goes to stderr (vLLM's: to stdout),
+            # so that stdout says the calibration file alone.
+            with data_stdout():
+                engine = cal.load_engine()
+                try:
+                    if engine.random_weights:
+                        warn_random_weights("answers, and so this calibration,")
+                    with progress_bar("sgl calibrate", quiet, pending) as advance:
+                        for n in cal.compute(engine):
+                            done += n
+                            advance(n)
+                finally:
+                    engine.close()  # vLLM's engine processes end here
+        except STOPPED as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
+            what, code = interruption(exc)
+            err(f"sgl: {what} after {done} item(s); the same command continues from the cache {cal.cache}")
+            return code
     elif not quiet:
         err(f"sgl: all {len(cal.data.items)} item(s) cached in {cal.cache}; no model calls")
 

@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from ..engine.metrics import DEFAULT_METRIC, METRICS  # light: no torch
-from ._common import domain_errors, err, note, progress_bar, refuse_stdin, set_threads, warn_random_weights, with_help
+from ._common import (data_stdout, domain_errors, err, note, progress_bar, quiet_libraries, refuse_stdin, set_threads,
+                      warn_random_weights, with_help)
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -148,14 +149,20 @@ def _eval(input: Path, guides_opt, retains_opt, metric: str, preset_name, thresh
     from ..engine.evaluation.plots import plot_eval
 
     set_threads(threads)
-    evaluation = plan.load()
-    if evaluation.random_weights:
-        warn_random_weights("answers and accuracy")
-    try:
-        with progress_bar("sgl eval", quiet, len(items)) as advance:
-            result = evaluation.run(items, lambda rows, n: advance(n), details=details)
-    except ValueError as exc:
-        raise SglError(str(exc)) from None
+    quiet_libraries(quiet)
+    # While the models load, run and shut down, what the libraries log (vLLM: on stdout) goes to stderr: stdout is
+    # the table or the JSON object alone.
+    with data_stdout():
+        evaluation = plan.load()
+        try:
+            if evaluation.random_weights:
+                warn_random_weights("answers and accuracy")
+            with progress_bar("sgl eval", quiet, len(items)) as advance:
+                result = evaluation.run(items, lambda rows, n: advance(n), details=details)
+        except ValueError as exc:
+            raise SglError(str(exc)) from None
+        finally:
+            evaluation.close()
     for message in result["errors"][:10]:
         err(f"sgl: left out {message}")
     if plot:

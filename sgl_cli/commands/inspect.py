@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..engine.guides import guide_names  # light: no torch
-from ._common import domain_errors, err, note, set_threads, warn_random_weights, with_help
+from ._common import data_stdout, domain_errors, err, note, set_threads, warn_random_weights, with_help
 from .options import PresetOption, ThreadsOption
 
 EXAMPLE = """
@@ -108,9 +108,10 @@ def _inspect(image_paths: list[Path], question: str, guide: str, preset_name: Op
     preset = load_preset(preset_name).with_settings(retain=retain)
     if png is not None and not png.parent.is_dir():
         raise SglError(f"--png {png}: folder {png.parent} does not exist")
-    result, images = inspect_item(preset, image_paths, question, guide, answer_large=answer_large, notify=note,
-                                  on_random_weights=lambda: warn_random_weights("answers and importance"),
-                                  before_load=lambda: set_threads(threads))
+    with data_stdout():  # what the libraries log while the models load and run (vLLM's: on stdout) goes to stderr
+        result, images = inspect_item(preset, image_paths, question, guide, answer_large=answer_large, notify=note,
+                                      on_random_weights=lambda: warn_random_weights("answers and importance"),
+                                      before_load=lambda: set_threads(threads))
     if png is not None:
         from ..engine.views.png import save_png
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ._common import domain_errors, err, note, progress_bar, refuse_stdin, with_help
+from ._common import (STOPPED, data_stdout, domain_errors, err, interruption, note, progress_bar, quiet_libraries,
+                      refuse_stdin, with_help)
 from .options import (
     LargeBackendOption,
     LargeOptionOption,
@@ -46,7 +46,7 @@ answered from `retained_tokens` of `visual_tokens`), the scores, `finish_reason`
 (<out>.preset.yaml). One run writes an output at a time; --resume continues an interrupted one.
 
 Exit codes: 0 all items answered, 1 some items failed (see their `error`), 2 usage, preset, model or output
-error, 130 interrupted (the message says the command that continues).
+error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); the message then says the command that continues.
 
 Examples:
   sgl run examples/batch.jsonl --retain 0.09
@@ -164,6 +164,7 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         ray_options = RayOptions(num_workers, gpus_per_worker, threads)
     preset = load_preset(preset_name).with_settings(**overrides).with_quantize(quantize).with_large_backend(
         large_backend, parse_options(large_option, "--large-option"))
+    quiet_libraries(quiet)
     to_stdout = out is not None and str(out) == "-"
     job = Run(input, preset, out=None if to_stdout else (out or "default"), resume=resume, overwrite=overwrite,
               calibration=calibration, backend=backend, ray_options=ray_options, threads=threads,
@@ -171,20 +172,24 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
               notify=(lambda _: None) if quiet else note, warn=note,
               **(table or {}))
     summary = job.summary
-    with progress_bar("sgl run", quiet, job.remaining()) as advance:
-        try:
-            for record in job:
-                if to_stdout:
-                    from ..engine.io.output import record_line
+    from ..engine.io.output import record_line
 
-                    sys.stdout.write(record_line(job.shape(record)))
-                    sys.stdout.flush()
+    # stdout carries the records alone (`-o -`): what vLLM and the other libraries log goes to stderr.
+    with data_stdout() as data, progress_bar("sgl run", quiet, job.remaining()) as advance:
+        records = iter(job)
+        try:
+            for record in records:
+                if to_stdout:
+                    data.write(record_line(job.shape(record)))
+                    data.flush()
                 advance(info=f"{summary.rate:.2f} it/s  exits {summary.small_exits}  errors {summary.errors}")
-        except KeyboardInterrupt:
+        except STOPPED as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
+            records.close()  # the engine shut down (vLLM's processes), the output closed, the lock released
             job.release()
+            what, code = interruption(exc)
             where = f"; `{again}` continues where it stopped" if job.out is not None else ""
-            err(f"sgl: interrupted after {summary.items} items{where}.")
-            return 130
+            err(f"sgl: {what} after {summary.items} items{where}.")
+            return code
     if not quiet:
         err(f"sgl: {summary.line()}")
     return 1 if summary.errors else 0

@@ -135,6 +135,10 @@ class Evaluation:
     def random_weights(self) -> bool:
         return self.comparison.engine.random_weights
 
+    def close(self) -> None:
+        """Free the engine's large backend (`Engine.close`)."""
+        self.comparison.engine.close()
+
     def run(self, items: Iterable[Item], on_batch: Callable[[list[dict], int], None] | None = None,
             details: Path | None = None) -> dict:
         """Evaluate `items` (labelled) in batches of the engine's batch size and give `result()`. `details`: a JSONL

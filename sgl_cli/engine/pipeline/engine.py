@@ -133,6 +133,13 @@ class Engine:
     def prune_layer(self, guide: Guide | None = None) -> int:
         return (guide or self.guide).prune_layer(self.settings, self.large.num_layers)
 
+    def close(self) -> None:
+        """Free both models' engines (vLLM's processes and their shared memory; nothing on transformers, whose
+        models the garbage collector frees). The engine, and every `with_settings` copy, cannot run after."""
+        self.large.close()
+        if self.small is not None:
+            self.small.close()
+
     # -- streaming -------------------------------------------------------------------------------------------
     def run(self, items: Iterable[Item]) -> Iterator[dict]:
         """Yield one record per item, in input order, as soon as it and every item before it are done. The

@@ -90,6 +90,7 @@ class Run:
         from ..io.formats import open_source
 
         self.lock: OutputLock | None = None
+        self._engine = None  # the local engine while records are made
         self.input = Path(input)
         self.notify = notify or (lambda _: None)
         self.warn = warn or self.notify
@@ -209,6 +210,7 @@ class Run:
 
         use_threads(self.threads)
         engine = Engine.load(self.preset, fetch=self.fetch)  # resolved above
+        self._engine = engine  # closed when the records end (`__iter__`)
         engine.save_scores = self.save_scores
         if engine.random_weights:
             warn_random()
@@ -304,13 +306,18 @@ class Run:
                 raise
             raise InputError(f"{exc}; the records of the {done} items before it are in {self.out}") from exc
         finally:
-            if hasattr(records, "close"):
-                records.close()  # a Ray backend it started shuts down
-            if writer is not None:
-                writer.close()
-            if scores is not None:
-                scores.close()
-            self.release()
+            try:
+                if hasattr(records, "close"):
+                    records.close()  # a Ray backend it started shuts down
+                if writer is not None:
+                    writer.close()
+                if scores is not None:
+                    scores.close()
+                self.release()
+            finally:
+                engine, self._engine = self._engine, None
+                if engine is not None:  # vLLM's engine processes end here, not when the interpreter exits
+                    engine.close()
 
     def shape(self, record: dict) -> dict:
         """A record as its output line's object, as the input's format shapes it (an OpenAI batch input: an OpenAI

@@ -70,10 +70,7 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
     """Load what the guides need, run them on the one item (the comparison `sgl eval` runs) and return the
     Inspection."""
     from ..pipeline.engine import Engine
-    from ..evaluation.compare import Comparison
     from ..guides import make_guide
-    from ..guides.base import n_keep, top_k_in_order
-    from .inspection import GuideMap, Inspection
 
     settings = preset.settings
     made = {g: make_guide(g, settings) for g in guides}
@@ -82,6 +79,20 @@ def _analyze(preset, item: Item, images: list, guides: list[str], skipped: dict[
     real_large = preset.small is None or answer_large or any(g.uses_large for g in made.values())
     engine = Engine.load(dataclasses.replace(preset, settings=dataclasses.replace(settings, guide=guides[0])),
                          small=True, large=real_large)
+    try:
+        return _inspect_loaded(engine, preset, item, images, guides, made, skipped, asked, answer_large,
+                               on_random_weights)
+    finally:
+        engine.close()  # vLLM's engine processes end here
+
+
+def _inspect_loaded(engine, preset, item: Item, images: list, guides: list[str], made: dict,
+                    skipped: dict[str, str], asked: str, answer_large: bool, on_random_weights):
+    from ..evaluation.compare import Comparison
+    from ..guides.base import n_keep, top_k_in_order
+    from .inspection import GuideMap, Inspection
+
+    settings = preset.settings
     small, large = engine.small, engine.large
     if engine.random_weights and on_random_weights is not None:
         on_random_weights()

@@ -174,11 +174,14 @@ class VllmLarge:
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
         kwargs.update(s.extra)
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - one line naming the model; the cause stays chained
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ModelLoadError(f"vLLM cannot load the large model {name!r}: {type(exc).__name__}: {first}") from exc
+        from .processes import StartFailures, start_failure_reason
+
+        with StartFailures() as failures:
+            try:
+                self.llm = vllm.LLM(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - one line naming the model and vLLM's reason; the cause chained
+                reason = start_failure_reason(exc, failures.received())
+                raise ModelLoadError(f"vLLM cannot load the large model {name!r}: {reason}") from exc
         self.tokenizer = self.llm.get_tokenizer()
         self._image_processor = None
         self._template_processor = None
