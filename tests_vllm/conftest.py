@@ -79,6 +79,13 @@ def kept_at(n: int, retain: float, seed: int = 0) -> list[int] | None:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
+def analyze(engine, items: list) -> list:
+    """The small model's part for a batch, through the engine's public stages: `prepare`, then `small_pass`."""
+    works = engine.prepare(items)
+    engine.small_pass(works)
+    return works
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from sgl_cli.cli import app
 
-SHARED = {"small", "small_capture"}
-LARGE = {"large", "pruned_k0", "pipeline"}
+SHARED = {"small", "small_capture", "small_stage"}
+LARGE = {"large", "pruned_k0", "pipeline", "pipeline_serial"}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import comparable, records
+from conftest import analyze, comparable, records
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
@@ -89,12 +89,12 @@ def test_contract_the_kept_set_is_what_vllm_answers_from(vllm_engine, hf_large, 
     from sgl_cli.engine.guides.base import n_keep, top_k_in_order
     from sgl_cli.engine.pipeline.engine import Engine
 
-    works = vllm_engine.analyze(items())
+    works = analyze(vllm_engine, items())
     answers = vllm_engine.large_pass(works, vllm_engine.large_inputs(works))
     for w, a in zip(works, answers):
         assert torch.equal(a.kept, top_k_in_order(w.small.importance, n_keep(len(w.small.importance), 0.25)))
     ref = Engine(vllm_engine.settings, vllm_engine.small, hf_large)
-    ref_works = ref.analyze(items())
+    ref_works = analyze(ref, items())
     ref_answers = ref.large_pass(ref_works, ref.large_inputs(ref_works))
     assert [a.tokens for a in answers] == [a.tokens for a in ref_answers]
     assert [a.answer for a in answers] == [a.answer for a in ref_answers]
@@ -130,7 +130,7 @@ def test_contract_two_images_per_item_on_vllm_equals_transformers(vllm_engine, h
     v = vllm_engine.with_settings(retain=retain)
     got = {}
     for name, engine in (("vllm", v), ("transformers", Engine(v.settings, v.small, hf_large))):
-        works = engine.analyze(pairs())
+        works = analyze(engine, pairs())
         assert all(w.ok and len(w.item.images) == 2 for w in works), [w.error for w in works]
         got[name] = (works, engine.large_pass(works, engine.large_inputs(works)))
     (works, va), (_, ta) = got["vllm"], got["transformers"]

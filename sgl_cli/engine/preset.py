@@ -311,12 +311,13 @@ def _alias(data: Any, where: str, source: str) -> Any:
     if not isinstance(data, dict) or "vllm" not in data:
         return data
     data = dict(data)
-    if "options" in data:
+    if data.get("options") is not None and data["vllm"] is not None:
         raise PresetError(f"{source}: {where}: give options or vllm (its alias), not both")
     if data.get("backend", "transformers") != "vllm" and data["vllm"] is not None:
         raise PresetError(f"{source}: {where}.vllm: vLLM options apply with backend: vllm, not "
                           f"{_quote(data.get('backend', 'transformers'))}")
-    data["options"] = data.pop("vllm")
+    vllm = data.pop("vllm")
+    data["options"] = vllm if vllm is not None else data.get("options")
     return data
 
 

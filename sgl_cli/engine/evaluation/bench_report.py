@@ -318,7 +318,7 @@ def _cross(sections: dict, batch_sizes, prune_layers) -> dict:
     whether their pipeline answers (and exits) agree item by item."""
     names = list(sections)
     first = sections[names[0]]
-    stages = ["large", *(f"pruned_k{k}" for k in prune_layers), "pipeline"]
+    stages = ["large", *(f"pruned_k{k}" for k in prune_layers), "pipeline", "pipeline_serial"]
     out = {}
     for name in names[1:]:
         other = sections[name]
