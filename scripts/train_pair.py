@@ -47,8 +47,8 @@ from sgl_cli.engine.builtin import shapes  # noqa: E402
 from sgl_cli.engine.builtin.pair import TRAINED_SPEC, build_config, build_processor  # noqa: E402
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."  # the default preset's
-WORDS = sorted(set(shapes.vocabulary()) | {"user", "assistant", "answer", "question", "using", "a", "single", "word", "or",
-                                           "phrase", "."})
+WORDS = sorted(set(shapes.vocabulary()) | {"user", "assistant", "answer", "question", "using", "a", "single", "word",
+                                           "or", "phrase", "."})
 N_SHAPE, N_COLOR = len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1  # "none" + each
 # Stages 1-3 train at rope theta's own spectrum; stage 4 raises M-RoPE's row and column frequencies to the
 # shipped spec's (at theta 1e4 and head_dim 32 they turn by at most 0.1 rad per row and 0.003 per column, too

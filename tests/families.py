@@ -85,7 +85,8 @@ def _text_config(size: dict, tok, family: str, **extra) -> dict:
 # -- per family: (processor, config(size)) -----------------------------------------------------------------------
 def _llama_tokenizer(template: str):
     """The LLaVA-1.5 / LLaVA-NeXT tokenizer: Llama specials and one <image> placeholder."""
-    return _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, template, "</s>", "<pad>")
+    return _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], {"image_token": "<image>"}, template, "</s>",
+                      "<pad>")
 
 
 def _clip_vision():

@@ -301,9 +301,10 @@ def test_vllm_refuses_an_unsupported_family_before_any_model_loads(items, tmp_pa
                                   "not llava (use the transformers backend)")
 
 
-@pytest.mark.parametrize("args, what", [(["--guide", "cls"], "the cls guide needs vision_attention"),
-                                        (["--guide", "fastv"], "the fastv guide needs lm_attention, prune_inside_lm"),
-                                        (["--prune-layer", "2"], "the sgl guide at prune_layer 2 needs prune_inside_lm")])
+@pytest.mark.parametrize("args, what", [
+    (["--guide", "cls"], "the cls guide needs vision_attention"),
+    (["--guide", "fastv"], "the fastv guide needs lm_attention, prune_inside_lm"),
+    (["--prune-layer", "2"], "the sgl guide at prune_layer 2 needs prune_inside_lm")])
 def test_vllm_refuses_what_it_does_not_offer(items, preset_file, no_model_loads, args, what):
     res = runner.invoke(app, ["run", str(items), "-p", str(preset_file), "--large-backend", "vllm", *args, "-q"])
     assert res.exit_code == 2

@@ -17,7 +17,8 @@ from tests.conftest import analyze
 def _encode(loaded, item, suffix="Answer with one word."):
     """The prompt as a user would build it with the processor's own chat template (no sgl code)."""
     proc = loaded.processor
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{item.question}\n{suffix}"}]}]
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": f"{item.question}\n{suffix}"}]}]
     text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return proc(text=[text], images=[load_image(item)], return_tensors="pt")
 
@@ -56,7 +57,8 @@ def test_retain_one_equals_plain_generate_on_large(engine_factory, batch):
         expected = eng.large.processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert rec["answer"] == expected.strip()
         assert rec["exit"] == "large"
-        assert rec["retained_tokens"] == rec["visual_tokens"] == int((enc["input_ids"] == eng.large.image_token_id).sum())
+        assert rec["retained_tokens"] == rec["visual_tokens"] == int(
+            (enc["input_ids"] == eng.large.image_token_id).sum())
 
 
 def test_greedy_tokens_equal_generate(engine_factory, batch, monkeypatch):

@@ -88,7 +88,8 @@ def run_works(eng, items):
 
 def encode(processor, item):
     """The prompt as a user builds it with the processor's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{item.question}\n{SUFFIX}"}]}]
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": f"{item.question}\n{SUFFIX}"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return processor(text=[text], images=[load_image(item)], return_tensors="pt")
 
@@ -217,7 +218,8 @@ def test_pruned_equals_reference_and_batch_equals_batch_one(fam, items):
         assert torch.equal(a.large.kept, b.large.kept)
         assert a.small.tokens == b.small.tokens and a.large.tokens == b.large.tokens
         assert len(b.large.kept) == max(1, math.floor(0.25 * int(b.encoded.visual.sum())))
-        ref = reference_pruned(fam.large.model, encode(fam.large.processor, item), b.large.kept, MAX_NEW, fam.large.eos_ids)
+        ref = reference_pruned(fam.large.model, encode(fam.large.processor, item), b.large.kept, MAX_NEW,
+                               fam.large.eos_ids)
         assert b.large.tokens == ref
     recs = engine(fam, retain=0.25, batch_size=2).process(items)
     assert [r["error"] for r in recs] == [None, None]

@@ -110,7 +110,8 @@ def test_openai_batch_round_trip_field_by_field(tmp_path, images, preset_file, r
         assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
         assert choice["message"]["content"] == ref["answer"]  # the same item as sgl JSONL answers it
         assert choice["finish_reason"] == ref["finish_reason"] and choice["logprobs"] is None
-        want = prompt_tokens([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{Q}\n{suffix}"}]}],
+        want = prompt_tokens([{"role": "user", "content": [{"type": "image"},
+                                                           {"type": "text", "text": f"{Q}\n{suffix}"}]}],
                              [pic])
         usage = body["usage"]
         assert usage["prompt_tokens"] == want == ref["usage"]["prompt_tokens"]
@@ -280,7 +281,8 @@ def test_every_way_of_naming_an_image_gives_the_same_answer(tmp_path, images, pr
     assert got[7]["error"] == f"line 8: image '{url}/missing' could not be fetched: HTTP 404 Not Found"
     assert got[8]["error"].startswith(f"line 9: image '{url}/slow' could not be fetched: timed out after 1 s")
     assert got[9]["error"] == f"line 10: image '{url}/huge' could not be fetched: more than the 1 MiB limit"
-    assert got[10]["error"] == f"line 11: image '{url}/html' could not be fetched: the server sent text/html, not an image"
+    assert got[10]["error"] == (f"line 11: image '{url}/html' could not be fetched: the server sent text/html, "
+                                "not an image")
     # --no-fetch: a URL is an error record, nothing is fetched.
     before = dict(hits)
     run([src, "--preset", preset_file, "--no-fetch", "--out", tmp_path / "nofetch.jsonl"], code=1)

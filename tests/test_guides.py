@@ -304,12 +304,14 @@ def test_random_guide_is_seeded_and_batch_independent(qwen2, items):
     assert not torch.equal(one[0].large.kept[:5], torch.arange(5))
     # The answer is the large model's from the chosen tokens (pre-LM pruning at prune_layer 0).
     for item, w in zip(items, many):
-        assert w.large.tokens == reference_generate(qwen2.large, SimpleNamespace(item=item, kept=w.large.kept), 0, MAX_NEW)
+        assert w.large.tokens == reference_generate(qwen2.large, SimpleNamespace(item=item, kept=w.large.kept), 0,
+                                                    MAX_NEW)
 
 
 def test_random_guide_respects_prune_layer(deep, items):
     (w,) = run_works(deep.engine(guide="random", retain=0.2, prune_layer=2), items[:1])
-    assert w.large.tokens == reference_generate(deep.large, SimpleNamespace(item=items[0], kept=w.large.kept), 2, MAX_NEW)
+    assert w.large.tokens == reference_generate(deep.large, SimpleNamespace(item=items[0], kept=w.large.kept), 2,
+                                                MAX_NEW)
 
 
 @pytest.mark.parametrize("retain", [0.001, 0.5])

@@ -208,8 +208,8 @@ def test_single_model_guides_without_a_small_model(tmp_path, tiny_pair, engine_f
     got = json.loads(res.stdout)
     large = engine_factory().large
     eng = Engine(engine_factory(retain=0.2, threshold=0.0, guide=guide).settings, None, large)
-    importance, kept = engine_scores(eng, Item(line=1, id=image.name, images=[ImageRef.path(image)], question="What is it?"), 0.2)[
-        guide]
+    importance, kept = engine_scores(
+        eng, Item(line=1, id=image.name, images=[ImageRef.path(image)], question="What is it?"), 0.2)[guide]
     assert got["importance"] == importance and got["kept"] == kept and got["retained_tokens"] == 12
     assert got["grid"] == [10, 6] and got["guide"] == guide and got["exit"] == "large"
     assert got["small_answer"] is None and got["exit_score"] is None and got["kept_by_sgl_too"] is None

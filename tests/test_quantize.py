@@ -47,7 +47,8 @@ def _items(images):
     from sgl_cli.engine.io.items import ImageRef, Item
 
     questions = ["What color is the square?", "How many circles are there?", "What shape is red?"]
-    return [Item(line=i + 1, id=i, images=[ImageRef.path(p)], question=q) for i, (p, q) in enumerate(zip(images, questions))]
+    return [Item(line=i + 1, id=i, images=[ImageRef.path(p)], question=q)
+            for i, (p, q) in enumerate(zip(images, questions))]
 
 
 def _generate(m, item) -> list[int]:
@@ -105,7 +106,8 @@ def test_8bit_pruned_at_retain_1_equals_unpruned_generate(tiny_pair, small, imag
     recs = _engine_answers(small, large, images[:2], retain=1.0)
     for item, rec in zip(_items(images), recs):
         assert rec["large_quantize"] == "8bit"
-        assert rec["answer"] == large.processor.tokenizer.decode(_generate(large, item), skip_special_tokens=True).strip()
+        assert rec["answer"] == large.processor.tokenizer.decode(_generate(large, item),
+                                                                 skip_special_tokens=True).strip()
 
 
 def test_default_size_pair_runs_4bit(tmp_path):

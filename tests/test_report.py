@@ -142,8 +142,9 @@ def test_the_page_renders_in_a_browser_with_working_filters(run_output, tmp_path
 def test_an_openai_output_and_a_run_without_scores(tmp_path, preset_file):
     imgs = make_images(tmp_path, sizes=((112, 84),))
     line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": imgs[0].name}},
-                                                                 {"type": "text", "text": "What is it?"}]}]}}
+            "body": {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": imgs[0].name}},
+                {"type": "text", "text": "What is it?"}]}]}}
     src = write_jsonl(tmp_path / "req.jsonl", [line])
     assert runner.invoke(app, ["run", str(src), "--preset", str(preset_file), "-q"]).exit_code == 0
     res = runner.invoke(app, ["report", str(tmp_path / "req.sgl.jsonl"), "-o", str(tmp_path / "r.html")])

@@ -229,7 +229,8 @@ def test_an_image_that_is_a_fifo_is_refused_not_waited_on(tmp_path, preset_file)
                            str(out), "-q"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     (rec,) = strict_records(out)
-    assert rec["error"] == f"line 1: image 'f.png' is not a regular file (a pipe, device or socket) ({tmp_path / 'f.png'})"
+    assert rec["error"] == ("line 1: image 'f.png' is not a regular file (a pipe, device or socket) "
+                            f"({tmp_path / 'f.png'})")
 
 
 def test_out_equal_to_the_input_is_refused_also_through_a_link(tmp_path, batch, preset_file):
@@ -404,7 +405,8 @@ def test_a_kill_during_repair_never_loses_a_record(tmp_path):
     n = 200_000
     out.write_text("".join(json.dumps({"line": i, "error": None, "answer": "x" * 40}) + "\n"
                            for i in range(1, n + 1)) + '{"line": ')
-    script = f"from pathlib import Path; from sgl_cli.engine.io.output import scan_output; scan_output(Path({str(out)!r}))"
+    script = ("from pathlib import Path; from sgl_cli.engine.io.output import scan_output; "
+              f"scan_output(Path({str(out)!r}))")
     for delay in (0.05, 0.2, 0.4, 0.8, 1.5, 3.0):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
         time.sleep(delay)

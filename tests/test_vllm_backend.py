@@ -1,8 +1,8 @@
 """The vLLM backend's parts that need no vLLM (this environment has none): its refusals, its option checks, the
 pruned M-RoPE numbering against the transformers path, the seam's defaults (image_token_id, num_layers, context)
 against the LoadedModel's, and the downsample guide's requests (the resized images, every token kept) against the
-transformers backend's reduced input, on an engine whose vLLM is a stand-in that records what it is sent. The tests that run vLLM are in tests_vllm/, run in the
-vLLM environment (scripts/vllm_env.sh)."""
+transformers backend's reduced input, on an engine whose vLLM is a stand-in that records what it is sent. The tests
+that run vLLM are in tests_vllm/, run in the vLLM environment (scripts/vllm_env.sh)."""
 
 from __future__ import annotations
 

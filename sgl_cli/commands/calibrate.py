@@ -45,9 +45,9 @@ median over the items of its time over the large model alone's on the same item.
 
 Output (--out, default <input>.calibration.yaml beside the input; its path on stdout): retain, prune_layer and
 threshold, the chosen row, a table of points (per retain, one per whole percent of exit rate), the measured
-stage times and a fingerprint of the models and settings it is valid for. On stderr, per retain, its best threshold and its cost, the chosen one marked; a
-plot of accuracy against compute goes to --plot. Check the choice on held-out items with
-`sgl eval held-out.jsonl --calibration FILE`.
+stage times and a fingerprint of the models and settings it is valid for. On stderr, per retain, its best
+threshold and its cost, the chosen one marked; a plot of accuracy against compute goes to --plot. Check the
+choice on held-out items with `sgl eval held-out.jsonl --calibration FILE`.
 
 Exit codes: 0 written; 1 written, but some items failed and were left out (see stderr); 2 usage, preset or
 model error.
@@ -63,20 +63,34 @@ _MAX_LISTED = 10  # lines listed per kind of problem, so that a bad file does no
 
 
 def calibrate(
-    input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.", show_default=False),
-    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Cheapest point whose accuracy is at least this fraction of the large model alone's (e.g. 0.99).", show_default=False),
-    exit_rate: Optional[float] = typer.Option(None, "--exit-rate", help="Exit this fraction of items (or the closest below that tied scores allow), at the most accurate retain.", show_default=False),
-    confidence: Optional[float] = typer.Option(None, "--confidence", help="With --target-accuracy: require the bootstrap lower bound of the accuracy at this confidence (e.g. 0.95) to meet it.", show_default=False),
-    retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help=f"Retain values to choose from, comma-separated or repeated, or auto ({', '.join(f'{r:g}' for r in AUTO_RETAINS)}; the default). 1 is free: the large model alone runs anyway."),
-    metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}. vqa is the VQAv2 soft accuracy over a list of references and exact match (normalised) for one."),
+    input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.",
+                                 show_default=False),
+    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Cheapest point whose accuracy "
+                                                    "is at least this fraction of the large model alone's (e.g. 0.99).",
+                                                    show_default=False),
+    exit_rate: Optional[float] = typer.Option(None, "--exit-rate", help="Exit this fraction of items (or the closest "
+                                              "below that tied scores allow), at the most accurate retain.",
+                                              show_default=False),
+    confidence: Optional[float] = typer.Option(None, "--confidence", help="With --target-accuracy: require the "
+                                               "bootstrap lower bound of the accuracy at this confidence (e.g. 0.95) "
+                                               "to meet it.", show_default=False),
+    retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help="Retain values to choose from, "
+                                               "comma-separated or repeated, or auto "
+                                               f"({', '.join(f'{r:g}' for r in AUTO_RETAINS)}; the default). 1 is "
+                                               "free: the large model alone runs anyway."),
+    metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}. vqa is "
+                               "the VQAv2 soft accuracy over a list of references and exact match (normalised) for "
+                               "one."),
     preset: PresetOption = None,
     prune_layer: PruneLayerOption = None,
     consistency_retain: ConsistencyRetainOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     prompt_suffix: PromptSuffixOption = None,
     batch_size: BatchSizeOption = None,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Calibration file (default: <input>.calibration.yaml beside the input)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG plot of accuracy against compute, a curve per retain (default: <out>.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Calibration file (default: "
+                                       "<input>.calibration.yaml beside the input)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG plot of accuracy against compute, a curve per "
+                                        "retain (default: <out>.png)."),
     resume: bool = typer.Option(True, "--resume/--rerun", help="Reuse the cached answers, or recompute every item."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Compute again what the items that failed "
                                       "before lack (else they stay left out and a cached run makes no model call)."),

@@ -62,13 +62,16 @@ Examples:
 
 
 def eval_command(
-    input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.", show_default=False),
+    input: Path = typer.Argument(..., help="JSONL file of image-question items with reference answers.",
+                                 show_default=False),
     guide: GuidesOption = None,
     retain: Optional[List[str]] = typer.Option(None, "--retain", "-r", help="Retain ratios, comma-separated or "
-                                               f"repeated, or auto (sgl calibrate's grid; default: {DEFAULT_RETAINS})."),
+                                               "repeated, or auto (sgl calibrate's grid; default: "
+                                               f"{DEFAULT_RETAINS})."),
     metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness: {', '.join(METRICS)}."),
     preset: PresetOption = None,
-    threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the guides that run the small model (the mixed system)."),
+    threshold: Optional[float] = typer.Option(None, help="Early-exit threshold for the guides that run the small "
+                                              "model (the mixed system)."),
     calibration: CalibrationOption = None,
     prune_layer: PruneLayerOption = None,
     max_new_tokens: MaxNewTokensOption = None,
@@ -78,7 +81,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N labelled items."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy against retain, a line per guide."),
-    details: Optional[Path] = typer.Option(None, "--details", help="JSONL of every item's answers and correctness per setting."),
+    details: Optional[Path] = typer.Option(None, "--details", help="JSONL of every item's answers and correctness "
+                                           "per setting."),
     save_scores: bool = typer.Option(False, "--save-scores", help="With --details: also each item's visual-token "
                                      "ranking and kept tokens per setting, in <details stem>.scores.arrow (float16; "
                                      "`setting` names guide@retain, as in the details)."),

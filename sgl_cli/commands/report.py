@@ -14,10 +14,14 @@ from ._common import domain_errors, err, with_help
 def report(
     output: Path = typer.Argument(..., help="A `sgl run` output (sgl records or an OpenAI batch output file).",
                                   show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file (default: <output stem>.report.html beside it)."),
-    input: Optional[Path] = typer.Option(None, "--input", help="The run's input, for questions and images (default: the one named in <output stem>.run.json)."),
-    metric: str = typer.Option(DEFAULT_METRIC, "--metric", help=f"Answer correctness against the records' references: {', '.join(METRICS)}."),
-    fetch: bool = typer.Option(False, "--fetch", help="Fetch image URLs for the thumbnails (off by default: the report makes no network request unless asked)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file (default: <output stem>.report.html "
+                                       "beside it)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="The run's input, for questions and images (default: "
+                                         "the one named in <output stem>.run.json)."),
+    metric: str = typer.Option(DEFAULT_METRIC, "--metric", help="Answer correctness against the records' references: "
+                               f"{', '.join(METRICS)}."),
+    fetch: bool = typer.Option(False, "--fetch", help="Fetch image URLs for the thumbnails (off by default: the report "
+                               "makes no network request unless asked)."),
     title: Optional[str] = typer.Option(None, "--title", help="The page's title (default: the output's name)."),
 ) -> None:
     """Write one HTML page of a whole run: a summary, charts and a gallery of every record.

@@ -61,8 +61,10 @@ Examples:
 
 def run(
     ctx: typer.Context,
-    input: Path = typer.Argument(..., help="Input: sgl JSONL, an OpenAI batch file, Parquet, or a saved dataset folder.", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: <input>.sgl.jsonl). '-' writes to stdout."),
+    input: Path = typer.Argument(..., help="Input: sgl JSONL, an OpenAI batch file, Parquet, or a saved dataset "
+                                 "folder.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSONL (default: <input>.sgl.jsonl). '-' "
+                                       "writes to stdout."),
     preset: PresetOption = None,
     retain: RetainOption = None,
     threshold: ThresholdOption = None,
@@ -70,7 +72,8 @@ def run(
     calibration: CalibrationOption = None,
     consistency_retain: ConsistencyRetainOption = None,
     max_new_tokens: MaxNewTokensOption = None,
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts are error records (default: the models' context decides)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts are error records (default: the "
+                                                    "models' context decides)."),
     prune_layer: PruneLayerOption = None,
     prompt_suffix: PromptSuffixOption = None,
     batch_size: BatchSizeOption = None,
@@ -78,11 +81,15 @@ def run(
     pipeline: PipelineOption = None,
     guide: GuideOption = None,
     seed: SeedOption = None,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip the items already in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip the items already in "
+                                "--out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never fetch image URLs: items with one are error records."),
-    save_scores: bool = typer.Option(False, "--save-scores", help="Also write each item's visual-token ranking and kept tokens beside the output (<out>.scores.arrow), for `sgl report`."),
-    image_column: str = typer.Option("image", help="Parquet / dataset column of the image (bytes, the datasets Image struct, or a path or URL)."),
+    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never fetch image URLs: items with one are error "
+                                  "records."),
+    save_scores: bool = typer.Option(False, "--save-scores", help="Also write each item's visual-token ranking and "
+                                     "kept tokens beside the output (<out>.scores.arrow), for `sgl report`."),
+    image_column: str = typer.Option("image", help="Parquet / dataset column of the image (bytes, the datasets Image "
+                                     "struct, or a path or URL)."),
     question_column: str = typer.Option("question", help="Parquet / dataset column of the question."),
     id_column: str = typer.Option("id", help="Parquet / dataset column of the item id (default: the row number)."),
     answer_column: str = typer.Option("answer", help="Parquet / dataset column of the reference answer, if any."),
@@ -91,12 +98,19 @@ def run(
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N items."),
     threads: ThreadsOption = None,
     quiet: QuietOption = False,
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the preset's)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Quantize the large model's weights with "
+                                           "bitsandbytes: 4bit (NF4, bf16 compute), 8bit or none (default: the "
+                                           "preset's)."),
     large_backend: LargeBackendOption = None,
     large_option: LargeOptionOption = None,
-    backend: str = typer.Option("local", "--backend", help="local: models in this process; ray: a pool of Ray actors, on this machine or a cluster (needs the ray extra of sgl-cli)."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the pair once (default: one per --gpus-per-worker GPUs of the cluster, else 1)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, may be fractional (default: 1 when the cluster has GPUs, else 0)."),
+    backend: str = typer.Option("local", "--backend", help="local: models in this process; ray: a pool of Ray "
+                                "actors, on this machine or a cluster (needs the ray extra of sgl-cli)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="--backend ray: actors, each loading the "
+                                              "pair once (default: one per --gpus-per-worker GPUs of the cluster, "
+                                              "else 1)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--backend ray: GPUs per actor, "
+                                                    "may be fractional (default: 1 when the cluster has GPUs, else "
+                                                    "0)."),
 ) -> None:
     """Answer every item of an input file with small-model guidance and early exit."""
     from ..engine.io.formats import Columns
@@ -155,7 +169,8 @@ def _run(input: Path, out: Optional[Path], preset_name: Optional[str], overrides
         check_guides([overrides["guide"]])
     ray_options = None
     if backend == "local":
-        given = [f for f, v in (("--num-workers", num_workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
+        given = [f for f, v in (("--num-workers", num_workers), ("--gpus-per-worker", gpus_per_worker))
+                 if v is not None]
         if given:
             raise SglError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --backend ray")
     elif backend == "ray":

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 # Loaded on first use (they import torch).
 _LAZY = {
     "Engine": ".pipeline.engine", "LargeInputs": ".pipeline.engine",
-    "Encoded": ".pipeline.stages", "LargeAnswer": ".pipeline.stages", "SmallPass": ".pipeline.stages", "Work": ".pipeline.stages",
+    "Encoded": ".pipeline.stages", "LargeAnswer": ".pipeline.stages", "SmallPass": ".pipeline.stages",
+    "Work": ".pipeline.stages",
     "Bench": ".evaluation.bench", "Calibrator": ".evaluation.calibrate", "Comparison": ".evaluation.compare",
     "apply_calibration": ".calibration", "resolve_calibration": ".calibration", "PURPOSES": ".calibration",
     "Guide": ".guides.base", "GuideBatch": ".guides.base", "GuideItem": ".guides.base", "Kind": ".guides.base",

@@ -155,4 +155,5 @@ def missing(preset, guide: str) -> frozenset[str]:
     from ..guides import guide_class
     from .base import needs
 
-    return needs(guide_class(guide), preset.settings.prune_layer) - backend_class(preset.large.backend or DEFAULT).offers
+    return (needs(guide_class(guide), preset.settings.prune_layer)
+            - backend_class(preset.large.backend or DEFAULT).offers)

@@ -123,7 +123,8 @@ def _check_quantized_on_cpu(model, spec: ModelSpec, role: str) -> None:
                 and getattr(module, "support_avx512bf16_for_cpu", True) and module.in_features % BNB_BLOCK:
             raise ModelLoadError(
                 f"the {role} model {spec.model!r} cannot run 4-bit on the CPU: layer {name} has input width "
-                f"{module.in_features}, not a multiple of {BNB_BLOCK} (bitsandbytes' block); use a GPU or quantize: none"
+                f"{module.in_features}, not a multiple of {BNB_BLOCK} (bitsandbytes' block); use a GPU or "
+                "quantize: none"
             )
 
 

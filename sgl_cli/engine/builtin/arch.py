@@ -1,12 +1,12 @@
 """Published VLM architectures, built offline with random weights at their exact sizes (`sgl bench --arch`).
 
 Each `ModelArch` holds the values of one checkpoint's published `config.json` (language model, vision tower,
-projector) and its published parameter count; `backends/transformers.py`'s `from_arch(pair, ...)` turns a pair of them into two `LoadedModel`s
-with random weights created directly on the target device and dtype (the model is laid out on the `meta` device
-first, so no fp32 copy of 7B parameters is ever made on the CPU), a byte-level tokenizer holding the family's
-special tokens at their published ids and sized to the published vocabulary, and the family's own processor with
-its published pixel settings, shared by both models (identical `input_ids`: a real pair). `layers` cuts both
-language models (and `vision_layers` both vision towers) so that CPU runs and tests stay small.
+projector) and its published parameter count; `backends/transformers.py`'s `from_arch(pair, ...)` turns a pair of
+them into two `LoadedModel`s with random weights created directly on the target device and dtype (the model is laid
+out on the `meta` device first, so no fp32 copy of 7B parameters is ever made on the CPU), a byte-level tokenizer
+holding the family's special tokens at their published ids and sized to the published vocabulary, and the family's
+own processor with its published pixel settings, shared by both models (identical `input_ids`: a real pair).
+`layers` cuts both language models (and `vision_layers` both vision towers) so that CPU runs and tests stay small.
 
 Sources (read through a search index of stored public pages and repositories; the hub itself is not reachable
 here). Every full model's parameter count on the `meta` device equals the published total (tests/test_arch.py).

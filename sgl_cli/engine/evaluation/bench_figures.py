@@ -201,7 +201,8 @@ def dtype_of(m: LargeBackend) -> str | None:
     return m.engine_options().get("dtype") or m.spec.dtype
 
 
-def stage_flops(engine, large: LargeBackend, works, kept, gen: dict, prune_layers, k0: int, records, vision_reference=None) -> dict:
+def stage_flops(engine, large: LargeBackend, works, kept, gen: dict, prune_layers, k0: int, records,
+                vision_reference=None) -> dict:
     """Per-item multiply-adds (GMACs) of every stage, from the items and answers of this run (`gen`: the large
     stages' generations on every item); the pipeline's large stage prunes at layer `k0`. The language models'
     come from their configs; the large vision tower is counted as executed on an in-process backend (`large`, or

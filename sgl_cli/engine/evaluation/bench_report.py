@@ -270,8 +270,8 @@ def small_options(small: SmallModel) -> dict:
     return small.engine_options()
 
 
-def _section(engine, m: LargeBackend, works, kept, gen, records, identical, batch_sizes, prune_layers, k_report, per_item, peaks,
-             vision_reference) -> dict:
+def _section(engine, m: LargeBackend, works, kept, gen, records, identical, batch_sizes, prune_layers, k_report,
+             per_item, peaks, vision_reference) -> dict:
     """One large backend's figures: its device, FLOPs, batches (ms, items/s, ratios), targets, tokens generated.
     `works`, `kept`, `gen`: the reference items'; `records`: each batch size's last timed pipeline records (the
     first batch size's: the reference items'); `identical`: whether each batch size answered the reference items

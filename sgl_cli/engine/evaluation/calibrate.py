@@ -231,7 +231,8 @@ class Calibrator:
                 parts.append(f"{len(items)} new item(s): the small model, the large model alone and at retain "
                              f"{', '.join(f'{r:g}' for r in self.retains if r < 1.0) or '-'}")
             else:
-                parts.append(f"{len(items)} cached item(s): the large model at retain {', '.join(f'{r:g}' for r in need)}")
+                parts.append(f"{len(items)} cached item(s): the large model at retain "
+                             f"{', '.join(f'{r:g}' for r in need)}")
         return "; ".join(parts) or "nothing: every item is cached"
 
     # -- computing -------------------------------------------------------------------------------------------

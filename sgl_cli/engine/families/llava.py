@@ -15,8 +15,8 @@ def _feature_layer(model) -> int:
     a list concatenates several layers, the deepest one is used)."""
     cfg = model.config
     layer = cfg.vision_feature_layer
-    layer = max(layer, key=lambda i: i % (cfg.vision_config.num_hidden_layers + 1)) if isinstance(layer, (list, tuple)) \
-        else layer
+    layer = (max(layer, key=lambda i: i % (cfg.vision_config.num_hidden_layers + 1))
+             if isinstance(layer, (list, tuple)) else layer)
     n = cfg.vision_config.num_hidden_layers
     index = layer % (n + 1) - 1  # hidden_states[0] is the embeddings, hidden_states[i] the output of layer i - 1
     if index < 0:
@@ -235,7 +235,8 @@ class LlavaNext(Llava):
             tokens = torch.arange(first, first + n_base).view(side, side)
             tokens[base[:, 1].long(), base[:, 2].long()] = torch.arange(first, first + n_base)  # the model's order
             name = "image" if len(lay) == n_base else "base"
-            about = "the image's merged patches in raster order" if name == "image" else "the whole image resized to one crop"
+            about = ("the image's merged patches in raster order" if name == "image"
+                     else "the whole image resized to one crop")
             grids.append(one_grid(name, side, side, about, crop=int(crop0), tokens=tokens, image=j))
             first += int((~newline).sum())
             if len(lay) == n_base:

@@ -2,9 +2,9 @@
 
 Built-in: `sgl` (the small model's attention, SGP), `cls` ([CLS] attention in the vision encoder, FasterVLM),
 `fastv` (the large model's own attention at layer K-1), `random`, and `downsample` (no ranking: the image
-reduced to the token budget before the large model's vision tower, or its feature grid pooled). Any installed package can add one under the
-entry-point group `sgl.guides` (`name = "module:GuideClass"`): it then works in presets and every command's
-`--guide` like a built-in one. docs/guides.md says how to write one.
+reduced to the token budget before the large model's vision tower, or its feature grid pooled). Any installed
+package can add one under the entry-point group `sgl.guides` (`name = "module:GuideClass"`): it then works in
+presets and every command's `--guide` like a built-in one. docs/guides.md says how to write one.
 
 Importing this package is cheap: names come from the registry and the entry-point metadata; a guide's module
 (and torch) is imported only when the guide is made. A guide plugin that cannot be loaded is left out of "every

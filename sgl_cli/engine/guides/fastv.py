@@ -21,7 +21,8 @@ DEFAULT_LAYER = 2  # FastV's K when the run prunes at the LM input (K = 0)
 
 class FastVGuide(Guide):
     name: ClassVar[str] = "fastv"
-    description: ClassVar[str] = "the large model's attention from the last prompt token at layer {k_1} (pruned at layer {k})"
+    description: ClassVar[str] = ("the large model's attention from the last prompt token at layer {k_1} "
+                                  "(pruned at layer {k})")
     score_noun: ClassVar[str] = "attention"
     kind: ClassVar[Kind] = Kind.PREFILL
     needs: ClassVar[frozenset[str]] = frozenset({"lm_attention", "prune_inside_lm"})

@@ -3,12 +3,12 @@
 `<out stem>.scores.arrow` is an Arrow IPC stream (what pyarrow, pandas, polars and DuckDB read:
 `pyarrow.ipc.open_stream(path).read_all()`), one row per record, appended right after its record is written:
 
-| column | what |
-|---|---|
-| `line` | the record's `line` (its item's line or row) |
-| `scores` | float16, one per visual token in sequence order: the guide's scores, or after an early exit the small model's SGP importance |
-| `kept` | int32: the visual tokens the large model kept (empty after an exit) |
-| `grids` | per token grid: `image` (which of the item's images), `name`, `rows`, `cols`, `tokens` (the visual-token index at each cell, row-major; as `sgl inspect` lays them out) |
+- `line`: the record's `line` (its item's line or row)
+- `scores`: float16, one per visual token in sequence order: the guide's scores, or after an early exit the small
+  model's SGP importance
+- `kept`: int32: the visual tokens the large model kept (empty after an exit)
+- `grids`: per token grid: `image` (which of the item's images), `name`, `rows`, `cols`, `tokens` (the visual-token
+  index at each cell, row-major; as `sgl inspect` lays them out)
 
 `--resume` keeps the rows of the records already written and drops a row torn by a kill.
 

@@ -5,9 +5,9 @@ items an interrupted run already recorded are left out, as for the local backend
 are cut where the local engine cuts its batches (after every `batch_size` runnable items), so every model call
 sees the same rows, padding included, and the records are the local backend's to the last bit. A pool of
 `num_workers` actors each loads the pair once (one `Engine`) and turns a block at a time into records with the
-same parsing (the source travels to the workers) and the same engine. Ray Data hands the records back in input order (`preserve_order`), and the
-caller writes them with the same writer, so the output file, `--resume` and the exit code are the local
-backend's. Records are shipped pickled, so no field is reshaped by Arrow.
+same parsing (the source travels to the workers) and the same engine. Ray Data hands the records back in input order
+(`preserve_order`), and the caller writes them with the same writer, so the output file, `--resume` and the exit
+code are the local backend's. Records are shipped pickled, so no field is reshaped by Arrow.
 
 Where it runs: `ray.init()` joins the cluster named by `RAY_ADDRESS` or the one this machine belongs to (`ray start`),
 else it starts a local one. Every worker needs sgl installed (and the plugins the run names: docs/presets.md) and

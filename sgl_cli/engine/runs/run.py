@@ -7,9 +7,9 @@
 
 Everything that needs no model is checked when the Run is made (the input, the output path, a resumed run's
 settings, the calibration), so a mistake costs no model load. The preset's calibration (or `calibration`) is
-resolved once, here (`engine/calibration.py`, purpose "run"). Records are written as they complete, each flushed whole, with the
-resolved settings beside them (`<out stem>.preset.yaml`), and the output file is created only when the first
-record is ready: a backend that fails to start leaves nothing behind.
+resolved once, here (`engine/calibration.py`, purpose "run"). Records are written as they complete, each flushed
+whole, with the resolved settings beside them (`<out stem>.preset.yaml`), and the output file is created only when
+the first record is ready: a backend that fails to start leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -196,8 +196,9 @@ class Inspection:
             # As in `sgl run`'s records: the image's own count (full size), whatever the guide gave the large model.
             "visual_tokens": self.n if self.full_tokens is None else self.full_tokens,
             "grid": list(self.grid) if self.grid else None,  # None: several grids (see `grids`)
-            **({} if self.full_tokens is None else {"seen_image_sizes": [list(s) for s in self.seen_sizes] or None,
-                                                    "pooled_from": list(self.pooled_from) if self.pooled_from else None}),
+            **({} if self.full_tokens is None else {
+                "seen_image_sizes": [list(s) for s in self.seen_sizes] or None,
+                "pooled_from": list(self.pooled_from) if self.pooled_from else None}),
             **self.layout_json(),
         }
         if self.guide != "all":

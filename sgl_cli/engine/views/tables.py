@@ -147,7 +147,8 @@ def bench_tables(r: dict) -> None:
         for i, name in enumerate(names):
             x = sections[name]["batches"][b]["ratios"]
             ratios.add_row(b if i == 0 else "", name, *(
-                "-" if key not in x else f"{x[key]:.2f}" + (f" [{x[key + '_flops']:.2f}]" if key + "_flops" in x else "")
+                "-" if key not in x
+                else f"{x[key]:.2f}" + (f" [{x[key + '_flops']:.2f}]" if key + "_flops" in x else "")
                 for _, key in cols), end_section=i == len(names) - 1)
     console.print(ratios)
     stream = Table(title="the streaming pipeline: over the serial one, over the pace of its slower stage alone "
