@@ -160,3 +160,44 @@ def test_memory_does_not_grow_with_the_input(echo, echo_job, tmp_path):
     early = max(v for n, v in samples.items() if 1000 <= n <= 1500)
     late = max(v for n, v in samples.items() if n >= 4500)
     assert late - early < 30_000, (early, late)  # KB: flat, not ~5 MB per thousand items
+
+
+def test_streaming_keeps_what_records_read_and_drops_the_rest(engine_factory, mixed):
+    """What waits in the window is lean (no small-model tensors; pixels only where the large model still reads
+    them), and what the records read is kept: the saved rankings and their token grids equal the serial run's."""
+    import numpy as np
+
+    from sgl_cli.engine import read_items
+    from sgl_cli.engine.pipeline.record import SCORES_KEY
+
+    def run(pipeline):
+        eng = engine_factory(batch_size=2, retain=0.25, pipeline=pipeline, threshold=0.5)
+        eng.save_scores = True
+        return list(eng.run(read_items(mixed)))
+
+    serial, streamed = run("serial"), run("streaming")
+    assert without_ms([{k: v for k, v in r.items() if k != SCORES_KEY} for r in streamed]) == \
+        without_ms([{k: v for k, v in r.items() if k != SCORES_KEY} for r in serial])
+    saved = 0
+    for a, b in zip(streamed, serial):
+        assert (SCORES_KEY in a) == (SCORES_KEY in b)
+        if SCORES_KEY in a:
+            saved += 1
+            x, y = a[SCORES_KEY], b[SCORES_KEY]
+            assert np.array_equal(x["scores"], y["scores"]) and np.array_equal(x["kept"], y["kept"])
+            assert [(g["name"], g["rows"], g["cols"]) for g in x["grids"]] == \
+                [(g["name"], g["rows"], g["cols"]) for g in y["grids"]]
+    assert saved == 7  # every item answered
+
+
+def test_a_lean_encoding_keeps_shapes_and_ids_not_pixels(engine_factory, mixed):
+    from sgl_cli.engine import read_items
+
+    eng = engine_factory()
+    (w,) = eng.prepare([next(read_items(mixed))])
+    lean = w.encoded.lean(pixels=False)
+    assert lean.small is None and lean.images is w.encoded.images and lean.visual is w.encoded.visual
+    assert lean.large["pixel_values"].device.type == "meta"
+    assert lean.large["pixel_values"].shape == w.encoded.large["pixel_values"].shape
+    assert lean.large["input_ids"] is w.encoded.large["input_ids"]
+    assert w.encoded.lean(pixels=True).large is w.encoded.large

@@ -37,6 +37,16 @@ class Encoded:
     def n_visual(self) -> int:
         return int(self.visual.sum())
 
+    def lean(self, pixels: bool) -> "Encoded":
+        """This encoding less what only the models' own passes read: the small model's encoding, and (without
+        `pixels`) the pixel tensors' memory, where the large model reads the images themselves (vLLM) or no longer
+        runs; their shapes stay (on the meta device: a family lays out tiles by them). What the records read
+        stays: ids, the grids, the images and the prompt."""
+        large = self.large if pixels else {
+            k: v.to("meta") if k.startswith("pixel_values") and isinstance(v, torch.Tensor) else v
+            for k, v in self.large.items()}
+        return Encoded(large, None, self.visual, self.image_sizes, self.images, self.prompt)
+
 
 @dataclass
 class SmallPass:

@@ -188,7 +188,14 @@ class Stream:
         onward = []
         for (seq, _), w in zip(batch, works):
             w.started = t0
-            if w.ok and not eng.exits(w):
+            goes_on = w.ok and not eng.exits(w)
+            # What waits in the window keeps only what is still read: the memory of the items in flight is their
+            # images and ids, not the small model's tensors (its re-read state, both encodings' pixels).
+            if w.small is not None:
+                w.small.state = None
+            if w.encoded is not None:
+                w.encoded = w.encoded.lean(pixels=goes_on and eng.large.in_process)
+            if goes_on:
                 onward.append((seq, w))
             else:
                 self.done.put(("item", seq, w, (t1 - t0) * 1000 / len(works)))
