@@ -486,3 +486,16 @@ def test_bench_runs_vllm_without_prefix_caching_unless_asked(monkeypatch, given,
               backend_options={} if given is None else {"vllm": given}).load(None, 2, max_batch=2)
     options = got.value.args[0]
     assert options["enable_prefix_caching"] is want and options["max_num_seqs"] == 2
+
+
+def test_the_pipelines_bound_is_one_device_or_both():
+    """The streaming pipeline runs both stages at once: on one device they share its peak, on two (a GPU each, or a
+    GPU beside vLLM's) their peaks add up."""
+    from sgl_cli.engine.evaluation.bench_figures import pipeline_peak
+
+    cpu_a = {"device": "cpu", "dtype": "float32", "parallel": 1, "gmac_per_s": 100.0}
+    cpu_b = {"device": "cpu", "dtype": "float32", "parallel": 1, "gmac_per_s": 80.0}
+    gpu = {"device": "cuda:1", "dtype": "bfloat16", "parallel": 4, "gmac_per_s": 4000.0}
+    assert pipeline_peak(cpu_a, cpu_b) is cpu_a
+    both = pipeline_peak(cpu_a, gpu)
+    assert both["gmac_per_s"] == 4100.0 and both["device"] == "cpu + cuda:1"
