@@ -48,7 +48,8 @@ def test_sigterm_stops_sgl_run_as_ctrl_c_does_and_resume_completes(tmp_path, tin
     src = write_jsonl(tmp_path / "big.jsonl", rows)
     preset = write_preset(tmp_path, tiny_pair, max_new_tokens=16)
     out = tmp_path / "big.sgl.jsonl"
-    cmd = [sys.executable, "-m", "sgl_cli", "run", str(src), "-p", str(preset), "-q", "--threads", "1"]
+    cmd = [sys.executable, "-m", "sgl_cli", "run", str(src), "-p", str(preset), "-q", "--threads", "1", "--pipeline",
+           "streaming"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
@@ -59,7 +60,7 @@ def test_sigterm_stops_sgl_run_as_ctrl_c_does_and_resume_completes(tmp_path, tin
     lines = stderr.strip().splitlines()
     written = len(records(out))
     assert 2 <= written < 12, "the run should have been stopped midway"
-    again = f"sgl run {src} --preset {preset} --threads 1 --quiet --resume"
+    again = f"sgl run {src} --preset {preset} --pipeline streaming --threads 1 --quiet --resume"
     assert lines[-1] == f"sgl: terminated (SIGTERM) after {written} items; `{again}` continues where it stopped."
     assert stdout == ""
     done = subprocess.run([sys.executable, "-m", "sgl_cli", *again.split()[1:]], capture_output=True, text=True,

@@ -69,6 +69,22 @@ def test_streaming_gives_the_serial_records(engine_factory, mixed, guide, batch,
     assert eng.last_stream.busy.items == 9
 
 
+def test_auto_runs_the_stages_in_turn_where_both_compute_on_the_cpu(engine_factory, mixed, monkeypatch):
+    """`pipeline: auto` (the default): serial where both models compute on the CPU's cores (they would contend for
+    them), streaming where the large one does not; a setting given is kept. The records are the same."""
+    from sgl_cli.engine import read_items
+
+    serial = list(engine_factory(batch_size=2, retain=0.25, pipeline="serial").run(read_items(mixed)))
+    eng = engine_factory(batch_size=2, retain=0.25)
+    assert eng.settings.pipeline == "auto" and eng.small.on_cpu and eng.large.on_cpu
+    assert eng.pipeline_mode() == "serial"
+    assert without_ms(list(eng.run(read_items(mixed)))) == without_ms(serial) and eng.last_stream is None
+    assert engine_factory(pipeline="streaming").pipeline_mode() == "streaming"
+    monkeypatch.setattr(type(eng.large), "on_cpu", property(lambda self: False))  # as a large model on a GPU
+    assert eng.pipeline_mode() == "streaming"
+    assert without_ms(list(eng.run(read_items(mixed)))) == without_ms(serial) and eng.last_stream.busy.items == 9
+
+
 # -- the echo pair: no model, answers out of order ---------------------------------------------------------------
 @pytest.fixture
 def echo_job(tmp_path, tiny_pair):

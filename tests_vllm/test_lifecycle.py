@@ -201,7 +201,7 @@ def batch(tmp_path) -> Path:
     return path
 
 
-RUN = ("--no-exit", "--batch-size", "2")  # every item through vLLM, records two at a time
+RUN = ("--no-exit", "--batch-size", "2", "--pipeline", "streaming")  # every item through vLLM, both stages at once
 
 
 def test_sigterm_mid_run_shuts_the_engine_down_and_resume_completes(tmp_path, batch, vllm_preset):
@@ -213,7 +213,8 @@ def test_sigterm_mid_run_shuts_the_engine_down_and_resume_completes(tmp_path, ba
     assert sgl.finish(300) == 143, sgl.err[-3000:]
     n = written(out)
     assert 2 <= n < 16
-    again = f"sgl run {batch} --out {out} --preset {vllm_preset} --no-exit --batch-size 2 --resume"
+    again = (f"sgl run {batch} --out {out} --preset {vllm_preset} --no-exit --batch-size 2 --pipeline streaming"
+             " --resume")
     assert said(sgl.err)[-1] == \
         f"sgl: terminated (SIGTERM) after {n} items; `{again}` continues where it stopped."
     assert sgl.out == ""
@@ -251,7 +252,8 @@ def test_a_stopped_run_leaves_no_engine_process_or_shared_memory(tmp_path, batch
     else:  # vLLM swallows a KeyboardInterrupt while it starts: SIGTERM must not be one
         sgl.proc.send_signal(signal.SIGTERM)
         assert sgl.finish(120) == 143, sgl.err[-3000:]
-        again = f"sgl run {batch} --out {out} --preset {vllm_preset} --no-exit --batch-size 2 --resume"
+        again = (f"sgl run {batch} --out {out} --preset {vllm_preset} --no-exit --batch-size 2 --pipeline streaming"
+                 " --resume")
         assert said(sgl.err)[-1] == f"sgl: terminated (SIGTERM) after 0 items; `{again}` continues where it stopped."
     if when == "start-up":
         assert not out.exists()

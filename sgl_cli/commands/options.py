@@ -42,8 +42,9 @@ LargeBatchSizeOption = Annotated[Optional[int], typer.Option(
     "(vllm's continuous batching); default: the backend's (transformers: --batch-size; vllm: its max_num_seqs, "
     "else 256).", show_default=False)]
 PipelineOption = Annotated[Optional[str], typer.Option(
-    "--pipeline", help="streaming (default): the small and the large stage run at once, records written in input "
-    "order as soon as they are ready; serial: each batch through both stages in turn. The records are the same.",
+    "--pipeline", help="streaming: the small and the large stage run at once, records written in input order as "
+    "soon as they are ready; serial: each batch through both stages in turn; auto (default): serial where both "
+    "models compute on the CPU (they would contend for its cores), else streaming. The records are the same.",
     show_default=False)]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed of the random guide.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import PresetError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PIPELINES = ("streaming", "serial")
+PIPELINES = ("auto", "streaming", "serial")
 # Settings that change how fast records come, not what they say (a resumed run may change them).
 SPEED_ONLY = ("batch_size", "large_batch_size", "pipeline")
 # Weight quantization (bitsandbytes): None, "nf4" (4-bit NormalFloat; "4bit" is an alias) or "8bit" (LLM.int8).
@@ -114,8 +114,9 @@ class Settings:
     # continuous batching). None: the backend's default (transformers: batch_size; vLLM: its max_num_seqs, else 256).
     large_batch_size: int | None = None
     # streaming: the small and the large stage run at once (pipeline/stream.py); serial: each batch through both
-    # in turn. The records are the same; only the speed differs.
-    pipeline: str = "streaming"
+    # in turn; auto: serial where both compute on the CPU's cores, else streaming (`Engine.pipeline_mode`). The
+    # records are the same; only the speed differs.
+    pipeline: str = "auto"
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
     guide: str = "sgl"  # what ranks the visual tokens: a registered guide (built-in or a plugin's)
     seed: int = 0  # the random guide's seed

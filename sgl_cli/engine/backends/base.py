@@ -103,6 +103,12 @@ class Model(ModelFacts, abc.ABC):
         """Where the model runs, as calibration caches record the conditions of their stage times."""
         return self.name
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether it computes on this machine's CPU cores, which a stage running beside it then competes for (the
+        pipeline's `auto` runs the stages in turn where both do)."""
+        return False
+
     def describe(self) -> dict:
         """Fields every record of a run on this backend carries."""
         return {}

@@ -260,6 +260,10 @@ class _Loaded:
     def device(self) -> str:
         return str(self.model.device)
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.model.device.type == "cpu"
+
     def engine_options(self) -> dict:
         return engine_options(self.loaded)
 

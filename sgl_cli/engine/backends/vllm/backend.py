@@ -144,6 +144,12 @@ class VllmBackend(LargeBackend):
 
         return f"vllm:{'cuda' if torch.cuda.is_available() else 'cpu'} x{self.large.settings.tensor_parallel_size}"
 
+    @property
+    def on_cpu(self) -> bool:
+        import torch
+
+        return not torch.cuda.is_available()  # vLLM's CPU build: its worker is bound to the machine's cores
+
     def stream(self) -> "VllmStream":
         """Items in flight in vLLM's engine: added as the small stage hands them over, answered as they finish."""
         return VllmStream(self)
