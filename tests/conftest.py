@@ -76,6 +76,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def long_job(folder: Path, pair: dict[str, Path]) -> tuple[Path, Path, Path]:
+    """(input, preset, its default output) of a run long enough to stop midway: 12 items, answers of 16 tokens."""
+    imgs = make_images(folder)
+    rows = [{"image": imgs[i % 3].name, "question": f"question {i}?"} for i in range(12)]
+    return (write_jsonl(folder / "big.jsonl", rows), write_preset(folder, pair, max_new_tokens=16),
+            folder / "big.sgl.jsonl")
+
+
 @pytest.fixture
 def batch(tmp_path) -> Path:
     imgs = make_images(tmp_path)

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sgl_cli.cli import app
-from tests.conftest import make_images, write_jsonl, write_preset
+from tests.conftest import long_job, make_images, write_jsonl, write_preset
 
 runner = CliRunner()
 
@@ -181,11 +181,7 @@ def test_resume_refuses_changed_settings(batch, preset_file):
 
 
 def test_kill_9_midway_then_resume(tmp_path, tiny_pair):
-    imgs = make_images(tmp_path)
-    rows = [{"image": imgs[i % 3].name, "question": f"question {i}?"} for i in range(12)]
-    src = write_jsonl(tmp_path / "big.jsonl", rows)
-    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=16)
-    out = tmp_path / "big.sgl.jsonl"
+    src, preset, out = long_job(tmp_path, tiny_pair)
     cmd = [sys.executable, "-m", "sgl_cli", "run", str(src), "-p", str(preset), "-q", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

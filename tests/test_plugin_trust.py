@@ -83,21 +83,19 @@ PLUGINS: dict[str, tuple[str, dict[str, dict[str, str]]]] = {
                 for n, pair in enumerate(super().pairs(source)):
                     yield None if n == 2 else pair
 
-        class Shuffled(_Suffix):  # lines 1, 3, 2, 2
-            name, suffix = "shuffled", ".shuffled"
+        class _Reordered(_Suffix):  # the file's pairs in `order`
+            order = ()
 
             def pairs(self, source):
                 pairs = list(super().pairs(source))
-                for i in (0, 2, 1, 1):
+                for i in self.order:
                     yield pairs[i]
 
-        class Repeated(_Suffix):  # lines 1, 2, 2, 3
-            name, suffix = "repeated", ".repeated"
+        class Shuffled(_Reordered):  # lines 1, 3, 2, 2
+            name, suffix, order = "shuffled", ".shuffled", (0, 2, 1, 1)
 
-            def pairs(self, source):
-                pairs = list(super().pairs(source))
-                for i in (0, 1, 1, 2):
-                    yield pairs[i]
+        class Repeated(_Reordered):  # lines 1, 2, 2, 3
+            name, suffix, order = "repeated", ".repeated", (0, 1, 1, 2)
 
         class BadParse(_Suffix):  # parse raises on line 2
             name, suffix = "badparse", ".badparse"

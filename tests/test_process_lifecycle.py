@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import ROOT, make_images, write_jsonl, write_preset
+from tests.conftest import ROOT, long_job, make_images, write_jsonl, write_preset
 
 
 def records(path: Path) -> list[dict]:
@@ -43,11 +43,7 @@ def _wait_gone(pids, seconds: float) -> list[int]:
 
 
 def test_sigterm_stops_sgl_run_as_ctrl_c_does_and_resume_completes(tmp_path, tiny_pair):
-    imgs = make_images(tmp_path)
-    rows = [{"image": imgs[i % 3].name, "question": f"question {i}?"} for i in range(12)]
-    src = write_jsonl(tmp_path / "big.jsonl", rows)
-    preset = write_preset(tmp_path, tiny_pair, max_new_tokens=16)
-    out = tmp_path / "big.sgl.jsonl"
+    src, preset, out = long_job(tmp_path, tiny_pair)
     cmd = [sys.executable, "-m", "sgl_cli", "run", str(src), "-p", str(preset), "-q", "--threads", "1", "--pipeline",
            "streaming"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -175,12 +171,18 @@ FAILING = textwrap.dedent("""
 """)
 
 
-def test_the_engine_cores_start_failure_reaches_the_parents_line(tmp_path):
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+def run_script(folder: Path, text: str, timeout: float) -> subprocess.CompletedProcess:
+    """`text` run as a Python script in a process of its own, with sgl importable."""
+    script = folder / "script.py"
+    script.write_text(text)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_the_engine_cores_start_failure_reaches_the_parents_line(tmp_path):
+    res = run_script(tmp_path, FAILING, timeout=120)
     assert res.stdout == ("Available memory on node 0 (16.74/23.54 GiB) on kv cache allocation is less than requested "
                           "memory for kv (1000.0 GiB). Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or "
                           "reduce CPU memory used by other processes.\n")
@@ -233,10 +235,6 @@ DATA = textwrap.dedent("""
 
 
 def test_data_stdout_keeps_what_libraries_and_children_print_off_stdout(tmp_path):
-    script = tmp_path / "data.py"
-    script.write_text(DATA)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr
+    res = run_script(tmp_path, DATA, timeout=60)
     assert res.stdout == "before\nthe data\nafter\n"
     assert res.stderr.splitlines() == ["a library's print", "a C library's write", "a child process"]

@@ -31,10 +31,6 @@ class LargeStream:
         out, self._ready = self._ready, []
         return out
 
-    def in_flight(self) -> int:
-        """Items added whose answers `ready` has not given yet."""
-        return len(self._ready)
-
     def close(self) -> None:
         """Drop what is still in flight (an interrupted run)."""
         self._ready = []

@@ -258,8 +258,7 @@ class Engine:
         m = self.large
         k = self.prune_layer(guide)
         check(type(guide), type(m), k)  # another guide or layer than the engine's (sgl eval's comparison)
-        limits = [min(w.item.max_new_tokens or self.settings.max_new_tokens, max_new_tokens or 1 << 30)
-                  for w in works]
+        limits = [min(n, max_new_tokens or 1 << 30) for n in self.limits(works)]
         if inputs is not None and [id(w) for w in inputs.works] != [id(w) for w in works]:
             inputs = inputs.select(works)
         answers = self.answers(works, m.answer(works, inputs, guide, retain, k, limits), guide, k)

@@ -229,9 +229,8 @@ class Stream:
                 if group:
                     now = time.perf_counter()
                     flight.update((id(w), (seq, w, now)) for seq, w in group)
-                    t0 = time.perf_counter()
                     self._add(stream, [w for _, w in group])
-                    self.busy.large += time.perf_counter() - t0
+                    self.busy.large += time.perf_counter() - now
                     for seq, w in group:
                         if not w.ok:  # failed before the large model was asked (its inputs): done
                             flight.pop(id(w))

@@ -301,9 +301,6 @@ class VllmStream(LargeStream):
                 break
         return out
 
-    def in_flight(self) -> int:
-        return len(self.flight) + len(self._ready)
-
     def close(self) -> None:
         self.backend.large.abort(list(self.flight))
         self.flight.clear()
