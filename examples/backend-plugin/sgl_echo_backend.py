@@ -95,9 +95,6 @@ class JitterStream(LargeStream):
         self.due = [d for d in self.due if d[0] > now]
         return out
 
-    def in_flight(self) -> int:
-        return len(self.due)
-
     def close(self) -> None:
         self.due = []
 
