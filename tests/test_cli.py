@@ -120,7 +120,7 @@ def test_bad_input_becomes_error_records_and_the_run_goes_on(tmp_path, preset_fi
     assert [r["line"] for r in recs] == [1, 2, 3, 4, 5, 6, 8, 9]  # the blank line 7 is skipped
     assert errors[1] is None and errors[9] is None
     assert errors[2].startswith("line 2: not valid JSON")
-    assert errors[3] == "line 3: missing field 'image'"
+    assert errors[3] == "line 3: missing field 'image' (or 'video')"
     assert errors[4].startswith("line 4: field 'question' must be a non-empty string")
     assert errors[5].startswith("line 5: image 'cat.png' not found")
     assert errors[6].startswith("line 6: image 'corrupt.png' cannot be read")

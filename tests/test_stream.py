@@ -174,7 +174,10 @@ def test_memory_does_not_grow_with_the_input(echo, echo_job, tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
     assert len(records(out)) == 5000
     early = max(v for n, v in samples.items() if 1000 <= n <= 1500)
-    late = max(v for n, v in samples.items() if n >= 4500)
+    # While the last records are written, not after: once all 5,000 are on disk the process is shutting down (the
+    # engine closed, the interpreter and torch's libraries finalising), and its resident size then jumps by 10-120
+    # MB at random on torch's CUDA build (measured: always at n == 5000), which says nothing about the window.
+    late = max(v for n, v in samples.items() if 4500 <= n < 5000)
     assert late - early < 30_000, (early, late)  # KB: flat, not ~5 MB per thousand items
 
 

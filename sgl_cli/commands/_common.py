@@ -114,7 +114,7 @@ FLAGS = {
     "resume": "--resume",
     "max_new_tokens": "--max-new-tokens",
     "retain": "--retain", "save_scores": "--save-scores", "target_accuracy": "--target-accuracy",
-    "threshold": "--threshold",
+    "threshold": "--threshold", "video": "--video", "fps": "--fps", "max_frames": "--max-frames",
 }
 
 

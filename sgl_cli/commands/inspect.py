@@ -1,4 +1,5 @@
-"""`sgl inspect IMAGE --question Q`: which visual tokens each guide finds important and which the large model keeps."""
+"""`sgl inspect IMAGE --question Q` (or `--video CLIP`): which visual tokens each guide finds important and which the
+large model keeps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..engine.guides import guide_names  # light: no torch
-from ._common import data_stdout, domain_errors, err, note, set_threads, warn_random_weights, with_help
+from ._common import FLAGS, data_stdout, domain_errors, err, note, set_threads, warn_random_weights, with_help
 from .options import PresetOption, ThreadsOption
 
 EXAMPLE = """
@@ -22,6 +23,16 @@ grid (rows x columns of merged patches), the tokens the large model keeps at
 LLaVA-NeXT/OneVision's base crop beside its high-res grid (the crops in
 their places, unpadded), InternVL's tiles in their places beside the
 thumbnail; crop and tile boundaries are frame lines.
+
+A video (--video, with images or alone; Qwen2-VL, Qwen2.5-VL and Qwen3-VL)
+is sampled at --fps up to --max-frames
+(default: the preset's video_fps and video_max_frames) and drawn as one map per
+temporal patch, the two sampled frames the model merges into one grid of
+tokens, labelled by its frames and their time ("frames 3-4 (1.5 s)"); one
+colour scale and one budget span the images and every patch. --png draws
+each patch on its first frame; --json gives each patch's grid with its
+frames and time, and the video's sampled frames' times under `video`. cls
+and downsample do not rank a video's tokens (all leaves cls out).
 
 Guides and what they load and run:
   sgl     the small model's attention while it answers (the default; needs
@@ -52,7 +63,7 @@ guide. With --guide all, --png writes one PNG with a panel per guide and
 indices and answer.
 
 Exit codes: 0 done; 2 usage, preset or model error, or a missing, corrupt or
-unsupported image.
+unsupported image or video.
 
 Examples:
   sgl inspect examples/images/shapes_7_0000.jpg \\
@@ -60,15 +71,22 @@ Examples:
   sgl inspect photo.jpg --question "What does the sign say?" --retain 0.2
   sgl inspect photo.jpg --question "..." --guide all --png guides.png
   sgl inspect photo.jpg --question "..." --png heat.png --json > heat.json
+  sgl inspect --video clip.mp4 --question "What moves?" --fps 1 --png frames.png
 """
 
 
-
 def inspect(
-    image: List[Path] = typer.Argument(..., help="Image file; several for one item with several images (the "
-                                       "families that take them: Qwen-VL, LLaVA-OneVision, InternVL).",
-                                       show_default=False),
+    image: Optional[List[Path]] = typer.Argument(None, help="Image file; several for one item with several images "
+                                                 "(the families that take them: Qwen-VL, LLaVA-OneVision, "
+                                                 "InternVL). None with --video alone.", show_default=False),
     question: str = typer.Option(..., "--question", help="The question to ask about the image.", show_default=False),
+    video: Optional[Path] = typer.Option(None, "--video", help="A video file for the item (after its images, if any): "
+                                         "one map per temporal patch of two sampled frames.", show_default=False),
+    fps: Optional[float] = typer.Option(None, "--fps", help="The video's frames sampled per second (default: the "
+                                        "preset's video_fps).", show_default=False),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="At most this many of the video's frames, "
+                                             "spread over the whole video (default: the preset's "
+                                             "video_max_frames).", show_default=False),
     guide: str = typer.Option("sgl", "--guide", "-g", help=f"What ranks the visual tokens: {', '.join(guide_names())}, "
                               "or all (see the list above; fastv runs the large model's language model on the prompt "
                               "by nature)."),
@@ -85,9 +103,15 @@ def inspect(
                                                                     "(of each shown guide) and show its answer."),
     threads: ThreadsOption = None,
 ) -> None:
-    """Show which visual tokens matter for one image and question, and which the large model would keep."""
+    """Show which visual tokens matter for one image (or video) and question, and which the large model would keep."""
+    from ..engine.errors import SettingError, SglError
+
     with domain_errors():
-        _inspect(image, question, guide, preset, retain, png, as_json, answer_large, threads)
+        try:
+            _inspect(list(image or []), question, guide, preset, retain, png, as_json, answer_large, threads, video,
+                     fps, max_frames)
+        except SettingError as exc:  # the video settings by their flags here
+            raise SglError(exc.worded(FLAGS)) from None
 
 
 with_help(inspect, EXAMPLE)
@@ -95,7 +119,8 @@ with_help(inspect, EXAMPLE)
 
 def _inspect(image_paths: list[Path], question: str, guide: str, preset_name: Optional[str],
              retain: Optional[float], png: Optional[Path], as_json: bool, answer_large: bool,
-             threads: Optional[int]) -> None:
+             threads: Optional[int], video: Optional[Path] = None, fps: Optional[float] = None,
+             max_frames: Optional[int] = None) -> None:
     from ..engine.errors import SettingError, SglError
     from ..engine.preset import load_preset
     from ..engine.views.inspect_item import inspect_item
@@ -103,13 +128,16 @@ def _inspect(image_paths: list[Path], question: str, guide: str, preset_name: Op
 
     if not question.strip():
         raise SettingError("{} must not be empty", "question")
+    if not image_paths and video is None:
+        raise SglError("give an image (IMAGE...) or a --video")
     if guide != "all":
         check_guides([guide])
     preset = load_preset(preset_name).with_settings(retain=retain)
     if png is not None and not png.parent.is_dir():
         raise SglError(f"--png {png}: folder {png.parent} does not exist")
     with data_stdout():  # what the libraries log while the models load and run (vLLM's: on stdout) goes to stderr
-        result, images = inspect_item(preset, image_paths, question, guide, answer_large=answer_large, notify=note,
+        result, images = inspect_item(preset, image_paths, question, guide, video=video, fps=fps,
+                                      max_frames=max_frames, answer_large=answer_large, notify=note,
                                       on_random_weights=lambda: warn_random_weights("answers and importance"),
                                       before_load=lambda: set_threads(threads))
     if png is not None:

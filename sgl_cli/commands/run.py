@@ -33,11 +33,12 @@ from .options import (
 EXAMPLE = """
 Input: told apart by its name and content. sgl JSONL: one item per line with `image` (a path relative to the
 file, an http(s) URL or a data URI), `images` (a list of them) or `image_base64`, `question`, and optionally
-`id`, `answer` (copied to the output as `reference`), `type` and `max_new_tokens`; an OpenAI Batch API file
-(lines with `custom_id`, `method`, `url` /v1/chat/completions and `body`: messages with image_url parts,
-max_tokens), whose output is an OpenAI batch output file; a Parquet file or a folder saved with the datasets
-library's save_to_disk, one item per row (columns image, question and optionally id, answer, type; rename them
-with --image-column and the like).
+`id`, `answer` (copied to the output as `reference`), `type` and `max_new_tokens`; or a `video` (a video file,
+or a list of frame images) with optional `fps` and `max_frames` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); an OpenAI Batch
+API file (lines with `custom_id`, `method`, `url` /v1/chat/completions and `body`: messages with image_url and
+video_url parts, max_tokens), whose output is an OpenAI batch output file; a Parquet file or a folder saved with
+the datasets library's save_to_disk, one item per row (columns image or video, question and optionally id, answer,
+type; rename them with --image-column and the like).
 
 Output (--out, default <input>.sgl.jsonl): exactly one strict-JSON record per input item, in order, with
 `answer`, `exit` ("small": the small model's answer was confident and consistent; "large": the large model
@@ -94,6 +95,8 @@ def run(
     id_column: str = typer.Option("id", help="Parquet / dataset column of the item id (default: the row number)."),
     answer_column: str = typer.Option("answer", help="Parquet / dataset column of the reference answer, if any."),
     type_column: str = typer.Option("type", help="Parquet / dataset column of the question type, if any."),
+    video_column: str = typer.Option("video", help="Parquet / dataset column of a video (bytes, the datasets Video "
+                                     "struct, or a path or URL), if any."),
     split: Optional[str] = typer.Option(None, help="The split of a dataset saved with several (a DatasetDict folder)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N items."),
     threads: ThreadsOption = None,
@@ -123,8 +126,8 @@ def run(
             prompt_suffix=prompt_suffix, batch_size=batch_size, guide=guide, seed=seed,
             large_batch_size=large_batch_size, pipeline=pipeline,
         ), calibration, resume, overwrite, threads, quiet, backend, num_workers, gpus_per_worker, quantize,
-            dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column), split=split,
-                 limit=limit), no_fetch, resume_command(ctx), save_scores, large_backend,
+            dict(columns=Columns(image_column, question_column, id_column, answer_column, type_column, video_column),
+                 split=split, limit=limit), no_fetch, resume_command(ctx), save_scores, large_backend,
             large_option)
     raise typer.Exit(code)
 

@@ -30,7 +30,7 @@ from .errors import ItemError, ModelLoadError, PresetError, SglError
 from .guides import guide_names, make_guide
 from .io.formats import read_items
 from .io.images import to_rgb
-from .io.items import ImageRef, Item
+from .io.items import ImageRef, Item, VideoRef
 from .preset import ModelSpec, Preset, Settings, load_preset
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ _LAZY = {
 __all__ = ["PURPOSES", "Bench", "Calibrator", "Comparison", "Encoded", "Engine", "Guide", "GuideBatch", "GuideItem",
            "ImageRef", "Item", "ItemError", "Kind", "LargeAnswer", "LargeBackend", "LargeInputs", "ModelLoadError",
            "ModelSpec", "Preset", "PresetError", "Run", "RunSummary", "Settings", "SglError", "SmallModel", "SmallPass",
-           "Work", "apply_calibration", "guide_names", "load_preset", "make_guide", "random_weights_warning",
-           "read_items", "resolve_calibration", "to_rgb", "use_threads"]
+           "VideoRef", "Work", "apply_calibration", "guide_names", "load_preset", "make_guide",
+           "random_weights_warning", "read_items", "resolve_calibration", "to_rgb", "use_threads"]
 
 
 def __getattr__(name: str):

@@ -120,6 +120,10 @@ class Settings:
     calibration: str | None = None  # a `sgl calibrate` file whose threshold a run uses (relative: to the preset)
     guide: str = "sgl"  # what ranks the visual tokens: a registered guide (built-in or a plugin's)
     seed: int = 0  # the random guide's seed
+    # A video item's frames: sampled at `video_fps` per second, at most `video_max_frames` spread over the whole
+    # video (an item's own `fps` and `max_frames` take precedence).
+    video_fps: float = 2.0
+    video_max_frames: int = 64
 
     def validate(self, where: str = "settings") -> None:
         if not 0.0 < self.retain <= 1.0:
@@ -144,6 +148,10 @@ class Settings:
 
         if self.guide not in guide_names():
             raise PresetError(f"{where}: guide must be one of {', '.join(guide_names())}, got {_quote(self.guide)}")
+        if not (0.0 < self.video_fps <= 60.0):
+            raise PresetError(f"{where}: video_fps must be in (0, 60], got {self.video_fps}")
+        if not 1 <= self.video_max_frames <= 4096:
+            raise PresetError(f"{where}: video_max_frames must be in 1..4096, got {self.video_max_frames}")
         if self.calibration is not None and not self.calibration.strip():
             raise PresetError(f"{where}: calibration must name a file (or be null), got {self.calibration!r}")
 

@@ -128,9 +128,31 @@ def stop_at(answer: str, until: Any) -> str:
     return answer
 
 
+# What lmms-eval's video tasks give as a visual: the video file's path.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpeg", ".mpg", ".ts", ".gif")
+
+
+def media_refs(visuals: Any, where: str):
+    """(image references, video reference or None) for what a task's doc_to_visual returned: images as
+    `image_refs` takes them, and at most one video, named by a path with a video file's suffix (lmms-eval's video
+    tasks give the file's path). Raises ValueError for a second video."""
+    from sgl_cli.engine import ImageRef, VideoRef
+
+    images, video = [], None
+    listed = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    for k, visual in enumerate(listed):
+        if isinstance(visual, (str, Path)) and Path(str(visual)).suffix.lower() in VIDEO_SUFFIXES:
+            if video is not None:
+                raise ValueError(f"visual {k + 1} is a second video; sgl takes one video per item")
+            video = VideoRef(ImageRef.parse(str(visual), Path.cwd()))
+        else:
+            images.append(visual)
+    return image_refs(images, where), video
+
+
 def image_refs(visuals: Any, where: str):
     """sgl's image references for what a task's doc_to_visual returned (PIL images, in any mode sgl converts from
-    a file, or paths); raises ValueError for anything else (a video, audio; a mode sgl cannot convert)."""
+    a file, or paths); raises ValueError for anything else (audio; a mode sgl cannot convert)."""
     from PIL import Image
 
     from sgl_cli.engine import ImageRef, to_rgb
@@ -271,7 +293,7 @@ def _build_class():
             item = Item(line=row, id=ident, question=str(context), unit="row")
             where = f"{task} row {row}"
             try:
-                item.images = image_refs(doc_to_visual(doc), where)
+                item.images, item.video = media_refs(doc_to_visual(doc), where)
             except Exception as exc:  # a task's own function failed on this doc: this item's error, not the run's
                 item.error = item.fail(f"{task}: doc_to_visual: {exc}")
             limit = gen_kwargs.get("max_new_tokens")

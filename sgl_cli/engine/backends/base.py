@@ -79,6 +79,7 @@ class Model(ModelFacts, abc.ABC):
     spec: "ModelSpec"  # what was loaded (its quantize says how the weights ran)
     eos_ids: frozenset[int]
     random_weights: bool = False  # a built-in random pair's: its answers are noise
+    takes_video: ClassVar[bool] = False  # whether it answers items with a video (its family must take them too)
 
     @classmethod
     @abc.abstractmethod
@@ -319,6 +320,7 @@ class LayoutOnly(LargeBackend):
         self.family, self.processor, self.model = facts.family, facts.processor, facts.model
         self.eos_ids = facts.eos_ids
         self.random_weights = facts.random_weights
+        self.takes_video = facts.takes_video  # it lays out what the model it stands for takes
 
     @classmethod
     def load(cls, spec, role, options):  # noqa: D102 - made from a loaded model, never loaded

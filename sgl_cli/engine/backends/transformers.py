@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ModelLoadError
+from ..errors import ItemError, ModelLoadError
 from ..families import family_for
 from ..preset import ModelSpec
 from ..core import hf
@@ -273,6 +273,7 @@ class TransformersSmall(_Loaded, SmallModel):
     (`core.capture.ImportanceCapture`, scoped to this pass), and one teacher-forced re-read."""
 
     name = "transformers"
+    takes_video = True
 
     @classmethod
     def load(cls, spec: ModelSpec, role: str = "small", options: dict | None = None) -> "TransformersSmall":
@@ -320,6 +321,7 @@ class TransformersLarge(_Loaded, LargeBackend):
     attention are there to read; the language model is sgl's, so tokens can be dropped and read at any layer)."""
 
     name = "transformers"
+    takes_video = True
     offers = CAPABILITIES
     in_process = True
     quantizes = True
@@ -411,6 +413,9 @@ class TransformersLarge(_Loaded, LargeBackend):
         fixed-resolution towers). The rows, and what the model saw of each item."""
         encs, sizes = [], []
         for w in works:
+            if w.encoded.video is not None:
+                raise ItemError(w.item.fail(f"the {guide.name} guide does not reduce videos yet (sgl, random and "
+                                            "fastv rank a video's tokens)"))
             images = guide.prepare_images(self, list(w.encoded.images), retain)
             same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
             encs.append(w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt))

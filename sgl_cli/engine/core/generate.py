@@ -33,6 +33,18 @@ class Row:
     pack: Callable | None = None
     # (rows, cols) of the image's visual tokens when they no longer follow the model's own layout (a pooled grid)
     grid: tuple[int, int] | None = None
+    # (n_slots,) bool: the slots a video's features fill (the model takes them as `mm_encoder_outputs["video"]`,
+    # the others as "image"); None: no video
+    video: torch.Tensor | None = None
+    # The position of the first generated token: the full sequence's largest position + 1, as the model's own rope
+    # deltas give it (a Qwen2.5-VL video's time-scaled ids can pass the text after it); None: after the last column
+    next_pos: int | None = None
+
+    def next_position(self) -> torch.Tensor:
+        """(P, 1): where the first generated token goes."""
+        if self.next_pos is None:
+            return self.pos[:, -1:] + 1
+        return torch.full((self.pos.shape[0], 1), self.next_pos, dtype=self.pos.dtype)
 
     @staticmethod
     def columns(visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -47,7 +59,8 @@ class Row:
         slots = visual if self.slots is None else self.slots
         rows = columns[slots]  # the feature rows of the slots that stay
         return Row(self.ids[columns], self.pos[:, columns], self.feats[rows], slots[columns],
-                   tuple(d[rows] for d in self.deepstack), self.pack)
+                   tuple(d[rows] for d in self.deepstack), self.pack,
+                   video=self.video[rows] if self.video is not None else None, next_pos=self.next_pos)
 
 
 @dataclass
@@ -58,16 +71,28 @@ class Batch:
     feats: torch.Tensor  # (sum n_slots, hidden), in row-major placeholder order
     deepstack: tuple = ()  # per level, (sum n_slots, hidden)
     pack: Callable | None = None
+    video: torch.Tensor | None = None  # (sum n_slots,) bool: video slots (None: none)
+    next_pos: torch.Tensor | None = None  # (P, B, 1): each row's first generated token's position
+
+    def _encoded(self, rows: torch.Tensor | None):
+        feats = self.feats if rows is None else self.feats[rows]
+        deepstack = self.deepstack if rows is None else tuple(d[rows] for d in self.deepstack)
+        return self.pack(feats, deepstack) if self.pack is not None else hf.pooled_output((feats,))
 
     def model_kwargs(self) -> dict:
         pos = self.position_ids if self.position_ids.shape[0] > 1 else self.position_ids[0]
-        encoded = (self.pack(self.feats, self.deepstack) if self.pack is not None
-                   else hf.pooled_output((self.feats,)))
+        if self.video is None or not self.video.any():
+            encoded = {"image": self._encoded(None)}
+        else:  # the model fills image and video placeholders from separate outputs, each in sequence order
+            video = self.video.to(self.feats.device)
+            encoded = {"video": self._encoded(video)}
+            if not video.all():
+                encoded["image"] = self._encoded(~video)
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "position_ids": pos,
-            "mm_encoder_outputs": {"image": encoded},
+            "mm_encoder_outputs": encoded,
         }
 
 
@@ -84,7 +109,13 @@ def collate(rows: list[Row], pad_id: int, device) -> Batch:
         pos[:, i, width - n :] = r.pos
     feats = torch.cat([r.feats for r in rows]).to(device)
     deepstack = tuple(torch.cat(level).to(device) for level in zip(*(r.deepstack for r in rows)))
-    return Batch(ids.to(device), mask.to(device), pos.to(device), feats, deepstack, rows[0].pack)
+    video = None
+    if any(r.video is not None for r in rows):
+        video = torch.cat([r.video if r.video is not None else torch.zeros(len(r.feats), dtype=torch.bool)
+                           for r in rows])
+    next_pos = torch.stack([r.next_position() for r in rows], dim=1)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), feats, deepstack, rows[0].pack, video,
+                 next_pos.to(device))
 
 
 @dataclass
@@ -140,7 +171,8 @@ def greedy(model, batch: Batch, max_new_tokens: list[int], eos_ids: set[int], pa
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     mask = batch.attention_mask
-    next_pos = batch.position_ids[:, :, -1:] + 1  # left padding: the last column is every row's last token
+    # Left padding: the last column is every row's last token; a row may say its next position (`Row.next_pos`).
+    next_pos = batch.position_ids[:, :, -1:] + 1 if batch.next_pos is None else batch.next_pos
     steps: list[torch.Tensor] = []  # per step, (3, B) on the host: token, its probability, still active after it
     step = 0
     while True:
@@ -178,10 +210,9 @@ def answer_probs(model, rows: list[Row], answers: list[list[int]], pad_id: int) 
     fed = []
     for r, a in zip(rows, answers):
         extra = torch.tensor(a[:-1], dtype=torch.long)
-        last = r.pos[:, -1:]
-        steps = torch.arange(1, len(extra) + 1, dtype=torch.long)
-        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, last + steps], dim=1), r.feats,
-                       deepstack=r.deepstack, pack=r.pack))
+        steps = torch.arange(len(extra), dtype=torch.long)
+        fed.append(Row(torch.cat([r.ids, extra]), torch.cat([r.pos, r.next_position() + steps], dim=1), r.feats,
+                       deepstack=r.deepstack, pack=r.pack, video=r.video))
     batch = collate(fed, pad_id, rows_device(model))
     width = max(len(a) for a in answers)
     logits, _ = _forward(model, logits_to_keep=width, use_cache=False, **batch.model_kwargs())

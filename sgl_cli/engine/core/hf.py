@@ -211,6 +211,12 @@ def deepstack_output(feats, deepstack: tuple) -> Any:
     return cls(pooler_output=(feats,), deepstack_features=[(d,) for d in deepstack])
 
 
+def video_metadata(**fields) -> Any:
+    """transformers' `VideoMetadata` (the sampled frames' count, rate and span, which the video processors read
+    instead of sampling themselves)."""
+    return _attr("transformers.video_utils", "VideoMetadata")(**fields)
+
+
 # -- family helpers (module-level functions the families' layouts need) ---------------------------------------------
 def vision_window_index(visual, grid):
     """The merged-token order a windowed (Qwen2.5-VL) tower runs in: position j holds raster token index[j]."""

@@ -136,10 +136,16 @@ class Family:
     def image_token_id(self, model) -> int:
         return int(model.config.image_token_id)
 
-    def encode(self, processor, images, prompt: str | list[dict]) -> dict:
+    # Whether this family's models take a video (`encode(..., video=)`); the others refuse a video item.
+    takes_video = False
+
+    def encode(self, processor, images, prompt: str | list[dict], video=None) -> dict:
         """Processor inputs for one item through the checkpoint's own chat template: `prompt` is the chat turns
-        (`Item.messages`; {"type": "image"} parts where the images go), or a question asked of the images in one
-        user turn."""
+        (`Item.messages`; {"type": "image"} parts where the images go, a {"type": "video"} part where the video
+        goes), or a question asked of the images in one user turn. `video`: an `io.video.Video` (families that
+        take video)."""
+        if video is not None:
+            raise ValueError(f"{self.name} models in sgl do not take video yet")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         messages = prompt if isinstance(prompt, list) else [
             {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]}]
@@ -149,6 +155,10 @@ class Family:
     def placeholders(self, model, enc: dict) -> torch.Tensor:
         """(S,) bool: the columns image features fill, in order."""
         return enc["input_ids"][0] == self.image_token_id(model)
+
+    def video_slots(self, model, enc: dict) -> torch.Tensor | None:
+        """(n_slots,) bool: the placeholders a video's features fill (None: the item has no video)."""
+        return None
 
     def visual_mask(self, model, enc: dict) -> torch.Tensor:
         """(S,) bool: the visual tokens (ranked, pruned). Marker placeholders (newlines) are not among them."""
@@ -170,8 +180,12 @@ class Family:
     def rows(self, model, encs: list[dict]):
         from ..core.generate import Row
 
-        return [Row(e["input_ids"][0], self.position_ids(model, e), f, self.placeholders(model, e), extra, self.pack)
-                for e, (f, extra) in zip(encs, self.features(model, encs))]
+        rows = []
+        for e, (f, extra) in zip(encs, self.features(model, encs)):
+            pos = self.position_ids(model, e)
+            rows.append(Row(e["input_ids"][0], pos, f, self.placeholders(model, e), extra, self.pack,
+                            video=self.video_slots(model, e), next_pos=int(pos.max()) + 1))
+        return rows
 
     def token_grid(self, model, enc: dict) -> tuple[int, int]:
         raise ValueError(f"{self.name} images are not one token grid")

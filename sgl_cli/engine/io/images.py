@@ -44,7 +44,7 @@ def load_images(item: Item, fetcher=None, max_pixels: int | None = None) -> list
 def load_image(item: Item, ref: ImageRef | None = None, fetcher=None, max_pixels: int | None = None):
     """One image of the item (its first by default) as an RGB PIL image, or ItemError with the reason."""
     ref = ref or item.images[0]
-    source = _source(item, ref, fetcher)
+    source = source_of(item, ref, fetcher)
     try:
         return decode(source, max_pixels)
     except _Refused as exc:
@@ -80,63 +80,64 @@ def _not_an_image(source) -> str:
     return f"cannot be read: its {size:,} bytes are not an image in a format sgl reads (they begin with {begins})"
 
 
-def _source(item: Item, ref: ImageRef, fetcher):
-    """A path or a bytes buffer to decode."""
+def source_of(item: Item, ref: ImageRef, fetcher, what: str = "image"):
+    """A path or a bytes buffer to decode (`what`: how messages name it, "image" or "video")."""
     if ref.kind == "path":
-        return _regular_file(item, ref)
+        return _regular_file(item, ref, what)
     if ref.kind == "bytes":
         data = ref.value
     elif ref.kind == "data":
-        data = _data_uri(item, ref)
+        data = _data_uri(item, ref, what)
     elif ref.kind == "url":
         if fetcher is None:
-            raise ItemError(item.fail(f"image '{ref.label}' is a URL and fetching is off (--no-fetch)"))
+            raise ItemError(item.fail(f"{what} '{ref.label}' is a URL and fetching is off (--no-fetch)"))
         from .fetch import FetchError
 
         try:
             data = fetcher.get(ref.value)
         except FetchError as exc:
-            raise ItemError(item.fail(f"image '{ref.label}' could not be fetched: {exc}")) from None
+            raise ItemError(item.fail(f"{what} '{ref.label}' could not be fetched: {exc}")) from None
     elif ref.kind == "unsupported":
         scheme = ref.value.split(":", 1)[0].lower()
-        raise ItemError(item.fail(f"image '{ref.label}': {scheme}:// URLs are not supported (sgl reads files, "
+        raise ItemError(item.fail(f"{what} '{ref.label}': {scheme}:// URLs are not supported (sgl reads files, "
                                   "file:// and data: URIs, and http(s) URLs)"))
     else:
-        raise ItemError(item.fail(f"image '{ref.label}': unknown kind {ref.kind!r}"))
+        raise ItemError(item.fail(f"{what} '{ref.label}': unknown kind {ref.kind!r}"))
     if len(data) > MAX_IMAGE_BYTES:
-        raise ItemError(item.fail(f"image '{ref.label}' is {len(data):,} bytes, over {MAX_IMAGE_BYTES >> 20} MiB"))
+        raise ItemError(item.fail(f"{what} '{ref.label}' is {len(data):,} bytes, over {MAX_IMAGE_BYTES >> 20} MiB"))
     return io.BytesIO(data)
 
 
-def _regular_file(item: Item, ref: ImageRef) -> Path:
+def _regular_file(item: Item, ref: ImageRef, what: str) -> Path:
     path: Path = ref.value
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ItemError(item.fail(f"image '{ref.label}' not found ({path})")) from None
+        raise ItemError(item.fail(f"{what} '{ref.label}' not found ({path})")) from None
     except OSError as exc:
-        raise ItemError(item.fail(f"image '{ref.label}' cannot be read ({exc.strerror or exc})")) from None
+        raise ItemError(item.fail(f"{what} '{ref.label}' cannot be read ({exc.strerror or exc})")) from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, device or socket)"
-        raise ItemError(item.fail(f"image '{ref.label}' is {kind} ({path})"))
+        raise ItemError(item.fail(f"{what} '{ref.label}' is {kind} ({path})"))
     if st.st_size > MAX_IMAGE_BYTES:
-        raise ItemError(item.fail(f"image '{ref.label}' is {st.st_size:,} bytes, over {MAX_IMAGE_BYTES >> 20} MiB"))
+        raise ItemError(item.fail(f"{what} '{ref.label}' is {st.st_size:,} bytes, over {MAX_IMAGE_BYTES >> 20} MiB"))
     return path
 
 
-def _data_uri(item: Item, ref: ImageRef) -> bytes:
+def _data_uri(item: Item, ref: ImageRef, what: str) -> bytes:
     header, sep, payload = ref.value.partition(",")
     if not sep or not header.lower().endswith(";base64"):
-        raise ItemError(item.fail(f"image '{ref.label}' is not a base64 data URI (data:image/...;base64,...)"))
+        raise ItemError(item.fail(f"{what} '{ref.label}' is not a base64 data URI (data:{what}/...;base64,...)"))
     media = header[5:].split(";")[0].strip().lower()
-    if media and not media.startswith("image/"):
-        raise ItemError(item.fail(f"image '{ref.label}' is {media}, not an image"))
+    if media and not media.startswith(f"{what}/") and media != "application/octet-stream":
+        article = "an image" if what == "image" else "a video"
+        raise ItemError(item.fail(f"{what} '{ref.label}' is {media}, not {article}"))
     if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise ItemError(item.fail(f"image '{ref.label}' is over {MAX_IMAGE_BYTES >> 20} MiB"))
+        raise ItemError(item.fail(f"{what} '{ref.label}' is over {MAX_IMAGE_BYTES >> 20} MiB"))
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ItemError(item.fail(f"image '{ref.label}' is not valid base64")) from None
+        raise ItemError(item.fail(f"{what} '{ref.label}' is not valid base64")) from None
 
 
 class _Refused(ValueError):

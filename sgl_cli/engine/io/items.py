@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_IMAGES = 64  # per item: a bound on work per item, far above what any VLM context holds
+MAX_VIDEO_FRAMES = 4096  # per item's `max_frames` (the preset's `video_max_frames` is the usual bound)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,26 @@ class ImageRef:
         return cls.path(path if path.is_absolute() else base / path)
 
 
+@dataclass(frozen=True)
+class VideoRef:
+    """An item's video: a video file (`source`: a path, URL, data URI or bytes) or a list of frame images
+    (`frames`), and its own sampling (`fps`, `max_frames`; None: the preset's)."""
+
+    source: ImageRef | None = None
+    frames: tuple[ImageRef, ...] = ()
+    fps: float | None = None
+    max_frames: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source.label if self.source is not None else f"{len(self.frames)} frames"
+
+    @property
+    def refs(self) -> tuple[ImageRef, ...]:
+        """The files or bytes it is read from."""
+        return (self.source,) if self.source is not None else self.frames
+
+
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -59,6 +80,7 @@ class Item:
     line: int  # 1-based line (or row) of the input
     id: Any
     images: list[ImageRef] = field(default_factory=list)
+    video: VideoRef | None = None  # at most one video, shown after the images unless `parts` places it
     question: str = ""  # the final user turn's text
     reference: Any = None  # the input's `answer`, when given
     has_reference: bool = False
@@ -75,9 +97,10 @@ class Item:
 
     def messages(self, suffix: str = "") -> list[dict]:
         """The chat turns to prompt with: the history, then the final user turn with `suffix` appended to its text
-        (images are {"type": "image"} parts, in the order of `images`)."""
+        (images are {"type": "image"} parts, in the order of `images`; the video a {"type": "video"} part)."""
         parts = [dict(p) for p in self.parts] if self.parts is not None else (
-            [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}])
+            [{"type": "image"} for _ in self.images] + [{"type": "video"}] * (self.video is not None)
+            + [{"type": "text", "text": self.question}])
         if suffix:
             last = max(i for i, p in enumerate(parts) if p["type"] == "text")
             parts[last]["text"] = f"{parts[last]['text']}\n{suffix}"
@@ -181,7 +204,51 @@ def parse_object(obj: dict, item: Item, base: Path) -> Item:
     if images is None:
         return item
     item.images = images
+    if obj.get("video") is not None or "fps" in obj or "max_frames" in obj:
+        item.video = parse_video(obj, item, base)
+        if item.video is None:
+            return item
     return parse_fields(obj, item)
+
+
+def parse_video(obj: dict, item: Item, base: Path) -> VideoRef | None:
+    """The item's `video` (a path, URL or data URI of a video file, or a list of frame images) with its `fps` and
+    `max_frames`; None with `item.error` set."""
+    value = obj.get("video")
+    if value is None:
+        key = "fps" if "fps" in obj else "max_frames"
+        item.error = item.fail(f"field '{key}' is given without a 'video'")
+        return None
+    fps = obj.get("fps")
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps)
+                            or not 0 < fps <= 60):
+        item.error = item.fail(f"field 'fps' must be a number of frames per second, above 0 and at most 60, got "
+                               f"{describe(fps)}")
+        return None
+    frames = obj.get("max_frames")
+    if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool)
+                               or not 1 <= frames <= MAX_VIDEO_FRAMES):
+        item.error = item.fail(f"field 'max_frames' must be an integer from 1 to {MAX_VIDEO_FRAMES}, got "
+                               f"{describe(frames)}")
+        return None
+    fps = float(fps) if fps is not None else None
+    if isinstance(value, str) and value.strip():
+        return VideoRef(ImageRef.parse(value.strip(), base), fps=fps, max_frames=frames)
+    if isinstance(value, list) and value:
+        if len(value) > MAX_VIDEO_FRAMES:
+            item.error = item.fail(f"field 'video' has {len(value)} frames; at most {MAX_VIDEO_FRAMES}")
+            return None
+        refs = []
+        for i, v in enumerate(value):
+            if not isinstance(v, str) or not v.strip():
+                item.error = item.fail(f"field 'video[{i}]' must be a frame image's path, URL or data URI, got "
+                                       f"{describe(v)}")
+                return None
+            refs.append(ImageRef.parse(v.strip(), base))
+        return VideoRef(frames=tuple(refs), fps=fps, max_frames=frames)
+    item.error = item.fail("field 'video' must be a video's path, URL or data URI, or a non-empty list of frame "
+                           f"images, got {describe(value)}")
+    return None
 
 
 def parse_fields(obj: dict, item: Item) -> Item:
@@ -221,8 +288,10 @@ def parse_fields(obj: dict, item: Item) -> Item:
 
 def _images(obj: dict, item: Item, base: Path) -> list[ImageRef] | None:
     given = [k for k in ("image", "images", "image_base64") if obj.get(k) is not None]
+    if not given and obj.get("video") is not None:
+        return []
     if not given:
-        item.error = item.fail("missing field 'image'")
+        item.error = item.fail("missing field 'image' (or 'video')")
         return None
     if len(given) > 1:
         item.error = item.fail(f"give one of 'image', 'images' and 'image_base64', not {' and '.join(given)}")

@@ -112,12 +112,12 @@ def _sha(rec) -> str | None:
 
 def input_fingerprint(payload, item) -> str:
     """`input_sha`: the first 16 hex digits of a SHA-256 of an input item's content as read (a JSONL line's bytes,
-    a table row's values) and of the files its images resolve to (`resolved_image`: a relative path means another
-    file once the input moves; the same file named from another folder or through a link is the same). `--resume`
-    compares it with each record's, so an edited input is noticed."""
+    a table row's values) and of the files its images and video resolve to (`resolved_image`: a relative path means
+    another file once the input moves; the same file named from another folder or through a link is the same).
+    `--resume` compares it with each record's, so an edited input is noticed."""
     h = hashlib.sha256()
     _feed(h, payload)
-    for ref in item.images:
+    for ref in [*item.images, *(item.video.refs if item.video is not None else ())]:
         if ref.kind in ("path", "url"):  # bytes and data URIs are in the payload already
             where = resolved_image(ref.value) if ref.kind == "path" else ref.value
             h.update(b"\0ref\0" + ref.kind.encode() + b"\0" + where.encode("utf-8", "surrogatepass"))

@@ -47,6 +47,7 @@ from ..io.items import Item
 from ..preset import Preset, Settings
 from ..core.limits import check_text
 from ..plugins import check_answers, check_kept, check_reduced, check_scores
+from .media import encode_item, item_video
 from .record import make_record
 from .stages import Encoded, LargeAnswer, SmallPass, Work
 
@@ -349,19 +350,22 @@ class Engine:
                                         f"{len(w.item.images)}"))
         check_text(w.item, getattr(self.large.processor, "tokenizer", self.large.processor), self.context(),
                    self.settings)  # before tokenizing it whole
-        images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor))
+        video = item_video(w.item, (self.small, self.large), self.settings, self.fetcher)
+        images = load_images(w.item, self.fetcher, fam.max_image_pixels(self.large.processor)) \
+            if w.item.images else []
         prompt = w.item.messages(self.settings.prompt_suffix.strip())
-        large = fam.encode(self.large.processor, images, prompt)
+        large = encode_item(w.item, fam, self.large.processor, images, prompt, video)
         self._check_length(w.item, large)
         sizes = [im.size for im in images]
         if self.small is None:
             visual = self.large.visual_mask(large)
             small = None
         else:
-            small = large if self._one_encoding() else self.small.family.encode(self.small.processor, images, prompt)
+            small = large if self._one_encoding() else encode_item(
+                w.item, self.small.family, self.small.processor, images, prompt, video)
             ids_s, ids_l = small["input_ids"][0], large["input_ids"][0]
-            n_s = int((ids_s == self.small.image_token_id).sum())
-            n_l = int((ids_l == self.large.image_token_id).sum())
+            n_s = int(self.small.visual_mask(small).sum())
+            n_l = int(self.large.visual_mask(large).sum())
             if n_s != n_l or not torch.equal(ids_s, ids_l):
                 raise ItemError(w.item.fail(
                     f"small and large processors disagree on this image ({n_s} vs {n_l} visual tokens"
@@ -370,7 +374,7 @@ class Engine:
             visual = self.small.visual_mask(small)
         if not visual.any():
             raise ItemError(w.item.fail("the prompt has no visual tokens (check the chat template)"))
-        w.encoded = Encoded(large, small, visual, sizes, images, prompt)
+        w.encoded = Encoded(large, small, visual, sizes, images, prompt, video)
 
     def _one_encoding(self) -> bool:
         """Whether one encoding serves both models (their processors are equivalent: asked once)."""

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,20 +33,23 @@ class Encoded:
     # side, vLLM, is given them with the kept indices) and the prompt (text or chat turns) they were encoded with.
     images: list = field(default_factory=list, repr=False)
     prompt: Any = None
+    video: Any = field(default=None, repr=False)  # the sampled video (`io.video.Video`), when the item has one
 
     @property
     def n_visual(self) -> int:
         return int(self.visual.sum())
 
-    def lean(self, pixels: bool) -> "Encoded":
+    def lean(self, pixels: bool, frames: bool = False) -> "Encoded":
         """This encoding less what only the models' own passes read: the small model's encoding, and (without
         `pixels`) the pixel tensors' memory, where the large model reads the images themselves (vLLM) or no longer
-        runs; their shapes stay (on the meta device: a family lays out tiles by them). What the records read
+        runs; their shapes stay (on the meta device: a family lays out tiles by them). A video's frames stay only
+        with `frames` (a large model that reads them itself, vLLM); its timing stays. What the records read
         stays: ids, the grids, the images and the prompt."""
         large = self.large if pixels else {
             k: v.to("meta") if k.startswith("pixel_values") and isinstance(v, torch.Tensor) else v
             for k, v in self.large.items()}
-        return Encoded(large, None, self.visual, self.image_sizes, self.images, self.prompt)
+        video = self.video if self.video is None or frames else dataclasses.replace(self.video, frames=[])
+        return Encoded(large, None, self.visual, self.image_sizes, self.images, self.prompt, video)
 
 
 @dataclass

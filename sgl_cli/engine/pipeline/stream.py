@@ -194,7 +194,8 @@ class Stream:
             if w.small is not None:
                 w.small.state = None
             if w.encoded is not None:
-                w.encoded = w.encoded.lean(pixels=goes_on and eng.large.in_process)
+                w.encoded = w.encoded.lean(pixels=goes_on and eng.large.in_process,
+                                           frames=goes_on and not eng.large.in_process)
             if goes_on:
                 onward.append((seq, w))
             else:

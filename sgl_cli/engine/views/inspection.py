@@ -1,6 +1,7 @@
 """What `sgl inspect` shows, as data: one image's visual-token importance per guide, on the image's own token grids,
-and the small model's answer and SEE scores. The terminal (`terminal.py`) and PNG (`png.py`) views draw it; its
-`to_json` is `sgl inspect --json`.
+and the small model's answer and SEE scores. An item with a video has a grid per temporal patch of the video (two
+sampled frames, one picture after the item's images: `TokenGrid.image`), drawn on the patch's first frame. The
+terminal (`terminal.py`) and PNG (`png.py`) views draw it; its `to_json` is `sgl inspect --json`.
 
 Every view colours a token by its share of its guide's scores over the whole image (score / sum), on a linear
 scale from that guide's smallest to its largest share; the tokens the large model would keep are marked. With
@@ -36,6 +37,36 @@ class GuideMap:
 
 
 @dataclass
+class VideoInfo:
+    """An item's video as the model saw it: the frames sgl sampled and their timing."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height) of a frame
+    fps: float  # sampled frames per second
+    duration: float  # seconds of footage
+    times: list[float]  # seconds from the start, per sampled frame
+    frames: list = field(default_factory=list, repr=False)  # the sampled frames (RGB PIL images; not in the JSON)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.times)
+
+    def patch_frames(self, k: int, patches: int) -> list[int]:
+        """The sampled frames (0-based) temporal patch k of `patches` covers: two each (a last one of an odd count
+        is the last frame, repeated by the processor: only that frame is listed)."""
+        per = max(1, -(-self.n_frames // max(1, patches)))
+        return list(range(k * per, min((k + 1) * per, self.n_frames)))
+
+    def patch_time(self, frames: list[int]) -> float:
+        """The middle of a patch's frames' times (seconds)."""
+        return sum(self.times[i] for i in frames) / len(frames) if frames else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "size": list(self.size), "fps": self.fps, "duration": self.duration,
+                "frames": self.n_frames, "times": self.times}
+
+
+@dataclass
 class Inspection:
     """One image and question through one guide or several: the small model's answer and scores (when the preset
     has a small model) and each guide's importance map."""
@@ -63,10 +94,50 @@ class Inspection:
     full_tokens: int | None = None
     seen_sizes: list[tuple[int, int]] = field(default_factory=list)
     pooled_from: tuple[int, int] | None = None
+    # The item's video (None: it has none); its temporal patches' grids are the pictures after `images` (a video
+    # alone: `images` is empty and `image`, `image_size` are the video's path and frame size).
+    video: VideoInfo | None = None
 
     def __post_init__(self) -> None:
-        self.images = self.images or [self.image]
-        self.image_sizes = self.image_sizes or [self.image_size]
+        if self.video is None:
+            self.images = self.images or [self.image]
+            self.image_sizes = self.image_sizes or [self.image_size]
+
+    # -- the video's temporal patches -----------------------------------------------------------------------
+    def is_video(self, g: TokenGrid) -> bool:
+        """Whether the grid is one of the video's temporal patches (a picture after the item's images)."""
+        return self.video is not None and g.image >= len(self.images)
+
+    @property
+    def video_grids(self) -> list[TokenGrid]:
+        return [g for g in self.grids if self.is_video(g)]
+
+    def patch_frames(self, g: TokenGrid) -> list[int]:
+        """The sampled frames (0-based) a video grid covers."""
+        return self.video.patch_frames(g.image - len(self.images), len(self.video_grids))
+
+    def patch_name(self, g: TokenGrid) -> str:
+        """`frames 3-4 (1.5 s)`: a temporal patch's sampled frames (1-based) and their middle time."""
+        frames = self.patch_frames(g)
+        which = (f"frame {frames[0] + 1}" if len(frames) == 1 else f"frames {frames[0] + 1}-{frames[-1] + 1}") \
+            if frames else g.name
+        return f"{which} ({self.video.patch_time(frames):.3g} s)"
+
+    @property
+    def video_text(self) -> str:
+        """`clip.mp4 (112 x 84 px, 4 s): 8 frames at 2 per second, 4 temporal patches of 3 x 4 tokens`."""
+        v = self.video
+        w, h = v.size
+        grids = self.video_grids
+        shapes = {g.shape for g in grids}
+        shape = f" of {grids[0].shape[0]} x {grids[0].shape[1]} tokens" if len(shapes) == 1 else ""
+        return (f"{v.path.name} ({w} x {h} px, {v.duration:.3g} s): {v.n_frames} frame{'s' * (v.n_frames != 1)} "
+                f"at {v.fps:.3g} per second, {len(grids)} temporal patch{'es' * (len(grids) != 1)}{shape}")
+
+    @property
+    def whole(self) -> str:
+        """What the shares are of: "image" (one image or several), "video", or "item" (images and a video)."""
+        return "image" if self.video is None else "item" if self.images else "video"
 
     @property
     def reduced_text(self) -> str:
@@ -84,13 +155,26 @@ class Inspection:
                 f"size), all kept")
 
     def grid_label(self, g: TokenGrid) -> str:
-        """A grid's label, with its image when the item has several."""
+        """A grid's label, with its image when the item has several; a video's temporal patch by its frames."""
+        if self.is_video(g):
+            return self.patch_name(g)
         return f"image {g.image + 1} {g.label}" if len(self.images) > 1 else g.label
+
+    def grids_text(self) -> str:
+        """The grids, one line: each grid's label (`image 3 x 4 + frames 1-2 (0.5 s) + ...`); a video's patches
+        once, as their count and shape (`4 temporal patches of 3 x 4`)."""
+        if self.video is None:
+            return " + ".join(self.grid_label(g) for g in self.grids)
+        grids = self.video_grids
+        shapes = {g.shape for g in grids}
+        shape = f" of {grids[0].shape[0]} x {grids[0].shape[1]}" if len(shapes) == 1 else ""
+        video = f"{len(grids)} temporal patch{'es' * (len(grids) != 1)}{shape}"
+        return " + ".join([self.grid_label(g) for g in self.grids if not self.is_video(g)] + [video])
 
     @property
     def grid(self) -> tuple[int, int] | None:
-        """(rows, cols) of the image's one token grid; None when it has several."""
-        return self.grids[0].shape if len(self.grids) == 1 else None
+        """(rows, cols) of the image's one token grid; None when it has several (or a video)."""
+        return self.grids[0].shape if len(self.grids) == 1 and self.video is None else None
 
     @property
     def n(self) -> int:
@@ -99,8 +183,12 @@ class Inspection:
     @property
     def about(self) -> str:
         """What the grids are, one line ("" for one grid)."""
-        if len(self.grids) == 1:
+        if len(self.grids) == 1 and self.video is None:
             return ""
+        if self.video is not None:
+            parts = [f"{self.grid_label(g)}: {g.about}" for g in self.grids if not self.is_video(g)]
+            return "; ".join(parts + ["video: a grid per temporal patch, two sampled frames' merged patches in "
+                                      "raster order, drawn on its first frame"])
         if len(self.images) > 1:
             return "; ".join(f"{self.grid_label(g)}: {g.about}" for g in self.grids)
         return "; ".join(f"{g.name}: {g.about}" for g in self.grids)
@@ -166,6 +254,9 @@ class Inspection:
             ids = sorted(int(c) for c in np.unique(g.crops))
             grids.append({"name": g.name, "image": g.image, "shape": list(g.shape), "crops": ids,
                           "crop_grid": list(g.crop_grid) if g.crop_grid else None, "about": g.about})
+            if self.is_video(g):  # a temporal patch: its sampled frames (0-based) and their middle time
+                frames = self.patch_frames(g)
+                grids[-1].update(label=self.patch_name(g), frames=frames, time=self.video.patch_time(frames))
             for c in ids:
                 rows, cols = np.nonzero(g.crops == c)
                 r0, c0 = int(rows.min()), int(cols.min())
@@ -179,10 +270,11 @@ class Inspection:
         """One guide: its fields beside the common ones (flat). Several: the common fields and `guides`, a map
         of guide name to its fields, and `skipped` (guide name -> why)."""
         common = {
-            "image": str(self.image),
-            "image_size": list(self.image_size),
+            "image": str(self.image) if self.images else None,  # None: a video alone
+            "image_size": list(self.image_size) if self.images else None,
             "images": [str(p) for p in self.images],
             "image_sizes": [list(s) for s in self.image_sizes],
+            **({} if self.video is None else {"video": self.video.to_json()}),
             "question": self.question,
             "guide": self.guide,
             "preset": self.preset,

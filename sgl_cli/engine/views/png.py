@@ -1,5 +1,6 @@
 """`sgl inspect --png`: the image with each guide's importance overlaid (a panel per guide and per token grid), the
-kept tokens outlined, crop and tile boundaries drawn, and a caption with the answers and scores."""
+kept tokens outlined, crop and tile boundaries drawn, and a caption with the answers and scores. A video's temporal
+patches are panels too, each drawn on its first sampled frame and titled by its frames and their time."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ ALPHA = 0.55  # weight of the colour map over the image
 OUTLINE = (0, 255, 255)  # cyan: stands out from every colour of inferno
 CROP_LINE = (255, 255, 255)  # crop and tile boundaries inside a grid
 INK = (30, 30, 30)
+VIDEO_COLUMNS = 6  # with several guides, a video's patches wrap after this many panels (each guide from a new row)
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,18 @@ def save_png(insp: Inspection, images, path: Path) -> tuple[int, int]:
     covers its whole image; several guides of a several-grid item are one row each), the kept tokens outlined,
     crop and tile boundaries in thin white lines, and a caption band below. The colour map is the token grid
     upsampled by nearest neighbour. An item's other images are fitted into the first one's panel size, aspect
-    kept. Returns the PNG's (width, height)."""
+    kept. `images`: the pictures the grids are drawn on (`TokenGrid.image` indexes them: the item's images, then
+    a video's temporal patches' first frames). Returns the PNG's (width, height)."""
     from PIL import Image, ImageDraw
 
     images = images if isinstance(images, (list, tuple)) else [images]
     shown = [(m, g) for m in insp.maps for g in insp.grids]
     columns = len(insp.grids) if len(insp.grids) > 1 and len(insp.maps) > 1 else None
-    layout = png_layout(images[0].size, len(shown), columns)
+    slots = list(range(len(shown)))  # where each panel lies in the layout's grid of panels
+    if columns is not None and insp.video is not None and columns > VIDEO_COLUMNS:
+        columns, per_guide = VIDEO_COLUMNS, -(-len(insp.grids) // VIDEO_COLUMNS) * VIDEO_COLUMNS
+        slots = [j * per_guide + i for j in range(len(insp.maps)) for i in range(len(insp.grids))]
+    layout = png_layout(images[0].size, slots[-1] + 1, columns)
     w, h = layout.panel
     first = (images[0].convert("RGB").resize((w, h), Image.Resampling.LANCZOS), (0, 0))  # the panel's own aspect
     bases = [first] + [_fitted(im.convert("RGB"), (w, h)) for im in images[1:]]
@@ -106,7 +113,7 @@ def save_png(insp: Inspection, images, path: Path) -> tuple[int, int]:
         base, (dx, dy) = bases[g.image]
         overlay, lo, hi = _overlay(insp, m, base, g)
         scales.append((lo, hi))
-        left, top, _, _ = layout.box(i)
+        left, top, _, _ = layout.box(slots[i])
         panels.paste(overlay, (left + dx, top + dy))
         if layout.title_height:
             _panel_title(ImageDraw.Draw(panels), insp, m, (lo, hi), left, top - layout.title_height, w, g)
@@ -210,7 +217,7 @@ def _panel_title(draw, insp: Inspection, m: GuideMap, scale: tuple[float, float]
     what sgl thinks of the guide's kept set)."""
     size = _title_size(width)
     font, bold = _font(size), _font(size, bold=True)
-    several = len(insp.grids) > 1 and grid is not None
+    several = (len(insp.grids) > 1 or insp.video is not None) and grid is not None
     label = insp.grid_label(grid)
     name = m.name if not several else label if len(insp.maps) == 1 else f"{m.name} · {label}"
     x = left + draw.textlength(name + "  ", font=bold)
@@ -271,14 +278,15 @@ def _caption(insp: Inspection, width: int, scale: tuple[float, float] | None):
         if m.large_answer is not None:
             paragraphs.append((bold, f"Large model, from {m.name}'s kept tokens: {printable(m.large_answer)}"))
     guides = f"guide {insp.maps[0].name}" if not many else f"guides {', '.join(m.name for m in insp.maps)}"
-    grids = (f"grid {insp.grid[0]} x {insp.grid[1]}" if insp.grid
-             else f"grids {' + '.join(insp.grid_label(g) for g in insp.grids)}")
+    grids = f"grid {insp.grid[0]} x {insp.grid[1]}" if insp.grid else f"grids {insp.grids_text()}"
     kept = (f"kept {insp.n_kept} / {insp.n} visual tokens at retain {insp.retain:g} (outlined)"
             f"{' per guide' if many else ''}") if insp.same_kept else \
         f"kept at retain {insp.retain:g} (outlined): {insp.kept_count()} visual tokens"
     paragraphs.append((font, f"{kept} · {grids} · {guides}"))
     if insp.grid is None:
-        paragraphs.append((font, f"{insp.about[0].upper()}{insp.about[1:]}; crop and tile boundaries in white"))
+        crops = "" if all(len(np.unique(g.crops)) == 1 for g in insp.grids) and insp.video is not None \
+            else "; crop and tile boundaries in white"
+        paragraphs.append((font, f"{insp.about[0].upper()}{insp.about[1:]}{crops}"))
     summary = overlap_summary(insp)
     if summary and many:
         paragraphs.append((font, summary[0].upper() + summary[1:]))
@@ -287,10 +295,11 @@ def _caption(insp: Inspection, width: int, scale: tuple[float, float] | None):
     for name, why in insp.skipped.items():
         paragraphs.append((font, f"{name} skipped: {why}"))
     if many:
-        paragraphs.append((font, "colour: each token's share of its guide's scores over the image, linear from the "
-                                 "guide's smallest to its largest share (the range above each panel):"))
+        paragraphs.append((font, f"colour: each token's share of its guide's scores over the {insp.whole}, linear "
+                                 "from the guide's smallest to its largest share (the range above each panel):"))
     else:
-        paragraphs.append((font, f"colour: each token's share of the image's {insp.maps[0].noun}, linear scale:"))
+        noun = insp.maps[0].noun
+        paragraphs.append((font, f"colour: each token's share of the {insp.whole}'s {noun}, linear scale:"))
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = [(f, text) for f, p in paragraphs for text in _wrap(probe, p, f, width - 2 * pad)]

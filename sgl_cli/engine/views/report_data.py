@@ -111,6 +111,27 @@ def _thumb(item, ref, fetcher) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _video_thumbs(item, fetcher) -> list[str]:
+    """JPEG data URIs of a video's temporal patches (Qwen's two frames each: the first of them), sampled as a run
+    samples it by default (the item's own `fps` and `max_frames`, else 2 per second and 64 frames); none when it
+    cannot be had."""
+    from ..errors import ItemError
+    from ..io.video import load_video
+
+    try:
+        video = load_video(item, fetcher)
+    except (ItemError, ImportError):
+        return []
+    out = []
+    for frame in video.frames[::2]:
+        frame = frame.copy()
+        frame.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        frame.save(buf, format="JPEG", quality=72)
+        out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
 def _ref_key(ref) -> str:
     value = ref.value if isinstance(ref.value, bytes) else f"{ref.kind}:{ref.value}".encode()
     return hashlib.sha1(value).hexdigest()[:16]
@@ -179,6 +200,12 @@ def gather(out: Path, input: Path | None = None, metric: str = "vqa", fetch: boo
                 thumbs[key] = _thumb(item, image_ref, fetcher) or ""
             keys.append(key)
             overlays.append(_overlay(scores.get(rec.get("line")), i))
+        if item is not None and item.video is not None:
+            for k, thumb in enumerate(_video_thumbs(item, fetcher)):
+                key = f"{_ref_key(item.video.refs[0])}-{k}"
+                thumbs.setdefault(key, thumb)
+                keys.append(key)
+                overlays.append(_overlay(scores.get(rec.get("line")), len(item.images) + k))
         question = item.question if item is not None and item.question else None
         cards.append(Card(
             id=rec.get("id"), line=rec.get("line"),

@@ -10,7 +10,8 @@ An image is one token grid (Qwen, LLaVA-1.5, single-crop LLaVA-NeXT/OneVision, o
 the model lays them out (`Family.token_grids`), each covering the whole image: LLaVA-NeXT/OneVision's base crop
 and its high-res grid (the crops tiled in their places, unpadded as the model packs them), InternVL's tiles in
 their places and its thumbnail. Crop and tile boundaries are drawn inside a grid (terminal: frame lines where
-they are straight; PNG: thin white lines); one colour scale spans all grids of a guide.
+they are straight; PNG: thin white lines); one colour scale spans all grids of a guide. A video is one grid per
+temporal patch (two sampled frames), labelled by its frames and their time, in rows as wide as the terminal.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _facts(insp: Inspection):
     for i, (path, (w, h)) in enumerate(zip(insp.images, insp.image_sizes)):
         label = "image" if len(insp.images) == 1 else f"image {i + 1}"
         facts.add_row(label, f"{path.name} ({w} x {h} px)" + (f"   preset {insp.preset}" if i == 0 else ""))
+    if insp.video is not None:
+        facts.add_row("video", insp.video_text + ("" if insp.images else f"   preset {insp.preset}"))
     facts.add_row("question", printable(insp.question))
     for i, m in enumerate(insp.maps):
         facts.add_row("guide" if i == 0 else "", Text.assemble((m.name, "bold"), f"  {m.what}"))
@@ -116,8 +119,8 @@ def _grid_line(insp: Inspection) -> str:
         return f"token grid{'s' if len(insp.grids) > 1 else ''} {shapes}: {insp.reduced_text}"
     count = insp.kept_count()
     if insp.grid is None:
-        grids = " + ".join(insp.grid_label(g) for g in insp.grids)
-        return f"token grids {grids} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
+        return (f"token grids {insp.grids_text()} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: "
+                f"{count}")
     rows, cols = insp.grid
     return f"token grid {rows} x {cols} ({insp.n} visual tokens); {KEPT} kept at retain {insp.retain:g}: {count}"
 
@@ -175,7 +178,8 @@ def _pool_note(insp: Inspection, factor: int, budget: int, cells: tuple[int, int
     from rich.text import Text
 
     grid = grid or insp.grids[0]
-    name = f"{insp.grid_label(grid) if len(insp.images) > 1 else grid.name}: " if len(insp.grids) > 1 else ""
+    several = len(insp.images) > 1 or insp.is_video(grid)
+    name = f"{insp.grid_label(grid) if several else grid.name}: " if len(insp.grids) > 1 else ""
     within = " within one crop" if grid.cuts() != ([], []) else ""
     return Text(f"note: {name}{grid.shape[1]} token columns are too wide for {budget} terminal columns: each cell is "
                 f"the max over a {factor} x {factor} block of tokens{within} ({cells[0]} x {cells[1]} cells); "
@@ -185,7 +189,7 @@ def _pool_note(insp: Inspection, factor: int, budget: int, cells: tuple[int, int
 def _render_one(insp: Inspection, m: GuideMap, console, budget: int, colour: bool, title: bool = False) -> None:
     from rich.text import Text
 
-    if len(insp.grids) > 1:
+    if len(insp.grids) > 1 or insp.video is not None:
         _render_grids(insp, m, console, budget, colour, title)
         return
     factor = _pool_factor(insp.grid[1], budget)
@@ -198,7 +202,7 @@ def _render_one(insp: Inspection, m: GuideMap, console, budget: int, colour: boo
             console.print(Text(f"{sgl_part(insp, m)} ({insp.chance(m):.2g} by chance)"))
     for line in lines:
         console.print(line)
-    console.print(_legend(lo, hi, colour, f"share of the image's {m.noun} (linear)"))
+    console.print(_legend(lo, hi, colour, f"share of the {insp.whole}'s {m.noun} (linear)"))
     if factor > 1 and not title:
         console.print(_pool_note(insp, factor, budget, (len(lines) - 2, (len(lines[0]) - 2) // CELL)))
 
@@ -220,7 +224,8 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
     side_by_side = sum(_grid_width(g, 1) for g in insp.grids) + PANEL_GAP * (len(insp.grids) - 1) <= budget
     panels, notes, lo, hi = [], [], 0.0, 0.0
     for g in insp.grids:
-        factor = 1 if side_by_side else _grid_factor(g, budget)
+        factor = 1 if side_by_side or (insp.video is not None and _grid_width(g, 1) <= budget) \
+            else _grid_factor(g, budget)
         lines, lo, hi = _framed(insp, m, factor, colour, g)
         head = [Text(insp.grid_label(g), style="bold"), Text(f"{int(kept[g.tokens].sum())} of {g.size} kept")]
         panels.append(head + lines)
@@ -228,7 +233,13 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
             cells = (sum(1 for line in lines if line.plain.startswith("│")),
                      sum(1 for c in lines[1].plain if c != "│") // CELL)
             notes.append(_pool_note(insp, factor, budget, cells, g))
-    if side_by_side:
+    if insp.video is not None:  # a video's many patches: in rows as wide as the terminal
+        widths = [max(len(line.plain) for line in p) for p in panels]
+        for j, row in enumerate(_rows(widths, budget)):
+            if j:
+                console.print()
+            _print_side_by_side(console, [panels[i] for i in row], [widths[i] for i in row])
+    elif side_by_side:
         _print_side_by_side(console, panels, [max(len(line.plain) for line in p) for p in panels])
     else:
         for j, p in enumerate(panels):
@@ -236,9 +247,23 @@ def _render_grids(insp: Inspection, m: GuideMap, console, budget: int, colour: b
                 console.print()
             for line in p:
                 console.print(line)
-    console.print(_legend(lo, hi, colour, f"share of the image's {m.noun} (linear, all grids)"))
+    console.print(_legend(lo, hi, colour, f"share of the {insp.whole}'s {m.noun} (linear, all grids)"))
     for note in notes:
         console.print(note)
+
+
+def _rows(widths: list[int], budget: int) -> list[list[int]]:
+    """Panels of these widths in order, as many to a row as fit `budget` columns PANEL_GAP apart (one at least)."""
+    rows: list[list[int]] = []
+    used = budget + 1
+    for i, w in enumerate(widths):
+        if rows and used + PANEL_GAP + w <= budget:
+            rows[-1].append(i)
+            used += PANEL_GAP + w
+        else:
+            rows.append([i])
+            used = w
+    return rows
 
 
 def _print_side_by_side(console, panels: list[list], widths: list[int]) -> None:
@@ -262,7 +287,7 @@ def _render_many(insp: Inspection, console, budget: int, colour: bool) -> None:
     from rich.text import Text
 
     console.print(Text(_grid_line(insp)))
-    if len(insp.grids) > 1:
+    if len(insp.grids) > 1 or insp.video is not None:
         console.print(Text(insp.about))
         for m in insp.maps:
             console.print()

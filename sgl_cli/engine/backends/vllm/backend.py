@@ -170,9 +170,31 @@ class VllmBackend(LargeBackend):
                      (None, None, seen)) for w, (images, seen), n in zip(works, self._reduce(works, guide, retain),
                                                                         limits)]
         scores, kept = self.rank(inputs, guide, retain)
-        return [(LargeRequest(w.encoded.images, self.large.prompt(w.encoded.images, w.encoded.prompt),
-                              kept=[int(i) for i in idx], max_new_tokens=n), (s, idx, None))
-                for w, s, idx, n in zip(works, scores, kept, limits)]
+        return [(self._request(w, idx, n), (s, idx, None)) for w, s, idx, n in zip(works, scores, kept, limits)]
+
+    def _request(self, w, kept, limit: int):
+        """The request of one item with its kept visual tokens: over the images' tokens and, for a video, over its
+        own (the plugin places each medium's kept tokens in its own placeholders)."""
+        from .large import LargeRequest
+
+        kept = [int(i) for i in kept]
+        video = w.encoded.video
+        prompt = self.large.prompt(w.encoded.images, w.encoded.prompt)
+        if video is None:
+            return LargeRequest(w.encoded.images, prompt, kept=kept, max_new_tokens=limit)
+        ids = w.encoded.large["input_ids"][0][w.encoded.visual]
+        is_video = (ids == self.family.video_token_id(self.model)).tolist()
+        rank = [0, 0]  # the next image token's and video token's index among their own
+        index = []
+        for v in is_video:
+            index.append(rank[v])
+            rank[v] += 1
+        return LargeRequest(w.encoded.images, prompt, kept=[index[i] for i in kept if not is_video[i]],
+                            max_new_tokens=limit, video=video, kept_video=[index[i] for i in kept if is_video[i]])
+
+    @property
+    def takes_video(self) -> bool:  # Qwen2-VL and Qwen2.5-VL; Qwen3-VL writes timestamps the plugin does not lay out
+        return self.family.takes_video and self.family.name == "qwen-vl"
 
     def engine_options(self) -> dict:
         """What vLLM's engine runs with: the options sgl gave it, then the values the engine resolved (those
@@ -213,13 +235,10 @@ class VllmBackend(LargeBackend):
         return out
 
     def generate(self, works: list, inputs: LargeInputs, kept: list, k: int, limits: list[int]) -> Any:
-        from .large import LargeRequest
 
         if k != 0:
             self.check_prune_layer(k)
-        requests = [LargeRequest(w.encoded.images, self.large.prompt(w.encoded.images, w.encoded.prompt),
-                                 kept=[int(i) for i in idx], max_new_tokens=limit)
-                    for w, idx, limit in zip(works, kept, limits)]
+        requests = [self._request(w, idx, limit) for w, idx, limit in zip(works, kept, limits)]
         return self._send(requests)
 
     def _send(self, requests: list) -> Any:
@@ -260,6 +279,9 @@ class VllmBackend(LargeBackend):
                              "guide on a fixed-resolution tower): use the transformers backend")
         out = []
         for w in works:
+            if w.encoded.video is not None:
+                raise ItemError(w.item.fail(f"the {guide.name} guide does not reduce videos yet (sgl, random and "
+                                            "fastv rank a video's tokens)"))
             images = guide.prepare_images(self, list(w.encoded.images), retain)
             same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
             enc = w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt)

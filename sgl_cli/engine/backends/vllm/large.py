@@ -56,6 +56,10 @@ class LargeRequest:
     max_new_tokens: int = 32
     greedy: bool = True
     logprobs: int = 0  # > 0: each step's top-`logprobs` log-probabilities come back in the reply
+    # A video (`io.video.Video`: sampled frames and their timing) and its kept tokens (0-based over its own tokens;
+    # None keeps every one). With a video, `kept` covers the images' tokens alone.
+    video: Any = None
+    kept_video: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,8 @@ class VllmLarge:
             dtype=s.dtype,
             seed=s.seed,
             enforce_eager=s.enforce_eager,
-            # Images only: no video profiling or processor (the plugin refuses videos).
-            limit_mm_per_prompt={"image": 64, "video": 0},
+            # One video per item, as sgl items have (Qwen3-VL's the plugin refuses).
+            limit_mm_per_prompt={"image": 64, "video": 1},
             # The processor cache re-runs the processor on the missing images of a partial hit, alone, which would
             # split the item's kept list against the wrong images (models.py). Hashes, and so the encoder and
             # prefix caches, include the kept set.
@@ -268,9 +272,17 @@ class VllmLarge:
         prompts, params = [], []
         for i, r in enumerate(requests):
             self.check_request(i, r)
-            p: dict = {"prompt": r.prompt, "multi_modal_data": {"image": list(r.images)}}
-            if r.kept is not None:
-                p["mm_processor_kwargs"] = {"sgl_kept": [int(k) for k in r.kept]}
+            data: dict = {"image": list(r.images)} if r.images else {}
+            kwargs: dict = {}
+            if r.kept is not None and r.images:
+                kwargs["sgl_kept"] = [int(k) for k in r.kept]
+            if r.video is not None:
+                data["video"] = [_video_input(r.video)]
+                if r.kept_video is not None:
+                    kwargs["sgl_kept_video"] = [int(k) for k in r.kept_video]
+            p: dict = {"prompt": r.prompt, "multi_modal_data": data}
+            if kwargs:
+                p["mm_processor_kwargs"] = kwargs
             prompts.append(p)
             params.append(SamplingParams(max_tokens=int(r.max_new_tokens), temperature=0.0, seed=self.settings.seed,
                                          skip_special_tokens=True, logprobs=int(r.logprobs) or None))
@@ -293,9 +305,9 @@ class VllmLarge:
             raise ItemError(f"{where}the vLLM backend decodes greedily only")
         if int(r.max_new_tokens) < 1:
             raise ItemError(f"{where}max_new_tokens must be at least 1, not {r.max_new_tokens}")
-        if not r.images:
+        if not r.images and r.video is None:
             raise ItemError(f"{where}no images")
-        if r.kept is not None:
+        if r.kept is not None and r.images:
             try:
                 split_kept(list(r.kept), self.visual_tokens(r.images))
             except ValueError as exc:
@@ -316,6 +328,15 @@ class VllmLarge:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _video_input(video) -> tuple:
+    """A sampled video as vLLM takes it: the frames (T, H, W, 3) uint8 and their timing, with the processor's own
+    sampling off (the frames are what sgl sampled; Qwen2.5-VL's temporal ids follow their rate)."""
+    import numpy as np
+
+    frames = np.stack([np.asarray(f.convert("RGB")) for f in video.frames])
+    return frames, {**video.metadata, "video_backend": "sgl", "do_sample_frames": False}
 
 
 # What sgl gives vLLM itself (VllmLarge): an extra keyword may not replace it (the plugin's architecture, the

@@ -26,9 +26,14 @@ alone, which would split the item-level kept list against the wrong images.
 
 The built-in pair's config gives M-RoPE a `longrope` spectrum (sgl's per-pair rotary frequencies); stock vLLM
 maps `longrope` to its Phi-3 rotary embedding, which cannot take 3-D positions. Here each attention layer's
-rotary embedding is replaced by an M-RoPE one built from the same spectrum. A checkpoint folder without a
-`video_preprocessor_config.json` (sgl's built-in and test pairs: sgl feeds images only) gets the processor built
-from its image processor and tokenizer with a default video processor, which is never used (videos are refused).
+rotary embedding is replaced by an M-RoPE one built from the same spectrum. A checkpoint folder that saves no video
+processor (sgl's built-in pairs) gets the processor built from its image processor and tokenizer with a default
+video processor, which such a folder's items never reach (sgl refuses their videos: no video processor to encode
+them with).
+
+Videos (Qwen2-VL, Qwen2.5-VL): `sgl_kept_video` does for a request's video what `sgl_kept` does for its images, and
+its positions step in time as the models' own (`tokens_per_second x second_per_grid_ts` on Qwen2.5-VL). Qwen3-VL
+writes a timestamp before each frame's tokens, which the plugin does not lay out yet: it refuses Qwen3-VL videos.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ from .positions import ImageSpan, pruned_mrope_positions, split_kept
 
 KEPT = "sgl_kept"  # request mm_processor_kwargs key; also the per-image multimodal field
 COUNT = "sgl_kept_count"  # per image: how many of its visual tokens are kept
+KEPT_VIDEO = "sgl_kept_video"  # the same for the request's videos (indices over their tokens, videos in order)
+COUNT_VIDEO = "sgl_kept_video_count"
+OWN = (KEPT, KEPT_VIDEO)  # never passed on to the HF processor
 
 
 # -- processing (runs where vLLM renders prompts) ---------------------------------------------------------------
@@ -73,9 +81,9 @@ class _SglInfo:
     config gets an image-only build of the processor."""
 
     def get_hf_processor(self, **kwargs: object):
-        kwargs = {k: v for k, v in kwargs.items() if k != KEPT}
+        kwargs = {k: v for k, v in kwargs.items() if k not in OWN}
         root = Path(self.ctx.model_config.model)
-        if not root.is_dir() or (root / "video_preprocessor_config.json").exists():
+        if not root.is_dir() or _saves_video_processor(root):
             return super().get_hf_processor(**kwargs)
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         built = self.__dict__.setdefault("_sgl_processors", {})
@@ -99,40 +107,65 @@ class _SglInfo:
         )
 
 
+def _saves_video_processor(root: Path) -> bool:
+    """Whether a checkpoint folder holds a video processor's settings: a file of its own, or (as transformers 5
+    saves it) an entry of processor_config.json."""
+    import json
+
+    if (root / "video_preprocessor_config.json").exists():
+        return True
+    try:
+        return "video_processor" in json.loads((root / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 class _SglProcessor:
     """The multimodal processor: per image, its kept indices and only that many placeholders."""
 
+    # Whether a video's kept tokens can be placed as one run of placeholders (Qwen2-VL, Qwen2.5-VL); Qwen3-VL
+    # writes a timestamp before each frame's tokens, which this plugin does not lay out yet.
+    sgl_video = True
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
-        kept = hf_kwargs.get(KEPT)
-        out = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != KEPT})
-        grid = out.get("image_grid_thw")
-        if grid is not None:
-            merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
-            counts = [int(n) for n in grid.prod(-1) // merge**2]
-            per_image = split_kept(kept, counts)
-            out[KEPT] = torch.cat(per_image)
-            out[COUNT] = torch.tensor([len(p) for p in per_image], dtype=torch.long)
-        elif kept is not None:
-            raise ValueError("sgl_kept was given for a request without images")
+        out = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k not in OWN})
+        merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
+        for modality, kept_key, count_key in (("image", KEPT, COUNT), ("video", KEPT_VIDEO, COUNT_VIDEO)):
+            kept = hf_kwargs.get(kept_key)
+            grid = out.get(f"{modality}_grid_thw")
+            if grid is not None:
+                if modality == "video" and not self.sgl_video:
+                    raise ValueError("sgl's vLLM plugin takes no video for this family yet")
+                per_item = split_kept(kept, [int(n) for n in grid.prod(-1) // merge**2])
+                out[kept_key] = torch.cat(per_item)
+                out[count_key] = torch.tensor([len(p) for p in per_item], dtype=torch.long)
+            elif kept is not None:
+                raise ValueError(f"{kept_key} was given for a request without a {modality}")
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        counts = hf_inputs.get(COUNT, torch.empty(0, dtype=torch.long))
-        fields[KEPT] = MultiModalFieldConfig.flat_from_sizes("image", counts, keep_on_cpu=True)
-        fields[COUNT] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        for modality, kept_key, count_key in (("image", KEPT, COUNT), ("video", KEPT_VIDEO, COUNT_VIDEO)):
+            counts = hf_inputs.get(count_key, torch.empty(0, dtype=torch.long))
+            fields[kept_key] = MultiModalFieldConfig.flat_from_sizes(modality, counts, keep_on_cpu=True)
+            fields[count_key] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        mine = ("image", "video") if self.sgl_video else ("image",)
         updates = [u for u in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-                   if u.modality != "image"]
+                   if u.modality not in mine]
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        image_token = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
+        vocab = self.info.get_tokenizer().get_vocab()
+        replacements = []
+        for modality, count_key in (("image", COUNT), ("video", COUNT_VIDEO))[:len(mine)]:
+            token = vocab[getattr(hf_processor, f"{modality}_token")]
 
-        def kept_placeholders(item_idx: int):
-            return [image_token] * int(out_mm_kwargs["image"][item_idx][COUNT].data)
+            def kept_placeholders(item_idx: int, modality=modality, count_key=count_key, token=token):
+                return [token] * int(out_mm_kwargs[modality][item_idx][count_key].data)
 
-        return [PromptReplacement(modality="image", target=[image_token], replacement=kept_placeholders), *updates]
+            replacements.append(PromptReplacement(modality=modality, target=[token], replacement=kept_placeholders))
+        return [*replacements, *updates]
 
 
 # -- the model (runs in vLLM's workers) -------------------------------------------------------------------------
@@ -198,13 +231,24 @@ class _SglModel:
 
     def embed_multimodal(self, **kwargs: object):
         embeddings = super().embed_multimodal(**kwargs)
-        kept, counts = kwargs.get(KEPT), kwargs.get(COUNT)
-        if kept is None or not embeddings:
+        if not embeddings or (kwargs.get(KEPT) is None and kwargs.get(KEPT_VIDEO) is None):
             return embeddings
-        per_image = _per_image(kept, counts)
-        if len(per_image) != len(embeddings):
-            raise RuntimeError(f"{len(embeddings)} images' embeddings but {len(per_image)} kept sets")
-        return tuple(e[idx.to(e.device)] for e, idx in zip(embeddings, per_image))
+        # vLLM's models give the images' embeddings and the videos' in the order their inputs come in kwargs.
+        order = []
+        for key in kwargs:
+            modality = {"pixel_values": "image", "image_embeds": "image", "pixel_values_videos": "video",
+                        "video_embeds": "video"}.get(key)
+            if modality is not None and modality not in order:
+                order.append(modality)
+        kept = []
+        for modality in order:
+            kept_key, count_key = (KEPT, COUNT) if modality == "image" else (KEPT_VIDEO, COUNT_VIDEO)
+            n = len(kwargs[f"{modality}_grid_thw"])
+            kept += (_per_image(kwargs[kept_key], kwargs[count_key]) if kwargs.get(kept_key) is not None
+                     else [None] * n)
+        if len(kept) != len(embeddings):
+            raise RuntimeError(f"{len(embeddings)} embeddings but {len(kept)} kept sets")
+        return tuple(e if idx is None else e[idx.to(e.device)] for e, idx in zip(embeddings, kept))
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         return mrope_positions(self.config, len(input_tokens), mm_features)
@@ -214,16 +258,23 @@ def mrope_positions(config, n_tokens: int, mm_features) -> tuple[torch.Tensor, i
     """The (3, n_tokens) M-RoPE ids and delta of a request from its multimodal features (each image's grid,
     kept indices and placeholder range): the original positions at the kept columns."""
     merge = int(config.vision_config.spatial_merge_size)
+    tokens_per_second = float(getattr(config.vision_config, "tokens_per_second", 1.0))
     spans = []
     for feature in mm_features:
-        if feature.modality != "image":
-            raise ValueError(f"sgl's vLLM models take images only, not {feature.modality}")
-        t, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
+        if feature.modality not in ("image", "video"):
+            raise ValueError(f"sgl's vLLM models take images and videos, not {feature.modality}")
+        kept_key, t_factor = KEPT, 1.0
+        if feature.modality == "video":  # temporal ids as vLLM's and transformers' models number them
+            kept_key = KEPT_VIDEO
+            seconds = feature.data.get("second_per_grid_ts")
+            t_factor = (float(seconds.data.item()) if seconds is not None else 1.0) * tokens_per_second
+        t, h, w = (int(v) for v in feature.data[f"{feature.modality}_grid_thw"].data.tolist())
         grid = (t, h // merge, w // merge)
-        kept = feature.data[KEPT].data if KEPT in feature.data else torch.arange(t * grid[1] * grid[2])
+        kept = feature.data[kept_key].data if kept_key in feature.data else torch.arange(t * grid[1] * grid[2])
         if len(kept) != feature.mm_position.length:
-            raise RuntimeError(f"an image has {feature.mm_position.length} placeholders but {len(kept)} kept")
-        spans.append(ImageSpan(int(feature.mm_position.offset), grid, kept))
+            raise RuntimeError(f"a{'n image' if feature.modality == 'image' else ' video'} has "
+                               f"{feature.mm_position.length} placeholders but {len(kept)} kept")
+        spans.append(ImageSpan(int(feature.mm_position.offset), grid, kept, t_factor))
     return pruned_mrope_positions(n_tokens, spans)
 
 
@@ -278,7 +329,7 @@ class SglQwen3VLProcessingInfo(_SglInfo, Qwen3VLProcessingInfo):
 
 
 class SglQwen3VLMultiModalProcessor(_SglProcessor, Qwen3VLMultiModalProcessor):
-    pass
+    sgl_video = False
 
 
 @MULTIMODAL_REGISTRY.register_processor(SglQwen3VLMultiModalProcessor, info=SglQwen3VLProcessingInfo,

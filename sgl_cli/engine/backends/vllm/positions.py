@@ -20,6 +20,9 @@ class ImageSpan:
     offset: int
     grid: tuple[int, int, int]
     kept: torch.Tensor
+    # Temporal ids step by this per temporal patch (a video on Qwen2.5-VL: tokens_per_second x seconds per patch,
+    # truncated as the models do); 1 for images and Qwen2-VL's videos.
+    t_factor: float = 1.0
 
 
 def pruned_mrope_positions(n_tokens: int, images: list[ImageSpan]) -> tuple[torch.Tensor, int]:
@@ -35,9 +38,12 @@ def pruned_mrope_positions(n_tokens: int, images: list[ImageSpan]) -> tuple[torc
         parts.append(torch.arange(text).expand(3, text) + start)
         t, h, w = span.grid
         grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        if span.t_factor != 1.0:
+            grid[0] = (grid[0] * span.t_factor).long()
+        top = int(grid[0].max()) + 1  # the full grid's largest temporal id + 1, kept or not
         grid = grid.reshape(3, -1)[:, span.kept.long()]
         parts.append(grid + start + text)
-        start += text + max(t, h, w)  # the full grid's maximum position + 1, kept or not
+        start += text + max(top, h, w)  # the full grid's maximum position + 1, kept or not
         column = span.offset + len(span.kept)
     if column > n_tokens:
         raise ValueError(f"image placeholders run past the prompt's {n_tokens} tokens")

@@ -4,8 +4,8 @@
 - **OpenAI Batch API** files (`openai.py`): JSONL whose lines are requests with `custom_id`, `method`, `url` and
   `body`, recognised from the content; their output is an OpenAI batch output file.
 - **Parquet** (`parquet.py`; `*.parquet`) and **Hugging Face datasets saved with `save_to_disk`** (`dataset.py`; a
-  folder): one item per row, with columns `image`, `question` and optionally `id`, `answer`, `type` (renamed with
-  `Columns`), read in record batches with pyarrow: a table is never in memory whole.
+  folder): one item per row, with columns `image` and/or `video`, `question`, and optionally `id`, `answer`, `type`
+  (renamed with `Columns`), read in record batches with pyarrow: a table is never in memory whole.
 
 A format is a `Format`: it recognises a path, yields `(number, payload)` pairs (a line or row number from 1, and a
 plain payload the Ray backend can ship to its workers as it is), parses one into an `Item`, and shapes the output
@@ -56,6 +56,7 @@ class Columns:
     id: str = "id"
     answer: str = "answer"
     type: str = "type"
+    video: str = "video"  # a video file per row (optional; a row may have a video, an image or both)
 
 
 class Format:

@@ -2,7 +2,9 @@
 
 A request line: `{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [...],
 "max_tokens": ...}}`. The conversation's images (`image_url` parts: URLs, data URIs, paths) are the item's images,
-in order; the last message must be the user's, and its text is the question; earlier turns and a system message go
+in order, and a `video_url` part (as vLLM's OpenAI server takes them; at most one per request) its video, sampled at
+the preset's rate unless `body.mm_processor_kwargs` gives `fps` / `max_frames` (vLLM's per-request processor
+options). The last message must be the user's, and its text is the question; earlier turns and a system message go
 into the chat template as they are. `max_tokens` / `max_completion_tokens` cap the answer. sgl decodes greedily: a
 request for anything else (sampling, n > 1, stop sequences, tools, ...) is an error line, never a silent change of
 meaning. The output line is OpenAI's, with sgl's own fields under `response.body.sgl`.
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..items import ImageRef, Item, bad_strings, describe, load_json_line
+from ..items import MAX_VIDEO_FRAMES, ImageRef, Item, VideoRef, bad_strings, describe, load_json_line
 from . import Format
 from .jsonl import Oversized, jsonl_lines
 
@@ -29,7 +32,9 @@ URL = "/v1/chat/completions"
 # Body fields that leave greedy decoding's meaning unchanged at these values (None: any value is fine).
 _NEUTRAL = {"model": None, "messages": None, "max_tokens": None, "max_completion_tokens": None, "seed": None,
             "user": None, "metadata": None, "store": None, "temperature": 0, "top_p": 1, "n": 1,
-            "frequency_penalty": 0, "presence_penalty": 0, "stream": False, "logprobs": False}
+            "frequency_penalty": 0, "presence_penalty": 0, "stream": False, "logprobs": False,
+            "mm_processor_kwargs": None}  # read by _read_sampling
+_MAX_FPS = 60  # mm_processor_kwargs.fps's bound: sgl JSONL's `fps` has the same (items.parse_video)
 _ROLES = ("system", "developer", "user", "assistant")
 _DETECT_LINES = 20  # lines looked at to tell an OpenAI batch file from sgl JSONL
 
@@ -100,7 +105,7 @@ def parse_request(raw: Any, line: int, base: Path) -> Item:
         return item
     why = _unsupported(body) or _read_messages(body.get("messages"), item, base)
     if why is None:
-        why = _read_limit(body, item)
+        why = _read_limit(body, item) or _read_sampling(body, item)
     if why is not None:
         item.error = item.fail(why)
     return item
@@ -128,8 +133,40 @@ def _read_limit(body: dict, item: Item) -> str | None:
     return None
 
 
+def _read_sampling(body: dict, item: Item) -> str | None:
+    """The video's own `fps` and `max_frames` from vLLM's `mm_processor_kwargs` (other processor options would
+    change what the model sees in ways sgl does not reproduce: refused); or say what is wrong."""
+    kwargs = body.get("mm_processor_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        return f"body mm_processor_kwargs must be an object, got {describe(kwargs)}"
+    for key, value in kwargs.items():
+        if key not in ("fps", "max_frames", "do_sample_frames"):
+            return (f"body mm_processor_kwargs {describe(key)} is not supported by sgl (it takes fps, max_frames "
+                    "and do_sample_frames true)")
+        if key == "do_sample_frames" and value is not True:
+            return f"body mm_processor_kwargs.do_sample_frames {describe(value)}: sgl always samples the frames itself"
+    fps, frames = kwargs.get("fps"), kwargs.get("max_frames")
+    if fps is None and frames is None:
+        return None
+    if item.video is None:
+        key = "fps" if fps is not None else "max_frames"
+        return f"body mm_processor_kwargs.{key} is given without a video_url part"
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps)
+                            or not 0 < fps <= _MAX_FPS):
+        return (f"body mm_processor_kwargs.fps must be a number of frames per second, above 0 and at most {_MAX_FPS}, "
+                f"got {describe(fps)}")
+    if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool)
+                               or not 1 <= frames <= MAX_VIDEO_FRAMES):
+        return f"body mm_processor_kwargs.max_frames must be an integer from 1 to {MAX_VIDEO_FRAMES}, got " \
+            f"{describe(frames)}"
+    item.video = replace(item.video, fps=float(fps) if fps is not None else None, max_frames=frames)
+    return None
+
+
 def _read_messages(messages: Any, item: Item, base: Path) -> str | None:
-    """Fill the item's history, question and images from the messages; or say what is wrong."""
+    """Fill the item's history, question, images and video from the messages; or say what is wrong."""
     if not isinstance(messages, list) or not messages:
         return f"body messages must be a non-empty list, got {describe(messages)}"
     turns = []
@@ -146,9 +183,9 @@ def _read_messages(messages: Any, item: Item, base: Path) -> str | None:
     last = turns.pop()
     text = "\n".join(part["text"] for part in last["content"] if part["type"] == "text").strip()
     if not text:
-        return "the last user message has no text: sgl answers a question about the images"
-    if not item.images:
-        return "no image_url part in the messages: sgl answers questions about images"
+        return "the last user message has no text: sgl answers a question about the images or video"
+    if not item.images and item.video is None:
+        return "no image_url part in the messages, nor a video_url one: sgl answers questions about images and videos"
     item.question = text
     item.history = turns
     item.parts = last["content"]  # in the request's order
@@ -156,8 +193,8 @@ def _read_messages(messages: Any, item: Item, base: Path) -> str | None:
 
 
 def _content(content: Any, index: int, item: Item, base: Path) -> list[dict] | str:
-    """A message's content as chat-template parts ({"type": "text"} / {"type": "image"}), images appended to the
-    item; or what is wrong."""
+    """A message's content as chat-template parts ({"type": "text"} / {"type": "image"} / {"type": "video"}), images
+    appended to the item, the video set on it; or what is wrong."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -174,8 +211,18 @@ def _content(content: Any, index: int, item: Item, base: Path) -> list[dict] | s
                 return f"messages[{index}].content[{j}].image_url.url must be a non-empty string, got {describe(url)}"
             item.images.append(ImageRef.parse(url.strip(), base))
             parts.append({"type": "image"})
+        elif kind == "video_url":
+            url = part.get("video_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            where = f"messages[{index}].content[{j}].video_url"
+            if not isinstance(url, str) or not url.strip():
+                return f"{where}.url must be a non-empty string, got {describe(url)}"
+            if item.video is not None:
+                return f"{where}: a second video; sgl takes one video per request"
+            item.video = VideoRef(ImageRef.parse(url.strip(), base))
+            parts.append({"type": "video"})
         else:
-            return f"messages[{index}].content[{j}] must be a text or image_url part, got {describe(part)}"
+            return f"messages[{index}].content[{j}] must be a text, image_url or video_url part, got {describe(part)}"
     return parts
 
 

@@ -1,8 +1,9 @@
 """Parquet files (`*.parquet`, `*.pq`): one item per row, read a record batch at a time with pyarrow.
 
-Columns `image` (the datasets `Image` layout, a struct of `bytes` and `path`; raw bytes; or a path, URL or data URI
-string), `question`, and optionally `id`, `answer`, `type` (renamed with `Columns`). The row reading here serves
-the datasets folders too (`dataset.py`: Arrow files).
+Columns `image` and/or `video` (each the datasets `Image` / `Video` layout, a struct of `bytes` and `path`; raw
+bytes; or a path, URL or data URI string), `question`, and optionally `id`, `answer`, `type` (renamed with
+`Columns`). A row needs an image, a video or both; the video is sampled at the preset's rate (a table has no
+per-row `fps`). The row reading here serves the datasets folders too (`dataset.py`: Arrow files).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..items import ImageRef, Item, describe, parse_fields
+from ..items import ImageRef, Item, VideoRef, describe, parse_fields
 from . import Columns, Format, InputError
 
 TABLE_BATCH_ROWS = 64  # rows per record batch read from Parquet / Arrow
@@ -154,14 +155,16 @@ def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict | Unreadable]
 def table_rows(source, files: list[Path]) -> Iterator[tuple[int, dict | Unreadable]]:
     """(row number from 1, the row's fields) for every row of the table `files`, a record batch at a time."""
     c = source.columns
-    wanted = [c.image, c.question, c.id, c.answer, c.type]
+    wanted = [c.image, c.video, c.question, c.id, c.answer, c.type]
     row = 0
     for path in files:
         names = table_names(path)
-        missing = [name for name in (c.image, c.question) if name not in names]
+        # a table of videos needs no image column
+        missing = [c.image] * (c.image not in names and c.video not in names) + [c.question] * (c.question not in names)
         if missing:
+            videos = f" (or a {c.video!r} column of videos)" if c.image in missing else ""
             raise InputError(f"{path}: no column {' or '.join(map(repr, missing))} (columns: {', '.join(names)}); "
-                             "name them with --image-column / --question-column")
+                             f"name them with --image-column / --question-column{videos}")
         if _is_parquet(path):
             rows = _parquet_rows(path, wanted)
         else:
@@ -172,7 +175,8 @@ def table_rows(source, files: list[Path]) -> Iterator[tuple[int, dict | Unreadab
 
 
 def parse_row(values: dict | Unreadable, row: int, base: Path, columns: Columns) -> Item:
-    """One table row as an item: its columns mapped to sgl's fields, the image cell to an ImageRef."""
+    """One table row as an item: its columns mapped to sgl's fields, the image cell to an ImageRef, the video
+    cell (None: no video) to a VideoRef."""
     item = Item(line=row, id=row, unit="row")
     if isinstance(values, Unreadable):
         item.error = item.fail(values.reason)
@@ -183,23 +187,34 @@ def parse_row(values: dict | Unreadable, row: int, base: Path, columns: Columns)
         if values.get(col) is not None:
             obj[name] = values[col]
     item = parse_fields(obj, item)  # the id first, so that a row's error record carries it
-    ref = _image_cell(values.get(columns.image), row, base)
-    if isinstance(ref, str):
-        item.error = item.error or item.fail(ref)
-    else:
-        item.images = [ref]
+    image, video = values.get(columns.image), values.get(columns.video)
+    if video is not None:
+        ref = _cell(video, row, base, "video")
+        if isinstance(ref, str):
+            item.error = item.error or item.fail(ref)
+        else:
+            item.video = VideoRef(ref)
+    if image is None and video is None and columns.video in values:  # a table with a video column: either will do
+        item.error = item.error or item.fail("the row holds neither an image nor a video (its video column is empty)")
+    elif image is not None or video is None:
+        ref = _cell(image, row, base, "image")
+        if isinstance(ref, str):
+            item.error = item.error or item.fail(ref)
+        else:
+            item.images = [ref]
     return item
 
 
-def _image_cell(cell: Any, row: int, base: Path) -> ImageRef | str:
-    """The image of a row (the datasets Image struct, bytes, or a path / URL / data URI), or why there is none."""
-    if isinstance(cell, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+def _cell(cell: Any, row: int, base: Path, what: str) -> ImageRef | str:
+    """The image or video (`what`) of a row: the datasets Image / Video struct, bytes, or a path / URL / data URI;
+    or why there is none."""
+    if isinstance(cell, dict):  # datasets' Image and Video features: {"bytes": ..., "path": ...}
         if cell.get("bytes"):
-            return ImageRef("bytes", bytes(cell["bytes"]), f"row {row} image bytes")
+            return ImageRef("bytes", bytes(cell["bytes"]), f"row {row} {what} bytes")
         cell = cell.get("path")
     if isinstance(cell, (bytes, bytearray, memoryview)) and len(cell):
-        return ImageRef("bytes", bytes(cell), f"row {row} image bytes")
+        return ImageRef("bytes", bytes(cell), f"row {row} {what} bytes")
     if isinstance(cell, str) and cell.strip():
         return ImageRef.parse(cell.strip(), base)
-    return f"the image column holds no image (got {describe(cell)})"
+    return f"the {what} column holds no {what} (got {describe(cell)})"
 
