@@ -148,24 +148,36 @@ def _items(clips):
     return [json.loads(line) for line in (clips / "in.jsonl").read_text().splitlines()]
 
 
-def test_retain_one_answers_as_plain_generate_with_the_video(loaded, clips):
+def _retain_one_is_plain_generate(loaded, clips) -> list[tuple[dict, int]]:
+    """Run the clips at retain 1.0: every record answered; each video item's answer is plain `generate`'s on the
+    processor's own inputs and its `visual_tokens` their image and video placeholders. (record, that count) per
+    video item."""
     from sgl_cli.engine import read_items
 
     eng = _engine(loaded, retain=1.0)
     records = list(eng.run(read_items(clips / "in.jsonl")))
     large = eng.large
+    out = []
     for item, rec in zip(_items(clips), records):
         assert rec["error"] is None, rec["error"]
         if "video" not in item:
             continue
         enc = _reference_inputs(large.processor, clips, item)
         with torch.no_grad():
-            out = large.model.generate(**enc, max_new_tokens=5, do_sample=False)
-        expected = large.processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert rec["answer"] == expected.strip()
+            generated = large.model.generate(**enc, max_new_tokens=5, do_sample=False)
+        expected = large.processor.tokenizer.decode(generated[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert rec["answer"] == expected.strip(), item
         ids = enc["input_ids"][0]
         n = int((ids == large.model.config.video_token_id).sum() + (ids == large.model.config.image_token_id).sum())
-        assert rec["visual_tokens"] == rec["retained_tokens"] == n
+        assert rec["visual_tokens"] == n
+        out.append((rec, n))
+    return out
+
+
+def test_retain_one_answers_as_plain_generate_with_the_video(loaded, clips):
+
+    for rec, n in _retain_one_is_plain_generate(loaded, clips):
+        assert rec["retained_tokens"] == n
         assert rec["exit"] == "large"
 
 
@@ -472,21 +484,9 @@ def test_qwen3_vl_video_items_answer_as_plain_generate_and_batch_as_batch_one(qw
     from sgl_cli.engine import read_items
 
     loaded = ("qwen3_vl", _models(qwen3_pair))
+    assert len(_retain_one_is_plain_generate(loaded, clips)) == 3
     eng = _engine(loaded, retain=1.0)
-    records = list(eng.run(read_items(clips / "in.jsonl")))
     large = eng.large
-    for item, rec in zip(_items(clips), records):
-        assert rec["error"] is None, rec["error"]
-        if "video" not in item:
-            continue
-        enc = _reference_inputs(large.processor, clips, item)
-        with torch.no_grad():
-            out = large.model.generate(**enc, max_new_tokens=5, do_sample=False)
-        assert rec["answer"] == large.processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:],
-                                                                  skip_special_tokens=True).strip(), item
-        ids = enc["input_ids"][0]
-        assert rec["visual_tokens"] == int((ids == large.model.config.video_token_id).sum()
-                                           + (ids == large.model.config.image_token_id).sum())
     works = eng.prepare(list(read_items(clips / "in.jsonl")))
     for w in works:
         grids = large.family.token_grids(large.model, w.encoded.large)
@@ -531,3 +531,16 @@ def test_vllm_streaming_reads_the_frames_it_kept(vllm_video, clips):
     serial, streamed = run("serial"), run("streaming")
     assert [r["error"] for r in serial] == [None] * 4
     assert streamed == serial
+
+
+def test_downsample_refuses_video_items_on_both_backends_and_answers_the_picture(loaded, vllm_video, clips):
+    """downsample reduces images, not a video's frames: each video item is one error record saying so, on either
+    large backend, and the picture-only item is answered."""
+    from sgl_cli.engine import read_items
+
+    _, v, _ = vllm_video
+    message = "the downsample guide does not reduce videos yet (sgl, random and fastv rank a video's tokens)"
+    for eng in (_engine(loaded, guide="downsample", retain=0.25), v.with_settings(guide="downsample", retain=0.25)):
+        recs = list(eng.run(read_items(clips / "in.jsonl")))
+        assert [r["error"] for r in recs] == [f"line {i}: {message}" if i != 3 else None for i in (1, 2, 3, 4)]
+        assert recs[2]["answer"] is not None

@@ -25,7 +25,8 @@ import abc
 from typing import TYPE_CHECKING, Any, ClassVar
 
 # The seam's parts, in modules of their own, named here too (what backends import).
-from .checks import CAPABILITIES, CapabilityError, bad_token_id, check, check_quantize, needs  # noqa: F401
+from .checks import (  # noqa: F401
+    CAPABILITIES, CapabilityError, bad_token_id, check, check_quantize, needs, refuse_reduced_video)
 from .options import Option, check_options  # noqa: F401
 from .results import Answer, LargeInputs, Reduced, SmallAnswer  # noqa: F401
 from .stream import LargeStream

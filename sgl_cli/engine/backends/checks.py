@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import SettingError
+from ..errors import ItemError, SettingError
 
 if TYPE_CHECKING:
     from ..preset import ModelSpec
@@ -101,3 +101,11 @@ def bad_token_id(backend: "LargeBackend", tokens) -> str | None:
         if not 0 <= i < vocab:
             return f"token id {i}, outside the vocabulary of {vocab:,}"
     return None
+
+
+def refuse_reduced_video(work, guide) -> None:
+    """A guide that reduces the large model's input (downsample: smaller images) cannot reduce a video yet: the
+    item's error (ItemError) on every backend, before its images are reduced."""
+    if work.encoded.video is not None:
+        raise ItemError(work.item.fail(f"the {guide.name} guide does not reduce videos yet (sgl, random and fastv "
+                                       "rank a video's tokens)"))

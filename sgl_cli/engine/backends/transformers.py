@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ItemError, ModelLoadError
+from ..errors import ModelLoadError
 from ..families import family_for
 from ..preset import ModelSpec
 from ..core import hf
 from ..core.generate import Row, answer_probs, collate, greedy, rows_device
 from ..core.prune import PruneAtLayer
 from ..builtin.locate import looks_like_path, resolve_path  # noqa: F401 - public here too
-from .base import CAPABILITIES, LargeBackend, LargeInputs, ModelFacts, Reduced, SmallAnswer, SmallModel
+from .base import (CAPABILITIES, LargeBackend, LargeInputs, ModelFacts, Reduced, SmallAnswer, SmallModel,
+                   refuse_reduced_video)
 
 
 @dataclass
@@ -413,9 +414,7 @@ class TransformersLarge(_Loaded, LargeBackend):
         fixed-resolution towers). The rows, and what the model saw of each item."""
         encs, sizes = [], []
         for w in works:
-            if w.encoded.video is not None:
-                raise ItemError(w.item.fail(f"the {guide.name} guide does not reduce videos yet (sgl, random and "
-                                            "fastv rank a video's tokens)"))
+            refuse_reduced_video(w, guide)
             images = guide.prepare_images(self, list(w.encoded.images), retain)
             same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
             encs.append(w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt))

@@ -82,15 +82,17 @@ def cache_path(folder: Path, input: Path, fingerprint: dict[str, Any]) -> Path:
 def item_key(item: Item) -> str:
     """A hash of what an item's answers depend on besides the settings: its images, video, question and length."""
     digest = hashlib.sha256()
-    for ref in item.images:
-        value = ref.value.resolve() if ref.kind == "path" else ref.value
-        digest.update(value if isinstance(value, bytes) else f"{ref.kind}:{value}".encode())
-        digest.update(b"\0")
+
+    def feed(refs) -> None:
+        for ref in refs:
+            value = ref.value.resolve() if ref.kind == "path" else ref.value
+            digest.update(value if isinstance(value, bytes) else f"{ref.kind}:{value}".encode())
+            digest.update(b"\0")
+
+    feed(item.images)
     if item.video is not None:  # an image item's key stays what it was
         digest.update(b"video\0")
-        for ref in item.video.refs:
-            value = ref.value.resolve() if ref.kind == "path" else ref.value
-            digest.update((value if isinstance(value, bytes) else f"{ref.kind}:{value}".encode()) + b"\0")
+        feed(item.video.refs)
         digest.update(json.dumps([item.video.fps, item.video.max_frames]).encode())
     digest.update(json.dumps([item.question, item.history, item.parts, item.max_new_tokens]).encode())
     return digest.hexdigest()[:12]

@@ -186,6 +186,7 @@ def gather(out: Path, input: Path | None = None, metric: str = "vqa", fetch: boo
     score_of = get_metric(metric)
     fetcher = Fetcher(FetchPolicy(enabled=fetch))
     thumbs: dict[str, str] = {}
+    video_thumbs: dict[str, list[str]] = {}  # a video's key -> its patches' thumbnails
     cards = []
     for rec in records:
         item = items.get(rec.get("line"))
@@ -201,8 +202,13 @@ def gather(out: Path, input: Path | None = None, metric: str = "vqa", fetch: boo
             keys.append(key)
             overlays.append(_overlay(scores.get(rec.get("line")), i))
         if item is not None and item.video is not None:
-            for k, thumb in enumerate(_video_thumbs(item, fetcher)):
-                key = f"{_ref_key(item.video.refs[0])}-{k}"
+            v = item.video  # its files and its sampling: the same file at another rate is other thumbnails
+            sampled = f"{'+'.join(_ref_key(r) for r in v.refs)}@{v.fps}/{v.max_frames}"
+            video_key = hashlib.sha1(sampled.encode()).hexdigest()[:16]
+            if video_key not in video_thumbs:  # a video several records share is decoded once
+                video_thumbs[video_key] = _video_thumbs(item, fetcher)
+            for k, thumb in enumerate(video_thumbs[video_key]):
+                key = f"{video_key}-{k}"
                 thumbs.setdefault(key, thumb)
                 keys.append(key)
                 overlays.append(_overlay(scores.get(rec.get("line")), len(item.images) + k))

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from ...errors import ItemError
-from ..base import Answer, LargeBackend, LargeInputs, LargeStream, Option, Reduced
+from ..base import Answer, LargeBackend, LargeInputs, LargeStream, Option, Reduced, refuse_reduced_video
 from .large import Offers, VllmLarge
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -279,9 +279,7 @@ class VllmBackend(LargeBackend):
                              "guide on a fixed-resolution tower): use the transformers backend")
         out = []
         for w in works:
-            if w.encoded.video is not None:
-                raise ItemError(w.item.fail(f"the {guide.name} guide does not reduce videos yet (sgl, random and "
-                                            "fastv rank a video's tokens)"))
+            refuse_reduced_video(w, guide)
             images = guide.prepare_images(self, list(w.encoded.images), retain)
             same = len(images) == len(w.encoded.images) and all(a is b for a, b in zip(images, w.encoded.images))
             enc = w.encoded.large if same else self.family.encode(self.processor, images, w.encoded.prompt)
